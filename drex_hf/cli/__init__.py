@@ -1,0 +1,1 @@
+"""The `drex` command line: one entry point, one module per subcommand."""

@@ -1,0 +1,158 @@
+"""Helpers shared by the subcommands: parse lists, pick device/dtype, load a model and tokenizer,
+encode prompts, summarise exit layers."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from drex_hf.config import CONFIDENCE_MEASURES, CONFIG_NAME, HEAD_TYPES, EarlyExitConfig
+from drex_hf.errors import ConfigError, GenerationInputError
+from drex_hf.hub import load_tokenizer
+from drex_hf.modeling import EarlyExitModelForCausalLM
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" after every option's help, unless the help already explains its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def quiet_transformers() -> None:
+    """Keep the CLI's output to what we print: no per-file progress bars or load chatter from transformers."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type for '5,11,17'."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def threshold_value(text: str) -> float:
+    value = math.inf if text.strip().lower() in ("inf", "+inf") else float(text)
+    if value != math.inf and not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"threshold must be in [0, 1] or inf, got {text}")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--exit-layers",
+        type=int_list,
+        default=None,
+        help="for a plain base model: put new, untrained exit heads after these layers (e.g. 5,11)",
+    )
+    parser.add_argument("--head", choices=HEAD_TYPES, default="shared", help="head type for new heads")
+    parser.add_argument(
+        "--confidence",
+        choices=CONFIDENCE_MEASURES,
+        default=None,
+        help="confidence measure (default: the heads' own, or max_prob for new heads)",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=threshold_value,
+        default=None,
+        help="one threshold for every exit, in [0, 1] or inf (default: the heads' own, 0.9 for new)",
+    )
+    parser.add_argument(
+        "--dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on CUDA, float32 on CPU"
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GenerationInputError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def load_model(model: str, args: argparse.Namespace) -> EarlyExitModelForCausalLM:
+    """A saved exit-heads folder, or a base model with new heads (`--exit-layers`)."""
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    if (Path(model) / CONFIG_NAME).is_file():
+        wrapper = EarlyExitModelForCausalLM.from_pretrained(model, dtype=dtype, device=device)
+        if args.confidence is not None:
+            raise ConfigError("--confidence applies to new heads only; saved heads keep their trained measure")
+    else:
+        if not args.exit_layers:
+            raise ConfigError(
+                f"{model} is not an exit-heads folder (no {CONFIG_NAME}); pass --exit-layers to put new, "
+                f"untrained heads on it"
+            )
+        config = EarlyExitConfig(
+            exit_layers=args.exit_layers,
+            head=args.head,
+            confidence=args.confidence or "max_prob",
+            thresholds=0.9 if args.threshold is None else args.threshold,
+        )
+        wrapper = EarlyExitModelForCausalLM.from_base(model, config, dtype=dtype, device=device)
+    if args.threshold is not None:
+        wrapper.exit_config.thresholds = args.threshold
+    return wrapper
+
+
+def tokenizer_for(model: EarlyExitModelForCausalLM) -> Any:
+    source = model.base_source
+    if source is None or not source.path:
+        raise ConfigError("the base model was passed as an object; its tokenizer cannot be found")
+    tokenizer = load_tokenizer(source)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def encode_prompts(tokenizer: Any, prompts: list[str], chat: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """Tokenise prompts into a left-padded batch; `chat`: auto/on/off for the chat template."""
+    for i, prompt in enumerate(prompts):
+        if not prompt.strip():
+            raise GenerationInputError(f"empty prompt: prompt {i + 1} has no text")
+    use_chat = chat == "on" or (chat == "auto" and getattr(tokenizer, "chat_template", None))
+    if chat == "on" and not getattr(tokenizer, "chat_template", None):
+        raise GenerationInputError("--chat on: this tokenizer has no chat template")
+    if use_chat:
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    else:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+
+
+def exit_histogram(exit_layers: torch.Tensor, model: EarlyExitModelForCausalLM) -> str:
+    """'layer 5: 3, layer 11: 0, full depth (29): 40' over the real (non-padding) tokens."""
+    counts = Counter(int(x) for x in exit_layers.flatten().tolist() if x >= 0)
+    parts = [f"layer {e}: {counts.get(e, 0)}" for e in model.exit_layers]
+    last = model.num_layers - 1
+    parts.append(f"full depth ({last}): {counts.get(last, 0)}")
+    return ", ".join(parts)

@@ -1,0 +1,158 @@
+"""`drex demo`: the real SmolLM2-135M-Instruct through the early-exit wrapper, offline.
+
+Loads the base (converting the packaged GGUF once), puts exit heads on it (or loads saved ones
+with --heads), answers a few chat prompts at full depth with HF's `generate` and with per-token
+early exit, and prints the answers, the exit layers, tokens/s of both and their token agreement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from typing import Any
+
+import torch
+
+from drex_hf.cli.common import (
+    HelpFormatter,
+    encode_prompts,
+    exit_histogram,
+    int_list,
+    pick_device,
+    pick_dtype,
+    threshold_value,
+)
+from drex_hf.config import EarlyExitConfig
+from drex_hf.hub import SMOLLM2_ID
+from drex_hf.modeling import EarlyExitModelForCausalLM
+
+PROMPTS = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Give me three tips for learning Python.",
+)
+
+
+def add_parser(sub: Any) -> None:
+    parser = sub.add_parser(
+        "demo",
+        help="answer a few prompts with SmolLM2-135M-Instruct, full depth vs per-token early exit",
+        description="Load SmolLM2-135M-Instruct (offline, from the packaged GGUF) through "
+        "EarlyExitModelForCausalLM and compare full-depth and early-exit generation.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--model", default=SMOLLM2_ID, help="base model (folder or hub id)")
+    parser.add_argument("--heads", default=None, help="saved exit-heads folder (default: new untrained heads)")
+    parser.add_argument("--exit-layers", type=int_list, default=[5, 11, 17, 23], help="exit layers for new heads")
+    parser.add_argument(
+        "--threshold",
+        type=threshold_value,
+        default=0.999,
+        help="max-prob threshold for new heads; untrained heads are only right when very sure",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per answer")
+    parser.add_argument("--no-stream", action="store_true", help="skip the streamed answer at the end")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="auto: bfloat16 on CUDA, float32 on CPU",
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    from drex_hf.cli.common import tokenizer_for
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    start = time.perf_counter()
+    if args.heads:
+        model = EarlyExitModelForCausalLM.from_pretrained(args.heads, dtype=dtype, device=device)
+        heads = f"saved heads from {args.heads}"
+    else:
+        config = EarlyExitConfig(
+            exit_layers=args.exit_layers, head="shared", confidence="max_prob", thresholds=args.threshold
+        )
+        model = EarlyExitModelForCausalLM.from_base(args.model, config, dtype=dtype, device=device)
+        heads = "new, untrained 'shared' heads (the base's final norm + lm_head)"
+    load_s = time.perf_counter() - start
+    source = model.base_source
+    how = {"gguf": "the packaged GGUF, " + ("converted now" if source.converted else "cached")}.get(
+        source.kind, source.kind
+    )
+    thresholds = ", ".join("inf" if t == math.inf else f"{t:g}" for t in model.exit_config.threshold_list())
+    print(f"base    {source.name} ({how}: {source.path}), loaded in {load_s:.1f} s on {device}, {dtype}")
+    print(
+        f"heads   {heads} after layers {model.exit_layers} of {model.num_layers}; "
+        f"{model.exit_config.confidence} >= {thresholds}"
+    )
+    if not args.heads:
+        print(
+            "        Untrained heads are right only where the model is already sure, so they exit rarely;\n"
+            "        trained heads come from `drex train` (DESIGN.md §9 has what they can save on this model)."
+        )
+
+    tokenizer = tokenizer_for(model)
+    batch = encode_prompts(tokenizer, list(PROMPTS), "auto", device)
+    width = batch["input_ids"].shape[1]
+    kwargs = dict(max_new_tokens=args.max_new_tokens, return_dict_in_generate=True)
+    model.generate(**batch, policy="full", max_new_tokens=2)  # warm-up, not timed
+    runs = {}
+    for policy in ("full", "drex"):
+        start = time.perf_counter()
+        out = model.generate(**batch, policy=policy, **kwargs)
+        _sync(device)
+        runs[policy] = (out, time.perf_counter() - start)
+
+    full, drex = runs["full"][0], runs["drex"][0]
+    for i, prompt in enumerate(PROMPTS):
+        n_full, n_drex = int((full.exit_layers[i] >= 0).sum()), int((drex.exit_layers[i] >= 0).sum())
+        print(f"\n[{i + 1}] {prompt}")
+        print(f"    full depth : {_text(tokenizer, full.sequences[i, width : width + n_full])}")
+        print(f"    early exit : {_text(tokenizer, drex.sequences[i, width : width + n_drex])}")
+        print(f"    exit layers: {' '.join(str(e) for e in drex.exit_layers[i, :n_drex].tolist())}")
+
+    print()
+    rows = [
+        ("HF generate, full depth (batched)", runs["full"]),
+        ("drex_hf reference decoder, per-token exits (one request at a time)", runs["drex"]),
+    ]
+    for label, (out, seconds) in rows:
+        tokens = int((out.exit_layers >= 0).sum())
+        print(f"{label:<70} {tokens:4d} tokens {seconds:6.2f} s {tokens / seconds:7.1f} tokens/s")
+    both = (
+        (full.exit_layers >= 0) & (drex.exit_layers >= 0) if full.exit_layers.shape == drex.exit_layers.shape else None
+    )
+    if both is not None and bool(both.any()):
+        same = (full.sequences[:, width:] == drex.sequences[:, width:]) & both
+        print(
+            f"token agreement with full depth: {int(same.sum())}/{int(both.sum())} "
+            f"({100 * float(same.sum()) / float(both.sum()):.0f} %) of positions where both produced a token"
+        )
+    print(f"exits per layer (early exit): {exit_histogram(drex.exit_layers, model)}")
+    print("The reference decoder is the semantic oracle, not the fast path: the rebatching engine replaces it.")
+
+    if not args.no_stream:
+        print(f"\nstreamed, early exit: {PROMPTS[0]}")
+        one = encode_prompts(tokenizer, [PROMPTS[0]], "auto", device)
+        model.generate(
+            **one,
+            policy="drex",
+            max_new_tokens=args.max_new_tokens,
+            streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+        )
+    return 0
+
+
+def _text(tokenizer: Any, tokens: torch.Tensor) -> str:
+    return " ".join(tokenizer.decode(tokens, skip_special_tokens=True).split())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

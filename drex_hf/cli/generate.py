@@ -1,0 +1,97 @@
+"""`drex generate MODEL --prompt ...`: decode prompts with per-token early exit and show, per token,
+the layer it left at."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from drex_hf.cli.common import (
+    HelpFormatter,
+    add_model_arguments,
+    encode_prompts,
+    exit_histogram,
+    load_model,
+    tokenizer_for,
+)
+from drex_hf.modeling import POLICIES
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_parser(sub: Any) -> None:
+    parser = sub.add_parser(
+        "generate",
+        help="generate text with per-token early exit",
+        description="Generate text for one or more prompts with an early-exit model and print, for every "
+        "new token, the decoder layer it left at.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="exit-heads folder (from save_pretrained), or a base model folder / hub id with --exit-layers",
+    )
+    parser.add_argument(
+        "--prompt", action="append", required=True, help="a prompt; repeat the option for a batch (required)"
+    )
+    parser.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default="drex",
+        help="drex: per-token early exit; full: the base model's own generate",
+    )
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate per prompt")
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default: all)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: off)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed; prompt i uses seed + i")
+    parser.add_argument(
+        "--chat",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="wrap prompts in the tokenizer's chat template (auto: when it has one)",
+    )
+    add_model_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_model(args.model, args)
+    tokenizer = tokenizer_for(model)
+    batch = encode_prompts(tokenizer, args.prompt, args.chat, model.heads_device)
+    sampling = {}
+    if args.do_sample:
+        sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    start = time.perf_counter()
+    out = model.generate(
+        **batch,
+        policy=args.policy,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        return_dict_in_generate=True,
+        **sampling,
+    )
+    seconds = time.perf_counter() - start
+    width = batch["input_ids"].shape[1]
+    real = out.exit_layers >= 0
+    total = int(real.sum())
+    for i, prompt in enumerate(args.prompt):
+        n = int(real[i].sum())
+        tokens = out.sequences[i, width : width + n]
+        print(f"=== prompt {i + 1}: {prompt}")
+        print(tokenizer.decode(tokens, skip_special_tokens=True).strip())
+        print("--- token / exit layer")
+        print(
+            " ".join(f"{tokenizer.decode([t])!r}@{e}" for t, e in zip(tokens.tolist(), out.exit_layers[i, :n].tolist()))
+        )
+    print(f"=== policy {args.policy}: {total} tokens in {seconds:.2f} s ({total / seconds:.1f} tokens/s)")
+    print(f"exits per layer: {exit_histogram(out.exit_layers, model)}")
+    return 0

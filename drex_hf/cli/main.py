@@ -1,0 +1,61 @@
+"""`drex <subcommand>`: argparse subparsers, `--help` with defaults, exit code 2 with one line on bad input.
+
+Each subcommand module exposes `add_parser(subparsers)` and `run(args) -> int`; errors a user
+caused (`DrexError`, a missing file) are printed as one line, anything else is a real bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from drex_hf.errors import DrexError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from drex_hf.cli import demo, env, generate
+    from drex_hf.cli.common import HelpFormatter
+
+    parser = OneLineParser(
+        prog="drex",
+        description="Dynamic-rebatching early-exit inference for HuggingFace Transformers.",
+        formatter_class=HelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    sub.required = True
+    for module in (env, generate, demo):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from drex_hf.cli.common import quiet_transformers
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quiet_transformers()
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("drex_hf").setLevel(logging.INFO)
+    try:
+        return int(args.run(args) or 0)
+    except (DrexError, FileNotFoundError) as err:
+        message = " ".join(str(err).split())
+        print(f"drex {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"drex {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

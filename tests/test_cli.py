@@ -1,0 +1,104 @@
+"""The `drex` command line: env, generate, --help, and one-line errors with exit code 2."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from drex_hf import EarlyExitConfig, EarlyExitModelForCausalLM
+from drex_hf.cli.main import main
+
+
+@pytest.fixture
+def heads_dir(tmp_path, tiny_base_dir):
+    config = EarlyExitConfig(exit_layers=[1, 2], confidence="max_prob", thresholds=[0.0, 0.5])
+    model = EarlyExitModelForCausalLM.from_base(str(tiny_base_dir), config)
+    model.save_pretrained(tmp_path / "heads")
+    return tmp_path / "heads"
+
+
+def test_env_prints_versions_and_device(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    for key in ("drex_hf", "torch", "transformers", "triton", "device", "triton kernels"):
+        assert key in out
+    assert torch.__version__ in out
+
+
+def test_generate_prints_text_and_exit_layers(heads_dir, capsys):
+    code = main(["generate", str(heads_dir), "--prompt", "w5 w6 w7", "--prompt", "w9", "--max-new-tokens", "5"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "=== prompt 1: w5 w6 w7" in out and "=== prompt 2: w9" in out
+    assert "@3" in out and "@1" in out  # first token at full depth, then threshold 0 at layer 1
+    assert "exits per layer: layer 1: 8, layer 2: 0, full depth (3): 2" in out
+    assert "tokens/s" in out
+
+
+def test_generate_on_a_base_with_new_heads(tiny_base_dir, capsys):
+    code = main(
+        [
+            "generate",
+            str(tiny_base_dir),
+            "--exit-layers",
+            "1",
+            "--threshold",
+            "inf",
+            "--prompt",
+            "w5 w6",
+            "--max-new-tokens",
+            "3",
+            "--policy",
+            "full",
+        ]
+    )
+    assert code == 0
+    assert "exits per layer: layer 1: 0, full depth (3): 3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "NOWHERE", "--prompt", "x", "--exit-layers", "1"], "base model 'NOWHERE' not found"),
+        (["generate", "{base}", "--prompt", "w5"], "not an exit-heads folder"),
+        (["generate", "{heads}", "--prompt", "  "], "empty prompt"),
+        (["generate", "{heads}", "--prompt", "w5", "--policy", "fastest"], "invalid choice: 'fastest'"),
+        (["generate", "{heads}", "--prompt", "w5", "--max-new-tokens", "0"], "must be a positive integer"),
+        (["generate", "{heads}", "--prompt", "w5", "--threshold", "2"], "threshold must be in [0, 1]"),
+        (["generate", "{base}", "--prompt", "w5", "--exit-layers", "3"], "last layer"),
+        (["generate", "{base}", "--prompt", "w5", "--exit-layers", "9"], "exit layer 9 is out of range"),
+        (["generate", "{heads}"], "the following arguments are required: --prompt"),
+        (["nonsense"], "invalid choice: 'nonsense'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(argv, message, heads_dir, tiny_base_dir, capsys):
+    argv = [a.format(heads=heads_dir, base=tiny_base_dir) for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        sys.exit(main(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_help_shows_defaults():
+    result = subprocess.run(
+        [sys.executable, "-m", "drex_hf.cli.main", "generate", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "(default: drex)" in result.stdout and "(default: 32)" in result.stdout
+    top = subprocess.run([sys.executable, "-m", "drex_hf.cli.main", "--help"], capture_output=True, text=True)
+    assert top.returncode == 0 and "generate" in top.stdout and "env" in top.stdout and "demo" in top.stdout
+
+
+@pytest.mark.slow
+def test_demo_runs_on_smollm2(smollm2_home, capsys):
+    assert main(["demo", "--max-new-tokens", "6", "--no-stream"]) == 0
+    out = capsys.readouterr().out
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in out and "tokens/s" in out
+    assert "exits per layer (early exit): layer 5:" in out
+
+
+def test_unused_helper_model_builder_is_importable():
+    assert make_tiny("gpt2").config.n_layer == 4
