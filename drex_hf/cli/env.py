@@ -40,6 +40,7 @@ def environment() -> dict[str, str]:
 
     info = {"drex_hf": __version__, "python": platform.python_version(), "platform": platform.platform()}
     info.update({name: _version(name) for name in PACKAGES})
+    info["torch"] = f"{torch.__version__} (CUDA build {torch.version.cuda or 'none'})"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info["device"] = (
