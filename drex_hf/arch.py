@@ -58,6 +58,11 @@ class ArchAdapter:
         return int(self.lm_head.weight.shape[0])
 
     @property
+    def input_vocab_size(self) -> int:
+        """Number of token ids the embedding accepts."""
+        return int(self.model.get_input_embeddings().num_embeddings)
+
+    @property
     def num_kv_heads(self) -> int:
         raise NotImplementedError
 

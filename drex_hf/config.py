@@ -25,7 +25,7 @@ LOGIT_CONFIDENCES = ("max_prob", "margin")
 KV_FILL_METHODS = ("project",)
 
 
-def _parse_threshold(value: Any, where: str) -> float:
+def parse_threshold(value: Any, where: str = "threshold") -> float:
     """Accept a float in [0, 1] or +inf (also spelled "inf" / "Infinity" / None in JSON)."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "infinity")):
         return math.inf
@@ -59,6 +59,8 @@ class EarlyExitConfig:
         base_model_type, base_num_layers, base_hidden_size, base_vocab_size: the base's
             architecture and sizes, filled by `from_base` and checked when the heads are loaded.
         base_gguf_sha256: sha256 of the GGUF file the base was converted from, if it was.
+        weights_sha256: sha256 of exit_heads.safetensors, written by `save_pretrained` and checked
+            at load, so weights and config from different saves are never mixed.
     """
 
     exit_layers: list[int]
@@ -75,6 +77,7 @@ class EarlyExitConfig:
     base_hidden_size: int | None = None
     base_vocab_size: int | None = None
     base_gguf_sha256: str | None = None
+    weights_sha256: str | None = None
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -115,12 +118,24 @@ class EarlyExitConfig:
                     f"layers {layers}: give one value, or one per exit"
                 )
             self.thresholds = [
-                _parse_threshold(t, f"thresholds[{i}] (exit layer {layer})")
+                parse_threshold(t, f"thresholds[{i}] (exit layer {layer})")
                 for i, (t, layer) in enumerate(zip(self.thresholds, layers))
             ]
         else:
-            self.thresholds = _parse_threshold(self.thresholds, "thresholds")
+            self.thresholds = parse_threshold(self.thresholds, "thresholds")
 
+        for name in ("base_num_layers", "base_hidden_size", "base_vocab_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("base_model", "base_revision", "base_model_type", "base_gguf_sha256", "weights_sha256"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{name} must be a string, got {value!r}")
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"extra must be a JSON object, got {self.extra!r}")
+        if isinstance(self.format_version, bool) or not isinstance(self.format_version, int):
+            raise ConfigError(f"format_version must be an integer, got {self.format_version!r}")
         if self.format_version != FORMAT_VERSION:
             raise ConfigError(
                 f"exit config format_version {self.format_version} is not supported by this drex_hf "
@@ -131,18 +146,17 @@ class EarlyExitConfig:
 
     def validate_for_base(self, num_layers: int) -> None:
         """Check the exit layers against a base model with `num_layers` decoder layers."""
-        for layer in self.exit_layers:
-            if layer >= num_layers:
-                raise ConfigError(
-                    f"exit layer {layer} is out of range: the base model has {num_layers} decoder "
-                    f"layers (0..{num_layers - 1})"
-                )
-        for layer in self.exit_layers:
-            if layer == num_layers - 1:
-                raise ConfigError(
-                    f"exit layer {layer} is the base model's last layer; its own head is already the "
-                    f"final exit: use layers 0..{num_layers - 2}"
-                )
+        last = self.exit_layers[-1]  # sorted: only the largest can be out of range or the last layer
+        if last >= num_layers:
+            raise ConfigError(
+                f"exit layer {last} is out of range: the base model has {num_layers} decoder layers "
+                f"(0..{num_layers - 1})"
+            )
+        if last == num_layers - 1:
+            raise ConfigError(
+                f"exit layer {last} is the base model's last layer; its own head is already the final exit: "
+                f"use layers 0..{num_layers - 2}"
+            )
 
     # ---------------------------------------------------------------- accessors
     @property
@@ -154,6 +168,10 @@ class EarlyExitConfig:
         if isinstance(self.thresholds, list):
             return list(self.thresholds)
         return [float(self.thresholds)] * self.num_exits
+
+    def describe_thresholds(self) -> str:
+        """'0.9, inf' — the thresholds per exit, for people."""
+        return ", ".join("inf" if t == math.inf else f"{t:g}" for t in self.threshold_list())
 
     # ---------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:

@@ -52,11 +52,9 @@ class ExitHead(nn.Module):
     submodules, so they are never saved with the heads and never duplicated in memory.
     """
 
-    def __init__(
-        self, kind: str, final_norm: nn.Module, lm_head: nn.Module, hidden_size: int, config: EarlyExitConfig
-    ) -> None:
+    def __init__(self, config: EarlyExitConfig, final_norm: nn.Module, lm_head: nn.Module, hidden_size: int) -> None:
         super().__init__()
-        self.kind = kind
+        kind = config.head
         self._shared = (final_norm, lm_head)
         self.norm = copy.deepcopy(final_norm) if kind in ("norm", "adapter") else None
         self.adapter = LowRankAdapter(hidden_size, config.adapter_rank) if kind == "adapter" else None

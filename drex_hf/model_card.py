@@ -7,7 +7,6 @@ calibration steps when they have measured something, and say so plainly when the
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import yaml
@@ -29,7 +28,6 @@ def render_model_card(
         meta["datasets"] = list(datasets)
     front = yaml.safe_dump(meta, sort_keys=True).strip()
 
-    thresholds = ", ".join("inf" if t == math.inf else f"{t:g}" for t in config.threshold_list())
     rows = [
         ("base model", f"`{config.base_model}`" if config.base_model else "not recorded"),
         ("base revision", config.base_revision or "—"),
@@ -41,7 +39,7 @@ def render_model_card(
         ("exit layers", ", ".join(str(e) for e in config.exit_layers)),
         ("head", config.head + (f" (rank {config.adapter_rank})" if config.head == "adapter" else "")),
         ("confidence", config.confidence),
-        ("thresholds", thresholds),
+        ("thresholds", config.describe_thresholds()),
         ("KV fill for skipped layers", config.kv_fill),
     ]
     if config.base_gguf_sha256:

@@ -12,9 +12,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import numbers
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from drex_hf.errors import (
     ModelNotFoundError,
     WeightsFileError,
 )
+from drex_hf.fileio import sha256_file, staged_folder
 from drex_hf.heads import ExitHead, exit_confidence
 from drex_hf.hub import BaseSource, load_base
 
@@ -44,6 +44,8 @@ SAVED_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 POLICIES = ("drex", "full")
 # Batch-wide baselines that arrive with the rebatching engine (DESIGN.md §5).
 PLANNED_POLICIES = ("batch_all", "batch_majority")
+# Attributes whose assignment on the wrapper must land on the base model.
+FORWARDED_SETTERS = frozenset({"generation_config"})
 
 
 @dataclass
@@ -71,12 +73,23 @@ class EarlyExitGenerateOutput(ModelOutput):
 
 
 class EarlyExitModelForCausalLM(nn.Module):
-    """A causal LM with trained exit heads. Build with `from_base` or `from_pretrained`."""
+    """A causal LM with exit heads. Build with `from_base` (new heads) or `from_pretrained` (saved heads).
+
+    Constructing it directly attaches new heads described by `config`; if the config already
+    records base sizes (heads made for some base), the base must match them.
+    """
 
     def __init__(self, base_model: nn.Module, config: EarlyExitConfig, base_source: BaseSource | None = None) -> None:
         super().__init__()
         arch = get_adapter(base_model)
-        _check_base_sizes(config, arch, "the given base model")
+        if config.base_num_layers is None:  # new heads: from now on the config describes this base
+            config.base_model_type = arch.config.model_type
+            config.base_num_layers = arch.num_layers
+            config.base_hidden_size = arch.hidden_size
+            config.base_vocab_size = arch.vocab_size
+        else:
+            what = f"base model {base_source.name!r}" if base_source and base_source.name else "the given base model"
+            _check_base_sizes(config, arch, what)
         config.validate_for_base(arch.num_layers)
         self.base_model = base_model
         self.exit_config = config
@@ -84,7 +97,7 @@ class EarlyExitModelForCausalLM(nn.Module):
         self.base_source = base_source
         lm_head = arch.lm_head
         self.heads = nn.ModuleList(
-            ExitHead(config.head, arch.final_norm, lm_head, arch.hidden_size, config) for _ in config.exit_layers
+            ExitHead(config, arch.final_norm, lm_head, arch.hidden_size) for _ in config.exit_layers
         )
         self.heads.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
 
@@ -95,6 +108,12 @@ class EarlyExitModelForCausalLM(nn.Module):
             if name == "base_model":
                 raise
             return getattr(self.base_model, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in FORWARDED_SETTERS:  # e.g. model.generation_config = ... must reach the base's generate
+            setattr(self.base_model, name, value)
+        else:
+            super().__setattr__(name, value)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -120,30 +139,20 @@ class EarlyExitModelForCausalLM(nn.Module):
         device: str | torch.device | None = None,
         **load_kwargs: Any,
     ) -> EarlyExitModelForCausalLM:
-        """New, untrained exit heads on a base model (a loaded model, a folder or a hub id).
+        """New, untrained exit heads on a base model (a loaded model, a folder, a hub id or a .gguf file).
 
         `load_kwargs` (e.g. `dtype=torch.bfloat16`, `attn_implementation="sdpa"`) go to
-        `AutoModelForCausalLM.from_pretrained`.
+        `AutoModelForCausalLM.from_pretrained`. `config` is copied; its base fields are filled from
+        the base.
         """
         config = copy.deepcopy(config)
-        if isinstance(base, nn.Module):
-            model = base
-            source = BaseSource(name=getattr(model.config, "_name_or_path", "") or "", path="", kind="object")
-        else:
-            model, source = load_base(base, revision, gguf_sha256=config.base_gguf_sha256, **load_kwargs)
-        arch = get_adapter(model)
-        config.validate_for_base(arch.num_layers)
+        model, source = _resolve_base(base, revision, None, load_kwargs)
         config.base_model = source.name or config.base_model
-        config.base_revision = revision if revision is not None else config.base_revision
-        config.base_model_type = model.config.model_type
-        config.base_num_layers = arch.num_layers
-        config.base_hidden_size = arch.hidden_size
-        config.base_vocab_size = arch.vocab_size
-        config.base_gguf_sha256 = source.gguf_sha256 or config.base_gguf_sha256
-        wrapper = cls(model, config, source)
-        if device is not None:
-            wrapper.to(device)
-        return wrapper.eval()
+        config.base_revision = revision
+        config.base_gguf_sha256 = source.gguf_sha256
+        config.base_model_type = config.base_num_layers = config.base_hidden_size = config.base_vocab_size = None
+        config.weights_sha256 = None
+        return _place(cls(model, config, source), device)
 
     @classmethod
     def from_pretrained(
@@ -158,7 +167,8 @@ class EarlyExitModelForCausalLM(nn.Module):
         """Load exit heads saved by `save_pretrained` and the base model they belong to.
 
         The base comes from `base_model` when given (a model, folder or hub id), else from
-        `exit_config.json`. A base whose layer count, hidden size or vocabulary differs from the
+        `exit_config.json` (with its revision, and for heads made on a converted GGUF, that exact
+        GGUF). A base whose architecture, layer count, hidden size or vocabulary differs from the
         heads' config is refused.
         """
         folder = Path(path).expanduser()
@@ -170,24 +180,19 @@ class EarlyExitModelForCausalLM(nn.Module):
                 f"{path} is not an exit-heads folder: missing {', '.join(missing)} (expected {', '.join(SAVED_FILES)})"
             )
         config = EarlyExitConfig.from_json_file(folder / CONFIG_NAME)
-        state = _read_heads_file(folder / WEIGHTS_NAME)
-
-        if isinstance(base_model, nn.Module):
-            model = base_model
-            source = BaseSource(name=getattr(model.config, "_name_or_path", "") or "", path="", kind="object")
-        else:
-            name = base_model if base_model is not None else config.base_model
-            if not name:
+        state = _read_heads_file(folder / WEIGHTS_NAME, config.weights_sha256)
+        if base_model is None:
+            if not config.base_model:
                 raise ConfigError(f"{folder / CONFIG_NAME} names no base_model; pass base_model=...")
-            sha = config.base_gguf_sha256 if base_model is None else None
-            rev = revision if revision is not None else (config.base_revision if base_model is None else None)
-            model, source = load_base(name, rev, gguf_sha256=sha, **load_kwargs)
-        _check_base_sizes(config, get_adapter(model), f"base model {source.name or type(model).__name__!r}")
+            base_model = config.base_model
+            revision = revision if revision is not None else config.base_revision
+            gguf_sha256 = config.base_gguf_sha256
+        else:  # the caller chose the weights deliberately; only their sizes are checked
+            gguf_sha256 = None
+        model, source = _resolve_base(base_model, revision, gguf_sha256, load_kwargs)
         wrapper = cls(model, config, source)
         wrapper._load_heads_state(state, folder / WEIGHTS_NAME)
-        if device is not None:
-            wrapper.to(device)
-        return wrapper.eval()
+        return _place(wrapper, device)
 
     def _load_heads_state(self, state: dict[str, torch.Tensor], where: Path) -> None:
         expected = {f"heads.{k}": v for k, v in self.heads.state_dict().items()}
@@ -206,11 +211,13 @@ class EarlyExitModelForCausalLM(nn.Module):
         self.heads.load_state_dict({k.removeprefix("heads."): v for k, v in state.items()})
 
     # ------------------------------------------------------------------ saving
-    def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write exactly exit_config.json, exit_heads.safetensors and README.md; never base weights.
 
-        Files are written into a temporary folder beside the target and moved into place only
-        when all three are complete, so a failure leaves nothing half-written.
+        The files are written into a temporary folder beside the target and moved into place
+        only when all three are complete; over an existing folder the config moves last, and it
+        records the weights' sha256, so a save interrupted halfway is detected at load.
+        Other files in an existing folder are left alone.
         """
         from safetensors.torch import save_file
 
@@ -219,20 +226,14 @@ class EarlyExitModelForCausalLM(nn.Module):
         target = Path(save_directory).expanduser()
         if target.exists() and not target.is_dir():
             raise ModelNotFoundError(f"cannot save into {target}: it exists and is not a folder")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            (tmp / CONFIG_NAME).write_text(self.exit_config.to_json_string(), encoding="utf-8")
+        with staged_folder(target, order=(WEIGHTS_NAME, CARD_NAME, CONFIG_NAME)) as tmp:
             tensors = {f"heads.{k}": v.detach().to("cpu").contiguous() for k, v in self.heads.state_dict().items()}
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "drex_hf": "exit_heads"})
-            (tmp / CARD_NAME).write_text(render_model_card(self.exit_config), encoding="utf-8")
-            if not target.exists():
-                os.rename(tmp, target)
-            else:
-                for name in SAVED_FILES:
-                    os.replace(tmp / name, target / name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            config = copy.deepcopy(self.exit_config)
+            config.weights_sha256 = sha256_file(tmp / WEIGHTS_NAME)
+            (tmp / CARD_NAME).write_text(render_model_card(config), encoding="utf-8")
+            (tmp / CONFIG_NAME).write_text(config.to_json_string(), encoding="utf-8")
+        self.exit_config.weights_sha256 = config.weights_sha256
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -246,9 +247,11 @@ class EarlyExitModelForCausalLM(nn.Module):
     ) -> Any:
         """The base model's forward; with `output_exit_logits=True`, also every exit's outputs.
 
-        With exits, the layers are run here (same masks and positions as the base model) and the
-        result is an `EarlyExitCausalLMOutput` with final `logits [B, T, V]`, `exit_logits` (one
-        `[B, T, V]` per exit), `exit_confidences [exits, B, T]` and the raw `exit_hidden_states`.
+        With exits, the layers are run here and the result is an `EarlyExitCausalLMOutput` with final
+        `logits [B, T, V]`, `exit_logits` (one `[B, T, V]` per exit), `exit_confidences [exits, B, T]`
+        and the raw `exit_hidden_states`. Positions come from the mask (`cumsum - 1`), as in HF's
+        `generate`, so padded rows get the positions they have when generated; the base model's plain
+        forward instead numbers padding too unless given `position_ids`.
         """
         if not output_exit_logits:
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
@@ -256,6 +259,9 @@ class EarlyExitModelForCausalLM(nn.Module):
             raise GenerationInputError(
                 f"forward(output_exit_logits=True) takes input_ids, attention_mask, labels; got {sorted(kwargs)}"
             )
+        from drex_hf.generation.settings import check_token_batch
+
+        input_ids, attention_mask = check_token_batch(input_ids, attention_mask, self.arch.input_vocab_size)
         return self._forward_with_exits(input_ids, attention_mask, labels)
 
     def _forward_with_exits(
@@ -338,7 +344,7 @@ class EarlyExitModelForCausalLM(nn.Module):
                 `eos_token_id`, `pad_token_id`, as in HF.
         """
         from drex_hf.generation.reference import generate_reference
-        from drex_hf.generation.settings import resolve_settings, split_prompts
+        from drex_hf.generation.settings import merge_generation_config, settings_from_config, split_prompts
 
         if policy not in POLICIES:
             if policy in PLANNED_POLICIES:
@@ -347,17 +353,14 @@ class EarlyExitModelForCausalLM(nn.Module):
                     f"available: {', '.join(POLICIES)}"
                 )
             raise GenerationInputError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-        prompts = split_prompts(input_ids, attention_mask)
-        if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
-            attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
-        gen_config = generation_config if generation_config is not None else self.base_model.generation_config
-        settings = resolve_settings(gen_config, input_ids.shape[1], kwargs)
+        input_ids, attention_mask, prompts = split_prompts(input_ids, attention_mask, self.arch.input_vocab_size)
+        gen_config = merge_generation_config(self.base_model, generation_config, kwargs)
+        settings = settings_from_config(gen_config, input_ids.shape[1])
         self._check_lengths(prompts, settings.max_new_tokens)
         if streamer is not None and len(prompts) > 1:
             raise GenerationInputError(f"streamer supports a batch of 1 prompt, got {len(prompts)}")
         if return_dict_in_generate is None:
-            return_dict_in_generate = bool(getattr(gen_config, "return_dict_in_generate", False))
+            return_dict_in_generate = bool(gen_config.return_dict_in_generate)
         device = self.heads_device
         input_ids = input_ids.to(device)
         attention_mask = attention_mask.to(device) if attention_mask is not None else None
@@ -370,6 +373,7 @@ class EarlyExitModelForCausalLM(nn.Module):
             exit_layers = _full_depth_layers(new, settings.eos_token_ids, self.num_layers - 1)
             return EarlyExitGenerateOutput(sequences, exit_layers) if return_dict_in_generate else sequences
 
+        self.arch.check_attention_implementation()
         thresholds = self._thresholds(thresholds)
         seeds = _request_seeds(seed, len(prompts)) if settings.do_sample else None
         results = generate_reference(self, [p.to(device) for p in prompts], settings, thresholds, seeds, streamer)
@@ -427,10 +431,35 @@ def _check_base_sizes(config: EarlyExitConfig, arch: ArchAdapter, what: str) -> 
         )
 
 
-def _read_heads_file(path: Path) -> dict[str, torch.Tensor]:
+def _resolve_base(
+    base: str | os.PathLike | nn.Module, revision: str | None, gguf_sha256: str | None, load_kwargs: dict[str, Any]
+) -> tuple[nn.Module, BaseSource]:
+    """A loaded base model and where it came from."""
+    if isinstance(base, nn.Module):
+        if load_kwargs:
+            raise GenerationInputError(
+                f"loading arguments {sorted(load_kwargs)} apply only when the base is given by name or path, "
+                f"not as a loaded model"
+            )
+        return base, BaseSource(name=getattr(base.config, "_name_or_path", "") or "", path="", kind="object")
+    return load_base(base, revision, gguf_sha256=gguf_sha256, **load_kwargs)
+
+
+def _place(model: EarlyExitModelForCausalLM, device: str | torch.device | None) -> EarlyExitModelForCausalLM:
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def _read_heads_file(path: Path, expected_sha256: str | None) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if expected_sha256 is not None and sha256_file(path) != expected_sha256:
+        raise WeightsFileError(
+            f"{path} is not the weights file its exit_config.json was saved with (sha256 differs): the folder "
+            f"was changed or a save was interrupted; save the heads again"
+        )
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as err:
@@ -449,11 +478,13 @@ def _full_depth_layers(new: torch.Tensor, eos_ids: tuple[int, ...], last_layer: 
 
 def _request_seeds(seed: int | list[int] | None, count: int) -> list[int]:
     if seed is None:
-        base = int(torch.randint(0, 2**62, (1,)))
-        return [base + i for i in range(count)]
-    if isinstance(seed, int):
-        return [seed + i for i in range(count)]
-    seeds = [int(s) for s in seed]
-    if len(seeds) != count:
-        raise GenerationInputError(f"seed has {len(seeds)} values for {count} prompts")
-    return seeds
+        seed = int(torch.randint(0, 2**62, (1,)))
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        return [int(seed) + i for i in range(count)]
+    if not isinstance(seed, (list, tuple)) or not all(
+        isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seed
+    ):
+        raise GenerationInputError(f"seed must be an integer or a list of integers, one per prompt; got {seed!r}")
+    if len(seed) != count:
+        raise GenerationInputError(f"seed has {len(seed)} values for {count} prompts")
+    return [int(s) for s in seed]

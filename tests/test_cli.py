@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-from conftest import make_tiny
 
 from drex_hf import EarlyExitConfig, EarlyExitModelForCausalLM
 from drex_hf.cli.main import main
@@ -61,7 +60,7 @@ def test_generate_on_a_base_with_new_heads(tiny_base_dir, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["generate", "NOWHERE", "--prompt", "x", "--exit-layers", "1"], "base model 'NOWHERE' not found"),
+        (["generate", "NOWHERE", "--prompt", "x", "--exit-layers", "1"], "base model 'NOWHERE' is not a local folder"),
         (["generate", "{base}", "--prompt", "w5"], "not an exit-heads folder"),
         (["generate", "{heads}", "--prompt", "  "], "empty prompt"),
         (["generate", "{heads}", "--prompt", "w5", "--policy", "fastest"], "invalid choice: 'fastest'"),
@@ -93,12 +92,8 @@ def test_help_shows_defaults():
 
 
 @pytest.mark.slow
-def test_demo_runs_on_smollm2(smollm2_home, capsys):
+def test_demo_runs_on_smollm2(smollm2_home, capsys):  # smollm2_home: DREX_HOME with the converted GGUF
     assert main(["demo", "--max-new-tokens", "6", "--no-stream"]) == 0
     out = capsys.readouterr().out
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in out and "tokens/s" in out
     assert "exits per layer (early exit): layer 5:" in out
-
-
-def test_unused_helper_model_builder_is_importable():
-    assert make_tiny("gpt2").config.n_layer == 4

@@ -59,6 +59,11 @@ def test_single_threshold_applies_to_every_exit():
         (dict(exit_layers=[1], kv_fill="copy"), "unknown kv_fill 'copy'"),
         (dict(exit_layers=[1], adapter_rank=0), "adapter_rank"),
         (dict(exit_layers=[1], format_version=99), "format_version 99"),
+        (dict(exit_layers=[1], format_version="1"), "format_version must be an integer"),
+        (dict(exit_layers=[1], base_num_layers="4"), "base_num_layers must be a positive integer"),
+        (dict(exit_layers=[1], base_vocab_size=0), "base_vocab_size must be a positive integer"),
+        (dict(exit_layers=[1], base_model=3), "base_model must be a string"),
+        (dict(exit_layers=[1], extra=[]), "extra must be a JSON object"),
     ],
 )
 def test_bad_values_are_clear_errors(kwargs, message):

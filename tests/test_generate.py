@@ -29,10 +29,14 @@ def _spread_thresholds(model, ids, mask, quantile=0.7):
 
 
 # ---------------------------------------------------------------- invariant 3: full depth is exact
+QWEN2_WINDOWED = dict(use_sliding_window=True, sliding_window=4, max_window_layers=2)  # layers 2, 3 windowed
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("kind", ARCHS)
+@pytest.mark.parametrize("kind", [*ARCHS, "qwen2-windowed"])
 def test_infinite_thresholds_and_full_policy_equal_hf_greedy_generate(kind, attn):
-    model = _wrap(kind, thresholds=math.inf, attn_implementation=attn)
+    extra = QWEN2_WINDOWED if kind == "qwen2-windowed" else {}
+    model = _wrap(kind.removesuffix("-windowed"), thresholds=math.inf, attn_implementation=attn, **extra)
     ids, mask = padded_batch(LENGTHS)
     expected = model.base_model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=12, return_dict_in_generate=True)
@@ -97,6 +101,8 @@ def test_threshold_zero_exits_every_token_at_the_first_exit_and_fills_kv_by_proj
 
 
 # ---------------------------------------------------------------- invariants 1 and 2
+# The reference decoder runs each request alone, so for it these two tests check prompt splitting,
+# per-request seeding and padding; they are written for, and bind, the rebatching engine later.
 @pytest.mark.parametrize("confidence", ["max_prob", "margin", "saturation", "classifier"])
 @pytest.mark.parametrize("kind", ARCHS)
 def test_batch_independence_greedy(kind, confidence):
@@ -195,15 +201,43 @@ def test_streamer_gets_prompt_then_each_token():
     assert [int(t) for t in recorder.puts[1:]] == out[0, 6:].tolist() and recorder.ended
 
 
-def test_generation_config_is_honoured():
+def test_generation_config_merges_like_hf():
+    """A passed GenerationConfig is merged with the model's own (eos) and HF's defaults, as in HF."""
     from transformers import GenerationConfig
 
     model = _wrap("llama", thresholds=math.inf)
+    ids, mask = padded_batch(LENGTHS)
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None)
+    model.generation_config.eos_token_id = int(first[1, ids.shape[1] + 3])  # the model's own eos now stops row 1
+    for config in (GenerationConfig(max_new_tokens=10), GenerationConfig(max_length=15)):
+        expected = model.base_model.generate(ids, attention_mask=mask, generation_config=config)
+        out = model.generate(ids, attention_mask=mask, generation_config=config, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, expected)
+        full = model.generate(
+            ids, attention_mask=mask, generation_config=config, policy="full", return_dict_in_generate=True
+        )
+        assert torch.equal(full.exit_layers, out.exit_layers) and out.exit_layers[1, 4:].eq(-1).all()
+
+
+def test_sampling_uses_hf_default_top_k():
+    from drex_hf.generation.settings import merge_generation_config, settings_from_config
+
+    model = _wrap("llama")
+    merged = merge_generation_config(model.base_model, None, {"do_sample": True, "max_new_tokens": 3})
+    settings = settings_from_config(merged, 5)
+    assert settings.top_k == 50 and settings.do_sample  # HF's default when nothing sets top_k
+    assert [type(w).__name__ for w in settings.warpers()] == ["TopKLogitsWarper"]
+
+
+def test_assigning_generation_config_reaches_the_base():
+    from transformers import GenerationConfig
+
+    model = _wrap("llama")
+    config = GenerationConfig(max_new_tokens=3, eos_token_id=None)
+    model.generation_config = config
+    assert model.base_model.generation_config is config
     ids, _ = padded_batch([6])
-    out = model.generate(ids, generation_config=GenerationConfig(max_new_tokens=3, eos_token_id=None))
-    assert out.shape == (1, 9)
-    out = model.generate(ids, generation_config=GenerationConfig(max_length=10, eos_token_id=None))
-    assert out.shape == (1, 10)
+    assert model.generate(ids).shape == (1, 9)
 
 
 # ---------------------------------------------------------------- bad input
@@ -220,10 +254,17 @@ def test_bad_generate_inputs_are_clear_errors():
         (dict(input_ids=ids, attention_mask=mask, policy="fastest"), "unknown policy 'fastest'"),
         (dict(input_ids=ids, attention_mask=mask, policy="batch_all"), "not implemented yet"),
         (dict(input_ids=ids, attention_mask=mask, num_beams=4), r"unsupported argument\(s\) \['num_beams'\]"),
-        (dict(input_ids=ids, attention_mask=mask, max_new_tokens=0), "max_new_tokens must be a positive"),
+        (dict(input_ids=ids, attention_mask=mask, max_new_tokens=0), "max_new_tokens` must be greater than 0"),
         (dict(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.0), "temperature must be > 0"),
         (dict(input_ids=ids, attention_mask=mask, do_sample=True, seed=[1, 2]), "seed has 2 values for 3 prompts"),
         (dict(input_ids=ids, attention_mask=mask, streamer=object()), "streamer supports a batch of 1"),
+        (dict(input_ids=torch.tensor([[5, 150]])), "token id 150, outside the model's vocabulary 0..98"),
+        (dict(input_ids=torch.tensor([[5, -1]])), "token id -1"),
+        (dict(input_ids=ids, attention_mask=mask.tolist()), "attention_mask must be a torch.Tensor"),
+        (dict(input_ids=ids, attention_mask=mask, do_sample=True, temperature="hot"), "temperature must be a number"),
+        (dict(input_ids=ids, attention_mask=mask, eos_token_id="x"), "eos_token_id must be an integer"),
+        (dict(input_ids=ids, attention_mask=mask, do_sample=True, seed="abc"), "seed must be an integer or a list"),
+        (dict(input_ids=ids, attention_mask=mask, repetition_penalty=1.3), r"unsupported argument\(s\)"),
     ]
     for kwargs, message in cases:
         kwargs.setdefault("max_new_tokens", 4)
@@ -231,3 +272,34 @@ def test_bad_generate_inputs_are_clear_errors():
             model.generate(**kwargs)
     with pytest.raises(ConfigError, match=r"threshold must be in \[0, 1\]"):
         model.generate(ids, attention_mask=mask, max_new_tokens=4, thresholds=1.5)
+
+
+def test_unsupported_generation_config_fields_are_refused_not_ignored():
+    model = _wrap("llama", thresholds=math.inf)
+    model.generation_config.repetition_penalty = 1.5
+    ids, _ = padded_batch([6])
+    with pytest.raises(GenerationInputError, match=r"sets repetition_penalty=1.5"):
+        model.generate(ids, max_new_tokens=3)
+
+
+def test_small_integer_dtypes_and_numpy_seeds_are_accepted():
+    import numpy as np
+
+    model = _wrap("llama", thresholds=math.inf)
+    ids, _ = padded_batch([6])
+    expected = model.generate(ids, max_new_tokens=4, do_sample=True, seed=7)
+    assert torch.equal(
+        model.generate(ids.to(torch.int16), max_new_tokens=4, do_sample=True, seed=np.int64(7)), expected
+    )
+
+
+def test_unsupported_attention_is_refused_before_decoding():
+    from drex_hf.errors import UnsupportedArchitectureError
+
+    model = _wrap("llama")
+    model.config._attn_implementation = "flex_attention"
+    ids, _ = padded_batch([6])
+    with pytest.raises(UnsupportedArchitectureError, match="flex_attention"):
+        model.generate(ids, max_new_tokens=3)
+    with pytest.raises(UnsupportedArchitectureError, match="flex_attention"):
+        model(ids, output_exit_logits=True)

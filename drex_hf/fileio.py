@@ -1,0 +1,48 @@
+"""Writing folders so that readers never see half of them.
+
+`staged_folder` gives a temporary folder beside the target; when the block completes, its files
+move into place — by one rename when the target is new, else file by file in the order given
+(the file that commits the set last). On any error the temporary folder is removed and the
+target is left as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def staged_folder(target: Path, order: Sequence[str]) -> Iterator[Path]:
+    """Yield a temporary folder; on success publish `order`'s files from it into `target`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a published folder gets normal permissions
+        if not target.exists():
+            os.rename(tmp, target)
+        else:
+            for name in order:
+                os.replace(tmp / name, target / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
