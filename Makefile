@@ -22,7 +22,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 test: lint
-	$(OFFLINE) $(BIN)/python -m pytest -q
+	$(OFFLINE) DREX_REQUIRE_SMOLLM2=1 $(BIN)/python -m pytest -q
 
 demo: $(STAMP)
 	$(OFFLINE) $(BIN)/drex demo

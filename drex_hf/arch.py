@@ -71,9 +71,9 @@ class ArchAdapter:
         raise NotImplementedError
 
     @property
-    def max_positions(self) -> int | None:
-        value = getattr(self.config, "max_position_embeddings", None)
-        return int(value) if value else None
+    def position_limit(self) -> int | None:
+        """A hard limit on positions (learned position embeddings), or None (rotary: no hard limit)."""
+        return None
 
     def input_norm(self, index: int) -> nn.Module:
         raise NotImplementedError
@@ -232,7 +232,7 @@ class GPT2Adapter(ArchAdapter):
         return int(self.config.n_embd // self.config.n_head)
 
     @property
-    def max_positions(self) -> int | None:
+    def position_limit(self) -> int | None:
         return int(self.config.n_positions)
 
     def input_norm(self, index: int) -> nn.Module:

@@ -115,11 +115,13 @@ def resolve_base_path(name_or_path: str | os.PathLike, gguf_sha256: str | None =
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{name} is a folder but has no config.json: not a transformers model folder")
-        return BaseSource(name=name, path=str(path), kind="local")
+        folder = str(path.resolve())  # absolute, so saved heads find it from any working directory
+        return BaseSource(name=folder, path=folder, kind="local")
     if path.is_file() and path.suffix == ".gguf":
+        gguf = str(path.resolve())
         folder, sha, converted = convert_gguf(path)
-        _check_gguf_sha(name, sha, gguf_sha256)
-        return BaseSource(name=name, path=str(folder), kind="gguf", gguf_sha256=sha, converted=converted)
+        _check_gguf_sha(gguf, sha, gguf_sha256)
+        return BaseSource(name=gguf, path=str(folder), kind="gguf", gguf_sha256=sha, converted=converted)
     if path.exists():
         raise ModelNotFoundError(f"{name} is not a model folder or a .gguf file")
     if not _REPO_ID.match(name):
@@ -177,7 +179,10 @@ def load_base(
 def load_tokenizer(source: BaseSource) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(source.path)
+    try:
+        return AutoTokenizer.from_pretrained(source.path)
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(f"no usable tokenizer for base model {source.name!r}: {_first_line(err)}") from None
 
 
 def _packaged_source(name: str, gguf_path: Path, gguf_sha256: str | None) -> BaseSource:

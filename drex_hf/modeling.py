@@ -190,6 +190,14 @@ class EarlyExitModelForCausalLM(nn.Module):
         else:  # the caller chose the weights deliberately; only their sizes are checked
             gguf_sha256 = None
         model, source = _resolve_base(base_model, revision, gguf_sha256, load_kwargs)
+        if source.kind == "gguf" and config.base_gguf_sha256 is None:
+            logger.warning(
+                "exit heads in %s were made on %s's own weights; that is unavailable here, so they run on the "
+                "packaged GGUF (%s), whose quantised weights differ slightly",
+                folder,
+                source.name,
+                source.path,
+            )
         wrapper = cls(model, config, source)
         wrapper._load_heads_state(state, folder / WEIGHTS_NAME)
         return _place(wrapper, device)
@@ -344,7 +352,13 @@ class EarlyExitModelForCausalLM(nn.Module):
                 `eos_token_id`, `pad_token_id`, as in HF.
         """
         from drex_hf.generation.reference import generate_reference
-        from drex_hf.generation.settings import merge_generation_config, settings_from_config, split_prompts
+        from drex_hf.generation.settings import (
+            check_token_batch,
+            infer_attention_mask,
+            merge_generation_config,
+            settings_from_config,
+            split_prompts,
+        )
 
         if policy not in POLICIES:
             if policy in PLANNED_POLICIES:
@@ -353,9 +367,16 @@ class EarlyExitModelForCausalLM(nn.Module):
                     f"available: {', '.join(POLICIES)}"
                 )
             raise GenerationInputError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-        input_ids, attention_mask, prompts = split_prompts(input_ids, attention_mask, self.arch.input_vocab_size)
+        if policy == "full" and (thresholds is not None or seed is not None):
+            raise GenerationInputError(
+                "thresholds and seed apply to policy='drex'; policy='full' is the base model's own generate "
+                "(seed it with torch.manual_seed, as in HF)"
+            )
+        input_ids, attention_mask = check_token_batch(input_ids, attention_mask, self.arch.input_vocab_size)
         gen_config = merge_generation_config(self.base_model, generation_config, kwargs)
         settings = settings_from_config(gen_config, input_ids.shape[1])
+        attention_mask = infer_attention_mask(input_ids, settings, attention_mask)
+        input_ids, attention_mask, prompts = split_prompts(input_ids, attention_mask, self.arch.input_vocab_size)
         self._check_lengths(prompts, settings.max_new_tokens)
         if streamer is not None and len(prompts) > 1:
             raise GenerationInputError(f"streamer supports a batch of 1 prompt, got {len(prompts)}")
@@ -368,7 +389,8 @@ class EarlyExitModelForCausalLM(nn.Module):
         if policy == "full":
             if generation_config is not None:
                 kwargs["generation_config"] = generation_config
-            sequences = self.base_model.generate(input_ids, attention_mask=attention_mask, streamer=streamer, **kwargs)
+            out = self.base_model.generate(input_ids, attention_mask=attention_mask, streamer=streamer, **kwargs)
+            sequences = out if isinstance(out, torch.Tensor) else out.sequences
             new = sequences[:, input_ids.shape[1] :]
             exit_layers = _full_depth_layers(new, settings.eos_token_ids, self.num_layers - 1)
             return EarlyExitGenerateOutput(sequences, exit_layers) if return_dict_in_generate else sequences
@@ -395,7 +417,7 @@ class EarlyExitModelForCausalLM(nn.Module):
         return probe.threshold_list()
 
     def _check_lengths(self, prompts: list[torch.Tensor], max_new_tokens: int) -> None:
-        limit = self.arch.max_positions
+        limit = self.arch.position_limit
         if limit is None:
             return
         for b, prompt in enumerate(prompts):

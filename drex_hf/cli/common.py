@@ -85,7 +85,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def pick_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise GenerationInputError(f"--device {name!r} is not a device torch knows (e.g. cpu, cuda, cuda:1)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GenerationInputError(f"--device {name}: CUDA is not available on this machine")
     return device

@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.heads:
         print(
             "        Untrained heads are right only where the model is already sure, so they exit rarely;\n"
-            "        trained heads come from `drex train` (DESIGN.md §9 has what they can save on this model)."
+            "        trained heads will come from `drex train` (not built yet);\n"
+            "        DESIGN.md §9 has what trained heads can save on this model."
         )
 
     tokenizer = tokenizer_for(model)

@@ -7,6 +7,8 @@ import argparse
 import time
 from typing import Any
 
+import torch
+
 from drex_hf.cli.common import (
     HelpFormatter,
     add_model_arguments,
@@ -70,12 +72,15 @@ def run(args: argparse.Namespace) -> int:
     sampling = {}
     if args.do_sample:
         sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        if args.policy == "drex":
+            sampling["seed"] = args.seed
+        else:
+            torch.manual_seed(args.seed)  # the base model's own generate samples from torch's global RNG
     start = time.perf_counter()
     out = model.generate(
         **batch,
         policy=args.policy,
         max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
         return_dict_in_generate=True,
         **sampling,
     )

@@ -90,6 +90,11 @@ UNSUPPORTED_AT_DEFAULT = {
     "prompt_lookup_num_tokens": None,
     "watermarking_config": None,
     "max_time": None,
+    "output_scores": False,
+    "output_logits": False,
+    "output_attentions": False,
+    "output_hidden_states": False,
+    "remove_invalid_values": False,
 }
 
 
@@ -102,6 +107,12 @@ def merge_generation_config(base_model: Any, generation_config: Any, overrides: 
         raise GenerationInputError(
             f"generate() got unsupported argument(s) {unknown}; drex_hf supports "
             f"{', '.join(SUPPORTED_GENERATE_KWARGS)}, generation_config, streamer, policy, thresholds, seed"
+        )
+    from transformers import GenerationConfig
+
+    if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+        raise GenerationInputError(
+            f"generation_config must be a transformers.GenerationConfig, got {type(generation_config).__name__}"
         )
     try:
         merged, _ = base_model._prepare_generation_config(generation_config, **overrides)
@@ -200,6 +211,15 @@ def check_token_batch(input_ids: Any, attention_mask: Any, vocab_size: int) -> t
             f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}"
         )
     return input_ids, attention_mask
+
+
+def infer_attention_mask(input_ids: torch.Tensor, settings: DecodeSettings, given: Any) -> Any:
+    """HF's rule when no mask is given: positions holding `pad_token_id` are padding, unless the pad
+    id is also an end-of-sequence id (then it cannot be told apart from text)."""
+    pad = settings.pad_token_id
+    if given is not None or pad in settings.eos_token_ids or not bool((input_ids == pad).any()):
+        return given
+    return (input_ids != pad).long()
 
 
 def split_prompts(
