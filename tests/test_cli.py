@@ -71,6 +71,7 @@ def test_generate_on_a_base_with_new_heads(tiny_base_dir, capsys):
         (["generate", "{base}", "--prompt", "w5", "--exit-layers", "9"], "exit layer 9 is out of range"),
         (["generate", "{heads}"], "the following arguments are required: --prompt"),
         (["generate", "{heads}", "--prompt", "w5", "--device", "gpu7"], "--device 'gpu7' is not a device"),
+        (["generate", "{heads}", "--prompt", "w5", "--device", "cuda:9"], "--device cuda:9: "),
         (["generate", "{heads}", "--prompt", "w5", "--confidence", "margin"], "--confidence applies to new heads"),
         (["generate", "{bare}", "--prompt", "w5", "--exit-layers", "1"], "no usable tokenizer"),
         (["nonsense"], "invalid choice: 'nonsense'"),

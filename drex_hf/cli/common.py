@@ -91,6 +91,8 @@ def pick_device(name: str | None) -> torch.device:
         raise GenerationInputError(f"--device {name!r} is not a device torch knows (e.g. cpu, cuda, cuda:1)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GenerationInputError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise GenerationInputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
