@@ -20,8 +20,6 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "exit_config.json"
 HEAD_TYPES = ("shared", "norm", "adapter")
 CONFIDENCE_MEASURES = ("classifier", "saturation", "max_prob", "margin")
-# Measures that need the full vocabulary projection of every checked row, not only exiting rows.
-LOGIT_CONFIDENCES = ("max_prob", "margin")
 KV_FILL_METHODS = ("project",)
 
 

@@ -376,7 +376,7 @@ class EarlyExitModelForCausalLM(nn.Module):
         gen_config = merge_generation_config(self.base_model, generation_config, kwargs)
         settings = settings_from_config(gen_config, input_ids.shape[1])
         attention_mask = infer_attention_mask(input_ids, settings, attention_mask)
-        input_ids, attention_mask, prompts = split_prompts(input_ids, attention_mask, self.arch.input_vocab_size)
+        attention_mask, prompts = split_prompts(input_ids, attention_mask)
         self._check_lengths(prompts, settings.max_new_tokens)
         if streamer is not None and len(prompts) > 1:
             raise GenerationInputError(f"streamer supports a batch of 1 prompt, got {len(prompts)}")

@@ -223,12 +223,11 @@ def infer_attention_mask(input_ids: torch.Tensor, settings: DecodeSettings, give
 
 
 def split_prompts(
-    input_ids: Any, attention_mask: Any, vocab_size: int
-) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
-    """Check a left-padded batch; return it as 2-D `long` tensors plus each row's real tokens."""
-    input_ids, attention_mask = check_token_batch(input_ids, attention_mask, vocab_size)
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """Each row's real tokens from a batch `check_token_batch` accepted; refuses anything not left-padded."""
     if attention_mask is None:
-        return input_ids, None, list(input_ids)
+        return None, list(input_ids)
     prompts = []
     for b, (row, mask) in enumerate(zip(input_ids, attention_mask.bool())):
         n = int(mask.sum())
@@ -240,4 +239,4 @@ def split_prompts(
                 f"decoder-only generation needs tokenizer.padding_side='left'"
             )
         prompts.append(row[-n:])
-    return input_ids, attention_mask.long(), prompts
+    return attention_mask.long(), prompts
