@@ -1,9 +1,9 @@
 """Writing folders so that readers never see half of them.
 
 `staged_folder` gives a temporary folder beside the target; when the block completes, its files
-move into place — by one rename when the target is new, else file by file in the order given
-(the file that commits the set last). On any error the temporary folder is removed and the
-target is left as it was.
+move into place — by one rename when the target is new, else file by file: files not named in
+`order` first, then `order` (its last file commits the set). On any error the temporary folder is
+removed and the target is left as it was.
 """
 
 from __future__ import annotations
@@ -24,11 +24,16 @@ def staged_folder(target: Path, order: Sequence[str]) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a published folder gets normal permissions
+        mask = _umask()
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; a published folder gets normal permissions
+        for child in tmp.iterdir():  # and so do its files, whatever library wrote them
+            if child.is_file():
+                os.chmod(child, 0o666 & ~mask)
         if not target.exists():
             os.rename(tmp, target)
         else:
-            for name in order:
+            others = sorted(set(os.listdir(tmp)) - set(order))  # files outside `order` go first
+            for name in [*others, *order]:
                 os.replace(tmp / name, target / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -200,6 +200,19 @@ class EarlyExitModelForCausalLM(nn.Module):
             )
         wrapper = cls(model, config, source)
         wrapper._load_heads_state(state, folder / WEIGHTS_NAME)
+        lora = config.extra.get("lora")
+        if lora is not None:
+            from drex_hf.lora import LORA_WEIGHTS_NAME, load_lora
+
+            lora_path = folder / LORA_WEIGHTS_NAME
+            if not lora_path.is_file():
+                raise ModelNotFoundError(f"{folder}: the exit config names a LoRA but {LORA_WEIGHTS_NAME} is missing")
+            expected = lora.get("sha256") if isinstance(lora, dict) else None
+            if expected and sha256_file(lora_path) != expected:
+                raise WeightsFileError(
+                    f"{lora_path} does not match {CONFIG_NAME} (sha256 differs): the folder mixes two saves"
+                )
+            load_lora(wrapper, lora_path, lora)
         return _place(wrapper, device)
 
     def _load_heads_state(self, state: dict[str, torch.Tensor], where: Path) -> None:
@@ -219,13 +232,22 @@ class EarlyExitModelForCausalLM(nn.Module):
         self.heads.load_state_dict({k.removeprefix("heads."): v for k, v in state.items()})
 
     # ------------------------------------------------------------------ saving
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        card: str | None = None,
+        extra_files: dict[str, bytes] | None = None,
+    ) -> None:
         """Write exactly exit_config.json, exit_heads.safetensors and README.md; never base weights.
 
         The files are written into a temporary folder beside the target and moved into place
         only when all three are complete; over an existing folder the config moves last, and it
         records the weights' sha256, so a save interrupted halfway is detected at load.
-        Other files in an existing folder are left alone.
+        Other files in an existing folder are left alone. A LoRA on the backbone (joint training)
+        is saved as lora_adapter.safetensors. `card` replaces the generated README.md (training
+        writes one with its evaluation); `extra_files` (name -> bytes, e.g. eval_results.json) are
+        published with the rest.
         """
         from safetensors.torch import save_file
 
@@ -234,14 +256,30 @@ class EarlyExitModelForCausalLM(nn.Module):
         target = Path(save_directory).expanduser()
         if target.exists() and not target.is_dir():
             raise ModelNotFoundError(f"cannot save into {target}: it exists and is not a folder")
-        with staged_folder(target, order=(WEIGHTS_NAME, CARD_NAME, CONFIG_NAME)) as tmp:
+        from drex_hf.lora import LORA_WEIGHTS_NAME, has_lora, lora_tensors
+
+        lora = has_lora(self)
+        order = (
+            (WEIGHTS_NAME, LORA_WEIGHTS_NAME, CARD_NAME, CONFIG_NAME)
+            if lora
+            else (WEIGHTS_NAME, CARD_NAME, CONFIG_NAME)
+        )
+        with staged_folder(target, order=order) as tmp:
             tensors = {f"heads.{k}": v.detach().to("cpu").contiguous() for k, v in self.heads.state_dict().items()}
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "drex_hf": "exit_heads"})
             config = copy.deepcopy(self.exit_config)
             config.weights_sha256 = sha256_file(tmp / WEIGHTS_NAME)
-            (tmp / CARD_NAME).write_text(render_model_card(config), encoding="utf-8")
+            if lora:
+                save_file(lora_tensors(self), str(tmp / LORA_WEIGHTS_NAME), metadata={"drex_hf": "lora"})
+                config.extra["lora"] = dict(config.extra.get("lora", {}), sha256=sha256_file(tmp / LORA_WEIGHTS_NAME))
+            else:
+                config.extra.pop("lora", None)
+            (tmp / CARD_NAME).write_text(card if card is not None else render_model_card(config), encoding="utf-8")
             (tmp / CONFIG_NAME).write_text(config.to_json_string(), encoding="utf-8")
+            for name, content in (extra_files or {}).items():
+                (tmp / name).write_bytes(content)
         self.exit_config.weights_sha256 = config.weights_sha256
+        self.exit_config.extra = config.extra
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -272,9 +310,19 @@ class EarlyExitModelForCausalLM(nn.Module):
         input_ids, attention_mask = check_token_batch(input_ids, attention_mask, self.arch.input_vocab_size)
         return self._forward_with_exits(input_ids, attention_mask, labels)
 
-    def _forward_with_exits(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None
-    ) -> EarlyExitCausalLMOutput:
+    def exit_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        skip_layers: frozenset[int] | set[int] = frozenset(),
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """Run the backbone once: (embeddings, hidden state after each exit layer, last layer's output).
+
+        The last layer's output is before the final norm. `skip_layers` (LayerSkip-style layer
+        dropout in training) pass the hidden state through those layers unchanged. Positions come
+        from the mask, as in `forward(output_exit_logits=True)`.
+        """
         arch = self.arch
         arch.check_attention_implementation()
         batch, length = input_ids.shape
@@ -283,34 +331,44 @@ class EarlyExitModelForCausalLM(nn.Module):
         valid = attention_mask.bool()
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = arch.embed(input_ids, position_ids)
+        embeddings = hidden
         rotary = arch.position_embeddings(hidden, position_ids)
         query_index = torch.arange(length, device=input_ids.device).expand(batch, length)
         masks: dict[int | None, torch.Tensor] = {}
-        previous = hidden
-        exit_logits, confidences, exit_hidden = [], [], []
-        exit_at = {layer: j for j, layer in enumerate(self.exit_layers)}
+        exit_hidden = []
+        exit_at = set(self.exit_layers)
         for index in range(arch.num_layers):
-            window = arch.layer_window(index)
-            if window not in masks:
-                masks[window] = build_attention_mask(
-                    query_index, length, key_valid=valid, window=window, dtype=hidden.dtype
+            if index not in skip_layers:
+                window = arch.layer_window(index)
+                if window not in masks:
+                    masks[window] = build_attention_mask(
+                        query_index, length, key_valid=valid, window=window, dtype=hidden.dtype
+                    )
+                hidden = arch.run_layer(
+                    index,
+                    hidden,
+                    attention_mask=masks[window],
+                    position_ids=position_ids,
+                    position_embeddings=rotary,
+                    cache=None,
                 )
-            hidden = arch.run_layer(
-                index,
-                hidden,
-                attention_mask=masks[window],
-                position_ids=position_ids,
-                position_embeddings=rotary,
-                cache=None,
-            )
             if index in exit_at:
-                head = self.heads[exit_at[index]]
-                logits = head.logits(hidden)
-                confidence, _ = exit_confidence(self.exit_config.confidence, head, hidden, previous, logits)
-                exit_logits.append(logits)
-                confidences.append(confidence)
                 exit_hidden.append(hidden)
-                previous = hidden
+        return embeddings, exit_hidden, hidden
+
+    def _forward_with_exits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None
+    ) -> EarlyExitCausalLMOutput:
+        arch = self.arch
+        embeddings, exit_hidden, hidden = self.exit_states(input_ids, attention_mask)
+        previous = embeddings
+        exit_logits, confidences = [], []
+        for head, state in zip(self.heads, exit_hidden):
+            logits = head.logits(state)
+            confidence, _ = exit_confidence(self.exit_config.confidence, head, state, previous, logits)
+            exit_logits.append(logits)
+            confidences.append(confidence)
+            previous = state
         logits = arch.lm_head(arch.final_norm(hidden))
         loss = None
         if labels is not None:

@@ -1,14 +1,17 @@
 """`drex demo`: the real SmolLM2-135M-Instruct through the early-exit wrapper, offline.
 
-Loads the base (converting the packaged GGUF once), puts exit heads on it (or loads saved ones
-with --heads), answers a few chat prompts at full depth with HF's `generate` and with per-token
-early exit, and prints the answers, the exit layers, tokens/s of both and their token agreement.
+Loads the base (converting the packaged GGUF once) with the exit heads shipped in
+model_cards/smollm2-135m-drex/ (trained by `drex train recipes/smollm2-135m.yaml`; --heads picks
+another folder, --untrained puts new untrained heads on instead), answers a few chat prompts at full
+depth with HF's `generate` and with per-token early exit, and prints the answers, the exit layers,
+the exits per layer, tokens/s of both and their token agreement.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,8 +27,11 @@ from drex_hf.cli.common import (
     threshold_value,
 )
 from drex_hf.config import EarlyExitConfig
+from drex_hf.errors import ModelNotFoundError
 from drex_hf.hub import SMOLLM2_ID
 from drex_hf.modeling import EarlyExitModelForCausalLM
+
+SHIPPED_HEADS = Path(__file__).resolve().parents[2] / "model_cards" / "smollm2-135m-drex"
 
 PROMPTS = (
     "What is the capital of France?",
@@ -43,13 +49,18 @@ def add_parser(sub: Any) -> None:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--model", default=SMOLLM2_ID, help="base model (folder or hub id)")
-    parser.add_argument("--heads", default=None, help="saved exit-heads folder (default: new untrained heads)")
-    parser.add_argument("--exit-layers", type=int_list, default=[5, 11, 17, 23], help="exit layers for new heads")
+    parser.add_argument(
+        "--heads",
+        default=None,
+        help="saved exit-heads folder (default: the shipped model_cards/smollm2-135m-drex when --model is SmolLM2)",
+    )
+    parser.add_argument("--untrained", action="store_true", help="put new, untrained 'shared' heads on instead")
+    parser.add_argument("--exit-layers", type=int_list, default=[5, 11, 17, 23], help="exit layers for --untrained")
     parser.add_argument(
         "--threshold",
         type=threshold_value,
         default=0.999,
-        help="max-prob threshold for new heads; untrained heads are only right when very sure",
+        help="max-prob threshold for --untrained heads; untrained heads are only right when very sure",
     )
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per answer")
     parser.add_argument("--no-stream", action="store_true", help="skip the streamed answer at the end")
@@ -71,9 +82,18 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     start = time.perf_counter()
-    if args.heads:
-        model = EarlyExitModelForCausalLM.from_pretrained(args.heads, dtype=dtype, device=device)
-        heads = f"saved heads from {args.heads}"
+    heads_dir = args.heads
+    if heads_dir is None and not args.untrained and args.model == SMOLLM2_ID:
+        if not (SHIPPED_HEADS / "exit_config.json").is_file():
+            raise ModelNotFoundError(
+                f"the shipped heads are missing ({SHIPPED_HEADS}); run `drex train recipes/smollm2-135m.yaml` "
+                "or pass --untrained"
+            )
+        heads_dir = str(SHIPPED_HEADS)
+    if heads_dir and not args.untrained:
+        override = {} if args.model == SMOLLM2_ID else {"base_model": args.model}  # else the heads' own base, checked
+        model = EarlyExitModelForCausalLM.from_pretrained(heads_dir, dtype=dtype, device=device, **override)
+        heads = f"trained heads from {heads_dir}"
     else:
         config = EarlyExitConfig(
             exit_layers=args.exit_layers, head="shared", confidence="max_prob", thresholds=args.threshold
@@ -90,11 +110,13 @@ def run(args: argparse.Namespace) -> int:
         f"heads   {heads} after layers {model.exit_layers} of {model.num_layers}; "
         f"{model.exit_config.confidence} >= {model.exit_config.describe_thresholds()}"
     )
-    if not args.heads:
+    if model.exit_config.extra.get("ship_target"):
+        target = 100 * model.exit_config.extra["ship_target"]
+        print(f"        thresholds fitted for {target:.0f} % agreement with full depth")
+    if args.untrained or not heads_dir:
         print(
             "        Untrained heads are right only where the model is already sure, so they exit rarely;\n"
-            "        trained heads will come from `drex train` (not built yet);\n"
-            "        DESIGN.md §9 has what trained heads can save on this model."
+            "        the shipped heads come from `drex train recipes/smollm2-135m.yaml`."
         )
 
     tokenizer = tokenizer_for(model)
