@@ -108,3 +108,4 @@ def test_demo_runs_on_smollm2(smollm2_home, capsys):  # smollm2_home: DREX_HOME 
     out = capsys.readouterr().out
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in out and "tokens/s" in out
     assert "exits per layer (early exit): layer 5:" in out
+    assert "trained heads from" in out and "smollm2-135m-drex" in out  # the shipped heads, not untrained ones

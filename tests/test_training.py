@@ -241,7 +241,8 @@ def test_tiny_recipe_trains_and_loss_falls(tiny_dir, tmp_path):
 
 
 def test_kill_and_resume_gives_the_same_heads(tiny_dir, tmp_path):
-    steps = ["optim.steps=10", "train.checkpoint_every=4", "train.log_every=2"]
+    # log_every does not divide checkpoint_every: the stats since the last log line travel in the checkpoint
+    steps = ["optim.steps=10", "train.checkpoint_every=4", "train.log_every=3"]
     straight = tiny_recipe(tiny_dir, tmp_path / "a", *steps)
     train(straight, progress=False, log=quiet)
 
@@ -257,6 +258,10 @@ def test_kill_and_resume_gives_the_same_heads(tiny_dir, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # the log of the resumed run is the uninterrupted run's log, line for line
+    log_a = (straight.run_dir / "train_log.jsonl").read_text()
+    log_b = (killed.run_dir / "train_log.jsonl").read_text()
+    assert log_a == log_b and len(log_a.splitlines()) == 4  # steps 3, 6, 9, 10
     fresh = EarlyExitModelForCausalLM.from_base(tiny_dir, straight.exit_config()).heads.state_dict()
     assert not torch.equal(a["heads.0.adapter.up.weight"], fresh["0.adapter.up.weight"])
 
@@ -269,6 +274,32 @@ def test_resume_refuses_another_recipe_or_no_checkpoint(tiny_dir, tmp_path):
     changed = tiny_recipe(tiny_dir, tmp_path, "optim.steps=4", "train.checkpoint_every=2", "optim.lr=0.5")
     with pytest.raises(ConfigError, match="different recipe"):
         train(changed, resume=True, progress=False, log=quiet)
+
+
+def test_resume_refuses_a_checkpoint_mixed_from_two_saves(tiny_dir, tmp_path):
+    from drex_hf.errors import WeightsFileError
+
+    recipe = tiny_recipe(tiny_dir, tmp_path, "optim.steps=4", "train.checkpoint_every=2")
+    with pytest.raises(StopTraining):
+        train(recipe, progress=False, stop_after=2, log=quiet)
+    folder = recipe.run_dir / "checkpoint"
+    other = tiny_recipe(tiny_dir, tmp_path / "other", "optim.steps=4", "train.checkpoint_every=2", "optim.lr=0.02")
+    train(other, progress=False, log=quiet)
+    # a kill between two renames leaves one file from the next save beside the old ones
+    (folder / "optimizer.safetensors").write_bytes(
+        (other.run_dir / "checkpoint" / "optimizer.safetensors").read_bytes()
+    )
+    with pytest.raises(WeightsFileError, match="optimizer.safetensors does not match state.json"):
+        train(recipe, resume=True, progress=False, log=quiet)
+
+
+def test_recipe_rejects_bad_reference_and_repeated_prompt_sets(tiny_dir, tmp_path):
+    with pytest.raises(ConfigError, match="eval.reference must be"):
+        tiny_recipe(tiny_dir, tmp_path, "eval.reference={rows: [{group: robots, kind: agreement, values: [1]}]}")
+    with pytest.raises(ConfigError, match="names a prompt set or file twice"):
+        tiny_recipe(tiny_dir, tmp_path, "data.sources.1.prompts=[chat, chat]")
+    with pytest.raises(ConfigError, match="eval.max_tokens must be >= 1"):
+        tiny_recipe(tiny_dir, tmp_path, "eval.max_tokens=0")
 
 
 def test_batches_cover_each_epoch_once():
@@ -343,3 +374,20 @@ def test_thresholds_meet_target_on_fit_data_and_simulation_counts_layers():
 def test_recipe_from_dict_requires_base_and_output():
     with pytest.raises(ConfigError, match="model.base is missing"):
         recipe_from_dict({"heads": {"exit_layers": [1]}, "data": {"sources": [{"kind": "shakespeare"}]}})
+
+
+def test_init_heads_starts_from_saved_heads(tiny_dir, tmp_path):
+    first = tiny_recipe(tiny_dir, tmp_path / "a", "optim.steps=4")
+    train(first, progress=False, log=quiet)
+    second = tiny_recipe(
+        tiny_dir, tmp_path / "b", "optim.steps=1", "optim.lr=1e-12", f"train.init_heads={first.output_dir}"
+    )
+    train(second, progress=False, log=quiet)
+    a = load_file(str(first.output_dir / "exit_heads.safetensors"))
+    b = load_file(str(second.output_dir / "exit_heads.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    with pytest.raises(ConfigError, match="adapter_rank=8, the recipe's heads have 4"):
+        tiny_recipe(tiny_dir, tmp_path / "c", "heads.adapter_rank=4", f"train.init_heads={first.output_dir}")
+    with pytest.raises(ConfigError, match="not a saved exit-heads folder"):
+        tiny_recipe(tiny_dir, tmp_path / "c", f"train.init_heads={tmp_path}")

@@ -36,10 +36,9 @@ def run(args: argparse.Namespace) -> int:
     from drex_hf.training.recipe import load_recipe
     from drex_hf.training.trainer import train
 
-    overrides = list(args.overrides)
-    if args.output:
-        overrides.append(f"train.output_dir={args.output}")
-    recipe = load_recipe(args.recipe, overrides)
+    recipe = load_recipe(args.recipe, list(args.overrides))
+    if args.output:  # a path, taken literally (not parsed as YAML like --set values)
+        recipe.train.output_dir = args.output
     result = train(recipe, resume=args.resume, progress=not args.no_progress)
     print(
         f"done    {result.steps} steps, training {result.train_seconds / 60:.1f} min, "

@@ -81,10 +81,14 @@ def read_documents(src: SourceSection, where: str) -> list[Document]:
     """Documents of a text/jsonl/datasets/shakespeare source; an empty source is an error."""
     docs: list[Document] = []
     if src.kind == "text":
+        seen: set[Path] = set()
         for raw in src.paths:
             path = Path(raw)
             files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
             for file in files:
+                if file.resolve() in seen:  # reached through a folder and a glob: one document
+                    continue
+                seen.add(file.resolve())
                 text = _read_text(file)
                 if text.strip():
                     docs.append(Document(name=str(file), text=text))
@@ -133,7 +137,13 @@ def _dataset_documents(src: SourceSection, where: str) -> list[Document]:
             data = data[src.split]
         label = src.path
     else:
-        data = datasets.load_dataset(src.name, split=src.split)
+        try:
+            data = datasets.load_dataset(src.name, split=src.split)
+        except Exception as err:  # offline, unknown name or split: one clear line instead of a hub traceback
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ConfigError(
+                f"recipe {where}: cannot load dataset {src.name!r} split {src.split!r}: {first}"
+            ) from None
         label = src.name
     if src.text_field not in data.column_names:
         raise ConfigError(f"recipe {where}: dataset {label} has columns {data.column_names}, not {src.text_field!r}")

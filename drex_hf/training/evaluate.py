@@ -176,7 +176,9 @@ def evaluate_group(
     doc_half = torch.arange(len(feats.documents)) % 2
     fit = doc_half[feats.document] == 0
     test = ~fit
-    target_rows = []
+    target_rows: list[dict[str, Any]] = []
+    if not bool(fit.any()) or not bool(test.any()):  # one held-out document: nothing to test fitted thresholds on
+        targets = []
     for target in targets:
         for m in dict.fromkeys([measure, "max_prob", "classifier"]):
             thresholds = fit_thresholds(outs[m][:, fit], outs["agree"][:, fit], target)
@@ -283,25 +285,28 @@ def render_evaluation(results: dict[str, Any], recipe: Recipe) -> str:
             )
         lines.append("")
     ref = recipe.eval.reference
-    if isinstance(ref, dict):
+    if isinstance(ref, dict) and isinstance(ref.get("rows"), list):
         lines += [f"### Reference: {ref.get('label', 'published figures')}", ""]
         lines += ["| figure | reference | these heads |", "| --- | --- | --- |"]
-        for key, group in (("agreement_self", "self"), ("agreement_human", "human")):
-            if key in ref and group in groups:
+        for row in ref["rows"]:
+            group, kind = row.get("group"), row.get("kind")
+            if group not in groups:
+                continue
+            if kind == "agreement":
                 ours = "/".join(f"{100 * e['agreement']:.0f}" for e in groups[group]["exits"])
-                lines.append(
-                    f"| agreement per exit, {group} text (%) | {'/'.join(str(x) for x in ref[key])} | {ours} |"
+                what = f"agreement per exit (%), held-out {group} text"
+            else:
+                ours = "/".join(
+                    f"{r['ideal_speedup']:.2f}"
+                    for r in groups[group]["targets"]
+                    if r["measure"] == "max_prob" and r.get("positions")
                 )
-        if "speedup_self" in ref and "self" in groups:
-            ours = "/".join(
-                f"{r['ideal_speedup']:.2f}"
-                for r in groups["self"]["targets"]
-                if r["measure"] == "max_prob" and r.get("positions")
-            )
-            lines.append(
-                f"| ideal speed-up, max-prob, targets {'/'.join(f'{100 * t:.0f}' for t in recipe.eval.targets)} % "
-                f"(self) | {'/'.join(str(x) for x in ref['speedup_self'])} | {ours} |"
-            )
+                targets = "/".join(f"{100 * t:.0f}" for t in recipe.eval.targets)
+                what = f"ideal speed-up at {targets} % agreement, max-prob, held-out {group} text"
+            values = "/".join(str(v) for v in row.get("values", []))
+            lines.append(f"| {what} | {values} ({row.get('label', '')}) | {ours} |")
+        if ref.get("note"):
+            lines += ["", str(ref["note"])]
         lines.append("")
     if "lora" in results:
         lines += [
@@ -386,8 +391,15 @@ def evaluate_and_publish(
     config = model.exit_config
     ship = recipe.eval.ship_target
     main = "self" if "self" in groups else (next(iter(groups)) if groups else None)
+    row = None
     if ship is not None and main is not None:
-        row = next(r for r in groups[main]["targets"] if r["target"] == ship and r["measure"] == measure)
+        row = next((r for r in groups[main]["targets"] if r["target"] == ship and r["measure"] == measure), None)
+        if row is None:
+            log(
+                f"warning no thresholds fitted for target {ship}: the held-out {main} set needs at least 2 documents "
+                f"(one to fit on, one to test); keeping heads.thresholds"
+            )
+    if row is not None:
         config.thresholds = list(row["thresholds"])
         config.extra["ship_target"] = ship
         config.extra["thresholds_fitted_on"] = f"half of the held-out {main} documents ({measure})"
@@ -418,11 +430,6 @@ def evaluate_and_publish(
         + "".join(f"- {d}\n" for d in data_description)
         + "\n"
         + evaluation
-        + (
-            f"\n{recipe.eval.reference['note']}\n"
-            if isinstance(recipe.eval.reference, dict) and "note" in recipe.eval.reference
-            else ""
-        )
     )
     datasets = sorted({d.split(":", 1)[0] for d in data_description})
     card = render_model_card(config, datasets=None, evaluation_markdown=evaluation)

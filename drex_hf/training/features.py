@@ -152,8 +152,6 @@ def cached_features(
         logger.info("%s: backbone outputs from cache %s", name, path)
         return Features.load(path)
     folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob(f"{name}-*.safetensors"):  # a stale cache of the same set: replace it
-        old.unlink()
     features = compute_features(model, samples, top_k=top_k, batch_size=batch_size, desc=name, progress=progress)
     features.save(path)
     return features

@@ -26,4 +26,6 @@ def full_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
 
 def classifier_loss(confidence: torch.Tensor, agrees: torch.Tensor) -> torch.Tensor:
     """BCE of the classifier's probability against 'this exit's argmax is the final layer's'."""
-    return F.binary_cross_entropy(confidence.float().clamp(1e-6, 1 - 1e-6), agrees.float())
+    # binary_cross_entropy refuses to run under CUDA autocast; the probabilities are float32 anyway
+    with torch.autocast(device_type=confidence.device.type, enabled=False):
+        return F.binary_cross_entropy(confidence.float().clamp(1e-6, 1 - 1e-6), agrees.float())

@@ -223,7 +223,8 @@ def draw_prompts(sets: list[str], count: int, seed: int) -> list[tuple[str, str]
             pool = _shakespeare_pool(count, random.Random(seed + 7919))
         else:
             pool = read_prompt_file(name)
-        pool = list(dict.fromkeys(pool))
+        taken = {prompt for other in pools.values() for prompt in other}
+        pool = [prompt for prompt in dict.fromkeys(pool) if prompt not in taken]  # no prompt in two sets
         rng.shuffle(pool)
         pools[name] = pool
     shares = dict.fromkeys(sets, 0)

@@ -158,7 +158,8 @@ class TrainSection:
     """output_dir: the heads folder written at the end (atomically). run_dir: caches, checkpoints, logs
     (default: <output_dir>.run). checkpoint_every: steps between checkpoints (0: only at the end).
     cache_dir: where self-distillation data and backbone features are cached (default: run_dir), so
-    recipes that differ only in training can share them."""
+    recipes that differ only in training can share them. init_heads: a saved heads folder (same exits and
+    head shapes) to start from instead of new heads."""
 
     output_dir: str = ""
     run_dir: str | None = None
@@ -167,6 +168,7 @@ class TrainSection:
     log_every: int = 10
     cache_batch_size: int = 8
     cache_dir: str | None = None
+    init_heads: str | None = None
 
 
 @dataclass
@@ -353,9 +355,9 @@ def resolve_path(raw: str, base_dir: Path) -> Path:
     """A recipe path: as given if it exists from the current directory, else relative to the recipe's folder."""
     path = Path(raw).expanduser()
     if path.is_absolute() or path.exists() or any(ch in raw for ch in "*?["):
-        return path
+        return path.absolute() if path.exists() else path
     beside = base_dir / path
-    return beside if beside.exists() else path
+    return beside.absolute() if beside.exists() else path
 
 
 def _validate(recipe: Recipe, base_dir: Path) -> None:
@@ -421,12 +423,41 @@ def _validate(recipe: Recipe, base_dir: Path) -> None:
             raise ConfigError("recipe lora.target_modules is empty")
 
     e = recipe.eval
+    if e.max_tokens is not None and e.max_tokens < 1:
+        raise ConfigError(f"recipe eval.max_tokens must be >= 1 or null, got {e.max_tokens}")
+    if e.reference is not None:
+        ref = e.reference
+        rows = ref.get("rows") if isinstance(ref, dict) else None
+        if not isinstance(rows, list) or not all(
+            isinstance(r, dict)
+            and r.get("group") in ("self", "human")
+            and r.get("kind") in ("agreement", "speedup")
+            and isinstance(r.get("values"), list)
+            for r in rows
+        ):
+            raise ConfigError(
+                "recipe eval.reference must be {label, note, rows: [{group: self|human, kind: agreement|speedup, "
+                "values: [...], label}]}"
+            )
     if not e.targets or any(not 0 < t < 1 for t in e.targets):
         raise ConfigError(f"recipe eval.targets must be agreement rates in (0, 1), got {e.targets}")
     if e.ship_target is not None and e.ship_target not in e.targets:
         raise ConfigError(f"recipe eval.ship_target {e.ship_target} is not one of eval.targets {e.targets}")
 
     t = recipe.train
+    if t.init_heads is not None:
+        folder = resolve_path(t.init_heads, base_dir)
+        if not (folder / "exit_heads.safetensors").is_file() or not (folder / "exit_config.json").is_file():
+            raise ConfigError(f"recipe train.init_heads: {t.init_heads} is not a saved exit-heads folder")
+        saved = EarlyExitConfig.from_json_file(folder / "exit_config.json")
+        ours = recipe.exit_config()
+        for name in ("exit_layers", "head", "adapter_rank", "classifier_hidden"):
+            if getattr(saved, name) != getattr(ours, name):
+                raise ConfigError(
+                    f"recipe train.init_heads: {t.init_heads} has {name}={getattr(saved, name)}, "
+                    f"the recipe's heads have {getattr(ours, name)}"
+                )
+        t.init_heads = str(folder)
     if not t.output_dir:
         raise ConfigError("recipe train.output_dir is missing: where should the heads be written?")
     if t.checkpoint_every < 0 or t.log_every < 1 or t.cache_batch_size < 1:
@@ -450,12 +481,12 @@ def _validate_source(src: SourceSection, where: str, base_dir: Path) -> None:
                 matches = sorted(glob.glob(os.path.expanduser(raw))) or sorted(glob.glob(str(base_dir / raw)))
                 if not matches:
                     raise ConfigError(f"recipe {where}.paths: no file matches {raw!r}")
-                resolved.extend(matches)
+                resolved.extend(str(Path(m).absolute()) for m in matches)
             elif not path.exists():
                 raise ConfigError(f"recipe {where}.paths: file not found: {raw}")
             else:
                 resolved.append(str(path))
-        src.paths = resolved
+        src.paths = list(dict.fromkeys(resolved))  # a file named twice is one document, not a leak across the split
     elif src.kind == "datasets":
         if not src.path and not src.name:
             raise ConfigError(f"recipe {where}: a datasets source needs `path` (save_to_disk folder) or hub `name`")
@@ -480,6 +511,8 @@ def _validate_source(src: SourceSection, where: str, base_dir: Path) -> None:
                     f"recipe {where}.prompts: {raw!r} is neither a prompt set ({', '.join(PROMPT_SETS)}) nor a file"
                 )
             resolved.append(str(path))
+        if len(set(resolved)) != len(resolved):
+            raise ConfigError(f"recipe {where}.prompts names a prompt set or file twice: {src.prompts}")
         src.prompts = resolved
         for name in ("num_prompts", "max_new_tokens", "batch_size"):
             if getattr(src, name) < 1:

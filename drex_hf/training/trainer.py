@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from drex_hf.errors import ConfigError, WeightsFileError
-from drex_hf.fileio import staged_folder
+from drex_hf.fileio import sha256_file, staged_folder
 from drex_hf.training.data import DataSplits, Sample, build_splits
 from drex_hf.training.features import Features, cached_features, compute_features
 from drex_hf.training.losses import classifier_loss, distill_kl, full_kl
@@ -223,7 +223,11 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
             for name, value in values.items():
                 tensors[f"{idx}.{name}"] = (value if torch.is_tensor(value) else torch.tensor(value)).to("cpu")
         save_file(tensors, str(tmp / CKPT_FILES[1]))
-        state = dict(state, param_groups=opt["param_groups"])
+        state = dict(
+            state,
+            param_groups=opt["param_groups"],
+            sha256={name: sha256_file(tmp / name) for name in CKPT_FILES[:2]},  # the three files belong together
+        )
         (tmp / CKPT_FILES[2]).write_text(json.dumps(state, indent=1), encoding="utf-8")
 
 
@@ -241,6 +245,12 @@ def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
             f"--resume: the checkpoint in {folder} was made by a different recipe (hash {state.get('recipe_hash')}, "
             f"this recipe {expected_hash}); start without --resume or restore the recipe"
         )
+    for name, digest in state.get("sha256", {}).items():
+        if sha256_file(folder / name) != digest:
+            raise WeightsFileError(
+                f"checkpoint in {folder} is inconsistent: {name} does not match state.json (a save was interrupted); "
+                "start without --resume"
+            )
     try:
         params = load_file(str(folder / CKPT_FILES[0]))
         opt_tensors = load_file(str(folder / CKPT_FILES[1]))
@@ -286,8 +296,22 @@ def train(
     if recipe.model.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"recipe model.device is {recipe.model.device!r} but CUDA is not available here")
     bf16 = want_cuda and recipe.model.dtype in ("auto", "bfloat16")
+    if want_cuda and recipe.model.device.startswith("cuda:"):
+        index = recipe.model.device.split(":", 1)[1]
+        if not index.isdigit() or int(index) >= torch.cuda.device_count():
+            raise ConfigError(
+                f"recipe model.device {recipe.model.device!r}: "
+                f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+        torch.cuda.set_device(int(index))
+    from accelerate.utils import DistributedDataParallelKwargs
+
     acc = Accelerator(
-        cpu=not want_cuda, mixed_precision="bf16" if bf16 else "no", gradient_accumulation_steps=recipe.optim.grad_accum
+        cpu=not want_cuda,
+        mixed_precision="bf16" if bf16 else "no",
+        gradient_accumulation_steps=recipe.optim.grad_accum,
+        # LoRA layers of skipped layers get no gradient in a step with layer dropout
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe.lora.layer_dropout > 0)],
     )
     device = acc.device
     if recipe.model.dtype == "bfloat16" and not want_cuda:
@@ -305,6 +329,14 @@ def train(
         )
     except ConfigError as err:
         raise ConfigError(f"recipe heads.exit_layers: {err}") from None
+    if recipe.train.init_heads:  # start from saved heads (e.g. joint LoRA on top of frozen-backbone heads)
+        from drex_hf.modeling import WEIGHTS_NAME, _read_heads_file
+
+        folder = Path(recipe.train.init_heads)
+        saved = json.loads((folder / "exit_config.json").read_text(encoding="utf-8"))
+        state = _read_heads_file(folder / WEIGHTS_NAME, saved.get("weights_sha256"))
+        model._load_heads_state(state, folder / WEIGHTS_NAME)
+        log(f"heads   starting from {folder}")
     model.base_model.requires_grad_(False)
     model.base_model.eval()
     model.heads.float()
@@ -315,17 +347,22 @@ def train(
         [source.name, str(source.path) if source.kind == "local" else None, source.gguf_sha256, recipe.model.revision],
     )
 
-    splits: DataSplits = build_splits(recipe, tokenizer, model.base_model, identity, device, progress)
+    feats_dir = recipe.cache_dir / "features"
+    # float32 on CPU is the reference; features computed any other way are cached under their own key
+    numerics = {} if (dtype, device.type) == (torch.float32, "cpu") else {"dtype": str(dtype), "device": device.type}
+    common = dict(batch_size=recipe.train.cache_batch_size, identity={"base": identity, **numerics}, progress=progress)
+    with acc.main_process_first():  # the main process generates and caches; the others then read the caches
+        splits: DataSplits = build_splits(recipe, tokenizer, model.base_model, identity, device, progress)
+        train_feats = cached_features(
+            model, splits.train, feats_dir, "train", top_k=recipe.loss.teacher_top_k, **common
+        )
+        eval_feats = {}
+        for group, samples in splits.eval.items():
+            eval_feats[group] = cached_features(
+                model, _cap(samples, recipe.eval.max_tokens), feats_dir, f"eval-{group}", top_k=0, **common
+            )
     for line in splits.description:
         log(f"data    {line}")
-    feats_dir = recipe.cache_dir / "features"
-    common = dict(batch_size=recipe.train.cache_batch_size, identity={"base": identity}, progress=progress)
-    train_feats = cached_features(model, splits.train, feats_dir, "train", top_k=recipe.loss.teacher_top_k, **common)
-    eval_feats = {}
-    for group, samples in splits.eval.items():
-        eval_feats[group] = cached_features(
-            model, _cap(samples, recipe.eval.max_tokens), feats_dir, f"eval-{group}", top_k=0, **common
-        )
     log(
         f"tokens  {len(train_feats)} train positions; eval " + ", ".join(f"{g} {len(f)}" for g, f in eval_feats.items())
     )
@@ -346,18 +383,21 @@ def train(
     rhash = recipe_hash(recipe)
     step = 0
     history: list[dict[str, Any]] = []
+    window: list[dict[str, list[float]]] = []
     train_seconds = 0.0
     if resume:
         state = load_checkpoint(run_dir, model, raw_optimizer, rhash)
         step, history, train_seconds = state["step"], state.get("history", []), state.get("train_seconds", 0.0)
+        window = state.get("window", [])
         log(f"resume  from step {step} of {o.steps} ({run_dir / CHECKPOINT})")
     elif (run_dir / CHECKPOINT).exists():
         log(f"note    {run_dir / CHECKPOINT} exists; starting over (use --resume to continue it)")
+    if acc.is_main_process:  # the log holds exactly the history up to where training (re)starts
+        (run_dir / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in history), encoding="utf-8")
 
     per_micro = o.batch_tokens if not lora else max(1, o.batch_tokens // recipe.data.block_size)
     n_items = len(train_feats) if not lora else len(splits.train)
-    bar = tqdm(total=o.steps, initial=step, desc="train", unit="step", disable=not progress)
-    window: list[dict[str, list[float]]] = []
+    bar = tqdm(total=o.steps, initial=step, desc="train", unit="step", disable=not progress or not acc.is_main_process)
     while step < o.steps:
         tick = time.perf_counter()
         for group in raw_optimizer.param_groups:
@@ -389,8 +429,9 @@ def train(
             bar.set_postfix_str(
                 f"loss {entry['loss']:.3f} agree " + "/".join(f"{100 * a:.0f}" for a in entry["agree"]), refresh=False
             )
-            with open(run_dir / "train_log.jsonl", "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(entry) + "\n")
+            if acc.is_main_process:
+                with open(run_dir / "train_log.jsonl", "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(entry) + "\n")
         every = recipe.train.checkpoint_every
         if (every and step % every == 0) or step == o.steps:
             if acc.is_main_process:
@@ -398,7 +439,13 @@ def train(
                     run_dir,
                     model,
                     raw_optimizer,
-                    {"step": step, "recipe_hash": rhash, "history": history, "train_seconds": train_seconds},
+                    {
+                        "step": step,
+                        "recipe_hash": rhash,
+                        "history": history,
+                        "window": window,
+                        "train_seconds": train_seconds,
+                    },
                 )
         if stop_after is not None and step >= stop_after:
             bar.close()
