@@ -59,6 +59,7 @@ loaded from `base_model`.
 
 ```python
 from drex_hf import EarlyExitModelForCausalLM
+
 model = EarlyExitModelForCausalLM.from_pretrained("path/to/this/folder")
 out = model.generate(input_ids, attention_mask=mask, max_new_tokens=64, return_dict_in_generate=True)
 out.sequences, out.exit_layers
