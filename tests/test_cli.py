@@ -109,3 +109,20 @@ def test_demo_runs_on_smollm2(smollm2_home, capsys):  # smollm2_home: DREX_HOME 
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in out and "tokens/s" in out
     assert "exits per layer (early exit): layer 5:" in out
     assert "trained heads from" in out and "smollm2-135m-drex" in out  # the shipped heads, not untrained ones
+
+
+def test_demo_reads_fitted_thresholds_from_the_shipped_card():
+    import json
+    import math
+
+    from drex_hf.cli.demo import SHIPPED_HEADS, _fitted_thresholds
+    from drex_hf.errors import GenerationInputError
+
+    values, why = _fitted_thresholds(SHIPPED_HEADS, "0.99", "max_prob")
+    results = json.loads((SHIPPED_HEADS / "eval_results.json").read_text())
+    row = next(r for r in results["groups"]["self"]["targets"] if r["target"] == 0.99 and r["measure"] == "max_prob")
+    assert values == [math.inf if t == "inf" else t for t in row["thresholds"]] and "99 %" in why
+    with pytest.raises(GenerationInputError, match=r"targets \[0.9, 0.95, 0.99\], not 0.5"):
+        _fitted_thresholds(SHIPPED_HEADS, "0.5", "max_prob")
+    with pytest.raises(GenerationInputError, match="a number such as 0.99, or 'saved'"):
+        _fitted_thresholds(SHIPPED_HEADS, "high", "max_prob")

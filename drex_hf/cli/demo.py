@@ -27,7 +27,7 @@ from drex_hf.cli.common import (
     threshold_value,
 )
 from drex_hf.config import EarlyExitConfig
-from drex_hf.errors import ModelNotFoundError
+from drex_hf.errors import GenerationInputError, ModelNotFoundError
 from drex_hf.hub import SMOLLM2_ID
 from drex_hf.modeling import EarlyExitModelForCausalLM
 
@@ -61,6 +61,13 @@ def add_parser(sub: Any) -> None:
         type=threshold_value,
         default=0.999,
         help="max-prob threshold for --untrained heads; untrained heads are only right when very sure",
+    )
+    parser.add_argument(
+        "--target",
+        default="0.99",
+        help="trained heads: use the thresholds their eval_results.json fitted for this agreement target "
+        "(0.9, 0.95, 0.99), or 'saved' for the thresholds in exit_config.json (default: 0.99: a token that "
+        "differs changes the rest of the answer, so the demo asks for near-exact tokens)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per answer")
     parser.add_argument("--no-stream", action="store_true", help="skip the streamed answer at the end")
@@ -106,13 +113,18 @@ def run(args: argparse.Namespace) -> int:
         source.kind, source.kind
     )
     print(f"base    {source.name} ({how}: {source.path}), loaded in {load_s:.1f} s on {device}, {dtype}")
+    thresholds, why = None, ""
+    if heads_dir and not args.untrained and args.target != "saved":
+        thresholds, why = _fitted_thresholds(Path(heads_dir), args.target, model.exit_config.confidence)
+    elif model.exit_config.extra.get("ship_target"):
+        why = f"fitted for {100 * model.exit_config.extra['ship_target']:.0f} % agreement, saved in exit_config.json"
+    shown = ", ".join(f"{t:.3g}" for t in thresholds) if thresholds else model.exit_config.describe_thresholds()
     print(
         f"heads   {heads} after layers {model.exit_layers} of {model.num_layers}; "
-        f"{model.exit_config.confidence} >= {model.exit_config.describe_thresholds()}"
+        f"{model.exit_config.confidence} >= {shown}"
     )
-    if model.exit_config.extra.get("ship_target"):
-        target = 100 * model.exit_config.extra["ship_target"]
-        print(f"        thresholds fitted for {target:.0f} % agreement with full depth")
+    if why:
+        print(f"        thresholds {why}")
     if args.untrained or not heads_dir:
         print(
             "        Untrained heads are right only where the model is already sure, so they exit rarely;\n"
@@ -123,11 +135,12 @@ def run(args: argparse.Namespace) -> int:
     batch = encode_prompts(tokenizer, list(PROMPTS), "auto", device)
     width = batch["input_ids"].shape[1]
     kwargs = dict(max_new_tokens=args.max_new_tokens, return_dict_in_generate=True)
+    drex_kwargs = {"thresholds": thresholds} if thresholds else {}
     model.generate(**batch, policy="full", max_new_tokens=2)  # warm-up, not timed
     runs = {}
     for policy in ("full", "drex"):
         start = time.perf_counter()
-        out = model.generate(**batch, policy=policy, **kwargs)
+        out = model.generate(**batch, policy=policy, **kwargs, **(drex_kwargs if policy == "drex" else {}))
         _sync(device)
         runs[policy] = (out, time.perf_counter() - start)
 
@@ -138,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"    full depth : {_text(tokenizer, full.sequences[i, width : width + n_full])}")
         print(f"    early exit : {_text(tokenizer, drex.sequences[i, width : width + n_drex])}")
         print(f"    exit layers: {' '.join(str(e) for e in drex.exit_layers[i, :n_drex].tolist())}")
+        a, b = full.sequences[i, width : width + n_full].tolist(), drex.sequences[i, width : width + n_drex].tolist()
+        same = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        print(f"    identical  : {'yes' if a == b else f'first {same} tokens'}")
 
     print()
     rows = [
@@ -167,8 +183,40 @@ def run(args: argparse.Namespace) -> int:
             policy="drex",
             max_new_tokens=args.max_new_tokens,
             streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+            **drex_kwargs,
         )
     return 0
+
+
+def _fitted_thresholds(folder: Path, target: str, measure: str) -> tuple[list[float], str]:
+    """Thresholds that `drex train` fitted for `target` on held-out self-generated text (eval_results.json)."""
+    import json
+    import math
+
+    path = folder / "eval_results.json"
+    if not path.is_file():
+        raise ModelNotFoundError(f"--target {target}: {path} is missing; use --target saved")
+    try:
+        wanted = float(target)
+    except ValueError:
+        raise GenerationInputError(f"--target must be a number such as 0.99, or 'saved'; got {target!r}") from None
+    results = json.loads(path.read_text(encoding="utf-8"))
+    group = "self" if "self" in results.get("groups", {}) else next(iter(results.get("groups", {})), None)
+    rows = [
+        r
+        for r in (results["groups"][group]["targets"] if group else [])
+        if r["measure"] == measure and abs(r["target"] - wanted) < 1e-9
+    ]
+    if not rows:
+        known = sorted({r["target"] for r in results["groups"][group]["targets"]}) if group else []
+        raise GenerationInputError(f"--target {target}: {path} has thresholds for targets {known}, not {target}")
+    row = rows[0]
+    values = [math.inf if t == "inf" else float(t) for t in row["thresholds"]]
+    why = (
+        f"fitted for {100 * wanted:.0f} % agreement on held-out {group} text "
+        f"(measured there: {100 * row['agreement']:.1f} %, ideal speed-up {row['ideal_speedup']:.2f}x)"
+    )
+    return values, why
 
 
 def _text(tokenizer: Any, tokens: torch.Tensor) -> str:
