@@ -400,3 +400,14 @@ def test_init_heads_starts_from_saved_heads(tiny_dir, tmp_path):
         tiny_recipe(tiny_dir, tmp_path / "c", "heads.adapter_rank=4", f"train.init_heads={first.output_dir}")
     with pytest.raises(ConfigError, match="not a saved exit-heads folder"):
         tiny_recipe(tiny_dir, tmp_path / "c", f"train.init_heads={tmp_path}")
+
+
+def test_cli_trains_into_a_literal_output_path(tiny_dir, tmp_path, capsys):
+    from drex_hf.cli.main import main
+
+    out = tmp_path / "heads #1"  # '#' would start a YAML comment if --output went through --set
+    argv = ["train", str(TINY_RECIPE), "--set", f"model.base={tiny_dir}", "--set", "optim.steps=2"]
+    assert main([*argv, "--output", str(out), "--no-progress"]) == 0
+    assert (out / "exit_heads.safetensors").is_file()
+    printed = capsys.readouterr().out
+    assert "done    2 steps" in printed and str(out) in printed
