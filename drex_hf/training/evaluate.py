@@ -435,12 +435,10 @@ def evaluate_and_publish(
         + "\n"
         + evaluation
     )
-    datasets = sorted({d.split(":", 1)[0] for d in data_description})
     card = render_model_card(config, datasets=None, evaluation_markdown=evaluation)
     extra = {RESULTS_NAME: (json.dumps(_jsonable(results), indent=1) + "\n").encode()}
     if png:
         extra[PLOT_NAME] = png
-    _ = datasets
     model.save_pretrained(recipe.output_dir, card=card, extra_files=extra)
     log(f"saved   {recipe.output_dir} (heads, {RESULTS_NAME}, {PLOT_NAME if png else 'no plot'}, README.md)")
     for g, v in groups.items():

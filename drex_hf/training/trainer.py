@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -515,10 +514,6 @@ def _summarise(window: list[dict[str, list[float]]], step: int, lr: float) -> di
     if "anchor" in window[0]:
         entry["anchor"] = mean("anchor", 0)
     return entry
-
-
-def remove_run_dir(recipe: Recipe) -> None:
-    shutil.rmtree(recipe.run_dir, ignore_errors=True)
 
 
 __all__ = ["StopTraining", "TrainResult", "train"]
