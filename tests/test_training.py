@@ -411,3 +411,34 @@ def test_cli_trains_into_a_literal_output_path(tiny_dir, tmp_path, capsys):
     assert (out / "exit_heads.safetensors").is_file()
     printed = capsys.readouterr().out
     assert "done    2 steps" in printed and str(out) in printed
+
+
+def test_self_distillation_resumes_after_a_kill(tiny_dir, tmp_path, monkeypatch):
+    import drex_hf.training.data as data
+
+    recipe = tiny_recipe(tiny_dir, tmp_path)
+    src = recipe.data.sources[1]  # 6 prompts, batches of 3
+    model = EarlyExitModelForCausalLM.from_base(tiny_dir, recipe.exit_config()).base_model
+    tok, cpu = tiny_tokenizer(), torch.device("cpu")
+    whole = self_distill_documents(src, model, tok, tmp_path / "whole", 0, "tiny", cpu, progress=False)
+
+    real = data._generate_batch
+    calls = []
+
+    def dies_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed while generating the second batch
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data, "_generate_batch", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        self_distill_documents(src, model, tok, tmp_path / "killed", 0, "tiny", cpu, progress=False)
+    partial = list((tmp_path / "killed").glob("*.partial.jsonl"))
+    assert len(partial) == 1 and len(partial[0].read_text().splitlines()) == 3  # the finished batch was kept
+
+    calls.clear()
+    monkeypatch.setattr(data, "_generate_batch", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    resumed = self_distill_documents(src, model, tok, tmp_path / "killed", 0, "tiny", cpu, progress=False)
+    assert len(calls) == 1  # only the unfinished batch was generated again
+    assert [(d.prompt_ids, d.continuation_ids) for d in resumed] == [(d.prompt_ids, d.continuation_ids) for d in whole]
