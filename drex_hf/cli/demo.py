@@ -26,7 +26,7 @@ from drex_hf.cli.common import (
     pick_dtype,
     threshold_value,
 )
-from drex_hf.config import EarlyExitConfig
+from drex_hf.config import EarlyExitConfig, parse_threshold
 from drex_hf.errors import GenerationInputError, ModelNotFoundError
 from drex_hf.hub import SMOLLM2_ID
 from drex_hf.modeling import EarlyExitModelForCausalLM
@@ -191,7 +191,6 @@ def run(args: argparse.Namespace) -> int:
 def _fitted_thresholds(folder: Path, target: str, measure: str) -> tuple[list[float], str]:
     """Thresholds that `drex train` fitted for `target` on held-out self-generated text (eval_results.json)."""
     import json
-    import math
 
     path = folder / "eval_results.json"
     if not path.is_file():
@@ -211,7 +210,7 @@ def _fitted_thresholds(folder: Path, target: str, measure: str) -> tuple[list[fl
         known = sorted({r["target"] for r in results["groups"][group]["targets"]}) if group else []
         raise GenerationInputError(f"--target {target}: {path} has thresholds for targets {known}, not {target}")
     row = rows[0]
-    values = [math.inf if t == "inf" else float(t) for t in row["thresholds"]]
+    values = [parse_threshold(t, f"{path} thresholds") for t in row["thresholds"]]
     why = (
         f"fitted for {100 * wanted:.0f} % agreement on held-out {group} text "
         f"(measured there: {100 * row['agreement']:.1f} %, ideal speed-up {row['ideal_speedup']:.2f}x)"

@@ -67,6 +67,21 @@ def samples_key(samples: list[Sample], extra: dict) -> str:
     return digest.hexdigest()[:16]
 
 
+def pad_samples(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask`, and (row, column) of every loss position, in sample order."""
+    width = max(len(s.input_ids) for s in samples)
+    ids = torch.zeros(len(samples), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    rows, cols = [], []
+    for b, s in enumerate(samples):
+        ids[b, : len(s.input_ids)] = torch.tensor(s.input_ids)
+        mask[b, : len(s.input_ids)] = 1
+        pos = torch.arange(s.loss_start, len(s.input_ids) - 1)
+        rows.append(torch.full_like(pos, b))
+        cols.append(pos)
+    return ids, mask, torch.cat(rows), torch.cat(cols)
+
+
 @torch.no_grad()
 def compute_features(
     model: torch.nn.Module,
@@ -89,22 +104,14 @@ def compute_features(
     bar = tqdm(total=sum(s.positions for s in samples), desc=desc, unit="tok", disable=not progress)
     for start in range(0, len(samples), batch_size):
         batch = samples[start : start + batch_size]
-        width = max(len(s.input_ids) for s in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for b, s in enumerate(batch):
-            ids[b, : len(s.input_ids)] = torch.tensor(s.input_ids)
-            mask[b, : len(s.input_ids)] = 1
+        ids, mask, r, c = pad_samples(batch)
         embeddings, exits, last = model.exit_states(ids.to(device), mask.to(device))
-        rows, cols, nxt = [], [], []
-        for b, s in enumerate(batch):
-            pos = torch.arange(s.loss_start, len(s.input_ids) - 1)
-            rows.append(torch.full_like(pos, b))
-            cols.append(pos)
+        nxt = []
+        for s in batch:
             nxt.append(torch.tensor(s.input_ids[s.loss_start + 1 :]))
-            parts["doc"].append(torch.full((len(pos),), doc_index[s.document], dtype=torch.long))
-            offsets.append(offsets[-1] + len(pos))
-        r, c = torch.cat(rows).to(device), torch.cat(cols).to(device)
+            parts["doc"].append(torch.full((s.positions,), doc_index[s.document], dtype=torch.long))
+            offsets.append(offsets[-1] + s.positions)
+        r, c = r.to(device), c.to(device)
         stacked = torch.stack([embeddings[r, c]] + [h[r, c] for h in exits], dim=1)
         parts["states"].append(stacked.float().cpu())
         final = arch.final_norm(last[r, c])

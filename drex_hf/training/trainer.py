@@ -28,7 +28,7 @@ from torch import nn
 from drex_hf.errors import ConfigError, WeightsFileError
 from drex_hf.fileio import sha256_file, staged_folder
 from drex_hf.training.data import DataSplits, Sample, build_splits
-from drex_hf.training.features import Features, cached_features, compute_features
+from drex_hf.training.features import Features, cached_features, compute_features, pad_samples
 from drex_hf.training.losses import classifier_loss, distill_kl, full_kl
 from drex_hf.training.recipe import Recipe
 
@@ -154,25 +154,16 @@ def lora_batch(
     samples: list[Sample], features: Features, picks: torch.Tensor, skip: frozenset[int], device: torch.device
 ) -> dict[str, Any]:
     chosen = [samples[int(i)] for i in picks]
-    width = max(len(s.input_ids) for s in chosen)
-    ids = torch.zeros(len(chosen), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    rows, cols, feat_rows = [], [], []
-    for b, (i, s) in enumerate(zip(picks.tolist(), chosen)):
-        ids[b, : len(s.input_ids)] = torch.tensor(s.input_ids)
-        mask[b, : len(s.input_ids)] = 1
-        pos = torch.arange(s.loss_start, len(s.input_ids) - 1)
-        rows.append(torch.full_like(pos, b))
-        cols.append(pos)
-        lo, hi = int(features.sample_offsets[i]), int(features.sample_offsets[i + 1])
-        feat_rows.append(torch.arange(lo, hi))
+    ids, mask, rows, cols = pad_samples(chosen)
+    offsets = features.sample_offsets
+    feat_rows = [torch.arange(int(offsets[i]), int(offsets[i + 1])) for i in picks.tolist()]
     out = frozen_batch(features, torch.cat(feat_rows), device)
     del out["states"]
     out.update(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
-        rows=torch.cat(rows).to(device),
-        cols=torch.cat(cols).to(device),
+        rows=rows.to(device),
+        cols=cols.to(device),
         skip=skip,
     )
     return out
