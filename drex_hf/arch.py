@@ -127,6 +127,23 @@ class ArchAdapter:
         """
         raise NotImplementedError
 
+    def kv_fill_weights(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Every layer's k/v projections with its input norm's scale folded in, for KV fill as one
+        matrix product: weight `[L, 2 * kv_heads * head_dim, H]` (keys' rows, then values'), bias
+        `[L, 2 * kv_heads * head_dim]` or None. None when this model's norms cannot be folded; then
+        `kv_projection` runs layer by layer."""
+        return None
+
+    def kv_fill_normalize(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The input norm without its learned scale (the part shared by every layer)."""
+        raise NotImplementedError
+
+    def rotate_keys(
+        self, keys: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
+        """Apply the position encoding to keys `[n, heads, q, head_dim]` (identity without rotary)."""
+        return keys
+
     def check_attention_implementation(self) -> None:
         impl = getattr(self.config, "_attn_implementation", None) or "eager"
         if impl not in SUPPORTED_ATTENTION:
@@ -185,11 +202,38 @@ class LlamaAdapter(ArchAdapter):
         shape = (*x.shape[:-1], -1, self.head_dim)
         keys = attn.k_proj(x).view(shape).transpose(1, 2)
         values = attn.v_proj(x).view(shape).transpose(1, 2)
+        return self.rotate_keys(keys, position_embeddings), values
+
+    def rotate_keys(
+        self, keys: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
         cos, sin = position_embeddings
         # The architecture's own rotary function, from the module that defines its layers.
-        apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        apply_rotary = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
         _, keys = apply_rotary(keys, keys, cos, sin)
-        return keys, values
+        return keys
+
+    def kv_fill_weights(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        norms = [self.input_norm(i) for i in range(self.num_layers)]
+        eps = {getattr(n, "variance_epsilon", None) for n in norms}
+        projections = [(layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in self.layers]
+        plain = all(type(p) is nn.Linear for pair in projections for p in pair)
+        if not plain or len(eps) != 1 or None in eps or not all(type(n).__name__.endswith("RMSNorm") for n in norms):
+            return None
+        weights, biases = [], []
+        for norm, (k_proj, v_proj) in zip(norms, projections):
+            scale = norm.weight.float()
+            weights.append(torch.cat([k_proj.weight.float(), v_proj.weight.float()]) * scale)
+            if k_proj.bias is not None:
+                biases.append(torch.cat([k_proj.bias.float(), v_proj.bias.float()]))
+        dtype = projections[0][0].weight.dtype
+        bias = torch.stack(biases).to(dtype) if biases else None
+        return torch.stack(weights).to(dtype), bias
+
+    def kv_fill_normalize(self, hidden: torch.Tensor) -> torch.Tensor:
+        eps = self.input_norm(0).variance_epsilon
+        h = hidden.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(hidden.dtype)
 
 
 class Qwen2Adapter(LlamaAdapter):
@@ -253,6 +297,24 @@ class GPT2Adapter(ArchAdapter):
         _, keys, values = layer.attn.c_attn(x).split(layer.attn.split_size, dim=2)
         shape = (*x.shape[:-1], -1, self.head_dim)
         return keys.view(shape).transpose(1, 2), values.view(shape).transpose(1, 2)
+
+    def kv_fill_weights(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        norms = [self.input_norm(i) for i in range(self.num_layers)]
+        if len({n.eps for n in norms}) != 1 or not all(type(n) is nn.LayerNorm and n.weight is not None for n in norms):
+            return None
+        hidden = self.hidden_size
+        weights, biases = [], []
+        for norm, layer in zip(norms, self.layers):
+            # Conv1D: y = x @ W + b with W [H, 3H]; keys and values are its last two thirds
+            w_kv = layer.attn.c_attn.weight[:, hidden:].float()
+            b_kv = layer.attn.c_attn.bias[hidden:].float()
+            weights.append((w_kv * norm.weight.float().unsqueeze(1)).T)
+            biases.append(norm.bias.float() @ w_kv + b_kv)
+        dtype = self.layers[0].attn.c_attn.weight.dtype
+        return torch.stack(weights).to(dtype), torch.stack(biases).to(dtype)
+
+    def kv_fill_normalize(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(hidden, (hidden.shape[-1],), eps=self.input_norm(0).eps)
 
 
 ADAPTERS: tuple[type[ArchAdapter], ...] = (LlamaAdapter, Qwen2Adapter, MistralAdapter, GPT2Adapter)

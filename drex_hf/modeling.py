@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import numbers
 import os
 from dataclasses import dataclass
@@ -41,9 +42,6 @@ logger = logging.getLogger(__name__)
 WEIGHTS_NAME = "exit_heads.safetensors"
 CARD_NAME = "README.md"
 SAVED_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
-POLICIES = ("drex", "full")
-# Batch-wide baselines that arrive with the rebatching engine (DESIGN.md §5).
-PLANNED_POLICIES = ("batch_all", "batch_majority")
 # Attributes whose assignment on the wrapper must land on the base model.
 FORWARDED_SETTERS = frozenset({"generation_config"})
 
@@ -70,6 +68,7 @@ class EarlyExitGenerateOutput(ModelOutput):
 
     sequences: torch.Tensor | None = None
     exit_layers: torch.Tensor | None = None
+    stats: Any = None
 
 
 class EarlyExitModelForCausalLM(nn.Module):
@@ -100,6 +99,7 @@ class EarlyExitModelForCausalLM(nn.Module):
             ExitHead(config, arch.final_norm, lm_head, arch.hidden_size) for _ in config.exit_layers
         )
         self.heads.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
+        self._cost_models: dict[tuple, Any] = {}  # drex cost models measured by generate(), reused
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -393,6 +393,10 @@ class EarlyExitModelForCausalLM(nn.Module):
         policy: str = "drex",
         thresholds: float | list[float] | None = None,
         seed: int | list[int] | None = None,
+        exit_trace: Any = None,
+        cost_model: Any = None,
+        sla_tpot_ms: float | None = None,
+        quorum: float = 0.5,
         generation_config: Any = None,
         streamer: Any = None,
         return_dict_in_generate: bool | None = None,
@@ -400,16 +404,31 @@ class EarlyExitModelForCausalLM(nn.Module):
     ) -> torch.Tensor | EarlyExitGenerateOutput:
         """Generate with per-token early exit (greedy or sampling), like HF's `generate`.
 
+        The batch runs through one `DrexEngine` (DESIGN.md §5); each request's tokens equal what it
+        would get alone.
+
         Args:
-            policy: `drex` (per-token exits) or `full` (the base model's own `generate`).
+            policy: `drex` (per-token exits with rebatching), `full` (full depth), or the batch-wide
+                baselines `batch_all` and `batch_majority` (whose outputs depend on the batch).
             thresholds: override the config's thresholds for this call (one value or one per exit).
             seed: sampling seed; an int gives request i the seed `seed + i`, a list one per request.
                 Each request samples from its own generator, so neighbours never change its tokens.
                 Default: drawn from torch's global RNG (so `torch.manual_seed` makes runs repeatable).
+            exit_trace: take exit decisions from a trace instead of the heads: a `[batch, tokens]`
+                tensor (or nested list) of exit layers to replay, e.g. `exit_layers` of an earlier
+                run, or an `ExitDistribution` to draw them from (seeded per request).
+            cost_model: drex's cost constants: a `CostModel` or a calibration file; default measured
+                quickly at start-up.
+            sla_tpot_ms: drex: the time per output token no request should exceed.
+            quorum: batch_majority's fraction q of confident rows that makes the batch exit.
             kwargs: `max_new_tokens`, `max_length`, `do_sample`, `temperature`, `top_k`, `top_p`,
                 `eos_token_id`, `pad_token_id`, as in HF.
+
+        With `return_dict_in_generate=True` the output also carries the run's `EngineStats`.
         """
-        from drex_hf.generation.reference import generate_reference
+        from drex_hf.generation.engine import DrexEngine
+        from drex_hf.generation.exits import ExitDistribution, ExitReplay
+        from drex_hf.generation.scheduler import POLICY_NAMES
         from drex_hf.generation.settings import (
             check_token_batch,
             infer_attention_mask,
@@ -418,18 +437,10 @@ class EarlyExitModelForCausalLM(nn.Module):
             split_prompts,
         )
 
-        if policy not in POLICIES:
-            if policy in PLANNED_POLICIES:
-                raise GenerationInputError(
-                    f"policy {policy!r} is not implemented yet (it comes with the rebatching engine); "
-                    f"available: {', '.join(POLICIES)}"
-                )
-            raise GenerationInputError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-        if policy == "full" and (thresholds is not None or seed is not None):
-            raise GenerationInputError(
-                "thresholds and seed apply to policy='drex'; policy='full' is the base model's own generate "
-                "(seed it with torch.manual_seed, as in HF)"
-            )
+        if policy not in POLICY_NAMES:
+            raise GenerationInputError(f"unknown policy {policy!r}; choose one of {', '.join(POLICY_NAMES)}")
+        if policy == "full" and (thresholds is not None or exit_trace is not None):
+            raise GenerationInputError("thresholds and exit_trace do not apply to policy='full' (it never exits)")
         input_ids, attention_mask = check_token_batch(input_ids, attention_mask, self.arch.input_vocab_size)
         gen_config = merge_generation_config(self.base_model, generation_config, kwargs)
         settings = settings_from_config(gen_config, input_ids.shape[1])
@@ -440,31 +451,72 @@ class EarlyExitModelForCausalLM(nn.Module):
             raise GenerationInputError(f"streamer supports a batch of 1 prompt, got {len(prompts)}")
         if return_dict_in_generate is None:
             return_dict_in_generate = bool(gen_config.return_dict_in_generate)
+        self.arch.check_attention_implementation()
         device = self.heads_device
         input_ids = input_ids.to(device)
-        attention_mask = attention_mask.to(device) if attention_mask is not None else None
 
-        if policy == "full":
-            if generation_config is not None:
-                kwargs["generation_config"] = generation_config
-            out = self.base_model.generate(input_ids, attention_mask=attention_mask, streamer=streamer, **kwargs)
-            sequences = out if isinstance(out, torch.Tensor) else out.sequences
-            new = sequences[:, input_ids.shape[1] :]
-            exit_layers = _full_depth_layers(new, settings.eos_token_ids, self.num_layers - 1)
-            return EarlyExitGenerateOutput(sequences, exit_layers) if return_dict_in_generate else sequences
+        replay, distribution = None, None
+        if isinstance(exit_trace, ExitDistribution):
+            distribution = exit_trace
+        elif exit_trace is not None:
+            if not isinstance(exit_trace, (torch.Tensor, list, tuple)):
+                raise GenerationInputError(
+                    f"exit_trace must be a [batch, tokens] tensor or list of exit layers, or an ExitDistribution; "
+                    f"got {type(exit_trace).__name__}"
+                )
+            replay = ExitReplay.from_output(exit_trace)
+            replay.check(self.exit_layers, self.num_layers, len(prompts))
+        seeds = _request_seeds(seed, len(prompts)) if settings.do_sample else [None] * len(prompts)
+        engine = DrexEngine(
+            self,
+            max_batch=len(prompts),
+            max_len=max(p.shape[0] for p in prompts) + settings.max_new_tokens,
+            policy=policy,
+            settings=settings,
+            thresholds=self._thresholds(thresholds),
+            exit_source="heads" if exit_trace is None else "trace",
+            exit_distribution=distribution,
+            cost_model=self._cached_cost_model(cost_model, policy, len(prompts), thresholds),
+            sla_tpot_ms=sla_tpot_ms,
+            quorum=quorum,
+        )
+        if policy == "drex" and cost_model is None:
+            self._cost_models[self._cost_key(thresholds, len(prompts))] = engine.cost
+        callback = None
+        if streamer is not None:
+            streamer.put(prompts[0].unsqueeze(0).cpu())
 
-        self.arch.check_attention_implementation()
-        thresholds = self._thresholds(thresholds)
-        seeds = _request_seeds(seed, len(prompts)) if settings.do_sample else None
-        results = generate_reference(self, [p.to(device) for p in prompts], settings, thresholds, seeds, streamer)
-        steps = max(len(r.tokens) for r in results)
-        new = torch.full((len(results), steps), settings.pad_token_id, dtype=input_ids.dtype, device=device)
-        exit_layers = torch.full((len(results), steps), -1, dtype=torch.long, device=device)
-        for b, result in enumerate(results):
+            def callback(request_id: int, token: int, layer: int) -> None:
+                streamer.put(torch.tensor([token]))
+
+        with torch.no_grad():
+            for b, prompt in enumerate(prompts):
+                trace = replay.layers[b] if replay is not None else None
+                engine.add_request(prompt.to(device), seed=seeds[b], trace=trace, callback=callback)
+            results = engine.run()
+        if streamer is not None:
+            streamer.end()
+        steps = max(len(r.tokens) for r in results.values())
+        new = torch.full((len(prompts), steps), settings.pad_token_id, dtype=input_ids.dtype, device=device)
+        exit_layers = torch.full((len(prompts), steps), -1, dtype=torch.long, device=device)
+        for b in range(len(prompts)):
+            result = results[b]
             new[b, : len(result.tokens)] = torch.tensor(result.tokens, dtype=input_ids.dtype)
             exit_layers[b, : len(result.tokens)] = torch.tensor(result.exit_layers)
         sequences = torch.cat([input_ids, new], dim=1)
-        return EarlyExitGenerateOutput(sequences, exit_layers) if return_dict_in_generate else sequences
+        if return_dict_in_generate:
+            return EarlyExitGenerateOutput(sequences, exit_layers, engine.stats)
+        return sequences
+
+    def _cost_key(self, thresholds: Any, batch: int) -> tuple:
+        checked = tuple(e for e, t in zip(self.exit_layers, self._thresholds(thresholds)) if t != math.inf)
+        return (checked, batch, str(self.heads_device))
+
+    def _cached_cost_model(self, given: Any, policy: str, batch: int, thresholds: Any) -> Any:
+        """A cost model measured once per (checked exits, batch size, device) and reused by later calls."""
+        if given is not None or policy != "drex":
+            return given
+        return self._cost_models.get(self._cost_key(thresholds, batch))
 
     def _thresholds(self, override: float | list[float] | None) -> list[float]:
         if override is None:

@@ -252,7 +252,10 @@ def test_bad_generate_inputs_are_clear_errors():
         (dict(input_ids=ids.float()), "integer token ids"),
         (dict(input_ids=torch.randint(3, 99, (1, 60)), max_new_tokens=10), "needs 70 positions but the model has 64"),
         (dict(input_ids=ids, attention_mask=mask, policy="fastest"), "unknown policy 'fastest'"),
-        (dict(input_ids=ids, attention_mask=mask, policy="batch_all"), "not implemented yet"),
+        (dict(input_ids=ids, attention_mask=mask, policy="full", exit_trace=[[3]] * 3), "do not apply to policy='full'"),
+        (dict(input_ids=ids, attention_mask=mask, exit_trace=[[3, 7]] * 3), r"holds layer\(s\) \[7\]"),
+        (dict(input_ids=ids, attention_mask=mask, exit_trace=[[3]] * 2), "2 rows for 3 prompts"),
+        (dict(input_ids=ids, attention_mask=mask, exit_trace="trace.json"), "exit_trace must be"),
         (dict(input_ids=ids, attention_mask=mask, num_beams=4), r"unsupported argument\(s\) \['num_beams'\]"),
         (dict(input_ids=ids, attention_mask=mask, max_new_tokens=0), "max_new_tokens` must be greater than 0"),
         (dict(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.0), "temperature must be > 0"),
@@ -331,9 +334,8 @@ def test_options_that_do_not_apply_are_refused():
         model.generate(ids, attention_mask=mask, generation_config=GenerationConfig(output_scores=True))
     with pytest.raises(GenerationInputError, match="must be a transformers.GenerationConfig, got dict"):
         model.generate(ids, attention_mask=mask, generation_config={"max_new_tokens": 3})
-    for extra in (dict(thresholds=0.5), dict(seed=3)):
-        with pytest.raises(GenerationInputError, match="apply to policy='drex'"):
-            model.generate(ids, attention_mask=mask, max_new_tokens=3, policy="full", **extra)
+    with pytest.raises(GenerationInputError, match="do not apply to policy='full'"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, policy="full", thresholds=0.5)
 
 
 def test_threshold_zero_matches_an_independent_hand_decoder_at_every_step():

@@ -17,7 +17,7 @@ from drex_hf.cli.common import (
     load_model,
     tokenizer_for,
 )
-from drex_hf.modeling import POLICIES
+from drex_hf.generation.scheduler import POLICY_NAMES as POLICIES
 
 
 def positive_int(text: str) -> int:
@@ -47,7 +47,8 @@ def add_parser(sub: Any) -> None:
         "--policy",
         choices=POLICIES,
         default="drex",
-        help="drex: per-token early exit; full: the base model's own generate",
+        help="drex: per-token early exit with rebatching; full: full depth; batch_all / batch_majority: "
+        "the batch-wide early-exit baselines (their tokens depend on the batch)",
     )
     parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate per prompt")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -71,11 +72,9 @@ def run(args: argparse.Namespace) -> int:
     batch = encode_prompts(tokenizer, args.prompt, args.chat, model.heads_device)
     sampling = {}
     if args.do_sample:
-        sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-        if args.policy == "drex":
-            sampling["seed"] = args.seed
-        else:
-            torch.manual_seed(args.seed)  # the base model's own generate samples from torch's global RNG
+        sampling = dict(
+            do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+        )
     start = time.perf_counter()
     out = model.generate(
         **batch,
@@ -99,4 +98,9 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"=== policy {args.policy}: {total} tokens in {seconds:.2f} s ({total / seconds:.1f} tokens/s)")
     print(f"exits per layer: {exit_histogram(out.exit_layers, model)}")
+    stats = out.stats
+    print(
+        f"involuntary exits {stats.involuntary_exits}, missed exits {stats.missed_exits}, "
+        f"ride-along rows {stats.ride_along_rows}, layer-rows {stats.layer_rows} (minimum {stats.min_layer_rows})"
+    )
     return 0

@@ -1,0 +1,98 @@
+"""Exit sources: where each token's exit decision comes from (DESIGN.md §2, §5).
+
+`heads`: the exit head's confidence against its threshold (the real thing, the default).
+`trace`: the exit layer is replayed from a recorded run (`ExitReplay`, e.g. `exit_layers` of an
+earlier `generate`) or drawn per token from a stated distribution over the exit points
+(`ExitDistribution`), seeded per request so a request's exits never depend on its neighbours.
+With a trace the engine still pays every real cost (segments, confidence checks, the exiting rows'
+vocabulary projection, KV fill); only the decision is taken from the trace.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from drex_hf.errors import GenerationInputError
+
+
+@dataclass(frozen=True)
+class ExitDistribution:
+    """P(token leaves at exit point j) for each exit point in order, then P(full depth); sums to 1."""
+
+    probabilities: tuple[float, ...]
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        probs = tuple(float(p) for p in self.probabilities)
+        if any(not math.isfinite(p) or p < 0 for p in probs) or abs(sum(probs) - 1.0) > 1e-6:
+            raise GenerationInputError(
+                f"an exit distribution needs non-negative probabilities summing to 1, got {list(self.probabilities)}"
+            )
+        object.__setattr__(self, "probabilities", probs)
+
+    def check(self, num_exits: int) -> None:
+        if len(self.probabilities) != num_exits + 1:
+            raise GenerationInputError(
+                f"the exit distribution has {len(self.probabilities)} probabilities; this model has {num_exits} "
+                f"exit points, so it needs {num_exits + 1} (one per exit point, then full depth)"
+            )
+
+    def mean_layers(self, exit_layers: Sequence[int], num_layers: int) -> float:
+        depths = [e + 1 for e in exit_layers] + [num_layers]
+        return sum(p * d for p, d in zip(self.probabilities, depths))
+
+
+@dataclass(frozen=True)
+class ExitReplay:
+    """Recorded exit layers, one row per request: token i of request b leaves at `layers[b][i]`.
+
+    Token 0 comes from the full-depth prefill whatever the trace says; a row that runs out (or holds
+    -1, as `generate`'s output does after a row's end) decodes its remaining tokens at full depth.
+    """
+
+    layers: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def from_output(cls, exit_layers: torch.Tensor | Sequence[Sequence[int]]) -> ExitReplay:
+        rows = exit_layers.tolist() if isinstance(exit_layers, torch.Tensor) else exit_layers
+        return cls(tuple(tuple(int(v) for v in row) for row in rows))
+
+    def check(self, exit_layers: Sequence[int], num_layers: int, batch: int) -> None:
+        if len(self.layers) != batch:
+            raise GenerationInputError(f"the exit trace has {len(self.layers)} rows for {batch} prompts")
+        allowed = {*exit_layers, num_layers - 1, -1}
+        for b, row in enumerate(self.layers):
+            bad = sorted({v for v in row} - allowed)
+            if bad:
+                raise GenerationInputError(
+                    f"exit trace row {b} holds layer(s) {bad}, which are not exit points of this model; "
+                    f"allowed: {sorted(allowed - {-1})} (and -1 for 'no token')"
+                )
+
+
+class RequestExits:
+    """One request's trace exits: `next_layer()` gives the exit layer of each decoded token in turn."""
+
+    def __init__(
+        self, exit_layers: Sequence[int], num_layers: int, replay: Sequence[int] | None = None, dist: tuple | None = None
+    ) -> None:
+        self.points = [*exit_layers, num_layers - 1]
+        self.replay = replay
+        self.index = 0  # token 0 is the prefill's
+        self.generator: torch.Generator | None = None
+        if dist is not None:
+            probabilities, seed = dist
+            self.probabilities = torch.tensor(probabilities, dtype=torch.float64)
+            self.generator = torch.Generator().manual_seed(int(seed))
+
+    def next_layer(self) -> int:
+        self.index += 1
+        if self.generator is not None:
+            return self.points[int(torch.multinomial(self.probabilities, 1, generator=self.generator))]
+        if self.replay is None or self.index >= len(self.replay) or self.replay[self.index] < 0:
+            return self.points[-1]
+        return int(self.replay[self.index])

@@ -1,0 +1,210 @@
+"""The segment runner: executes on tensors what the scheduler decided on indices.
+
+It owns the per-slot state (hidden states, exit hidden states awaiting KV fill, the previous exit's
+hidden state for saturation, positions) next to the `RowKVCache`, and offers the pieces a step is
+made of: `prefill` (full depth, batched), `fill` (KV fill for exited rows, all skipped layers in one
+matrix product), `embed` (start the next token), `run_segment` (gather rows by slot, run the
+segment's decoder layers unmodified, return the exit-point hidden states), `check` (confidence at an
+exit point), and the heads' and final layer's logits. Segments end at the active exit points.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from drex_hf.arch import build_attention_mask
+from drex_hf.generation.kv_store import RowKVCache
+from drex_hf.heads import exit_confidence
+
+if TYPE_CHECKING:
+    from drex_hf.modeling import EarlyExitModelForCausalLM
+
+
+class SegmentRunner:
+    def __init__(
+        self,
+        model: EarlyExitModelForCausalLM,
+        store: RowKVCache,
+        boundaries: list[int],
+        *,
+        kv_fill: str = "project",
+    ) -> None:
+        """`boundaries`: the exit layers where segments end (sorted, a subset of the model's exits)."""
+        self.model, self.arch, self.store = model, model.arch, store
+        self.num_layers = self.arch.num_layers
+        self.boundaries = list(boundaries)
+        starts = [0, *(b + 1 for b in self.boundaries)]
+        ends = [*(b + 1 for b in self.boundaries), self.num_layers]
+        self.segments = [range(a, b) for a, b in zip(starts, ends)]
+        head_of = dict(zip(model.exit_layers, model.heads))
+        self.heads = [head_of[b] for b in self.boundaries]
+        self.measure = model.exit_config.confidence
+        # saturation compares with the hidden state after the previous exit *point*, checked or not:
+        # when a segment swallows unchecked exit points, the last of them is captured during the run
+        self.capture: list[int | None] = []
+        for s, seg in enumerate(self.segments[:-1]):
+            inside = [e for e in model.exit_layers if seg.start <= e < seg.stop - 1]
+            self.capture.append(inside[-1] if inside and self.measure == "saturation" else None)
+        self.capture.append(None)
+
+        slots, hidden = store.slots, self.arch.hidden_size
+        device, dtype = model.heads_device, store.key_store.dtype
+        self.device = device
+        self.hidden = torch.zeros(slots, hidden, dtype=dtype, device=device)
+        self.exit_hidden = torch.zeros_like(self.hidden)
+        self.previous = torch.zeros_like(self.hidden) if self.measure == "saturation" else None
+        self.positions = torch.zeros(slots, dtype=torch.long, device=device)
+        if kv_fill != "project":
+            raise ValueError(f"unknown kv_fill {kv_fill!r}; supported: 'project'")
+        self.fill_weights = self.arch.kv_fill_weights()
+        self.windows = [self.arch.layer_window(i) for i in range(self.num_layers)]
+
+    # ------------------------------------------------------------------ helpers
+    def _index(self, slots: list[int]) -> torch.Tensor:
+        return torch.tensor(slots, dtype=torch.long, device=self.device)
+
+    def _masks(self, layers: range, positions: torch.Tensor, kv_len: int, dtype: torch.dtype) -> dict:
+        return {
+            w: build_attention_mask(positions, kv_len, window=w, dtype=dtype) for w in {self.windows[i] for i in layers}
+        }
+
+    # ------------------------------------------------------------------ prefill
+    def prefill(self, slots: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
+        """Full-depth pass over the prompts (right-padded, causal); returns each one's last logits."""
+        order = sorted(range(len(slots)), key=lambda i: slots[i])
+        slots = [slots[i] for i in order]
+        prompts = [prompts[i] for i in order]
+        lengths = torch.tensor([p.shape[0] for p in prompts], device=self.device)
+        width = int(lengths.max())
+        ids = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
+        for i, prompt in enumerate(prompts):
+            ids[i, : prompt.shape[0]] = prompt
+        positions = torch.arange(width, device=self.device).expand(len(prompts), width)
+        hidden = self.arch.embed(ids, positions)
+        rotary = self.arch.position_embeddings(hidden, positions)
+        self.store.bind(slots, positions)
+        masks = self._masks(range(self.num_layers), positions, width, hidden.dtype)
+        for index in range(self.num_layers):
+            hidden = self.arch.run_layer(
+                index,
+                hidden,
+                attention_mask=masks[self.windows[index]],
+                position_ids=positions,
+                position_embeddings=rotary,
+                cache=self.store,
+            )
+        last = hidden[torch.arange(len(prompts), device=self.device), lengths - 1]
+        self.positions[self._index(slots)] = lengths - 1
+        logits = self.final_logits(last)
+        back = torch.empty_like(torch.tensor(order))
+        back[torch.tensor(order)] = torch.arange(len(order))
+        return logits[back.to(self.device)]
+
+    # ------------------------------------------------------------------ KV fill
+    def fill(self, slots: list[int], exit_layer: int) -> None:
+        """Keys/values of layers exit_layer+1 .. L-1 for `slots` at their current positions, from
+        their exit hidden states: each layer's input norm and k/v projections (`kv_fill="project"`)."""
+        layers = range(exit_layer + 1, self.num_layers)
+        if not slots or not layers:
+            return
+        index = self._index(slots)
+        x = self.exit_hidden.index_select(0, index)
+        positions = self.positions.index_select(0, index)
+        rotary = self.arch.position_embeddings(x.unsqueeze(1), positions.unsqueeze(1))
+        kv_heads, head_dim = self.arch.num_kv_heads, self.arch.head_dim
+        if self.fill_weights is None:
+            for layer in layers:
+                keys, values = self.arch.kv_projection(layer, x.unsqueeze(1), rotary)
+                self.store.write(range(layer, layer + 1), index, positions, keys.transpose(1, 2), values.transpose(1, 2))
+            return
+        weight, bias = self.fill_weights
+        w = weight[layers.start :].reshape(-1, weight.shape[-1])  # all skipped layers' k/v rows: ONE product
+        b = None if bias is None else bias[layers.start :].reshape(-1)
+        kv = torch.nn.functional.linear(self.arch.kv_fill_normalize(x), w, b)
+        kv = kv.view(len(slots), len(layers), 2, kv_heads, head_dim)
+        keys = kv[:, :, 0].reshape(len(slots), len(layers) * kv_heads, 1, head_dim)
+        keys = self.arch.rotate_keys(keys, rotary).view(len(slots), len(layers), kv_heads, head_dim)
+        self.store.write(layers, index, positions, keys, kv[:, :, 1])
+
+    # ------------------------------------------------------------------ one token's segments
+    def embed(self, slots: list[int], tokens: list[int]) -> None:
+        """Start each slot's next token: advance its position and write its embedding."""
+        index = self._index(slots)
+        self.positions[index] += 1
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
+        emb = self.arch.embed(ids, self.positions.index_select(0, index).unsqueeze(1))[:, 0]
+        self.hidden[index] = emb
+        if self.previous is not None:
+            self.previous[index] = emb
+
+    def run_segment(self, s: int, rows: list[int], riders: list[int] = ()) -> torch.Tensor:
+        """Run segment `s` on `rows` (plus `riders`, whose results are discarded); returns the
+        hidden states of `rows`, in their order, after the segment's last layer."""
+        run = sorted([*rows, *riders])
+        lo, hi = run[0], run[-1] + 1
+        index = self._index(run)
+        contiguous = hi - lo == len(run)
+        x = self.hidden[lo:hi] if contiguous else self.hidden.index_select(0, index)
+        positions = (self.positions[lo:hi] if contiguous else self.positions.index_select(0, index)).unsqueeze(1)
+        hidden = x.unsqueeze(1)
+        rotary = self.arch.position_embeddings(hidden, positions)
+        self.store.bind(run, positions)
+        layers = self.segments[s]
+        masks = self._masks(layers, positions, int(positions.max()) + 1, hidden.dtype)
+        mine = None
+        if riders or self.capture[s] is not None:
+            where = {slot: i for i, slot in enumerate(run)}
+            mine = torch.tensor([where[r] for r in rows], device=self.device)
+        for index_layer in layers:
+            hidden = self.arch.run_layer(
+                index_layer,
+                hidden,
+                attention_mask=masks[self.windows[index_layer]],
+                position_ids=positions,
+                position_embeddings=rotary,
+                cache=self.store,
+            )
+            if index_layer == self.capture[s]:
+                self.previous[self._index(rows)] = hidden[:, 0].index_select(0, mine)
+        out = hidden[:, 0]
+        if mine is not None:
+            return out.index_select(0, mine)
+        if run != list(rows):
+            where = {slot: i for i, slot in enumerate(run)}
+            return out.index_select(0, torch.tensor([where[r] for r in rows], device=self.device))
+        return out
+
+    def check(self, s: int, rows: list[int], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Confidence of each row at segment `s`'s exit point, and the logits if the measure needed them."""
+        previous = None
+        if self.previous is not None:
+            previous = self.previous.index_select(0, self._index(rows))
+        return exit_confidence(self.measure, self.heads[s], x, previous)
+
+    def head_logits(self, s: int, x: torch.Tensor) -> torch.Tensor:
+        return self.heads[s].logits(x)
+
+    def final_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.arch.lm_head(self.arch.final_norm(x))
+
+    def keep(self, rows: list[int], x: torch.Tensor, *, exited: bool) -> None:
+        """Store the exit-point states: continuing rows' hidden (and previous-exit) states, or exited
+        rows' hidden states for their KV fill."""
+        if not rows:
+            return
+        index = self._index(rows)
+        if exited:
+            self.exit_hidden[index] = x
+            return
+        self.hidden[index] = x
+        if self.previous is not None:
+            self.previous[index] = x
+
+    def state_bytes(self) -> int:
+        extra = 0 if self.previous is None else self.previous.nbytes
+        return self.hidden.nbytes + self.exit_hidden.nbytes + extra + self.positions.nbytes
+
+    def describe(self) -> dict[str, Any]:
+        return {"segments": [[seg.start, seg.stop - 1] for seg in self.segments], "kv_fill": "project"}

@@ -1,0 +1,290 @@
+"""Scheduling policies: plain decisions from buffer contents, ages and a cost model; no tensors.
+
+Every policy sees a `SchedulerView` (which slots wait in which segment's buffer, how long their
+current token has taken, which slots could ride along through a segment) and returns a `Decision`:
+run segment s on these rows (plus these riders), exiting by this rule. The engine executes it.
+
+* `full`: one segment, every row, no exits.
+* `batch_all`: rows move together; the batch exits at an exit point only when every row is
+  confident there (the others' exits are *missed*).
+* `batch_majority`: rows move together; the batch exits when a fraction >= q is confident, forcing
+  the rest out (*involuntary* exits).
+* `drex`: per-row exits into per-segment buffers. A cost model `T_s(n) = a_s + b_s·n` plus a
+  regrouping cost (a non-contiguous row set pays a gathered copy of its keys/values) picks the buffer
+  to run (deepest first unless a shallower one runs far more efficiently), whether exited rows ride
+  along to keep a batch contiguous instead of splitting it, and — with `sla_tpot_ms` — runs the
+  buffer of any row about to exceed its time per output token first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from drex_hf.errors import GenerationInputError
+
+POLICY_NAMES = ("drex", "full", "batch_all", "batch_majority")
+
+
+@dataclass(frozen=True)
+class Decision:
+    segment: int
+    rows: tuple[int, ...]
+    riders: tuple[int, ...] = ()
+    exit_rule: str = "own"  # own | all | majority | none
+    quorum: float = 0.5
+    predicted_ms: float | None = None
+
+
+@dataclass
+class SchedulerView:
+    """What a policy may look at. `done_through[slot]`: the last segment whose layers already hold
+    this slot's keys/values at its current position (-1 when none or free); a slot may ride through
+    segment s when done_through < s and it is not itself waiting for s."""
+
+    buffers: list[list[int]]
+    token_age_ms: dict[int, float]
+    steps_waiting: dict[int, int]
+    done_through: list[int]
+    context: int = 1
+
+    def riders_for(self, s: int, rows: list[int]) -> list[int] | None:
+        """Slots filling the gaps between `rows`, if every one of them may ride through `s`."""
+        lo, hi = min(rows), max(rows)
+        chosen = set(rows)
+        holes = [slot for slot in range(lo, hi + 1) if slot not in chosen]
+        if all(self.done_through[slot] < s for slot in holes):
+            return holes
+        return None
+
+
+@dataclass
+class CostModel:
+    """Predicted milliseconds of one step: `a_ms[s] + b_ms[s]·n` for segment s on n rows, plus
+    `regroup_ms[s]·n·context/context_ref` when the rows are not a contiguous run of slots."""
+
+    a_ms: list[float]
+    b_ms: list[float]
+    regroup_ms: list[float]
+    context_ref: int = 128
+    source: str = "given"
+    device: str = ""
+
+    def segment_ms(self, s: int, n: int) -> float:
+        return self.a_ms[s] + self.b_ms[s] * n
+
+    def regroup(self, s: int, n: int, context: int) -> float:
+        return self.regroup_ms[s] * n * context / max(self.context_ref, 1)
+
+    def predict(self, s: int, n_run: int, contiguous: bool, context: int) -> float:
+        return self.segment_ms(s, n_run) + (0.0 if contiguous else self.regroup(s, n_run, context))
+
+    @classmethod
+    def constant(cls, segments: int, a_ms: float = 1.0, b_ms: float = 0.1, regroup_ms: float = 0.01) -> CostModel:
+        return cls([a_ms] * segments, [b_ms] * segments, [regroup_ms] * segments, source="constant")
+
+    def to_dict(self) -> dict:
+        return {
+            "a_ms": self.a_ms,
+            "b_ms": self.b_ms,
+            "regroup_ms": self.regroup_ms,
+            "context_ref": self.context_ref,
+            "device": self.device,
+        }
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, device: str, segments: list[list[int]]) -> CostModel:
+        """Constants for `device` and these segments from a calibration file (`drex calibrate`)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise GenerationInputError(f"cost model file {path} does not exist") from None
+        except (OSError, json.JSONDecodeError) as err:
+            raise GenerationInputError(f"cannot read cost model file {path}: {err}") from None
+        table = data.get("cost_models", {data.get("device", device): data}) if isinstance(data, dict) else {}
+        entry = table.get(device)
+        if entry is None:
+            raise GenerationInputError(
+                f"{path} has no cost constants for device {device!r} (it has: {sorted(table) or 'none'}); "
+                f"run `drex calibrate` on this device"
+            )
+        if entry.get("segments") != segments:
+            raise GenerationInputError(
+                f"{path} was calibrated for segments {entry.get('segments')}, but this run uses {segments} "
+                f"(other exit points or thresholds of +inf); calibrate again"
+            )
+        try:
+            return cls(
+                [float(v) for v in entry["a_ms"]],
+                [float(v) for v in entry["b_ms"]],
+                [float(v) for v in entry["regroup_ms"]],
+                int(entry.get("context_ref", 128)),
+                source=f"calibration file {path}",
+                device=device,
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise GenerationInputError(f"{path}: malformed cost constants for {device!r} ({err})") from None
+
+
+class Policy:
+    name = "policy"
+    exit_rule = "own"
+
+    def __init__(self, num_segments: int, cost: CostModel | None = None) -> None:
+        self.num_segments = num_segments
+        self.cost = cost
+
+    def predict(self, view: SchedulerView, s: int, rows: list[int], riders: list[int]) -> float | None:
+        if self.cost is None:
+            return None
+        run = sorted([*rows, *riders])
+        contiguous = run[-1] - run[0] + 1 == len(run)
+        return self.cost.predict(s, len(run), contiguous, view.context)
+
+    def pick(self, view: SchedulerView) -> Decision:
+        raise NotImplementedError
+
+
+class FullPolicy(Policy):
+    name = "full"
+    exit_rule = "none"
+
+    def pick(self, view: SchedulerView) -> Decision:
+        rows = list(view.buffers[0])
+        return Decision(0, tuple(rows), (), "none", predicted_ms=self.predict(view, 0, rows, []))
+
+
+class BatchPolicy(Policy):
+    """Rows move together: the deepest waiting group runs first, so newcomers join at the next token."""
+
+    def __init__(self, num_segments: int, cost: CostModel | None = None, quorum: float = 1.0) -> None:
+        super().__init__(num_segments, cost)
+        self.quorum = quorum
+
+    def pick(self, view: SchedulerView) -> Decision:
+        s = max(i for i, b in enumerate(view.buffers) if b)
+        rows = list(view.buffers[s])
+        return Decision(s, tuple(rows), (), self.exit_rule, self.quorum, self.predict(view, s, rows, []))
+
+
+class BatchAllPolicy(BatchPolicy):
+    name = "batch_all"
+    exit_rule = "all"
+
+
+class BatchMajorityPolicy(BatchPolicy):
+    name = "batch_majority"
+    exit_rule = "majority"
+
+    def __init__(self, num_segments: int, cost: CostModel | None = None, quorum: float = 0.5) -> None:
+        if not 0.5 <= quorum <= 1.0:
+            raise GenerationInputError(f"batch_majority needs a quorum q in [0.5, 1], got {quorum}")
+        super().__init__(num_segments, cost, quorum)
+
+
+@dataclass
+class DrexPolicy(Policy):
+    """See the module docstring. `slack`: a shallower buffer runs instead of the deepest only when
+    its efficiency (useful row-work over predicted time) beats the deepest's by more than this."""
+
+    num_segments: int
+    cost: CostModel
+    sla_tpot_ms: float | None = None
+    slack: float = 0.25
+    max_wait_steps: int | None = None
+    name: str = field(default="drex", init=False)
+    exit_rule: str = field(default="own", init=False)
+
+    def plan(self, view: SchedulerView, s: int) -> tuple[list[int], list[int], float]:
+        """Rows, riders and predicted ms for running buffer s: split (gathered) or ride along."""
+        rows = list(view.buffers[s])
+        n = len(rows)
+        split_ms = self.predict(view, s, rows, [])
+        riders = view.riders_for(s, rows)
+        if riders:
+            ride_ms = self.cost.predict(s, n + len(riders), True, view.context)
+            if ride_ms < split_ms:
+                return rows, riders, ride_ms
+        return rows, [], split_ms
+
+    def pick(self, view: SchedulerView) -> Decision:
+        waiting = [s for s, b in enumerate(view.buffers) if b]
+        plans = {s: self.plan(view, s) for s in waiting}
+        urgent = self._urgent(view, plans)
+        if urgent is not None:
+            s = urgent
+        else:
+            eff = {s: self.cost.b_ms[s] * len(plans[s][0]) / max(plans[s][2], 1e-9) for s in waiting}
+            best = max(eff.values())
+            s = max(x for x in waiting if eff[x] >= (1.0 - self.slack) * best)
+        rows, riders, ms = plans[s]
+        return Decision(s, tuple(rows), tuple(riders), "own", predicted_ms=ms)
+
+    def _urgent(self, view: SchedulerView, plans: dict) -> int | None:
+        """The buffer of the row closest to breaking the SLA (or waiting too many steps), if any."""
+        limit = self.max_wait_steps if self.max_wait_steps is not None else 4 * self.num_segments
+        stalled = [s for s in plans if any(view.steps_waiting.get(r, 0) >= limit for r in view.buffers[s])]
+        if stalled:
+            return max(stalled)
+        if self.sla_tpot_ms is None:
+            return None
+        worst, where = None, None
+        for s in plans:
+            remaining = sum(plans[j][2] if j in plans else self.cost.segment_ms(j, 1) for j in range(s, self.num_segments))
+            for row in view.buffers[s]:
+                slack = self.sla_tpot_ms - view.token_age_ms.get(row, 0.0) - remaining
+                if slack < 0.5 * self.sla_tpot_ms and (worst is None or slack < worst):
+                    worst, where = slack, s
+        return where
+
+
+class RandomPolicy(Policy):
+    """Random legal decisions (tests: invariant 4, scheduling never changes output)."""
+
+    name = "random"
+
+    def __init__(self, num_segments: int, seed: int = 0) -> None:
+        super().__init__(num_segments, None)
+        self.rng = random.Random(seed)
+
+    def pick(self, view: SchedulerView) -> Decision:
+        s = self.rng.choice([i for i, b in enumerate(view.buffers) if b])
+        buffer = list(view.buffers[s])
+        rows = self.rng.sample(buffer, self.rng.randint(1, len(buffer)))
+        eligible = [slot for slot, done in enumerate(view.done_through) if done < s and slot not in rows]
+        eligible = [slot for slot in eligible if slot not in buffer]
+        riders = self.rng.sample(eligible, self.rng.randint(0, len(eligible))) if eligible else []
+        return Decision(s, tuple(rows), tuple(riders), "own")
+
+
+def make_policy(
+    name: str,
+    num_segments: int,
+    cost: CostModel | None,
+    *,
+    sla_tpot_ms: float | None = None,
+    quorum: float = 0.5,
+) -> Policy:
+    if name == "full":
+        return FullPolicy(num_segments, cost)
+    if name == "batch_all":
+        return BatchAllPolicy(num_segments, cost)
+    if name == "batch_majority":
+        return BatchMajorityPolicy(num_segments, cost, quorum)
+    if name == "drex":
+        return DrexPolicy(num_segments, cost, sla_tpot_ms)
+    raise GenerationInputError(f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
+
+
+def error_summary(predicted: list[float], measured: list[float]) -> dict[str, float | None]:
+    """Median and 95th percentile of |predicted - measured| / measured over steps with a prediction."""
+    errors = sorted(abs(p - m) / m for p, m in zip(predicted, measured) if p is not None and m > 0)
+    if not errors:
+        return {"median": None, "p95": None}
+    p95 = errors[min(len(errors) - 1, int(round(0.95 * (len(errors) - 1))))]
+    return {"median": statistics.median(errors), "p95": p95}

@@ -1,0 +1,363 @@
+"""The rebatching engine (DESIGN.md §5): its invariants against the reference decoder, the batch-wide
+baselines' counts, continuous batching, trace exits, the scheduler's decisions and clear errors."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from conftest import VOCAB, make_tiny, padded_batch
+
+from drex_hf import EarlyExitConfig, EarlyExitModelForCausalLM
+from drex_hf.errors import GenerationInputError
+from drex_hf.generation.engine import DrexEngine
+from drex_hf.generation.exits import ExitDistribution
+from drex_hf.generation.kv_store import EngineFullError
+from drex_hf.generation.reference import generate_reference
+from drex_hf.generation.scheduler import CostModel, DrexPolicy, RandomPolicy, SchedulerView
+from drex_hf.generation.settings import DecodeSettings
+
+EXITS = (0, 1, 2)
+LENGTHS = {1: [6], 3: [5, 9, 3], 8: [5, 9, 3, 12, 1, 7, 4, 10]}
+SAMPLING = dict(do_sample=True, temperature=2.0, top_k=50, top_p=0.95)
+
+
+def _model(kind, confidence="max_prob", seed=0):
+    config = EarlyExitConfig(exit_layers=list(EXITS), thresholds=math.inf, confidence=confidence, head="norm")
+    model = EarlyExitModelForCausalLM.from_base(make_tiny(kind, seed=seed), config)
+    if confidence == "classifier":  # an untrained classifier says 0.5 everywhere; give it an opinion
+        torch.manual_seed(1)
+        for head in model.heads:
+            torch.nn.init.normal_(head.classifier.fc2.weight, std=2.0)
+    return model
+
+
+def _prompts(lengths, seed=0):
+    ids, mask = padded_batch(lengths, seed=seed)
+    return ids, mask, [ids[b, mask[b].bool()] for b in range(len(lengths))]
+
+
+def _thresholds(model, prompts, quantiles=(0.7, 0.4, 0.2), new=10):
+    """Per-exit thresholds that send tokens out at every exit point, each placed midway between two
+    confidences seen while decoding (a first run with thresholds of 1.0 records them), so that float
+    noise of ~1e-6 between batch shapes cannot flip a decision."""
+    runs = generate_reference(model, prompts, DecodeSettings(max_new_tokens=new), [1.0] * len(EXITS))
+    out = []
+    for e, quantile in zip(model.exit_layers, quantiles):
+        values = sorted(v for r in runs for checks in r.checks for layer, v in checks if layer == e)
+        i = min(len(values) - 2, int(quantile * len(values)))
+        gaps = [(values[j + 1] - values[j], j) for j in range(max(0, i - 3), min(len(values) - 1, i + 4))]
+        _, j = max(gaps)
+        out.append((values[j] + values[j + 1]) / 2)
+    return out
+
+
+def _engine_run(model, prompts, settings, thresholds, *, policy="drex", seeds=None, **engine_kwargs):
+    width = max(p.shape[0] for p in prompts) + settings.max_new_tokens
+    engine = DrexEngine(
+        model, max_batch=len(prompts), max_len=width, policy=policy, settings=settings, thresholds=thresholds,
+        **engine_kwargs,
+    )  # fmt: skip
+    with torch.no_grad():
+        ids = [engine.add_request(p, seed=None if seeds is None else seeds[i]) for i, p in enumerate(prompts)]
+        results = engine.run()
+    return [results[i] for i in ids], engine.stats
+
+
+def _assert_same_as_reference(results, reference):
+    for i, (got, want) in enumerate(zip(results, reference)):
+        assert got.tokens == want.tokens, f"request {i}: tokens differ"
+        assert got.exit_layers == want.exit_layers, f"request {i}: exit layers differ"
+
+
+# ---------------------------------------------------------------- invariant 1: batch independence
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_batch_independence_greedy_and_sampling_equal_the_reference_decoder(kind, batch):
+    model = _model(kind)
+    _, _, prompts = _prompts(LENGTHS[batch])
+    _, _, calib = _prompts(LENGTHS[8], seed=1)
+    thresholds = _thresholds(model, calib)
+    for settings, seeds in (
+        (DecodeSettings(max_new_tokens=12), None),
+        (DecodeSettings(max_new_tokens=12, **SAMPLING), [100 + i for i in range(batch)]),
+    ):
+        reference = generate_reference(model, prompts, settings, thresholds, seeds)
+        results, stats = _engine_run(model, prompts, settings, thresholds, seeds=seeds, cost_model=CostModel.constant(4))
+        _assert_same_as_reference(results, reference)
+        assert stats.involuntary_exits == 0 and stats.missed_exits == 0
+        if batch == 8:  # the thresholds really send tokens out at every exit point
+            used = {layer for r in results for layer in r.exit_layers[1:]}
+            assert used >= set(EXITS) | {3}, used
+
+
+@pytest.mark.parametrize("confidence", ["margin", "saturation", "classifier"])
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_every_confidence_measure_is_batch_independent(kind, confidence):
+    model = _model(kind, confidence)
+    _, _, prompts = _prompts(LENGTHS[8])
+    thresholds = _thresholds(model, prompts)
+    if confidence == "saturation":  # an unchecked exit point in the middle: its state must still be the "previous"
+        thresholds[1] = math.inf
+    settings = DecodeSettings(max_new_tokens=10)
+    reference = generate_reference(model, prompts, settings, thresholds)
+    results, _ = _engine_run(model, prompts, settings, thresholds, cost_model=CostModel.constant(4))
+    _assert_same_as_reference(results, reference)
+    assert len({layer for r in results for layer in r.exit_layers[1:]}) >= 2
+
+
+# ---------------------------------------------------------------- invariant 4: scheduling never changes output
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_random_legal_decisions_give_the_same_tokens_as_drex(kind):
+    model = _model(kind)
+    _, _, prompts = _prompts(LENGTHS[8])
+    thresholds = _thresholds(model, prompts)
+    settings = DecodeSettings(max_new_tokens=10, **SAMPLING)
+    seeds = list(range(8))
+    drex, _ = _engine_run(model, prompts, settings, thresholds, seeds=seeds)  # cost model measured at start-up
+    riders = 0
+    for seed in range(4):
+        policy = RandomPolicy(num_segments=4, seed=seed)
+        results, stats = _engine_run(model, prompts, settings, thresholds, policy=policy, seeds=seeds)
+        _assert_same_as_reference(results, drex)
+        riders += stats.ride_along_rows
+    assert riders > 0  # the random decisions really exercised ride-along
+
+
+# ---------------------------------------------------------------- invariant 2 and the baselines' counts
+def _replayed(model, prompts, settings, policy, trace):
+    width = max(p.shape[0] for p in prompts) + settings.max_new_tokens
+    engine = DrexEngine(model, max_batch=len(prompts), max_len=width, policy=policy, settings=settings, exit_source="trace")
+    with torch.no_grad():
+        for p, row in zip(prompts, trace):
+            engine.add_request(p, trace=row)
+        results = engine.run()
+    return [results[i] for i in range(len(prompts))], engine.stats
+
+
+def test_involuntary_and_missed_exits_are_counted_exactly():
+    """A replayed trace gives every token's own exit layer; the batch-wide policies then exit earlier
+    (involuntary) or later (missed) and must count exactly those tokens; drex counts none."""
+    model = _model("llama")
+    _, _, prompts = _prompts(LENGTHS[8])
+    settings = DecodeSettings(max_new_tokens=16)
+    rng = random.Random(0)
+    trace = [[3] + [rng.choice([0, 0, 0, 1, 2, 3]) for _ in range(15)] for _ in prompts]
+    for policy in ("drex", "batch_all", "batch_majority"):
+        results, stats = _replayed(model, prompts, settings, policy, trace)
+        early = sum(got < want for r, row in zip(results, trace) for got, want in zip(r.exit_layers[1:], row[1:]))
+        late = sum(got > want for r, row in zip(results, trace) for got, want in zip(r.exit_layers[1:], row[1:]))
+        assert stats.involuntary_exits == early and stats.missed_exits == late, policy
+        assert stats.tokens == sum(stats.exits_per_layer.values()) == 8 * 16
+        assert stats.min_layer_rows == sum(e + 1 for r in results for e in r.exit_layers[1:])
+        if policy == "drex":
+            assert early == late == 0
+            assert [r.exit_layers for r in results] == trace
+        elif policy == "batch_all":
+            assert early == 0 and late > 0
+        else:
+            assert early > 0
+
+
+def test_heads_under_batch_majority_report_involuntary_exits_and_drex_none():
+    model = _model("qwen2")
+    _, _, prompts = _prompts(LENGTHS[8])
+    thresholds = _thresholds(model, prompts, quantiles=(0.5, 0.5, 0.5))
+    settings = DecodeSettings(max_new_tokens=10)
+    _, drex = _engine_run(model, prompts, settings, thresholds)
+    _, majority = _engine_run(model, prompts, settings, thresholds, policy="batch_majority", quorum=0.5)
+    _, every = _engine_run(model, prompts, settings, thresholds, policy="batch_all")
+    assert drex.involuntary_exits == 0 and drex.missed_exits == 0
+    assert majority.involuntary_exits > 0
+    assert every.missed_exits > 0 and every.involuntary_exits == 0
+
+
+# ---------------------------------------------------------------- invariant 3 through the engine
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_full_policy_engine_equals_hf_greedy_generate_per_prompt(kind):
+    model = _model(kind)
+    _, _, prompts = _prompts(LENGTHS[3])
+    settings = DecodeSettings(max_new_tokens=10)
+    for policy, thresholds in (("full", [0.0] * 3), ("drex", [math.inf] * 3)):
+        results, stats = _engine_run(model, prompts, settings, thresholds, policy=policy)
+        for prompt, result in zip(prompts, results):
+            hf = model.base_model.generate(prompt.unsqueeze(0), max_new_tokens=10, do_sample=False, eos_token_id=None)
+            assert result.tokens == hf[0, prompt.shape[0] :].tolist()
+            assert set(result.exit_layers) == {3}
+        assert stats.layer_rows == stats.min_layer_rows
+
+
+# ---------------------------------------------------------------- continuous batching
+def test_continuous_batching_200_requests_all_finish_identical_to_reference():
+    model = _model("llama")
+    _, _, calib = _prompts(LENGTHS[8], seed=3)
+    thresholds = _thresholds(model, calib)
+    rng = random.Random(7)
+    gen = torch.Generator().manual_seed(7)
+    requests = []
+    for i in range(200):
+        length, new = rng.randint(1, 20), rng.randint(1, 12)
+        prompt = torch.randint(3, VOCAB, (length,), generator=gen)
+        requests.append((rng.randint(0, 600), prompt, new, 1000 + i))  # arrival step, prompt, tokens, seed
+    requests.sort(key=lambda r: r[0])
+    settings = DecodeSettings(max_new_tokens=12, eos_token_ids=(5,), **SAMPLING)
+    engine = DrexEngine(model, max_batch=8, max_len=32, settings=settings, thresholds=thresholds)
+    ids, waiting, step = {}, list(requests), 0
+    with torch.no_grad():
+        while waiting or engine.active:
+            while waiting and waiting[0][0] <= step and engine.has_free_slot:
+                _, prompt, new, seed = waiting.pop(0)
+                ids[engine.add_request(prompt, max_new_tokens=new, seed=seed)] = (prompt, new, seed)
+            engine.step()
+            step += 1
+            assert step < 20000
+    assert len(ids) == 200 and sorted(engine.finished) == sorted(ids)
+    stopped_by_eos = 0
+    for rid, (prompt, new, seed) in ids.items():
+        one = DecodeSettings(max_new_tokens=new, eos_token_ids=(5,), **SAMPLING)
+        (want,) = generate_reference(model, [prompt], one, thresholds, [seed])
+        got = engine.finished[rid]
+        assert (got.tokens, got.exit_layers) == (want.tokens, want.exit_layers), rid
+        stopped_by_eos += len(got.tokens) < new
+    assert stopped_by_eos > 0 and engine.stats.prefill_steps > 20
+
+
+# ---------------------------------------------------------------- trace exits
+def test_a_replayed_trace_reproduces_a_recorded_run():
+    model = _model("llama")
+    ids, mask, prompts = _prompts(LENGTHS[3])
+    model.exit_config.thresholds = _thresholds(model, prompts)
+    recorded = model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None, return_dict_in_generate=True)
+    assert len(set(recorded.exit_layers[:, 1:].flatten().tolist())) >= 3
+    replay = model.generate(
+        ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None, exit_trace=recorded.exit_layers,
+        return_dict_in_generate=True,
+    )  # fmt: skip
+    assert torch.equal(replay.exit_layers, recorded.exit_layers)
+    assert torch.equal(replay.sequences, recorded.sequences)  # same exits, so the heads give the same tokens
+
+
+def test_a_drawn_trace_is_seeded_per_request_and_follows_its_distribution():
+    model = _model("gpt2")
+    ids, mask, prompts = _prompts(LENGTHS[8])
+    dist = ExitDistribution((0.2, 0.25, 0.2, 0.35), seed=5)
+    kwargs = dict(max_new_tokens=40, eos_token_id=None, exit_trace=dist, return_dict_in_generate=True)
+    batch = model.generate(ids, attention_mask=mask, **kwargs)
+    alone = model.generate(prompts[3].unsqueeze(0), **kwargs)  # request 0 of its own batch
+    first = model.generate(prompts[0].unsqueeze(0), **kwargs)
+    assert torch.equal(batch.exit_layers[0], first.exit_layers[0])
+    assert not torch.equal(alone.exit_layers[0], batch.exit_layers[3])  # seeds differ per request index
+    layers = batch.exit_layers[:, 1:].flatten()
+    shares = [float((layers == e).float().mean()) for e in (0, 1, 2, 3)]
+    for share, p in zip(shares, dist.probabilities):
+        assert abs(share - p) < 0.08, shares  # 312 draws: a standard error of at most 0.03
+    assert math.isclose(dist.mean_layers([0, 1, 2], 4), 0.2 * 1 + 0.25 * 2 + 0.2 * 3 + 0.35 * 4)
+
+
+# ---------------------------------------------------------------- KV fill
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_folded_kv_fill_equals_each_layers_own_projection(kind):
+    model = _model(kind)
+    engine = DrexEngine(model, max_batch=3, max_len=8, policy="full")
+    runner, arch = engine.runner, model.arch
+    assert runner.fill_weights is not None
+    x = torch.randn(3, arch.hidden_size)
+    runner.exit_hidden[:] = x
+    runner.positions[:] = torch.tensor([2, 5, 7])
+    with torch.no_grad():
+        runner.fill([0, 1, 2], exit_layer=0)
+        rotary = arch.position_embeddings(x.unsqueeze(1), runner.positions.unsqueeze(1))
+        for layer in (1, 2, 3):
+            keys, values = arch.kv_projection(layer, x.unsqueeze(1), rotary)
+            for row, pos in enumerate((2, 5, 7)):
+                torch.testing.assert_close(engine.store.keys(layer)[row, :, pos], keys[row, :, 0], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(engine.store.values(layer)[row, :, pos], values[row, :, 0], rtol=1e-5, atol=1e-5)
+        assert engine.store.keys(0).abs().sum() == 0  # layer 0 was computed, not filled
+
+
+# ---------------------------------------------------------------- the scheduler, without tensors
+def _view(buffers, done, ages=None, waits=None):
+    return SchedulerView(buffers, ages or {}, waits or {}, done, context=128)
+
+
+def test_drex_rides_along_when_regrouping_costs_more_than_the_extra_rows():
+    # slots 0..7: rows 1, 4, 6 exited at segment 0 (done_through 0) and wait to start; the rest wait for segment 1
+    done = [0, 0, 0, 0, 0, 0, 0, 0]
+    buffers = [[1, 4, 6], [0, 2, 3, 5, 7], [], []]
+    cheap_regroup = CostModel([5.0] * 4, [1.0] * 4, [0.001] * 4)
+    costly_regroup = CostModel([5.0] * 4, [1.0] * 4, [1.0] * 4)
+    split = DrexPolicy(4, cheap_regroup).pick(_view(buffers, done))
+    ride = DrexPolicy(4, costly_regroup).pick(_view(buffers, done))
+    assert split.segment == ride.segment == 1
+    assert split.riders == () and set(ride.riders) == {1, 4, 6}
+    assert ride.predicted_ms == pytest.approx(5.0 + 1.0 * 8)
+    # a row that finished its token at full depth holds real keys/values: it may not ride
+    done_final = [0, 3, 0, 0, 0, 0, 0, 0]
+    assert DrexPolicy(4, costly_regroup).pick(_view(buffers, done_final)).riders == ()
+
+
+def test_drex_runs_deepest_first_unless_a_shallower_buffer_is_far_more_efficient():
+    cost = CostModel([10.0] * 3, [1.0] * 3, [0.0] * 3)
+    done = [-1] * 16
+    assert DrexPolicy(3, cost).pick(_view([[0, 1, 2, 3, 4], [5, 6, 7, 8], []], done)).segment == 1
+    assert DrexPolicy(3, cost).pick(_view([list(range(15)), [], [15]], done)).segment == 0
+    # ... but a row that has waited too long, or is about to break the SLA, goes first
+    waits = {15: 12}
+    assert DrexPolicy(3, cost).pick(_view([list(range(15)), [], [15]], done, waits=waits)).segment == 2
+    ages = {15: 40.0}
+    sla = DrexPolicy(3, cost, sla_tpot_ms=50.0)
+    assert sla.pick(_view([list(range(15)), [], [15]], done, ages=ages)).segment == 2
+
+
+def test_cost_model_from_a_calibration_file(tmp_path):
+    path = tmp_path / "calibration.json"
+    entry = {"segments": [[0, 1], [2, 3]], "a_ms": [1, 2], "b_ms": [0.1, 0.2], "regroup_ms": [0.01, 0.02]}
+    path.write_text(json.dumps({"cost_models": {"cpu:test": entry}}))
+    cost = CostModel.from_file(path, "cpu:test", [[0, 1], [2, 3]])
+    assert cost.segment_ms(1, 10) == pytest.approx(4.0) and "calibration file" in cost.source
+    with pytest.raises(GenerationInputError, match="no cost constants for device 'cuda:H100'"):
+        CostModel.from_file(path, "cuda:H100", [[0, 1], [2, 3]])
+    with pytest.raises(GenerationInputError, match="calibrated for segments"):
+        CostModel.from_file(path, "cpu:test", [[0, 3]])
+    with pytest.raises(GenerationInputError, match="does not exist"):
+        CostModel.from_file(tmp_path / "missing.json", "cpu:test", [[0, 3]])
+
+
+def test_start_up_measurement_is_stated_and_sane():
+    model = _model("llama")
+    model.exit_config.thresholds = [0.9, math.inf, 0.9]
+    engine = DrexEngine(model, max_batch=4, max_len=16)
+    assert engine.cost.source.startswith("measured at start-up on cpu")
+    assert engine.runner.describe()["segments"] == [[0, 0], [1, 2], [3, 3]]
+    assert all(a >= 0 for a in engine.cost.a_ms) and all(b >= 0 for b in engine.cost.b_ms)
+    assert engine.stats.cost_source == engine.cost.source
+    assert engine.store.free_slots == 4
+
+
+# ---------------------------------------------------------------- clear errors at add_request
+def test_bad_requests_are_refused_before_any_work():
+    model = _model("llama")
+    engine = DrexEngine(model, max_batch=2, max_len=10, settings=DecodeSettings(max_new_tokens=4))
+    with pytest.raises(GenerationInputError, match="needs 12 cache positions but a slot holds max_len=10"):
+        engine.add_request(torch.arange(3, 12))
+    with pytest.raises(GenerationInputError, match="empty prompt"):
+        engine.add_request(torch.tensor([], dtype=torch.long))
+    with pytest.raises(GenerationInputError, match="outside the model's vocabulary 0..98"):
+        engine.add_request(torch.tensor([3, 120]))
+    engine.add_request(torch.tensor([3, 4]))
+    engine.add_request(torch.tensor([5]))
+    with pytest.raises(EngineFullError, match="all 2 slots hold running requests"):
+        engine.add_request(torch.tensor([6]))
+    assert len(engine.run()) == 2 and engine.has_free_slot
+    with pytest.raises(GenerationInputError, match="unknown policy 'fastest'"):
+        DrexEngine(model, max_batch=2, max_len=10, policy="fastest")
+    with pytest.raises(GenerationInputError, match="needs 4"):
+        DrexEngine(model, max_batch=2, max_len=10, exit_source="trace", exit_distribution=ExitDistribution((0.5, 0.5)))
+    with pytest.raises(GenerationInputError, match="summing to 1"):
+        ExitDistribution((0.5, 0.6, 0.0, 0.0))
+    trace_engine = DrexEngine(model, max_batch=2, max_len=10, exit_source="trace")
+    with pytest.raises(GenerationInputError, match="needs a trace per request"):
+        trace_engine.add_request(torch.tensor([3]), max_new_tokens=2)
+    with pytest.raises(GenerationInputError, match="quorum"):
+        DrexEngine(model, max_batch=2, max_len=10, policy="batch_majority", quorum=0.3)
