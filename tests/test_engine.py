@@ -84,7 +84,8 @@ def test_batch_independence_greedy_and_sampling_equal_the_reference_decoder(kind
         (DecodeSettings(max_new_tokens=12, **SAMPLING), [100 + i for i in range(batch)]),
     ):
         reference = generate_reference(model, prompts, settings, thresholds, seeds)
-        results, stats = _engine_run(model, prompts, settings, thresholds, seeds=seeds, cost_model=CostModel.constant(4))
+        constant = CostModel.constant(4)
+        results, stats = _engine_run(model, prompts, settings, thresholds, seeds=seeds, cost_model=constant)
         _assert_same_as_reference(results, reference)
         assert stats.involuntary_exits == 0 and stats.missed_exits == 0
         if batch == 8:  # the thresholds really send tokens out at every exit point
@@ -128,7 +129,9 @@ def test_random_legal_decisions_give_the_same_tokens_as_drex(kind):
 # ---------------------------------------------------------------- invariant 2 and the baselines' counts
 def _replayed(model, prompts, settings, policy, trace):
     width = max(p.shape[0] for p in prompts) + settings.max_new_tokens
-    engine = DrexEngine(model, max_batch=len(prompts), max_len=width, policy=policy, settings=settings, exit_source="trace")
+    engine = DrexEngine(
+        model, max_batch=len(prompts), max_len=width, policy=policy, settings=settings, exit_source="trace"
+    )
     with torch.no_grad():
         for p, row in zip(prompts, trace):
             engine.add_request(p, trace=row)
@@ -228,12 +231,10 @@ def test_a_replayed_trace_reproduces_a_recorded_run():
     model = _model("llama")
     ids, mask, prompts = _prompts(LENGTHS[3])
     model.exit_config.thresholds = _thresholds(model, prompts)
-    recorded = model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None, return_dict_in_generate=True)
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=None, return_dict_in_generate=True)
+    recorded = model.generate(ids, **kwargs)
     assert len(set(recorded.exit_layers[:, 1:].flatten().tolist())) >= 3
-    replay = model.generate(
-        ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None, exit_trace=recorded.exit_layers,
-        return_dict_in_generate=True,
-    )  # fmt: skip
+    replay = model.generate(ids, exit_trace=recorded.exit_layers, **kwargs)
     assert torch.equal(replay.exit_layers, recorded.exit_layers)
     assert torch.equal(replay.sequences, recorded.sequences)  # same exits, so the heads give the same tokens
 
@@ -271,8 +272,9 @@ def test_folded_kv_fill_equals_each_layers_own_projection(kind):
         for layer in (1, 2, 3):
             keys, values = arch.kv_projection(layer, x.unsqueeze(1), rotary)
             for row, pos in enumerate((2, 5, 7)):
-                torch.testing.assert_close(engine.store.keys(layer)[row, :, pos], keys[row, :, 0], rtol=1e-5, atol=1e-5)
-                torch.testing.assert_close(engine.store.values(layer)[row, :, pos], values[row, :, 0], rtol=1e-5, atol=1e-5)
+                close = dict(rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(engine.store.keys(layer)[row, :, pos], keys[row, :, 0], **close)
+                torch.testing.assert_close(engine.store.values(layer)[row, :, pos], values[row, :, 0], **close)
         assert engine.store.keys(0).abs().sum() == 0  # layer 0 was computed, not filled
 
 

@@ -7,8 +7,6 @@ import argparse
 import time
 from typing import Any
 
-import torch
-
 from drex_hf.cli.common import (
     HelpFormatter,
     add_model_arguments,

@@ -78,7 +78,11 @@ class RequestExits:
     """One request's trace exits: `next_layer()` gives the exit layer of each decoded token in turn."""
 
     def __init__(
-        self, exit_layers: Sequence[int], num_layers: int, replay: Sequence[int] | None = None, dist: tuple | None = None
+        self,
+        exit_layers: Sequence[int],
+        num_layers: int,
+        replay: Sequence[int] | None = None,
+        dist: tuple | None = None,
     ) -> None:
         self.points = [*exit_layers, num_layers - 1]
         self.replay = replay

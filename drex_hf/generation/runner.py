@@ -44,7 +44,7 @@ class SegmentRunner:
         # saturation compares with the hidden state after the previous exit *point*, checked or not:
         # when a segment swallows unchecked exit points, the last of them is captured during the run
         self.capture: list[int | None] = []
-        for s, seg in enumerate(self.segments[:-1]):
+        for seg in self.segments[:-1]:
             inside = [e for e in model.exit_layers if seg.start <= e < seg.stop - 1]
             self.capture.append(inside[-1] if inside and self.measure == "saturation" else None)
         self.capture.append(None)
@@ -117,7 +117,8 @@ class SegmentRunner:
         if self.fill_weights is None:
             for layer in layers:
                 keys, values = self.arch.kv_projection(layer, x.unsqueeze(1), rotary)
-                self.store.write(range(layer, layer + 1), index, positions, keys.transpose(1, 2), values.transpose(1, 2))
+                keys, values = keys.transpose(1, 2), values.transpose(1, 2)
+                self.store.write(range(layer, layer + 1), index, positions, keys, values)
             return
         weight, bias = self.fill_weights
         w = weight[layers.start :].reshape(-1, weight.shape[-1])  # all skipped layers' k/v rows: ONE product

@@ -235,7 +235,8 @@ class DrexPolicy(Policy):
             return None
         worst, where = None, None
         for s in plans:
-            remaining = sum(plans[j][2] if j in plans else self.cost.segment_ms(j, 1) for j in range(s, self.num_segments))
+            later = range(s, self.num_segments)
+            remaining = sum(plans[j][2] if j in plans else self.cost.segment_ms(j, 1) for j in later)
             for row in view.buffers[s]:
                 slack = self.sla_tpot_ms - view.token_age_ms.get(row, 0.0) - remaining
                 if slack < 0.5 * self.sla_tpot_ms and (worst is None or slack < worst):
