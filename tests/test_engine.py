@@ -109,21 +109,22 @@ def test_every_confidence_measure_is_batch_independent(kind, confidence):
 
 
 # ---------------------------------------------------------------- invariant 4: scheduling never changes output
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_random_legal_decisions_give_the_same_tokens_as_drex(kind):
-    model = _model(kind)
+@pytest.mark.parametrize("kind,confidence", [("llama", "classifier"), ("gpt2", "max_prob")])
+def test_random_legal_decisions_give_the_same_tokens_as_drex(kind, confidence):
+    model = _model(kind, confidence)
     _, _, prompts = _prompts(LENGTHS[8])
     thresholds = _thresholds(model, prompts)
     settings = DecodeSettings(max_new_tokens=10, **SAMPLING)
     seeds = list(range(8))
     drex, _ = _engine_run(model, prompts, settings, thresholds, seeds=seeds)  # cost model measured at start-up
-    riders = 0
+    riders = refills = 0
     for seed in range(4):
         policy = RandomPolicy(num_segments=4, seed=seed)
         results, stats = _engine_run(model, prompts, settings, thresholds, policy=policy, seeds=seeds)
         _assert_same_as_reference(results, drex)
         riders += stats.ride_along_rows
-    assert riders > 0  # the random decisions really exercised ride-along
+        refills += stats.ride_fill_rows
+    assert riders > 0 and refills > 0  # the random decisions really rode along, and filled by riding
 
 
 # ---------------------------------------------------------------- invariant 2 and the baselines' counts
@@ -193,7 +194,7 @@ def test_full_policy_engine_equals_hf_greedy_generate_per_prompt(kind):
 
 # ---------------------------------------------------------------- continuous batching
 def test_continuous_batching_200_requests_all_finish_identical_to_reference():
-    model = _model("llama")
+    model = _model("llama", "classifier")  # exits' vocabulary projections are deferred: eos is seen late
     _, _, calib = _prompts(LENGTHS[8], seed=3)
     thresholds = _thresholds(model, calib)
     rng = random.Random(7)
@@ -257,25 +258,34 @@ def test_a_drawn_trace_is_seeded_per_request_and_follows_its_distribution():
 
 
 # ---------------------------------------------------------------- KV fill
+@pytest.mark.parametrize("folded", [True, False])
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
-def test_folded_kv_fill_equals_each_layers_own_projection(kind):
+def test_kv_fill_equals_each_layers_own_projection(kind, folded):
+    """Rows that left at different exits are filled in one product, each only for the layers it skipped."""
     model = _model(kind)
     engine = DrexEngine(model, max_batch=3, max_len=8, policy="full")
     runner, arch = engine.runner, model.arch
-    assert runner.fill_weights is not None
+    assert runner.fill_weights is not None  # every supported architecture folds its norms
+    if not folded:
+        runner.fill_weights = None  # the layer-by-layer path
     x = torch.randn(3, arch.hidden_size)
     runner.exit_hidden[:] = x
     runner.positions[:] = torch.tensor([2, 5, 7])
+    exits = [0, 1, 0]
     with torch.no_grad():
-        runner.fill([0, 1, 2], exit_layer=0)
+        runner.fill([0, 1, 2], exits)
         rotary = arch.position_embeddings(x.unsqueeze(1), runner.positions.unsqueeze(1))
         for layer in (1, 2, 3):
             keys, values = arch.kv_projection(layer, x.unsqueeze(1), rotary)
             for row, pos in enumerate((2, 5, 7)):
+                got_k, got_v = engine.store.keys(layer)[row, :, pos], engine.store.values(layer)[row, :, pos]
+                if layer <= exits[row]:  # computed by the layer itself, never overwritten by a fill
+                    assert got_k.abs().sum() == 0 and got_v.abs().sum() == 0
+                    continue
                 close = dict(rtol=1e-5, atol=1e-5)
-                torch.testing.assert_close(engine.store.keys(layer)[row, :, pos], keys[row, :, 0], **close)
-                torch.testing.assert_close(engine.store.values(layer)[row, :, pos], values[row, :, 0], **close)
-        assert engine.store.keys(0).abs().sum() == 0  # layer 0 was computed, not filled
+                torch.testing.assert_close(got_k, keys[row, :, 0], **close)
+                torch.testing.assert_close(got_v, values[row, :, 0], **close)
+        assert engine.store.keys(0).abs().sum() == 0
 
 
 # ---------------------------------------------------------------- the scheduler, without tensors
@@ -363,3 +373,33 @@ def test_bad_requests_are_refused_before_any_work():
         trace_engine.add_request(torch.tensor([3]), max_new_tokens=2)
     with pytest.raises(GenerationInputError, match="quorum"):
         DrexEngine(model, max_batch=2, max_len=10, policy="batch_majority", quorum=0.3)
+
+
+def test_cost_model_table_is_interpolated_and_the_line_fits_it():
+    from drex_hf.generation.profile import fit_line, row_counts
+
+    assert row_counts(1) == [1] and row_counts(8) == [1, 2, 4, 8] and row_counts(12) == [1, 2, 4, 8, 12]
+    a, b = fit_line([1, 2, 4, 8], [3.0, 4.0, 6.0, 10.0])
+    assert (a, b) == (pytest.approx(2.0), pytest.approx(1.0))
+    # 2-7 rows as slow as 8: what the 2-core CPU's matrix products do
+    table = [[1.0, 5.0, 5.0, 6.0]] * 3
+    cost = CostModel([2.0] * 3, [1.0] * 3, [0.1] * 3, rows=[1, 2, 4, 8], table_ms=table)
+    assert cost.segment_ms(0, 1) == 1.0 and cost.segment_ms(0, 3) == 5.0
+    assert cost.segment_ms(0, 6) == pytest.approx(5.5) and cost.segment_ms(0, 16) == pytest.approx(8.0)
+    # so riding 2 extra rows to stay contiguous costs less than gathering 3, and the policy rides
+    decision = DrexPolicy(3, cost).pick(_view([[], [0, 2, 4], []], [0, 0, 0, 0, 0]))
+    assert decision.segment == 1 and decision.riders == (1, 3)
+    assert decision.predicted_ms == pytest.approx(5.25)
+    line = CostModel([2.0] * 3, [1.0] * 3, [0.1] * 3)  # the fitted line alone would split
+    assert DrexPolicy(3, line).pick(_view([[], [0, 2, 4], []], [0, 0, 0, 0, 0])).riders == ()
+
+
+def test_eager_attention_engine_equals_the_reference_decoder():
+    config = EarlyExitConfig(exit_layers=list(EXITS), thresholds=math.inf, head="norm")
+    model = EarlyExitModelForCausalLM.from_base(make_tiny("llama", attn_implementation="eager"), config)
+    _, _, prompts = _prompts(LENGTHS[8])
+    thresholds = _thresholds(model, prompts)
+    settings = DecodeSettings(max_new_tokens=10)
+    reference = generate_reference(model, prompts, settings, thresholds)
+    results, _ = _engine_run(model, prompts, settings, thresholds)
+    _assert_same_as_reference(results, reference)

@@ -62,11 +62,13 @@ class EngineStats:
     involuntary_exits: int = 0
     missed_exits: int = 0
     ride_along_rows: int = 0
+    ride_fill_rows: int = 0  # riders whose ride wrote their KV fill (no separate product needed)
     layer_rows: int = 0
     min_layer_rows: int = 0
     steps: int = 0
     prefill_steps: int = 0
     wall_s: float = 0.0
+    prefill_s: float = 0.0
     predicted_ms: list[float | None] = field(default_factory=list)
     measured_ms: list[float] = field(default_factory=list)
     step_segments: list[int] = field(default_factory=list)
@@ -75,6 +77,12 @@ class EngineStats:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens decoded after the prefill's, per second of decoding (prefill time excluded)."""
+        decode_s = self.wall_s - self.prefill_s
+        return self.decoded_tokens / decode_s if decode_s > 0 else 0.0
 
     def prediction_error(self) -> dict[str, float | None]:
         return error_summary(self.predicted_ms, self.measured_ms)
@@ -89,12 +97,15 @@ class EngineStats:
             "involuntary_exits": self.involuntary_exits,
             "missed_exits": self.missed_exits,
             "ride_along_rows": self.ride_along_rows,
+            "ride_fill_rows": self.ride_fill_rows,
             "layer_rows": self.layer_rows,
             "min_layer_rows": self.min_layer_rows,
             "steps": self.steps,
             "prefill_steps": self.prefill_steps,
             "wall_s": self.wall_s,
+            "prefill_s": self.prefill_s,
             "tokens_per_s": self.tokens_per_s,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
             "prediction_error": self.prediction_error(),
             "kv_cache_bytes": self.kv_cache_bytes,
         }
@@ -114,6 +125,7 @@ class _Request:
     fill_from: int | None = None  # exit layer whose skipped layers still need KV fill
     trace_layer: int = -1  # this token's exit layer under a trace
     passed_at: int | None = None  # first exit point this token was confident at (batch policies)
+    pending_layer: int | None = None  # exited here; its token's vocabulary projection is deferred
     token_start: float = 0.0
     steps_waiting: int = 0
 
@@ -133,6 +145,9 @@ class DrexEngine:
         cost_model: a `CostModel`, a calibration file, or None (measured quickly at start-up).
         sla_tpot_ms: drex: the time per output token no request should exceed.
         quorum: batch_majority's q.
+        defer_projection: with a confidence that needs no logits (`classifier`, `saturation`), keep
+            exited rows' head features and project them to the vocabulary together, at the next
+            final-segment step or when the row's next token starts (same tokens, fewer lm_head calls).
     """
 
     def __init__(
@@ -149,8 +164,10 @@ class DrexEngine:
         cost_model: CostModel | str | None = None,
         sla_tpot_ms: float | None = None,
         quorum: float = 0.5,
+        defer_projection: bool = True,
     ) -> None:
         model.arch.check_attention_implementation()
+        self.defer_projection = defer_projection
         if not isinstance(max_batch, int) or max_batch < 1:
             raise GenerationInputError(f"max_batch must be a positive integer, got {max_batch!r}")
         if not isinstance(max_len, int) or max_len < 2:
@@ -214,6 +231,7 @@ class DrexEngine:
         self.stats.kv_cache_bytes = self.store.nbytes()
 
     # ------------------------------------------------------------------ set-up
+    @torch.no_grad()
     def _cost_model(self, given: CostModel | str | None, policy: str) -> CostModel | None:
         if isinstance(given, CostModel):
             return given
@@ -282,12 +300,15 @@ class DrexEngine:
         return rid
 
     # ------------------------------------------------------------------ stepping
+    @torch.no_grad()
     def step(self) -> bool:
         """Run one prefill or one scheduler decision; False when there was nothing to do."""
         if self.prefill_queue:
             start = time.perf_counter()
             self._prefill()
+            _sync(self.model.heads_device)
             self.stats.prefill_steps += 1
+            self.stats.prefill_s += time.perf_counter() - start
             self.stats.wall_s += time.perf_counter() - start
             return True
         if not self.requests:
@@ -349,17 +370,34 @@ class DrexEngine:
             for slot in buffer:
                 self.requests[slot].steps_waiting += slot not in chosen
         self.buffers[s] = [slot for slot in self.buffers[s] if slot not in chosen]
-        reqs = [self.requests[slot] for slot in rows]
         if s == 0:
-            self._start_tokens(reqs)
-        x = self.runner.run_segment(s, rows, list(d.riders))
+            # tokens whose vocabulary projection was deferred are needed now; some may end their request
+            self._project([self.requests[slot] for slot in rows])
+            rows = [slot for slot in rows if slot in self.requests]
+            if not rows:
+                return
+            self._start_tokens([self.requests[slot] for slot in rows])
+        reqs = [self.requests[slot] for slot in rows]
+        segment = self.runner.segments[s]
+        refill = []
+        for slot in d.riders:
+            rider = self.requests.get(slot)
+            if rider is not None and rider.fill_from is not None and rider.fill_from + 1 == segment.start:
+                refill.append(slot)
+                last = segment.stop - 1  # the ride writes this segment's fill; the rest may follow
+                rider.fill_from = None if last == self.num_layers - 1 else last
+                rider.done_through = s  # its keys/values here are final now: it may not ride s again
+        self.stats.ride_fill_rows += len(refill)
+        x = self.runner.run_segment(s, rows, list(d.riders), refill)
         self.stats.ride_along_rows += len(d.riders)
         self.stats.layer_rows += len(self.runner.segments[s]) * (len(rows) + len(d.riders))
         for req in reqs:
             req.steps_waiting = 0
             req.done_through = s
         if s == self.num_segments - 1:
-            self._finish_tokens(reqs, self.runner.final_logits(x), self.num_layers - 1, None)
+            pending = [self.requests[slot] for slot in self.buffers[0] if self.requests[slot].pending_layer is not None]
+            logits = self._project(pending, final=x)  # one lm_head product for both
+            self._finish_tokens(reqs, logits, [self.num_layers - 1] * len(reqs), queued=False)
             return
         layer = self.runner.boundaries[s]
         own = self._confident(s, layer, rows, x)
@@ -387,11 +425,44 @@ class DrexEngine:
                 self.buffers[s + 1].append(rows[i])
         if out:
             index = torch.tensor(out, device=x.device)
-            x_out = x.index_select(0, index)
-            logits = self._last_logits
-            logits = self.runner.head_logits(s, x_out) if logits is None else logits.index_select(0, index)
-            self.runner.keep([rows[i] for i in out], x_out, exited=True)
-            self._finish_tokens([reqs[i] for i in out], logits, layer, layer)
+            self._exit_rows([reqs[i] for i in out], s, layer, x.index_select(0, index), index)
+
+    def _exit_rows(self, reqs: list[_Request], s: int, layer: int, x: torch.Tensor, index: torch.Tensor) -> None:
+        """Rows leaving at exit point `s`: keep their hidden states for KV fill, then emit their tokens,
+        or — when the confidence needed no logits — keep the head's features and defer the vocabulary
+        projection until the token is needed, so one lm_head product serves many exits."""
+        self.runner.keep([r.slot for r in reqs], x, exited=True)
+        logits = self._last_logits
+        if logits is not None:
+            self._finish_tokens(reqs, logits.index_select(0, index), [layer] * len(reqs), queued=False)
+            return
+        if not self.defer_projection:
+            self._finish_tokens(reqs, self.runner.head_logits(s, x), [layer] * len(reqs), queued=False)
+            return
+        self.runner.keep_features(s, [r.slot for r in reqs], x)
+        for req in reqs:
+            req.pending_layer = layer
+            req.fill_from = layer
+            req.segment = 0
+            req.steps_waiting = 0
+            req.done_through = s
+            self.buffers[0].append(req.slot)
+
+    def _project(self, pending: list[_Request], final: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Emit the deferred tokens of `pending` (those that have one); with `final` (hidden states
+        after the last layer) the same lm_head product also gives, and returns, their logits."""
+        pending = [r for r in pending if r.pending_layer is not None]
+        if not pending:
+            return None if final is None else self.runner.final_logits(final)
+        slots = [r.slot for r in pending]
+        logits = self.runner.project(slots, final)
+        if final is not None:
+            logits, final_logits = logits[len(final) :], logits[: len(final)]
+        layers = [r.pending_layer for r in pending]
+        for req in pending:
+            req.pending_layer = None
+        self._finish_tokens(pending, logits, layers, queued=True)
+        return final_logits if final is not None else None
 
     def _confident(self, s: int, layer: int, rows: list[int], x: torch.Tensor) -> list[bool]:
         """Each row's own verdict at this exit point: its confidence against the threshold, or its trace."""
@@ -401,14 +472,12 @@ class DrexEngine:
         return (confidence >= self.threshold_at[layer]).reshape(-1).tolist()
 
     def _start_tokens(self, reqs: list[_Request]) -> None:
-        """KV fill for rows that exited early (grouped by exit layer), then embed their next tokens."""
-        groups: dict[int, list[int]] = {}
-        for req in reqs:
-            if req.fill_from is not None:
-                groups.setdefault(req.fill_from, []).append(req.slot)
-                req.fill_from = None
-        for layer, slots in groups.items():
-            self.runner.fill(slots, layer)
+        """KV fill for rows that exited early (one product for all), then embed their next tokens."""
+        filled = [r for r in reqs if r.fill_from is not None]
+        if filled:
+            self.runner.fill([r.slot for r in filled], [r.fill_from for r in filled])
+        for req in filled:
+            req.fill_from = None
         self.runner.embed([r.slot for r in reqs], [r.output.tokens[-1] for r in reqs])
         for req in reqs:
             req.passed_at = None
@@ -416,22 +485,24 @@ class DrexEngine:
             if req.exits is not None:
                 req.trace_layer = req.exits.next_layer()
 
-    def _finish_tokens(self, reqs: list[_Request], logits: torch.Tensor, layer: int, fill_from: int | None) -> None:
+    def _finish_tokens(self, reqs: list[_Request], logits: torch.Tensor, layers: list[int], *, queued: bool) -> None:
+        """Pick and emit one token per row; `queued`: the rows already wait in the first buffer."""
         now = time.perf_counter()
         if self.settings.do_sample:
             tokens = [self._pick(row, req) for row, req in zip(logits, reqs)]
         else:
             tokens = logits.float().argmax(dim=-1).tolist()
-        for req, token in zip(reqs, tokens):
+        last = self.num_layers - 1
+        for req, token, layer in zip(reqs, tokens, layers):
             self.stats.decoded_tokens += 1
             self.stats.min_layer_rows += layer + 1
             if req.passed_at is not None and req.passed_at < layer:
                 req.output.missed += 1
                 self.stats.missed_exits += 1
-            req.fill_from = fill_from
-            self._emit(req, token, layer, now)
+            req.fill_from = None if layer == last else layer
+            self._emit(req, token, layer, now, queued)
 
-    def _emit(self, req: _Request, token: int, layer: int, now: float) -> None:
+    def _emit(self, req: _Request, token: int, layer: int, now: float, queued: bool = False) -> None:
         out = req.output
         out.tokens.append(int(token))
         out.exit_layers.append(layer)
@@ -443,10 +514,14 @@ class DrexEngine:
             out.finished = True
             self.finished[out.request_id] = out
             del self.requests[req.slot]
+            if req.slot in self.buffers[0]:
+                self.buffers[0].remove(req.slot)
             self.store.release(req.slot)
             return
-        req.segment = 0
         req.token_start = now
+        if queued:
+            return
+        req.segment = 0
         req.steps_waiting = 0
         # keys/values past the exit are filled before the next token starts: until then the slot may ride
         req.done_through = self.num_segments - 1 if req.fill_from is None else self._segment_of(layer)

@@ -54,6 +54,7 @@ class SegmentRunner:
         self.device = device
         self.hidden = torch.zeros(slots, hidden, dtype=dtype, device=device)
         self.exit_hidden = torch.zeros_like(self.hidden)
+        self.features = torch.zeros_like(self.hidden)  # exited rows' head features awaiting the lm_head
         self.previous = torch.zeros_like(self.hidden) if self.measure == "saturation" else None
         self.positions = torch.zeros(slots, dtype=torch.long, device=device)
         if kv_fill != "project":
@@ -103,12 +104,15 @@ class SegmentRunner:
         return logits[back.to(self.device)]
 
     # ------------------------------------------------------------------ KV fill
-    def fill(self, slots: list[int], exit_layer: int) -> None:
-        """Keys/values of layers exit_layer+1 .. L-1 for `slots` at their current positions, from
-        their exit hidden states: each layer's input norm and k/v projections (`kv_fill="project"`)."""
-        layers = range(exit_layer + 1, self.num_layers)
-        if not slots or not layers:
+    def fill(self, slots: list[int], exit_layer: int | list[int]) -> None:
+        """Keys/values of the layers after each slot's exit layer, at its current position, from its
+        exit hidden state: each layer's input norm and k/v projections (`kv_fill="project"`), for
+        all rows and all skipped layers in one matrix product (rows that skipped fewer layers get the
+        deeper layers only). `exit_layer`: one for all slots, or one per slot."""
+        exits = [exit_layer] * len(slots) if isinstance(exit_layer, int) else list(exit_layer)
+        if not slots or min(exits) >= self.num_layers - 1:
             return
+        layers = range(min(exits) + 1, self.num_layers)
         index = self._index(slots)
         x = self.exit_hidden.index_select(0, index)
         positions = self.positions.index_select(0, index)
@@ -118,7 +122,8 @@ class SegmentRunner:
             for layer in layers:
                 keys, values = self.arch.kv_projection(layer, x.unsqueeze(1), rotary)
                 keys, values = keys.transpose(1, 2), values.transpose(1, 2)
-                self.store.write(range(layer, layer + 1), index, positions, keys, values)
+                rows = torch.tensor([i for i, e in enumerate(exits) if e < layer], device=self.device)
+                self.store.write(range(layer, layer + 1), index[rows], positions[rows], keys[rows], values[rows])
             return
         weight, bias = self.fill_weights
         w = weight[layers.start :].reshape(-1, weight.shape[-1])  # all skipped layers' k/v rows: ONE product
@@ -127,7 +132,17 @@ class SegmentRunner:
         kv = kv.view(len(slots), len(layers), 2, kv_heads, head_dim)
         keys = kv[:, :, 0].reshape(len(slots), len(layers) * kv_heads, 1, head_dim)
         keys = self.arch.rotate_keys(keys, rotary).view(len(slots), len(layers), kv_heads, head_dim)
-        self.store.write(layers, index, positions, keys, kv[:, :, 1])
+        values = kv[:, :, 1]
+        if len(set(exits)) == 1:
+            self.store.write(layers, index, positions, keys, values)
+            return
+        for exit_at in sorted(set(exits)):
+            rows = torch.tensor([i for i, e in enumerate(exits) if e == exit_at], device=self.device)
+            skip = exit_at + 1 - layers.start
+            block = range(exit_at + 1, self.num_layers)
+            self.store.write(
+                block, index[rows], positions[rows], keys[rows, skip:], values[rows, skip:]
+            )  # fmt: skip
 
     # ------------------------------------------------------------------ one token's segments
     def embed(self, slots: list[int], tokens: list[int]) -> None:
@@ -140,9 +155,13 @@ class SegmentRunner:
         if self.previous is not None:
             self.previous[index] = emb
 
-    def run_segment(self, s: int, rows: list[int], riders: list[int] = ()) -> torch.Tensor:
+    def run_segment(self, s: int, rows: list[int], riders: list[int] = (), refill: list[int] = ()) -> torch.Tensor:
         """Run segment `s` on `rows` (plus `riders`, whose results are discarded); returns the
-        hidden states of `rows`, in their order, after the segment's last layer."""
+        hidden states of `rows`, in their order, after the segment's last layer.
+
+        `refill` (a subset of the riders: rows that exited earlier) enter every layer with their exit
+        hidden state, so the keys/values the layer writes for them are exactly their KV fill: a
+        ride does the fill of the layers it passes, and no separate product is needed for them."""
         run = sorted([*rows, *riders])
         lo, hi = run[0], run[-1] + 1
         index = self._index(run)
@@ -158,7 +177,12 @@ class SegmentRunner:
         if riders or self.capture[s] is not None:
             where = {slot: i for i, slot in enumerate(run)}
             mine = torch.tensor([where[r] for r in rows], device=self.device)
+        if refill:
+            at = torch.tensor([where[r] for r in refill], device=self.device)
+            exit_states = self.exit_hidden.index_select(0, self._index(list(refill))).unsqueeze(1)
         for index_layer in layers:
+            if refill:
+                hidden = hidden.index_copy(0, at, exit_states)
             hidden = self.arch.run_layer(
                 index_layer,
                 hidden,
@@ -189,6 +213,18 @@ class SegmentRunner:
 
     def final_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.arch.lm_head(self.arch.final_norm(x))
+
+    def keep_features(self, s: int, slots: list[int], x: torch.Tensor) -> None:
+        """Store exit head s's features of exited rows; `project` turns them into logits later."""
+        self.features[self._index(slots)] = self.heads[s].features(x)
+
+    def project(self, slots: list[int], final: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the stored features of `slots` — after those of `final` (hidden states after the
+        last layer, final-normed here) when given — in one lm_head product."""
+        features = self.features.index_select(0, self._index(slots))
+        if final is not None:
+            features = torch.cat([self.arch.final_norm(final), features])
+        return self.arch.lm_head(features)
 
     def keep(self, rows: list[int], x: torch.Tensor, *, exited: bool) -> None:
         """Store the exit-point states: continuing rows' hidden (and previous-exit) states, or exited

@@ -1,0 +1,279 @@
+"""Engine benchmark: full / batch_all / batch_majority / drex on the same prompts, one process.
+
+    python benchmarks/engine.py moderate --batch-sizes 8,32 --max-new-tokens 64 --out runs/bench-engine
+    python benchmarks/engine.py smollm2 --batch-sizes 8,32 --max-new-tokens 64 --out runs/bench-engine
+
+`moderate`: a random-weight Llama (16 layers, hidden 1024, 16 heads / 4 kv heads, MLP 2816, vocab
+32000), exits after layers 3/7/11 with `norm` heads and the cheap `classifier` check; exits are drawn
+per token from a stated distribution (`trace` source, default 20/25/20 % at the exits, 35 % full
+depth), so only speed means anything. `smollm2`: SmolLM2-135M-Instruct with the shipped heads and
+their real max-prob confidences on held-out chat and Shakespeare prompts.
+
+Decode tokens/s excludes the prefill (identical for every policy). All policies' engines run in one
+process on the same prompts, stepped round-robin (each times its own steps), so drift of the
+machine's speed falls on every policy alike. ideal = full × L ÷ mean layers
+per token (the measured exit depths); efficiency = drex ÷ ideal. Writes engine.json and engine.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from drex_hf import EarlyExitConfig, EarlyExitModelForCausalLM
+from drex_hf.generation.engine import DrexEngine, device_name
+from drex_hf.generation.exits import ExitDistribution
+from drex_hf.generation.settings import DecodeSettings
+
+POLICIES = ("full", "batch_all", "batch_majority", "drex")
+
+
+def moderate_model(dtype: torch.dtype) -> EarlyExitModelForCausalLM:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    heads = EarlyExitConfig(exit_layers=[3, 7, 11], head="norm", confidence="classifier", thresholds=0.5)
+    return EarlyExitModelForCausalLM.from_base(base, heads).eval()
+
+
+def smollm2_model() -> EarlyExitModelForCausalLM:
+    folder = Path(__file__).resolve().parents[1] / "model_cards" / "smollm2-135m-drex"
+    return EarlyExitModelForCausalLM.from_pretrained(folder).eval()
+
+
+def random_prompts(count: int, low: int, high: int, vocab: int, seed: int) -> list[torch.Tensor]:
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (rng.randint(low, high),), generator=gen) for _ in range(count)]
+
+
+def smollm2_prompts(model: EarlyExitModelForCausalLM, count: int, seed: int) -> list[torch.Tensor]:
+    """Held-out prompts: the recipe's eval prompts are drawn with another seed from the same sets."""
+    from drex_hf.cli.common import tokenizer_for
+    from drex_hf.training.prompts import draw_prompts
+
+    tokenizer = tokenizer_for(model)
+    texts = draw_prompts(["chat", "shakespeare"], count, seed=seed)
+    out = []
+    for _, text in texts:
+        chat = [{"role": "user", "content": text}]
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")
+        ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
+        out.append(ids.reshape(-1))
+    return out
+
+
+def build_engine(
+    model: EarlyExitModelForCausalLM,
+    prompts: list[torch.Tensor],
+    policy: str,
+    new_tokens: int,
+    distribution: ExitDistribution | None,
+) -> tuple[DrexEngine, list[int]]:
+    engine = DrexEngine(
+        model,
+        max_batch=len(prompts),
+        max_len=max(p.shape[0] for p in prompts) + new_tokens,
+        policy=policy,
+        settings=DecodeSettings(max_new_tokens=new_tokens),
+        exit_source="heads" if distribution is None else "trace",
+        exit_distribution=distribution,
+    )
+    return engine, [engine.add_request(p, seed=i) for i, p in enumerate(prompts)]
+
+
+def summary(engine: DrexEngine, ids: list[int]) -> dict:
+    results = engine.finished
+    stats = engine.stats.to_dict()
+    stats["mean_layers"] = stats["min_layer_rows"] / max(stats["decoded_tokens"], 1)
+    stats["outputs"] = [results[i].tokens for i in ids]
+    stats["exit_layers"] = [results[i].exit_layers for i in ids]
+    if engine.cost is not None:
+        stats["cost_model"] = engine.cost.to_dict() | {"source": engine.cost.source}
+    return stats
+
+
+@torch.no_grad()
+def run_interleaved(
+    model: EarlyExitModelForCausalLM,
+    prompts: list[torch.Tensor],
+    policies: list[str],
+    new_tokens: int,
+    distribution: ExitDistribution | None,
+) -> dict[str, dict]:
+    """Every policy's engine on the same prompts, stepped round-robin in one process: each engine
+    times its own steps, and the machine's drift (up to 20 % over minutes on the shared 2-core VM)
+    falls on all of them alike."""
+    engines = {p: build_engine(model, prompts, p, new_tokens, distribution) for p in policies}
+    busy = True
+    while busy:
+        busy = False
+        for engine, _ in engines.values():
+            busy |= engine.step()
+    return {p: summary(engine, ids) for p, (engine, ids) in engines.items()}
+
+
+def run_policy(
+    model: EarlyExitModelForCausalLM,
+    prompts: list[torch.Tensor],
+    policy: str,
+    new_tokens: int,
+    distribution: ExitDistribution | None,
+) -> dict:
+    return run_interleaved(model, prompts, [policy], new_tokens, distribution)[policy]
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Share of positions where two runs emitted the same token (up to the shorter of each pair)."""
+    same = total = 0
+    for x, y in zip(a, b):
+        n = min(len(x), len(y))
+        same += sum(int(i == j) for i, j in zip(x[:n], y[:n]))
+        total += n
+    return same / max(total, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", choices=("moderate", "smollm2"))
+    parser.add_argument("--batch-sizes", default="8,32")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--exit-dist", default="0.2,0.25,0.2,0.35", help="moderate: P(exit) per exit, then full")
+    parser.add_argument("--prompt-lengths", default="8,64", help="moderate: prompt lengths drawn uniformly in [a,b]")
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument(
+        "--only-exits",
+        default=None,
+        help="smollm2: keep the thresholds of these exit layers (comma-separated) and switch the others off",
+    )
+    parser.add_argument("--out", default="runs/bench-engine")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of the whole comparison; the median run per policy is reported (every run steps all the "
+        "policies' engines round-robin, so the shared VM's drift of up to 20 %% over minutes falls on all alike)",
+    )
+    args = parser.parse_args(argv)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    policies = args.policies.split(",")
+    if args.model == "moderate":
+        model = moderate_model(torch.float32)
+        distribution = ExitDistribution(tuple(float(p) for p in args.exit_dist.split(",")), seed=args.seed)
+        low, high = (int(v) for v in args.prompt_lengths.split(","))
+    else:
+        model = smollm2_model()
+        distribution = None
+        if args.only_exits:
+            keep = {int(v) for v in args.only_exits.split(",")}
+            thresholds = model.exit_config.threshold_list()
+            model.exit_config.thresholds = [
+                t if e in keep else float("inf") for e, t in zip(model.exit_layers, thresholds)
+            ]
+    machine = f"{device_name(model.heads_device)}, {os.cpu_count()} cores, torch {torch.__version__}"
+    if model.heads_device.type == "cpu":
+        machine += f", {torch.get_num_threads()} threads"
+    report: dict = {"model": args.model, "machine": machine, "python": platform.python_version(), "runs": []}
+    report["thresholds"] = [t if t != float("inf") else "inf" for t in model.exit_config.threshold_list()]
+    report["confidence"] = model.exit_config.confidence
+    if distribution is not None:
+        report["exit_distribution"] = list(distribution.probabilities)
+    # warm-up: first calls pay one-off costs (allocator, thread pools) that no policy should be charged
+    warm = random_prompts(2, 4, 8, model.arch.vocab_size, 99)
+    run_policy(model, warm, "full", 4, None)
+    lines = []
+    for batch in batches:
+        if args.model == "moderate":
+            prompts = random_prompts(batch, low, high, model.arch.vocab_size, args.seed + batch)
+        else:
+            prompts = smollm2_prompts(model, batch, seed=1000 + batch)
+        row = {"batch": batch, "policies": {}}
+        runs: dict[str, list[dict]] = {p: [] for p in policies}
+        for repeat in range(args.repeats):
+            for policy, stats in run_interleaved(model, prompts, policies, args.max_new_tokens, distribution).items():
+                runs[policy].append(stats)
+                print(
+                    f"batch {batch:3d} run {repeat} {policy:15s} decode {stats['decode_tokens_per_s']:8.1f} tok/s  "
+                    f"mean layers {stats['mean_layers']:.2f}  involuntary {stats['involuntary_exits']:4d}  "
+                    f"missed {stats['missed_exits']:4d}  rides {stats['ride_along_rows']}  steps {stats['steps']}",
+                    flush=True,
+                )
+        for policy, done in runs.items():
+            ordered = sorted(done, key=lambda s: s["decode_tokens_per_s"])
+            median = ordered[len(ordered) // 2]
+            median["decode_tokens_per_s_runs"] = [s["decode_tokens_per_s"] for s in done]
+            row["policies"][policy] = median
+        full = row["policies"].get("full")
+        drex = row["policies"].get("drex")
+        if full and drex:
+            L = model.num_layers
+            ideal = full["decode_tokens_per_s"] * L / drex["mean_layers"]
+            row["ideal_tokens_per_s"] = ideal
+            row["drex_efficiency"] = drex["decode_tokens_per_s"] / ideal
+            for stats in row["policies"].values():
+                stats["agreement_with_full"] = agreement(stats["outputs"], full["outputs"])
+        report["runs"].append(row)
+        lines.append(row)
+    (out / "engine.json").write_text(json.dumps(report, indent=1))
+    (out / "engine.md").write_text(render(report, model.num_layers))
+    print(render(report, model.num_layers))
+    return 0
+
+
+def render(report: dict, num_layers: int) -> str:
+    rows = [
+        f"Machine: {report['machine']}. Model: {report['model']}.",
+        "",
+        "| batch | policy | decode tok/s | × full | × batch_all | mean layers | involuntary | missed | rides | "
+        "agree w/ full | pred. err (median / p95) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in report["runs"]:
+        pol = run["policies"]
+        full = pol.get("full", {}).get("decode_tokens_per_s")
+        base = pol.get("batch_all", {}).get("decode_tokens_per_s")
+        for name, s in pol.items():
+            tps = s["decode_tokens_per_s"]
+            err = s["prediction_error"]
+            err_text = "–" if err["median"] is None else f"{100 * err['median']:.0f} % / {100 * err['p95']:.0f} %"
+            agree = s.get("agreement_with_full")
+            rows.append(
+                f"| {run['batch']} | {name} | {tps:.1f} | {tps / full:.2f} | {tps / base:.2f} | "
+                f"{s['mean_layers']:.2f} | {s['involuntary_exits']} | {s['missed_exits']} | {s['ride_along_rows']} | "
+                f"{'–' if agree is None else f'{100 * agree:.1f} %'} | {err_text} |"
+                if full and base
+                else f"| {run['batch']} | {name} | {tps:.1f} | | | {s['mean_layers']:.2f} | | | | | |"
+            )
+        if "ideal_tokens_per_s" in run:
+            rows.append(
+                f"| {run['batch']} | *ideal* (full × {num_layers} ÷ drex mean layers) | "
+                f"{run['ideal_tokens_per_s']:.1f} | | | | | | | | drex efficiency "
+                f"**{100 * run['drex_efficiency']:.0f} %** |"
+            )
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
