@@ -403,3 +403,20 @@ def test_eager_attention_engine_equals_the_reference_decoder():
     reference = generate_reference(model, prompts, settings, thresholds)
     results, _ = _engine_run(model, prompts, settings, thresholds)
     _assert_same_as_reference(results, reference)
+
+
+def test_a_tight_sla_reorders_steps_but_never_changes_tokens():
+    model = _model("qwen2", "classifier")
+    _, _, prompts = _prompts(LENGTHS[8])
+    thresholds = _thresholds(model, prompts)
+    settings = DecodeSettings(max_new_tokens=10)
+    reference = generate_reference(model, prompts, settings, thresholds)
+    cost = CostModel.constant(4)
+    relaxed, relaxed_stats = _engine_run(model, prompts, settings, thresholds, cost_model=cost)
+    tight, tight_stats = _engine_run(model, prompts, settings, thresholds, cost_model=cost, sla_tpot_ms=1e-3)
+    _assert_same_as_reference(relaxed, reference)
+    _assert_same_as_reference(tight, reference)
+    assert tight_stats.involuntary_exits == 0
+    assert relaxed_stats.step_segments != tight_stats.step_segments  # the SLA really reordered the steps
+    with pytest.raises(GenerationInputError, match="sla_tpot_ms must be positive"):
+        DrexEngine(model, max_batch=2, max_len=8, sla_tpot_ms=0)

@@ -71,6 +71,19 @@ class SegmentRunner:
             w: build_attention_mask(positions, kv_len, window=w, dtype=dtype) for w in {self.windows[i] for i in layers}
         }
 
+    def _layer(
+        self, index: int, hidden: torch.Tensor, masks: dict, positions: torch.Tensor, rotary: Any
+    ) -> torch.Tensor:
+        """Decoder layer `index`, unmodified, on the rows bound to the store."""
+        return self.arch.run_layer(
+            index,
+            hidden,
+            attention_mask=masks[self.windows[index]],
+            position_ids=positions,
+            position_embeddings=rotary,
+            cache=self.store,
+        )
+
     # ------------------------------------------------------------------ prefill
     def prefill(self, slots: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
         """Full-depth pass over the prompts (right-padded, causal); returns each one's last logits."""
@@ -88,14 +101,7 @@ class SegmentRunner:
         self.store.bind(slots, positions)
         masks = self._masks(range(self.num_layers), positions, width, hidden.dtype)
         for index in range(self.num_layers):
-            hidden = self.arch.run_layer(
-                index,
-                hidden,
-                attention_mask=masks[self.windows[index]],
-                position_ids=positions,
-                position_embeddings=rotary,
-                cache=self.store,
-            )
+            hidden = self._layer(index, hidden, masks, positions, rotary)
         last = hidden[torch.arange(len(prompts), device=self.device), lengths - 1]
         self.positions[self._index(slots)] = lengths - 1
         logits = self.final_logits(last)
@@ -183,14 +189,7 @@ class SegmentRunner:
         for index_layer in layers:
             if refill:
                 hidden = hidden.index_copy(0, at, exit_states)
-            hidden = self.arch.run_layer(
-                index_layer,
-                hidden,
-                attention_mask=masks[self.windows[index_layer]],
-                position_ids=positions,
-                position_embeddings=rotary,
-                cache=self.store,
-            )
+            hidden = self._layer(index_layer, hidden, masks, positions, rotary)
             if index_layer == self.capture[s]:
                 self.previous[self._index(rows)] = hidden[:, 0].index_select(0, mine)
         out = hidden[:, 0]
