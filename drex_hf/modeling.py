@@ -476,12 +476,12 @@ class EarlyExitModelForCausalLM(nn.Module):
             thresholds=self._thresholds(thresholds),
             exit_source="heads" if exit_trace is None else "trace",
             exit_distribution=distribution,
-            cost_model=self._cached_cost_model(cost_model, policy, len(prompts), thresholds),
+            cost_model=self._cached_cost_model(cost_model, policy, len(prompts), thresholds, exit_trace is not None),
             sla_tpot_ms=sla_tpot_ms,
             quorum=quorum,
         )
         if policy == "drex" and cost_model is None:
-            self._cost_models[self._cost_key(thresholds, len(prompts))] = engine.cost
+            self._cost_models[self._cost_key(thresholds, len(prompts), exit_trace is not None)] = engine.cost
         callback = None
         if streamer is not None:
             streamer.put(prompts[0].unsqueeze(0).cpu())
@@ -508,15 +508,20 @@ class EarlyExitModelForCausalLM(nn.Module):
             return EarlyExitGenerateOutput(sequences, exit_layers, engine.stats)
         return sequences
 
-    def _cost_key(self, thresholds: Any, batch: int) -> tuple:
-        checked = tuple(e for e, t in zip(self.exit_layers, self._thresholds(thresholds)) if t != math.inf)
-        return (checked, batch, str(self.heads_device))
+    def _cost_key(self, thresholds: Any, batch: int, trace: bool) -> tuple:
+        """The segments a drex engine will run (a trace checks every exit point), the batch, the device."""
+        ends = (
+            self.exit_layers
+            if trace
+            else [e for e, t in zip(self.exit_layers, self._thresholds(thresholds)) if t != math.inf]
+        )
+        return (tuple(ends), batch, str(self.heads_device))
 
-    def _cached_cost_model(self, given: Any, policy: str, batch: int, thresholds: Any) -> Any:
-        """A cost model measured once per (checked exits, batch size, device) and reused by later calls."""
+    def _cached_cost_model(self, given: Any, policy: str, batch: int, thresholds: Any, trace: bool) -> Any:
+        """A cost model measured once per (segments, batch size, device) and reused by later calls."""
         if given is not None or policy != "drex":
             return given
-        return self._cost_models.get(self._cost_key(thresholds, batch))
+        return self._cost_models.get(self._cost_key(thresholds, batch, trace))
 
     def _thresholds(self, override: float | list[float] | None) -> list[float]:
         if override is None:
@@ -531,10 +536,11 @@ class EarlyExitModelForCausalLM(nn.Module):
         if limit is None:
             return
         for b, prompt in enumerate(prompts):
-            if prompt.shape[0] + max_new_tokens > limit:
+            needed = prompt.shape[0] + max_new_tokens - 1  # the last new token is never fed back
+            if needed > limit:
                 raise GenerationInputError(
                     f"prompt {b} has {prompt.shape[0]} tokens; with max_new_tokens={max_new_tokens} it needs "
-                    f"{prompt.shape[0] + max_new_tokens} positions but the model has {limit}"
+                    f"{needed} positions but the model has {limit}"
                 )
 
 

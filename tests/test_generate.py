@@ -250,7 +250,7 @@ def test_bad_generate_inputs_are_clear_errors():
         (dict(input_ids=ids, attention_mask=mask.flip(1)), "not left-padded"),
         (dict(input_ids=ids, attention_mask=mask[:, 1:]), "attention_mask has shape"),
         (dict(input_ids=ids.float()), "integer token ids"),
-        (dict(input_ids=torch.randint(3, 99, (1, 60)), max_new_tokens=10), "needs 70 positions but the model has 64"),
+        (dict(input_ids=torch.randint(3, 99, (1, 60)), max_new_tokens=10), "needs 69 positions but the model has 64"),
         (dict(input_ids=ids, attention_mask=mask, policy="fastest"), "unknown policy 'fastest'"),
         (dict(input_ids=ids, attention_mask=mask, policy="full", exit_trace=[[3]] * 3), "do not apply to policy="),
         (dict(input_ids=ids, attention_mask=mask, exit_trace=[[3, 7]] * 3), r"holds layer\(s\) \[7\]"),

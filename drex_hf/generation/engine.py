@@ -10,6 +10,7 @@ scheduling decision changes a request's output. `generate()` is a static batch r
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -176,6 +177,10 @@ class DrexEngine:
             raise GenerationInputError(f"unknown exit source {exit_source!r}; choose 'heads' or 'trace'")
         if sla_tpot_ms is not None and not sla_tpot_ms > 0:
             raise GenerationInputError(f"sla_tpot_ms must be positive, got {sla_tpot_ms}")
+        if sla_tpot_ms is not None and policy != "drex":
+            raise GenerationInputError(f"sla_tpot_ms applies to policy 'drex', not {policy!r}")
+        if exit_source == "trace" and policy == "full":
+            raise GenerationInputError("policy 'full' never exits: a trace does not apply to it")
         self.model, self.arch = model, model.arch
         self.settings = settings or DecodeSettings(max_new_tokens=32)
         self.warpers = self.settings.warpers()
@@ -217,6 +222,10 @@ class DrexEngine:
         self.runner = SegmentRunner(model, self.store, boundaries)
         self.num_segments = len(self.runner.segments)
         if isinstance(policy, Policy):
+            if policy.num_segments != self.num_segments:
+                raise GenerationInputError(
+                    f"the policy was built for {policy.num_segments} segments; this engine has {self.num_segments}"
+                )
             self.cost = policy.cost
             self.policy = policy
         else:
@@ -234,6 +243,11 @@ class DrexEngine:
     @torch.no_grad()
     def _cost_model(self, given: CostModel | str | None, policy: str) -> CostModel | None:
         if isinstance(given, CostModel):
+            if len(given.a_ms) != self.num_segments:
+                raise GenerationInputError(
+                    f"the cost model has constants for {len(given.a_ms)} segments; this engine runs "
+                    f"{self.num_segments} ({self.runner.describe()['segments']})"
+                )
             return given
         segments = self.runner.describe()["segments"]
         if given is not None:
@@ -265,8 +279,16 @@ class DrexEngine:
         """Queue a prompt (1-D token ids) for decoding; returns its request id. Errors, before any work:
         an empty prompt, ids outside the vocabulary, a prompt + max_new_tokens longer than a slot,
         or no free slot (`EngineFullError`)."""
-        ids = torch.as_tensor(prompt, dtype=torch.long).reshape(-1).to(self.model.heads_device)
-        max_new = self.settings.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        ids = torch.as_tensor(prompt)
+        if ids.dim() != 1:
+            raise GenerationInputError(f"a prompt is one sequence of token ids (1-D), got shape {tuple(ids.shape)}")
+        if ids.numel() and (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool):
+            raise GenerationInputError(f"a prompt holds integer token ids, got dtype {ids.dtype}")
+        ids = ids.to(device=self.model.heads_device, dtype=torch.long)
+        max_new = self.settings.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if isinstance(max_new, bool) or not isinstance(max_new, numbers.Integral):
+            raise GenerationInputError(f"max_new_tokens must be a positive integer, got {max_new!r}")
+        max_new = int(max_new)
         if ids.numel() == 0:
             raise GenerationInputError("empty prompt: a request needs at least one token")
         vocab = self.arch.input_vocab_size
@@ -276,11 +298,24 @@ class DrexEngine:
             raise GenerationInputError(f"max_new_tokens must be positive, got {max_new}")
         needed = ids.numel() + max_new - 1  # the last token is never fed back
         if needed > self.store.max_len:
+            why = f"max_len={self.store.max_len}"
+            if self.store.max_len == self.arch.position_limit:
+                why += " (the model's own position limit)"
             raise GenerationInputError(
                 f"the prompt has {ids.numel()} tokens; with max_new_tokens={max_new} it needs {needed} cache "
-                f"positions but a slot holds max_len={self.store.max_len}"
+                f"positions but a slot holds {why}"
             )
-        if self.exit_source == "trace" and self.distribution is None and trace is None:
+        if trace is not None:
+            if self.exit_source != "trace":
+                raise GenerationInputError("a per-request trace needs an engine built with exit_source='trace'")
+            allowed = {*self.model.exit_layers, self.num_layers - 1, -1}
+            bad = sorted({int(v) for v in trace} - allowed)
+            if bad:
+                raise GenerationInputError(
+                    f"the trace holds layer(s) {bad}, which are not exit points of this model; "
+                    f"allowed: {sorted(allowed - {-1})} (and -1 for 'no token')"
+                )
+        elif self.exit_source == "trace" and self.distribution is None:
             raise GenerationInputError("exit_source='trace' needs a trace per request or an exit_distribution")
         slot = self.store.allocate()
         rid = self.next_id
@@ -349,9 +384,12 @@ class DrexEngine:
         buffer = set(self.buffers[d.segment]) if 0 <= d.segment < self.num_segments else set()
         if not d.rows or not set(d.rows) <= buffer or len(set(d.rows)) != len(d.rows):
             raise RuntimeError(f"policy {self.policy_name} chose rows {d.rows} not waiting for segment {d.segment}")
+        if len(set(d.riders)) != len(d.riders):
+            raise RuntimeError(f"policy {self.policy_name} named a rider twice: {d.riders}")
         for slot in d.riders:
             req = self.requests.get(slot)
-            if slot in d.rows or (req is not None and (req.done_through >= d.segment or slot in buffer)):
+            legal = isinstance(slot, int) and 0 <= slot < self.store.slots and slot not in d.rows
+            if not legal or (req is not None and (req.done_through >= d.segment or slot in buffer)):
                 raise RuntimeError(f"policy {self.policy_name} let slot {slot} ride segment {d.segment} illegally")
 
     def _prefill(self) -> None:
@@ -436,9 +474,18 @@ class DrexEngine:
         if logits is not None:
             self._finish_tokens(reqs, logits.index_select(0, index), [layer] * len(reqs), queued=False)
             return
-        if not self.defer_projection:
+        # a request's last token is emitted now: deferring it would keep its slot busy for nothing
+        final = [i for i, r in enumerate(reqs) if len(r.output.tokens) + 1 >= r.max_new_tokens]
+        if not self.defer_projection or len(final) == len(reqs):
             self._finish_tokens(reqs, self.runner.head_logits(s, x), [layer] * len(reqs), queued=False)
             return
+        if final:
+            at = torch.tensor(final, device=x.device)
+            logits = self.runner.head_logits(s, x.index_select(0, at))
+            self._finish_tokens([reqs[i] for i in final], logits, [layer] * len(final), queued=False)
+            rest = [i for i in range(len(reqs)) if i not in set(final)]
+            reqs = [reqs[i] for i in rest]
+            x = x.index_select(0, torch.tensor(rest, device=x.device))
         self.runner.keep_features(s, [r.slot for r in reqs], x)
         for req in reqs:
             req.pending_layer = layer
@@ -499,7 +546,8 @@ class DrexEngine:
             if req.passed_at is not None and req.passed_at < layer:
                 req.output.missed += 1
                 self.stats.missed_exits += 1
-            req.fill_from = None if layer == last else layer
+            if not queued:  # a deferred row's fill_from was set at its exit, and a ride may have advanced it
+                req.fill_from = None if layer == last else layer
             self._emit(req, token, layer, now, queued)
 
     def _emit(self, req: _Request, token: int, layer: int, now: float, queued: bool = False) -> None:

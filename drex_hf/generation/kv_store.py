@@ -119,6 +119,11 @@ class RowKVCache(Cache):
         self.key_store[block, slots, :, positions] = keys.to(self.key_store.dtype)
         self.value_store[block, slots, :, positions] = values.to(self.value_store.dtype)
 
+    @property
+    def kv_len(self) -> int:
+        """Key/value positions the bound rows attend over (the longest row's position + 1)."""
+        return self._kv_len
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._kv_len
 

@@ -35,7 +35,7 @@ def _time_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> fl
 
 @torch.no_grad()
 def segment_time_ms(runner: SegmentRunner, s: int, rows: list[int], repeats: int = 3) -> float:
-    """Median milliseconds of one step of segment `s` on `rows`: the layers, then the exit check
+    """Fastest milliseconds of one step of segment `s` on `rows`: the layers, then the exit check
     (or, for the last segment, the final norm and lm_head)."""
     last = s == len(runner.segments) - 1
 

@@ -178,7 +178,7 @@ class SegmentRunner:
         rotary = self.arch.position_embeddings(hidden, positions)
         self.store.bind(run, positions)
         layers = self.segments[s]
-        masks = self._masks(layers, positions, int(positions.max()) + 1, hidden.dtype)
+        masks = self._masks(layers, positions, self.store.kv_len, hidden.dtype)
         mine = None
         if riders or self.capture[s] is not None:
             where = {slot: i for i, slot in enumerate(run)}
