@@ -94,8 +94,8 @@ def build_engine(
         max_len=max(p.shape[0] for p in prompts) + new_tokens,
         policy=policy,
         settings=DecodeSettings(max_new_tokens=new_tokens),
-        exit_source="heads" if distribution is None else "trace",
-        exit_distribution=distribution,
+        exit_source="heads" if distribution is None or policy == "full" else "trace",
+        exit_distribution=None if policy == "full" else distribution,
     )
     return engine, [engine.add_request(p, seed=i) for i, p in enumerate(prompts)]
 
@@ -153,7 +153,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=("moderate", "smollm2"))
+    parser.add_argument("model", choices=("moderate", "smollm2", "render"), help="render: reprint --out's engine.json")
     parser.add_argument("--batch-sizes", default="8,32")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--exit-dist", default="0.2,0.25,0.2,0.35", help="moderate: P(exit) per exit, then full")
@@ -176,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     out = Path(args.out)
+    if args.model == "render":
+        report = json.loads((out / "engine.json").read_text())
+        layers = report.get("num_layers", 16 if report["model"] == "moderate" else 30)
+        (out / "engine.md").write_text(render(report, layers))
+        print(render(report, layers))
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     policies = args.policies.split(",")
@@ -196,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if model.heads_device.type == "cpu":
         machine += f", {torch.get_num_threads()} threads"
     report: dict = {"model": args.model, "machine": machine, "python": platform.python_version(), "runs": []}
+    report["num_layers"] = model.num_layers
     report["thresholds"] = [t if t != float("inf") else "inf" for t in model.exit_config.threshold_list()]
     report["confidence"] = model.exit_config.confidence
     if distribution is not None:
@@ -242,36 +249,49 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _ratio(runs: dict, name: str, base: str) -> float | None:
+    """Median over repeats of name's tokens/s over base's in the same repeat (same stretch of time)."""
+    if base not in runs:
+        return None
+    a = runs[name].get("decode_tokens_per_s_runs", [runs[name]["decode_tokens_per_s"]])
+    b = runs[base].get("decode_tokens_per_s_runs", [runs[base]["decode_tokens_per_s"]])
+    ratios = sorted(x / y for x, y in zip(a, b))
+    return ratios[len(ratios) // 2]
+
+
 def render(report: dict, num_layers: int) -> str:
     rows = [
         f"Machine: {report['machine']}. Model: {report['model']}.",
         "",
-        "| batch | policy | decode tok/s | × full | × batch_all | mean layers | involuntary | missed | rides | "
+        "| batch | policy | decode tok/s | runs | × full | × batch_all | mean layers | involuntary | missed | rides | "
         "agree w/ full | pred. err (median / p95) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in report["runs"]:
         pol = run["policies"]
-        full = pol.get("full", {}).get("decode_tokens_per_s")
-        base = pol.get("batch_all", {}).get("decode_tokens_per_s")
         for name, s in pol.items():
             tps = s["decode_tokens_per_s"]
             err = s["prediction_error"]
             err_text = "–" if err["median"] is None else f"{100 * err['median']:.0f} % / {100 * err['p95']:.0f} %"
             agree = s.get("agreement_with_full")
+            spread = s.get("decode_tokens_per_s_runs", [tps])
+            runs = f"{min(spread):.1f}–{max(spread):.1f}" if len(spread) > 1 else "1 run"
+            vs_full, vs_all = _ratio(pol, name, "full"), _ratio(pol, name, "batch_all")
             rows.append(
-                f"| {run['batch']} | {name} | {tps:.1f} | {tps / full:.2f} | {tps / base:.2f} | "
+                f"| {run['batch']} | {name} | {tps:.1f} | {runs} | "
+                f"{'' if vs_full is None else f'{vs_full:.2f}'} | {'' if vs_all is None else f'{vs_all:.2f}'} | "
                 f"{s['mean_layers']:.2f} | {s['involuntary_exits']} | {s['missed_exits']} | {s['ride_along_rows']} | "
                 f"{'–' if agree is None else f'{100 * agree:.1f} %'} | {err_text} |"
-                if full and base
-                else f"| {run['batch']} | {name} | {tps:.1f} | | | {s['mean_layers']:.2f} | | | | | |"
             )
         if "ideal_tokens_per_s" in run:
+            # efficiency = drex ÷ (full × L ÷ mean layers), per run, median over runs
+            efficiency = _ratio(pol, "drex", "full") * pol["drex"]["mean_layers"] / num_layers
             rows.append(
                 f"| {run['batch']} | *ideal* (full × {num_layers} ÷ drex mean layers) | "
-                f"{run['ideal_tokens_per_s']:.1f} | | | | | | | | drex efficiency "
-                f"**{100 * run['drex_efficiency']:.0f} %** |"
+                f"{run['ideal_tokens_per_s']:.1f} | | | | | | | | | drex efficiency **{100 * efficiency:.0f} %** |"
             )
+    rows.append("")
+    rows.append("× columns: the median over runs of the ratio within each run (the policies ran interleaved).")
     return "\n".join(rows) + "\n"
 
 
