@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import numbers
 import os
 from dataclasses import dataclass
@@ -510,11 +509,9 @@ class EarlyExitModelForCausalLM(nn.Module):
 
     def _cost_key(self, thresholds: Any, batch: int, trace: bool) -> tuple:
         """The segments a drex engine will run (a trace checks every exit point), the batch, the device."""
-        ends = (
-            self.exit_layers
-            if trace
-            else [e for e, t in zip(self.exit_layers, self._thresholds(thresholds)) if t != math.inf]
-        )
+        from drex_hf.generation.engine import segment_boundaries
+
+        ends = segment_boundaries(self.exit_layers, self._thresholds(thresholds), "drex", "trace" if trace else "heads")
         return (tuple(ends), batch, str(self.heads_device))
 
     def _cached_cost_model(self, given: Any, policy: str, batch: int, thresholds: Any, trace: bool) -> Any:

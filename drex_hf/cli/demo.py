@@ -28,8 +28,9 @@ from drex_hf.cli.common import (
 )
 from drex_hf.config import EarlyExitConfig, parse_threshold
 from drex_hf.errors import GenerationInputError, ModelNotFoundError
+from drex_hf.generation.engine import synchronize
 from drex_hf.hub import SMOLLM2_ID
-from drex_hf.modeling import EarlyExitModelForCausalLM
+from drex_hf.modeling import EarlyExitModelForCausalLM, _full_depth_layers
 
 SHIPPED_HEADS = Path(__file__).resolve().parents[2] / "model_cards" / "smollm2-135m-drex"
 
@@ -141,12 +142,12 @@ def run(args: argparse.Namespace) -> int:
     runs = {}
     start = time.perf_counter()
     hf = model.base_model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False)
-    _sync(device)
+    synchronize(device)
     runs["hf"] = (hf[:, width:], time.perf_counter() - start)
     for policy in ("full", "drex"):
         start = time.perf_counter()
         out = model.generate(**batch, policy=policy, **kwargs, **(drex_kwargs if policy == "drex" else {}))
-        _sync(device)
+        synchronize(device)
         runs[policy] = (out, time.perf_counter() - start)
 
     full, drex = runs["full"][0], runs["drex"][0]
@@ -162,8 +163,8 @@ def run(args: argparse.Namespace) -> int:
 
     print()
     eos_ids = model.generation_config.eos_token_id
-    eos = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
-    hf_tokens = sum(_until_eos(row.tolist(), eos) for row in runs["hf"][0])
+    eos = tuple(eos_ids if isinstance(eos_ids, list) else [eos_ids])
+    hf_tokens = int((_full_depth_layers(runs["hf"][0], eos, model.num_layers - 1) >= 0).sum())
     hf_s = runs["hf"][1]
     label = "HF generate, full depth (batched)"
     print(f"{label:<52} {hf_tokens:4d} tokens {hf_s:6.2f} s {hf_tokens / hf_s:7.1f} tokens/s")
@@ -205,14 +206,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _until_eos(tokens: list[int], eos: set) -> int:
-    """Tokens up to and including the first end-of-sequence token."""
-    for i, token in enumerate(tokens):
-        if token in eos:
-            return i + 1
-    return len(tokens)
-
-
 def _fitted_thresholds(folder: Path, target: str, measure: str) -> tuple[list[float], str]:
     """Thresholds that `drex train` fitted for `target` on held-out self-generated text (eval_results.json)."""
     import json
@@ -245,8 +238,3 @@ def _fitted_thresholds(folder: Path, target: str, measure: str) -> tuple[list[fl
 
 def _text(tokenizer: Any, tokens: torch.Tensor) -> str:
     return " ".join(tokenizer.decode(tokens, skip_special_tokens=True).split())
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

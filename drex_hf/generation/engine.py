@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from drex_hf.errors import GenerationInputError
-from drex_hf.generation.exits import ExitDistribution, RequestExits
+from drex_hf.generation.exits import ExitDistribution, RequestExits, check_trace_row
 from drex_hf.generation.kv_store import RowKVCache
 from drex_hf.generation.runner import SegmentRunner
 from drex_hf.generation.scheduler import (
@@ -31,7 +31,7 @@ from drex_hf.generation.scheduler import (
     error_summary,
     make_policy,
 )
-from drex_hf.generation.settings import DecodeSettings
+from drex_hf.generation.settings import DecodeSettings, pick_token
 
 if TYPE_CHECKING:
     from drex_hf.modeling import EarlyExitModelForCausalLM
@@ -198,12 +198,7 @@ class DrexEngine:
             )
         self.num_layers = self.arch.num_layers
         self.policy_name = policy if isinstance(policy, str) else policy.name
-        if self.policy_name == "full":
-            boundaries: list[int] = []
-        elif exit_source == "trace":
-            boundaries = list(model.exit_layers)
-        else:  # exit points with a threshold of +inf are never checked: no segment ends there
-            boundaries = [e for e, t in zip(model.exit_layers, self.thresholds) if t != math.inf]
+        boundaries = segment_boundaries(model.exit_layers, self.thresholds, self.policy_name, exit_source)
         self.threshold_at = dict(zip(model.exit_layers, self.thresholds))
 
         dtype = next(model.base_model.parameters()).dtype
@@ -308,13 +303,7 @@ class DrexEngine:
         if trace is not None:
             if self.exit_source != "trace":
                 raise GenerationInputError("a per-request trace needs an engine built with exit_source='trace'")
-            allowed = {*self.model.exit_layers, self.num_layers - 1, -1}
-            bad = sorted({int(v) for v in trace} - allowed)
-            if bad:
-                raise GenerationInputError(
-                    f"the trace holds layer(s) {bad}, which are not exit points of this model; "
-                    f"allowed: {sorted(allowed - {-1})} (and -1 for 'no token')"
-                )
+            check_trace_row(trace, self.model.exit_layers, self.num_layers, "the trace")
         elif self.exit_source == "trace" and self.distribution is None:
             raise GenerationInputError("exit_source='trace' needs a trace per request or an exit_distribution")
         slot = self.store.allocate()
@@ -341,7 +330,7 @@ class DrexEngine:
         if self.prefill_queue:
             start = time.perf_counter()
             self._prefill()
-            _sync(self.model.heads_device)
+            synchronize(self.model.heads_device)
             self.stats.prefill_steps += 1
             self.stats.prefill_s += time.perf_counter() - start
             self.stats.wall_s += time.perf_counter() - start
@@ -352,7 +341,7 @@ class DrexEngine:
         decision = self.policy.pick(self._view(start))
         self._check_decision(decision)
         self._execute(decision)
-        _sync(self.model.heads_device)
+        synchronize(self.model.heads_device)
         elapsed = time.perf_counter() - start
         self.stats.wall_s += elapsed
         self.stats.steps += 1
@@ -579,14 +568,21 @@ class DrexEngine:
         return self.runner.boundaries.index(exit_layer)
 
     def _pick(self, logits: torch.Tensor, req: _Request) -> int:
-        scores = logits.float().reshape(1, -1)
-        if not self.settings.do_sample:
-            return int(scores.argmax(dim=-1))
-        for warper in self.warpers:
-            scores = warper(None, scores)
-        return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=req.generator))
+        return pick_token(logits, self.settings, self.warpers, req.generator)
 
     _last_logits: torch.Tensor | None = None
+
+
+def segment_boundaries(
+    exit_layers: Sequence[int], thresholds: Sequence[float], policy: str, exit_source: str
+) -> list[int]:
+    """The exit layers where the engine's segments end: none for `full`, every exit point for a
+    trace, else the exit points with a finite threshold (a threshold of +inf is never checked)."""
+    if policy == "full":
+        return []
+    if exit_source == "trace":
+        return list(exit_layers)
+    return [e for e, t in zip(exit_layers, thresholds) if t != math.inf]
 
 
 def device_name(device: torch.device | str) -> str:
@@ -598,7 +594,8 @@ def device_name(device: torch.device | str) -> str:
     return f"cpu:{platform.processor() or platform.machine()}"
 
 
-def _sync(device: torch.device | str) -> None:
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued GPU work, so wall-clock timings cover it (a no-op on CPU)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -64,14 +64,19 @@ class ExitReplay:
     def check(self, exit_layers: Sequence[int], num_layers: int, batch: int) -> None:
         if len(self.layers) != batch:
             raise GenerationInputError(f"the exit trace has {len(self.layers)} rows for {batch} prompts")
-        allowed = {*exit_layers, num_layers - 1, -1}
         for b, row in enumerate(self.layers):
-            bad = sorted({v for v in row} - allowed)
-            if bad:
-                raise GenerationInputError(
-                    f"exit trace row {b} holds layer(s) {bad}, which are not exit points of this model; "
-                    f"allowed: {sorted(allowed - {-1})} (and -1 for 'no token')"
-                )
+            check_trace_row(row, exit_layers, num_layers, f"exit trace row {b}")
+
+
+def check_trace_row(row: Sequence[int], exit_layers: Sequence[int], num_layers: int, what: str) -> None:
+    """Refuse a trace row holding layers that are not exit points (or full depth, or -1 for 'no token')."""
+    allowed = {*exit_layers, num_layers - 1, -1}
+    bad = sorted({int(v) for v in row} - allowed)
+    if bad:
+        raise GenerationInputError(
+            f"{what} holds layer(s) {bad}, which are not exit points of this model; "
+            f"allowed: {sorted(allowed - {-1})} (and -1 for 'no token')"
+        )
 
 
 class RequestExits:

@@ -20,15 +20,15 @@ from drex_hf.generation.scheduler import CostModel
 def _time_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
     """The fastest of `repeats` timed calls after a warm-up: on a shared machine interference only
     ever adds time, so the minimum is the stablest estimate of what the work itself costs."""
+    from drex_hf.generation.engine import synchronize
+
     fn()  # warm-up
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
     return min(times)
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from drex_hf.arch import build_attention_mask
-from drex_hf.generation.settings import DecodeSettings
+from drex_hf.generation.settings import DecodeSettings, pick_token
 from drex_hf.heads import exit_confidence
 
 if TYPE_CHECKING:
@@ -100,13 +100,7 @@ class ReferenceDecoder:
 
     def pick(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
         """Greedy argmax, or a sample through HF's warpers with this request's generator."""
-        scores = logits.float().reshape(1, -1)
-        if not self.settings.do_sample:
-            return int(scores.argmax(dim=-1))
-        for warper in self.warpers:
-            scores = warper(None, scores)
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=generator))
+        return pick_token(logits, self.settings, self.warpers, generator)
 
     def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.arch.lm_head(self.arch.final_norm(hidden))

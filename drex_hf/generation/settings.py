@@ -98,6 +98,16 @@ UNSUPPORTED_AT_DEFAULT = {
 }
 
 
+def pick_token(logits: torch.Tensor, settings: DecodeSettings, warpers: list[Any], generator: Any) -> int:
+    """Greedy argmax, or a sample through HF's warpers (`settings.warpers()`) with the request's generator."""
+    scores = logits.float().reshape(1, -1)
+    if not settings.do_sample:
+        return int(scores.argmax(dim=-1))
+    for warper in warpers:
+        scores = warper(None, scores)
+    return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator))
+
+
 def merge_generation_config(base_model: Any, generation_config: Any, overrides: dict[str, Any]) -> Any:
     """The generation config HF's `generate` would use: `generation_config` (or a fresh one), unset
     fields from the model's own, then HF's global defaults, then `overrides`. Refuses arguments
