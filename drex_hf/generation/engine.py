@@ -427,7 +427,7 @@ class DrexEngine:
             self._finish_tokens(reqs, logits, [self.num_layers - 1] * len(reqs), queued=False)
             return
         layer = self.runner.boundaries[s]
-        own = self._confident(s, layer, rows, x)
+        own, logits = self._confident(s, layer, rows, x)
         if d.exit_rule == "own":
             leave = own
         elif d.exit_rule == "all":
@@ -452,16 +452,18 @@ class DrexEngine:
                 self.buffers[s + 1].append(rows[i])
         if out:
             index = torch.tensor(out, device=x.device)
-            self._exit_rows([reqs[i] for i in out], s, layer, x.index_select(0, index), index)
+            out_logits = None if logits is None else logits.index_select(0, index)
+            self._exit_rows([reqs[i] for i in out], s, layer, x.index_select(0, index), out_logits)
 
-    def _exit_rows(self, reqs: list[_Request], s: int, layer: int, x: torch.Tensor, index: torch.Tensor) -> None:
+    def _exit_rows(
+        self, reqs: list[_Request], s: int, layer: int, x: torch.Tensor, logits: torch.Tensor | None
+    ) -> None:
         """Rows leaving at exit point `s`: keep their hidden states for KV fill, then emit their tokens,
         or — when the confidence needed no logits — keep the head's features and defer the vocabulary
         projection until the token is needed, so one lm_head product serves many exits."""
         self.runner.keep([r.slot for r in reqs], x, exited=True)
-        logits = self._last_logits
-        if logits is not None:
-            self._finish_tokens(reqs, logits.index_select(0, index), [layer] * len(reqs), queued=False)
+        if logits is not None:  # the confidence needed them already
+            self._finish_tokens(reqs, logits, [layer] * len(reqs), queued=False)
             return
         # a request's last token is emitted now: deferring it would keep its slot busy for nothing
         final = [i for i, r in enumerate(reqs) if len(r.output.tokens) + 1 >= r.max_new_tokens]
@@ -500,12 +502,15 @@ class DrexEngine:
         self._finish_tokens(pending, logits, layers, queued=True)
         return final_logits if final is not None else None
 
-    def _confident(self, s: int, layer: int, rows: list[int], x: torch.Tensor) -> list[bool]:
-        """Each row's own verdict at this exit point: its confidence against the threshold, or its trace."""
-        confidence, self._last_logits = self.runner.check(s, rows, x)
+    def _confident(
+        self, s: int, layer: int, rows: list[int], x: torch.Tensor
+    ) -> tuple[list[bool], torch.Tensor | None]:
+        """Each row's own verdict at this exit point (its confidence against the threshold, or its
+        trace), and the logits if the confidence measure computed them."""
+        confidence, logits = self.runner.check(s, rows, x)
         if self.exit_source == "trace":
-            return [self.requests[slot].trace_layer <= layer for slot in rows]
-        return (confidence >= self.threshold_at[layer]).reshape(-1).tolist()
+            return [self.requests[slot].trace_layer <= layer for slot in rows], logits
+        return (confidence >= self.threshold_at[layer]).reshape(-1).tolist(), logits
 
     def _start_tokens(self, reqs: list[_Request]) -> None:
         """KV fill for rows that exited early (one product for all), then embed their next tokens."""
@@ -569,8 +574,6 @@ class DrexEngine:
 
     def _pick(self, logits: torch.Tensor, req: _Request) -> int:
         return pick_token(logits, self.settings, self.warpers, req.generator)
-
-    _last_logits: torch.Tensor | None = None
 
 
 def segment_boundaries(

@@ -67,9 +67,6 @@ class RowKVCache(Cache):
     def free_slots(self) -> int:
         return len(self._free)
 
-    def is_free(self, slot: int) -> bool:
-        return slot in self._free
-
     def keys(self, layer: int) -> torch.Tensor:
         return self.key_store[layer]
 

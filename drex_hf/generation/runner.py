@@ -105,9 +105,7 @@ class SegmentRunner:
         last = hidden[torch.arange(len(prompts), device=self.device), lengths - 1]
         self.positions[self._index(slots)] = lengths - 1
         logits = self.final_logits(last)
-        back = torch.empty_like(torch.tensor(order))
-        back[torch.tensor(order)] = torch.arange(len(order))
-        return logits[back.to(self.device)]
+        return logits[torch.argsort(torch.tensor(order, device=self.device))]  # back to the callers' order
 
     # ------------------------------------------------------------------ KV fill
     def fill(self, slots: list[int], exit_layer: int | list[int]) -> None:
@@ -179,8 +177,8 @@ class SegmentRunner:
         self.store.bind(run, positions)
         layers = self.segments[s]
         masks = self._masks(layers, positions, self.store.kv_len, hidden.dtype)
-        mine = None
-        if riders or self.capture[s] is not None:
+        mine = None  # where `rows` sit in the run, when the run is not just `rows` in their order
+        if run != list(rows):
             where = {slot: i for i, slot in enumerate(run)}
             mine = torch.tensor([where[r] for r in rows], device=self.device)
         if refill:
@@ -191,14 +189,10 @@ class SegmentRunner:
                 hidden = hidden.index_copy(0, at, exit_states)
             hidden = self._layer(index_layer, hidden, masks, positions, rotary)
             if index_layer == self.capture[s]:
-                self.previous[self._index(rows)] = hidden[:, 0].index_select(0, mine)
+                captured = hidden[:, 0] if mine is None else hidden[:, 0].index_select(0, mine)
+                self.previous[self._index(rows)] = captured
         out = hidden[:, 0]
-        if mine is not None:
-            return out.index_select(0, mine)
-        if run != list(rows):
-            where = {slot: i for i, slot in enumerate(run)}
-            return out.index_select(0, torch.tensor([where[r] for r in rows], device=self.device))
-        return out
+        return out if mine is None else out.index_select(0, mine)
 
     def check(self, s: int, rows: list[int], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Confidence of each row at segment `s`'s exit point, and the logits if the measure needed them."""
@@ -237,10 +231,6 @@ class SegmentRunner:
         self.hidden[index] = x
         if self.previous is not None:
             self.previous[index] = x
-
-    def state_bytes(self) -> int:
-        extra = 0 if self.previous is None else self.previous.nbytes
-        return self.hidden.nbytes + self.exit_hidden.nbytes + extra + self.positions.nbytes
 
     def describe(self) -> dict[str, Any]:
         return {"segments": [[seg.start, seg.stop - 1] for seg in self.segments], "kv_fill": "project"}
