@@ -35,3 +35,7 @@ class ModelNotFoundError(DrexError, FileNotFoundError):
 
 class GenerationInputError(DrexError, ValueError):
     """Bad arguments to `generate()`: empty prompt, prompt too long, unknown policy, ..."""
+
+
+class KernelInputError(DrexError, ValueError):
+    """A kernel was given tensors of the wrong shape, dtype, device or index range."""
