@@ -78,6 +78,16 @@ class ArchAdapter:
     def input_norm(self, index: int) -> nn.Module:
         raise NotImplementedError
 
+    def attention_modules(self) -> list[nn.Module]:
+        """Each decoder layer's attention module (what reads `config._attn_implementation`)."""
+        raise NotImplementedError
+
+    @property
+    def rotary_half(self) -> bool:
+        """Whether keys are rotated in the rotate-half convention with `position_embeddings`' (cos,
+        sin) over the whole head — what the fused KV-fill kernel implements."""
+        return False
+
     def layer_window(self, index: int) -> int | None:
         """Sliding-window size of layer `index` (None: full causal attention)."""
         return None
@@ -101,9 +111,12 @@ class ArchAdapter:
         position_ids: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
         cache: Any,
+        **extra: Any,
     ) -> torch.Tensor:
-        """Run decoder layer `index` unmodified; `cache.update` receives its new keys/values."""
+        """Run decoder layer `index` unmodified; `cache.update` receives its new keys/values.
+        `extra` keywords travel through the layer to its attention function (and `cache.update`)."""
         kwargs: dict[str, Any] = {
+            **extra,
             "attention_mask": attention_mask,
             "position_ids": position_ids,
             "use_cache": cache is not None,
@@ -181,6 +194,13 @@ class LlamaAdapter(ArchAdapter):
 
     def input_norm(self, index: int) -> nn.Module:
         return self.layers[index].input_layernorm
+
+    def attention_modules(self) -> list[nn.Module]:
+        return [layer.self_attn for layer in self.layers]
+
+    @property
+    def rotary_half(self) -> bool:
+        return True
 
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return self.backbone.embed_tokens(input_ids)
@@ -281,6 +301,9 @@ class GPT2Adapter(ArchAdapter):
 
     def input_norm(self, index: int) -> nn.Module:
         return self.layers[index].ln_1
+
+    def attention_modules(self) -> list[nn.Module]:
+        return [layer.attn for layer in self.layers]
 
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone.wte(input_ids) + self.backbone.wpe(position_ids)

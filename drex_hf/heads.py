@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from drex_hf.config import EarlyExitConfig
+from drex_hf.kernels import logit_confidence
 
 
 class LowRankAdapter(nn.Module):
@@ -81,15 +82,24 @@ class ExitHead(nn.Module):
         return self.classifier(self.features(hidden))
 
 
+def _logit_confidences(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max prob, margin) in float32 over the last dimension. Without gradients this runs the
+    `logit_confidence` kernel (no softmax materialised on a GPU); with them, autograd's softmax."""
+    if logits.requires_grad and torch.is_grad_enabled():
+        top = torch.softmax(logits.float(), dim=-1).topk(2, dim=-1).values
+        return top[..., 0], top[..., 0] - top[..., 1]
+    max_prob, margin = logit_confidence(logits.reshape(-1, logits.shape[-1]))
+    return max_prob.view(logits.shape[:-1]), margin.view(logits.shape[:-1])
+
+
 def max_prob_confidence(logits: torch.Tensor) -> torch.Tensor:
     """Largest softmax probability, computed in float32."""
-    return torch.softmax(logits.float(), dim=-1).amax(dim=-1)
+    return _logit_confidences(logits)[0]
 
 
 def margin_confidence(logits: torch.Tensor) -> torch.Tensor:
     """Top-1 minus top-2 softmax probability, computed in float32."""
-    top = torch.softmax(logits.float(), dim=-1).topk(2, dim=-1).values
-    return top[..., 0] - top[..., 1]
+    return _logit_confidences(logits)[1]
 
 
 def saturation_confidence(hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:

@@ -515,3 +515,36 @@ def test_generate_measures_a_cost_model_per_segmentation():
     assert len(model._cost_models) == 2
     assert heads.stats.cost_source == again.stats.cost_source and torch.equal(heads.sequences, again.sequences)
     assert set(traced.exit_layers[:, 1:].flatten().tolist()) <= {0, 1, 2, 3}
+
+
+# ---------------------------------------------------------------- invariant 1 with the Triton kernels
+# The whole set of batch-independence tests also passes with DREX_KERNELS=triton (README, "Kernels");
+# here one case per architecture keeps the interpreter's cost to about a minute.
+@pytest.mark.parametrize(
+    ("kind", "batch", "confidence"),
+    [("llama", 8, "max_prob"), ("gpt2", 3, "max_prob"), ("mistral", 8, "margin"), ("qwen2", 3, "saturation")],
+)
+def test_batch_independence_with_triton_kernels_under_the_interpreter(kind, batch, confidence, monkeypatch):
+    import warnings
+
+    from drex_hf.generation import attention
+    from drex_hf.kernels import dispatch
+
+    monkeypatch.setenv("DREX_KERNELS", "triton")
+    dispatch.reset()
+    assert dispatch.backend("cpu") == "triton", "the Triton interpreter is off: this would test torch"
+    calls = []
+    kernel = attention.indexed_decode_attention
+    monkeypatch.setattr(attention, "indexed_decode_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    model = _model(kind, confidence)
+    _, _, prompts = _prompts(LENGTHS[batch])
+    thresholds = _thresholds(model, prompts)
+    settings = DecodeSettings(max_new_tokens=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to torch warns: make it fail
+        reference = generate_reference(model, prompts, settings, thresholds)
+        results, _ = _engine_run(model, prompts, settings, thresholds, cost_model=CostModel.constant(4))
+    _assert_same_as_reference(results, reference)
+    assert dispatch.broken() == {}
+    assert calls, "decode segments did not attend through the indexed kernel"
+    assert {layer for r in results for layer in r.exit_layers[1:]} & set(EXITS), "no token exited: no KV fill ran"

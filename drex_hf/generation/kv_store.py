@@ -4,8 +4,9 @@ One allocation per model: keys and values `[layers, slots, kv_heads, max_len, he
 model's dtype, zero-initialised (masked keys must stay finite); `keys(l)` is layer l's
 `[slots, kv_heads, max_len, head_dim]` view. Before a segment runs, `bind()` names the slots in the
 call and each one's query positions; the decoder layers' own attention then calls `update()`, which
-writes the new keys/values at each row's own positions and returns the rows' keys/values up to the
-longest one (a view when the rows are a contiguous run of slots, a gathered copy otherwise).
+writes the new keys/values at each row's own positions (`kv_append`) and returns the rows'
+keys/values up to the longest one (a view when the rows are a contiguous run of slots, a gathered
+copy otherwise) — or, bound `indexed`, the whole layer store for indexed decode attention.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 from transformers.cache_utils import Cache
 
 from drex_hf.errors import GenerationInputError
+from drex_hf.generation.attention import IndexedRows
+from drex_hf.kernels import kv_append
 
 
 class EngineFullError(GenerationInputError):
@@ -46,6 +49,7 @@ class RowKVCache(Cache):
         self._write_rows: torch.Tensor | None = None
         self._write_pos: torch.Tensor | None = None
         self._kv_len = 0
+        self._indexed: IndexedRows | None = None
 
     # ------------------------------------------------------------------ slots
     def allocate(self) -> int:
@@ -77,31 +81,42 @@ class RowKVCache(Cache):
         return self.key_store.nbytes + self.value_store.nbytes
 
     # ------------------------------------------------------------------ the attention interface
-    def bind(self, slots: list[int], positions: torch.Tensor) -> None:
-        """Rows of the next layer calls: `slots` (sorted ascending) and their query positions `[n, q]`."""
+    def bind(self, slots: list[int], positions: torch.Tensor, *, indexed: bool = False) -> None:
+        """Rows of the next layer calls: `slots` (sorted ascending) and their query positions `[n, q]`.
+
+        `indexed` (one query per row): `update()` returns the whole layer store and the attention
+        reads each row in place through `indexed_rows()`, instead of a gathered window."""
         lo, hi = slots[0], slots[-1] + 1
         device = self.key_store.device
-        index = torch.arange(len(slots), device=device)
-        if hi - lo == len(slots):  # a contiguous run of slots: views, no gathered copy
-            self._rows = slice(lo, hi)
-            self._write_rows = index
-        else:
-            self._rows = torch.tensor(slots, device=device)
-            self._write_rows = self._rows
-        self._write_pos = positions
+        slot_index = torch.tensor(slots, device=device)
         self._kv_len = int(positions.max()) + 1
+        self._write_pos = positions
+        self._indexed = None
+        if indexed:
+            self._rows = slot_index
+            self._write_rows = slot_index
+            self._indexed = IndexedRows(slot_index, positions[:, -1] + 1, self._kv_len)
+        elif hi - lo == len(slots):  # a contiguous run of slots: views, no gathered copy
+            self._rows = slice(lo, hi)
+            self._write_rows = torch.arange(len(slots), device=device)
+        else:
+            self._rows = slot_index
+            self._write_rows = slot_index
+
+    def indexed_rows(self) -> IndexedRows | None:
+        """The bound rows' slots and lengths, when bound `indexed`."""
+        return self._indexed
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the bound rows' new keys/values `[n, kv_heads, q, head_dim]` at their positions."""
-        rows, pos = self._write_rows, self._write_pos
         keys, values = self.key_store[layer_idx], self.value_store[layer_idx]
         if isinstance(self._rows, slice):
             keys, values = keys[self._rows], values[self._rows]
-        # rows [n, 1] and positions [n, q] index dims 0 and 2: the indexed block is [n, q, kv_heads, head_dim]
-        keys[rows.unsqueeze(1), :, pos] = key_states.transpose(1, 2).to(keys.dtype)
-        values[rows.unsqueeze(1), :, pos] = value_states.transpose(1, 2).to(values.dtype)
+        kv_append(keys, values, self._write_rows, self._write_pos, key_states, value_states, check_indices=False)
+        if self._indexed is not None:
+            return keys, values  # the whole layer store: indexed attention reads the rows in place
         if isinstance(self._rows, slice):
             return keys[:, :, : self._kv_len], values[:, :, : self._kv_len]
         window_k = self.key_store[layer_idx, :, :, : self._kv_len]

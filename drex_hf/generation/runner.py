@@ -6,15 +6,20 @@ made of: `prefill` (full depth, batched), `fill` (KV fill for exited rows, all s
 matrix product), `embed` (start the next token), `run_segment` (gather rows by slot, run the
 segment's decoder layers unmodified, return the exit-point hidden states), `check` (confidence at an
 exit point), and the heads' and final layer's logits. Segments end at the active exit points.
+Row moves, KV writes, KV fill and attention go through `drex_hf.kernels` (Triton on CUDA); with the
+Triton kernels on, decode segments attend through indexed decode attention, no gathered cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from drex_hf import kernels
 from drex_hf.arch import build_attention_mask
+from drex_hf.generation.attention import indexed_attention
 from drex_hf.generation.kv_store import RowKVCache
 from drex_hf.heads import exit_confidence
 
@@ -61,6 +66,7 @@ class SegmentRunner:
             raise ValueError(f"unknown kv_fill {kv_fill!r}; supported: 'project'")
         self.fill_weights = self.arch.kv_fill_weights()
         self.windows = [self.arch.layer_window(i) for i in range(self.num_layers)]
+        self.attention = self.arch.attention_modules()
 
     # ------------------------------------------------------------------ helpers
     def _index(self, slots: list[int]) -> torch.Tensor:
@@ -71,17 +77,30 @@ class SegmentRunner:
             w: build_attention_mask(positions, kv_len, window=w, dtype=dtype) for w in {self.windows[i] for i in layers}
         }
 
+    def _gather(self, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return kernels.gather_rows(source, index, check_indices=False)
+
+    def _scatter(self, target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+        kernels.scatter_rows(target, index, rows.to(target.dtype), check_indices=False)
+
     def _layer(
-        self, index: int, hidden: torch.Tensor, masks: dict, positions: torch.Tensor, rotary: Any
+        self, index: int, hidden: torch.Tensor, masks: dict | None, positions: torch.Tensor, rotary: Any
     ) -> torch.Tensor:
-        """Decoder layer `index`, unmodified, on the rows bound to the store."""
+        """Decoder layer `index`, unmodified, on the rows bound to the store. Without masks the rows
+        are bound `indexed`: the attention reads them through the store's `indexed_rows()`."""
+        if masks is None:
+            extra = {"drex_rows": self.store.indexed_rows(), "drex_window": self.windows[index]}
+            mask = None
+        else:
+            extra, mask = {}, masks[self.windows[index]]
         return self.arch.run_layer(
             index,
             hidden,
-            attention_mask=masks[self.windows[index]],
+            attention_mask=mask,
             position_ids=positions,
             position_embeddings=rotary,
             cache=self.store,
+            **extra,
         )
 
     # ------------------------------------------------------------------ prefill
@@ -118,11 +137,10 @@ class SegmentRunner:
             return
         layers = range(min(exits) + 1, self.num_layers)
         index = self._index(slots)
-        x = self.exit_hidden.index_select(0, index)
+        x = self._gather(self.exit_hidden, index)
         positions = self.positions.index_select(0, index)
         rotary = self.arch.position_embeddings(x.unsqueeze(1), positions.unsqueeze(1))
-        kv_heads, head_dim = self.arch.num_kv_heads, self.arch.head_dim
-        if self.fill_weights is None:
+        if self.fill_weights is None or (rotary is not None and not self.arch.rotary_half):
             for layer in layers:
                 keys, values = self.arch.kv_projection(layer, x.unsqueeze(1), rotary)
                 keys, values = keys.transpose(1, 2), values.transpose(1, 2)
@@ -130,23 +148,19 @@ class SegmentRunner:
                 self.store.write(range(layer, layer + 1), index[rows], positions[rows], keys[rows], values[rows])
             return
         weight, bias = self.fill_weights
-        w = weight[layers.start :].reshape(-1, weight.shape[-1])  # all skipped layers' k/v rows: ONE product
-        b = None if bias is None else bias[layers.start :].reshape(-1)
-        kv = torch.nn.functional.linear(self.arch.kv_fill_normalize(x), w, b)
-        kv = kv.view(len(slots), len(layers), 2, kv_heads, head_dim)
-        keys = kv[:, :, 0].reshape(len(slots), len(layers) * kv_heads, 1, head_dim)
-        keys = self.arch.rotate_keys(keys, rotary).view(len(slots), len(layers), kv_heads, head_dim)
-        values = kv[:, :, 1]
-        if len(set(exits)) == 1:
-            self.store.write(layers, index, positions, keys, values)
-            return
-        for exit_at in sorted(set(exits)):
-            rows = torch.tensor([i for i, e in enumerate(exits) if e == exit_at], device=self.device)
-            skip = exit_at + 1 - layers.start
-            block = range(exit_at + 1, self.num_layers)
-            self.store.write(
-                block, index[rows], positions[rows], keys[rows, skip:], values[rows, skip:]
-            )  # fmt: skip
+        kernels.kv_fill_project(
+            self.arch.kv_fill_normalize(x),
+            weight,
+            bias,
+            self.store.key_store,
+            self.store.value_store,
+            index,
+            positions,
+            torch.tensor(exits, device=self.device) + 1,
+            None if rotary is None else (rotary[0][:, 0], rotary[1][:, 0]),
+            layers_from=layers.start,
+            check_indices=False,
+        )
 
     # ------------------------------------------------------------------ one token's segments
     def embed(self, slots: list[int], tokens: list[int]) -> None:
@@ -155,9 +169,9 @@ class SegmentRunner:
         self.positions[index] += 1
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
         emb = self.arch.embed(ids, self.positions.index_select(0, index).unsqueeze(1))[:, 0]
-        self.hidden[index] = emb
+        self._scatter(self.hidden, index, emb)
         if self.previous is not None:
-            self.previous[index] = emb
+            self._scatter(self.previous, index, emb)
 
     def run_segment(self, s: int, rows: list[int], riders: list[int] = (), refill: list[int] = ()) -> torch.Tensor:
         """Run segment `s` on `rows` (plus `riders`, whose results are discarded); returns the
@@ -170,35 +184,37 @@ class SegmentRunner:
         lo, hi = run[0], run[-1] + 1
         index = self._index(run)
         contiguous = hi - lo == len(run)
-        x = self.hidden[lo:hi] if contiguous else self.hidden.index_select(0, index)
+        x = self.hidden[lo:hi] if contiguous else self._gather(self.hidden, index)
         positions = (self.positions[lo:hi] if contiguous else self.positions.index_select(0, index)).unsqueeze(1)
         hidden = x.unsqueeze(1)
         rotary = self.arch.position_embeddings(hidden, positions)
-        self.store.bind(run, positions)
+        indexed = kernels.backend(self.device) == "triton"
+        self.store.bind(run, positions, indexed=indexed)
         layers = self.segments[s]
-        masks = self._masks(layers, positions, self.store.kv_len, hidden.dtype)
+        masks = None if indexed else self._masks(layers, positions, self.store.kv_len, hidden.dtype)
         mine = None  # where `rows` sit in the run, when the run is not just `rows` in their order
         if run != list(rows):
             where = {slot: i for i, slot in enumerate(run)}
             mine = torch.tensor([where[r] for r in rows], device=self.device)
         if refill:
             at = torch.tensor([where[r] for r in refill], device=self.device)
-            exit_states = self.exit_hidden.index_select(0, self._index(list(refill))).unsqueeze(1)
-        for index_layer in layers:
-            if refill:
-                hidden = hidden.index_copy(0, at, exit_states)
-            hidden = self._layer(index_layer, hidden, masks, positions, rotary)
-            if index_layer == self.capture[s]:
-                captured = hidden[:, 0] if mine is None else hidden[:, 0].index_select(0, mine)
-                self.previous[self._index(rows)] = captured
+            exit_states = self._gather(self.exit_hidden, self._index(list(refill))).unsqueeze(1)
+        with indexed_attention(self.attention) if indexed else contextlib.nullcontext():
+            for index_layer in layers:
+                if refill:
+                    hidden = hidden.index_copy(0, at, exit_states)
+                hidden = self._layer(index_layer, hidden, masks, positions, rotary)
+                if index_layer == self.capture[s]:
+                    captured = hidden[:, 0] if mine is None else self._gather(hidden[:, 0], mine)
+                    self._scatter(self.previous, self._index(rows), captured)
         out = hidden[:, 0]
-        return out if mine is None else out.index_select(0, mine)
+        return out if mine is None else self._gather(out, mine)
 
     def check(self, s: int, rows: list[int], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Confidence of each row at segment `s`'s exit point, and the logits if the measure needed them."""
         previous = None
         if self.previous is not None:
-            previous = self.previous.index_select(0, self._index(rows))
+            previous = self._gather(self.previous, self._index(rows))
         return exit_confidence(self.measure, self.heads[s], x, previous)
 
     def head_logits(self, s: int, x: torch.Tensor) -> torch.Tensor:
@@ -209,12 +225,12 @@ class SegmentRunner:
 
     def keep_features(self, s: int, slots: list[int], x: torch.Tensor) -> None:
         """Store exit head s's features of exited rows; `project` turns them into logits later."""
-        self.features[self._index(slots)] = self.heads[s].features(x)
+        self._scatter(self.features, self._index(slots), self.heads[s].features(x))
 
     def project(self, slots: list[int], final: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the stored features of `slots` — after those of `final` (hidden states after the
         last layer, final-normed here) when given — in one lm_head product."""
-        features = self.features.index_select(0, self._index(slots))
+        features = self._gather(self.features, self._index(slots))
         if final is not None:
             features = torch.cat([self.arch.final_norm(final), features])
         return self.arch.lm_head(features)
@@ -226,11 +242,11 @@ class SegmentRunner:
             return
         index = self._index(rows)
         if exited:
-            self.exit_hidden[index] = x
+            self._scatter(self.exit_hidden, index, x)
             return
-        self.hidden[index] = x
+        self._scatter(self.hidden, index, x)
         if self.previous is not None:
-            self.previous[index] = x
+            self._scatter(self.previous, index, x)
 
     def describe(self) -> dict[str, Any]:
         return {"segments": [[seg.start, seg.stop - 1] for seg in self.segments], "kv_fill": "project"}

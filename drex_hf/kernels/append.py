@@ -46,13 +46,13 @@ def _kv_append_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: stores can pass 2**31 elements
     row = pid // queries
     query = pid % queries
     slot = tl.load(slots + row).to(tl.int64)
     position = tl.load(positions + row * pos_stride_row + query * pos_stride_query).to(tl.int64)
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    d = tl.arange(0, BLOCK_D)
+    h = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
     mask = (h[:, None] < heads) & (d[None, :] < head_dim)
     source = row * new_stride_row + query * new_stride_query
     k = tl.load(keys + source + h[:, None] * new_stride_head + d[None, :] * new_stride_dim, mask=mask)

@@ -21,7 +21,7 @@ def _confidence_kernel(logits, max_prob, margin, vocab, stride_row, stride_col, 
     top2 = tl.full([], float("-inf"), tl.float32)
     total = tl.zeros([], tl.float32)  # sum of exp(l - top1) over what has been read
     for start in range(0, vocab, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
+        cols = (start + tl.arange(0, BLOCK)).to(tl.int64)
         x = tl.load(base + cols * stride_col, mask=cols < vocab, other=float("-inf")).to(tl.float32)
         first = tl.max(x, 0)
         at = tl.argmax(x, 0)

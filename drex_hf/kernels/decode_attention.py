@@ -55,8 +55,8 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: stores can pass 2**31 elements
+    kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     splits = tl.num_programs(2)
     q_heads = group * tl.num_programs(1)
@@ -70,7 +70,7 @@ def _decode_split_kernel(
 
     g = tl.arange(0, BLOCK_G)
     heads = kv_head * group + g
-    d = tl.arange(0, BLOCK_D)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
     g_mask = g < group
     d_mask = d < head_dim
     q = tl.load(
@@ -86,7 +86,7 @@ def _decode_split_kernel(
     running_sum = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for first in range(lo, hi, BLOCK_N):
-        pos = first + tl.arange(0, BLOCK_N)
+        pos = (first + tl.arange(0, BLOCK_N)).to(tl.int64)
         n_mask = pos < hi
         k = tl.load(  # [BLOCK_D, BLOCK_N]: keys transposed by their addresses
             k_base + pos[None, :] * k_stride_pos + d[:, None] * k_stride_dim,
@@ -133,11 +133,11 @@ def _decode_merge_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    head = tl.program_id(1)
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
     q_heads = tl.num_programs(1)
     s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
     s_mask = s < splits
     at = (row * q_heads + head) * splits + s
     maxima = tl.load(part_max + at, mask=s_mask, other=float("-inf"))

@@ -59,8 +59,8 @@ def _kv_fill_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    column = tl.program_id(1)  # one (layer, key-or-value, kv head) per program
+    block = tl.program_id(0).to(tl.int64)  # 64-bit offsets: stores can pass 2**31 elements
+    column = tl.program_id(1).to(tl.int64)  # one (layer, key-or-value, kv head) per program
     layer = layers_from + column // (2 * kv_heads)
     is_value = (column // kv_heads) % 2
     head = column % kv_heads
@@ -68,14 +68,14 @@ def _kv_fill_kernel(
 
     m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = m < rows
-    j = tl.arange(0, BLOCK_HALF)
+    j = tl.arange(0, BLOCK_HALF).to(tl.int64)
     j_mask = j < half
     out_row = is_value * kv_heads * head_dim + head * head_dim  # first weight row of this head
     w_base = weight + layer * w_stride_layer + out_row * w_stride_out
     acc_lo = tl.zeros([BLOCK_M, BLOCK_HALF], tl.float32)
     acc_hi = tl.zeros([BLOCK_M, BLOCK_HALF], tl.float32)
     for k0 in range(0, width, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
+        k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         k_mask = k < width
         x = tl.load(
             hidden + m[:, None] * h_stride_row + k[None, :] * h_stride_col,
@@ -173,7 +173,7 @@ def kv_fill_project(
     def run_triton() -> None:
         cos, sin = rotary if rotary is not None else (hidden, hidden)  # unused without rotary
         exact = hidden.dtype == torch.float32 or _triton.INTERPRET
-        block_m = 16 if n <= 16 else 32
+        block_m = min(64, max(16, next_power_of_2(n)))  # weights are re-read once per block of rows
         grid = (-(-n // block_m), (layers - layers_from) * 2 * kv_heads)
         _kv_fill_kernel[grid](
             hidden,

@@ -28,11 +28,11 @@ def _copy_rows_kernel(
     DST_INDEXED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: stores can pass 2**31 elements
+    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
-    src_row = row.to(tl.int64)
-    dst_row = row.to(tl.int64)
+    src_row = row
+    dst_row = row
     if SRC_INDEXED:
         src_row = tl.load(src_index + row).to(tl.int64)
     if DST_INDEXED:
