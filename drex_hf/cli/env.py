@@ -50,6 +50,7 @@ def environment() -> dict[str, str]:
     else:
         info["device"] = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads); CUDA not available"
     info["triton kernels"] = _triton_status(torch.cuda.is_available())
+    info["kernels in use"] = _kernels_in_use("cuda" if torch.cuda.is_available() else "cpu")
     info["DREX_HOME"] = str(drex_home())
     info["HF_HUB_OFFLINE"] = os.environ.get("HF_HUB_OFFLINE", "unset")
     return info
@@ -67,6 +68,22 @@ def _triton_status(cuda: bool) -> str:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return "interpreter (TRITON_INTERPRET=1): correct but slow, for tests"
     return "installed, but no CUDA device: torch reference paths (TRITON_INTERPRET=1 runs the interpreter)"
+
+
+def _kernels_in_use(device: str) -> str:
+    import warnings
+
+    from drex_hf.kernels import dispatch
+
+    setting = os.environ.get(dispatch.ENV) or "unset"
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            chosen = dispatch.backend(device)
+    except ValueError as err:
+        return f"none: {err}"
+    why = f": {caught[0].message}" if caught else ""
+    return f"{chosen} on {device} ({dispatch.ENV}={setting}){why}"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from drex_hf import kernels
 from drex_hf.errors import GenerationInputError
 from drex_hf.generation.exits import ExitDistribution, RequestExits, check_trace_row
 from drex_hf.generation.kv_store import RowKVCache
@@ -177,6 +178,7 @@ class DrexEngine:
             raise GenerationInputError(f"unknown exit source {exit_source!r}; choose 'heads' or 'trace'")
         if sla_tpot_ms is not None and not sla_tpot_ms > 0:
             raise GenerationInputError(f"sla_tpot_ms must be positive, got {sla_tpot_ms}")
+        kernels.dispatch.requested()  # a bad DREX_KERNELS fails here, before any work
         if sla_tpot_ms is not None and policy != "drex":
             raise GenerationInputError(f"sla_tpot_ms applies to policy 'drex', not {policy!r}")
         if exit_source == "trace" and policy == "full":

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from drex_hf.errors import ConfigError
 from drex_hf.kernels import _triton
 
 ENV = "DREX_KERNELS"
@@ -31,7 +32,7 @@ def requested() -> str | None:
     if not value:
         return None
     if value not in CHOICES:
-        raise ValueError(
+        raise ConfigError(
             f"{ENV}={value!r} is not a kernel backend; use 'torch' or 'triton', "
             f"or leave it unset (Triton on CUDA, torch elsewhere)"
         )
