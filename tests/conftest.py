@@ -10,6 +10,8 @@ import os
 import tempfile  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Kernel tests run Triton through its CPU interpreter; Triton reads this when it is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 # An empty HF cache: a model the developer happens to have cached must not change what tests see.
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="drex-test-hf-cache-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

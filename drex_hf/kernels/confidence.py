@@ -27,7 +27,8 @@ def _confidence_kernel(logits, max_prob, margin, vocab, stride_row, stride_col, 
         at = tl.argmax(x, 0)
         second = tl.max(tl.where(tl.arange(0, BLOCK) == at, float("-inf"), x), 0)
         new_top = tl.maximum(top1, first)
-        total = total * tl.exp(top1 - new_top) + tl.sum(tl.exp(x - new_top), 0)
+        shift = tl.where(new_top == float("-inf"), 0.0, new_top)  # all -inf so far: exp(-inf - -inf) is nan
+        total = total * tl.exp(top1 - shift) + tl.sum(tl.exp(x - shift), 0)
         top2 = tl.maximum(tl.minimum(top1, first), tl.maximum(top2, second))
         top1 = new_top
     best = 1.0 / total

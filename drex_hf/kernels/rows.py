@@ -102,4 +102,4 @@ def gather_rows_reference(src: torch.Tensor, index: torch.Tensor) -> torch.Tenso
 
 
 def scatter_rows_reference(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
-    dst.index_copy_(0, index, src)
+    dst.index_copy_(0, index.long(), src)  # index_copy_ takes int64 only
