@@ -21,12 +21,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from drex_hf.calibration.thresholds import fit_thresholds
 from drex_hf.heads import margin_confidence, max_prob_confidence, saturation_confidence
 from drex_hf.training.features import Features
 from drex_hf.training.recipe import Recipe
 
 MEASURES = ("max_prob", "margin", "classifier", "saturation")
-MIN_EXITS_FOR_THRESHOLD = 10
 RESULTS_NAME = "eval_results.json"
 PLOT_NAME = "exit_profile.png"
 
@@ -95,36 +95,6 @@ def final_perplexity(model: Any, feats: Features, chunk: int = 2048) -> float | 
         nxt = feats.next_token[start : start + chunk].to(logits.device)
         total += float(F.cross_entropy(logits, nxt, reduction="sum"))
     return math.exp(total / len(feats))
-
-
-def fit_thresholds(conf: torch.Tensor, agree: torch.Tensor, target: float) -> list[float]:
-    """Per exit, the lowest threshold whose passing tokens agree at >= target (inf if none do).
-
-    Tokens are sorted by confidence; the threshold admits the largest top-confidence set whose
-    agreement rate is at least `target` and which holds at least MIN_EXITS_FOR_THRESHOLD tokens.
-    """
-    thresholds = []
-    for c, a in zip(conf, agree):
-        order = c.argsort(descending=True)
-        rate = a[order].double().cumsum(0) / torch.arange(1, len(c) + 1, dtype=torch.double)
-        ok = (rate >= target).nonzero().flatten()
-        ok = ok[ok + 1 >= MIN_EXITS_FOR_THRESHOLD]
-        if len(ok) == 0:
-            thresholds.append(math.inf)
-            continue
-        n = int(ok.max())
-        # ties: everything with confidence >= c[order[n]] passes, so check that set, not the prefix
-        value = float(c[order[n]])
-        passing = c >= value
-        while passing.sum() > 0 and a[passing].double().mean() < target:
-            higher = c[c > value]
-            if len(higher) == 0:
-                value = math.inf
-                break
-            value = float(higher.min())
-            passing = c >= value
-        thresholds.append(value)
-    return thresholds
 
 
 def simulate(
