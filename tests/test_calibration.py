@@ -88,3 +88,78 @@ def test_hoeffding_is_more_conservative_than_the_exact_binomial():
     loose = learn_then_test(obs, target=0.95, delta=0.1, bound="hoeffding")
     assert loose.thresholds[0] >= exact.thresholds[0]
     assert tokens_needed(0.95, 0.1, "hoeffding") > tokens_needed(0.95, 0.1, "binomial")
+
+
+# ---------------------------------------------------------------- cost constants and which exits pay
+from drex_hf.calibration.costs import CostTable, choose_exits, expected_token_ms, prediction_errors  # noqa: E402
+
+ROWS = [1, 2, 4, 8, 16, 32]
+
+
+def _synthetic_timer(layers, check, fill, noise=0.0, seed=0):
+    """ms = a + b·n for each kind of work, per segment / exit point, with optional relative noise."""
+    gen = torch.Generator().manual_seed(seed)
+    table = {"layers": layers, "check": check, "fill": fill}
+
+    def timer(kind, index, n):
+        a, b = table[kind][index]
+        wobble = 1 + noise * (2 * float(torch.rand(1, generator=gen)) - 1)
+        return (a + b * n) * wobble
+
+    return timer
+
+
+def test_the_cost_fit_recovers_known_constants_and_predicts_held_out_row_counts():
+    layers, check, fill = [(2.0, 0.5), (3.0, 0.25), (1.5, 1.0)], [(0.4, 0.05), (0.2, 0.02)], [(0.1, 0.01)] * 2
+    costs = CostTable.measure(_synthetic_timer(layers, check, fill), 3, ROWS)
+    model = costs.cost_model(context=128, device="synthetic")
+    for s, ((a, b), (ca, cb)) in enumerate(zip(layers, [*check, (0.0, 0.0)])):
+        assert model.a_ms[s] == pytest.approx(a + ca)
+        assert model.b_ms[s] == pytest.approx(b + cb)
+    errors = prediction_errors(model, _synthetic_timer(layers, check, fill), [3, 6, 12, 24])
+    assert errors["median"] < 1e-9 and errors["count"] == 12
+    noisy = CostTable.measure(_synthetic_timer(layers, check, fill, noise=0.03, seed=1), 3, ROWS)
+    fitted = noisy.cost_model(context=128, device="synthetic")
+    for s, (_, b) in enumerate(layers):
+        extra = check[s] if s < 2 else (0.0, 0.0)
+        assert fitted.b_ms[s] == pytest.approx(b + extra[1], rel=0.1)
+    held_out = prediction_errors(fitted, _synthetic_timer(layers, check, fill, noise=0.03, seed=2), [3, 6, 12, 24])
+    assert held_out["median"] <= 0.05 and held_out["p95"] <= 0.1
+
+
+def _fractions(natural):
+    """Each token's first confident exit drawn once (`natural[j]`: share confident first at exit j);
+    a token whose exit is switched off leaves at the next enabled exit where it is also confident —
+    here, the next enabled one at all (confidence only grows with depth in this toy)."""
+
+    def fractions_for(enabled):
+        out, carried = [0.0] * len(enabled), 0.0
+        for j, share in enumerate(natural):
+            carried += share
+            if enabled[j]:
+                out[j], carried = carried, 0.0
+        return out
+
+    return fractions_for
+
+
+def test_an_exit_whose_check_costs_more_than_it_saves_is_switched_off():
+    # three equal segments of 1 ms per row; exit 0's check costs 2 ms per row (a vocabulary projection)
+    # and lets 5 % out; exit 1's check is nearly free and lets 50 % out
+    layers = [(0.0, 1.0)] * 3
+    check = [(0.0, 2.0), (0.0, 0.01)]
+    fill = [(0.0, 0.05), (0.0, 0.02)]
+    costs = CostTable.measure(_synthetic_timer(layers, check, fill), 3, ROWS)
+    enabled, steps = choose_exits(costs, _fractions([0.05, 0.5]), rows=8)
+    assert enabled == [False, True], steps
+    full = expected_token_ms(costs, [0, 0], [False, False], 8)
+    assert expected_token_ms(costs, _fractions([0.05, 0.5])(enabled), enabled, 8) < full
+    assert steps[0]["net_savings_ms"][0] < 0 < steps[0]["net_savings_ms"][1]
+
+
+def test_when_no_exit_pays_every_exit_is_switched_off():
+    layers = [(0.0, 1.0)] * 3
+    check = [(0.0, 8.0), (0.0, 8.0)]  # each check costs 8 layers, as the vocabulary projection on SmolLM2
+    costs = CostTable.measure(_synthetic_timer(layers, check, [(0.0, 0.05)] * 2), 3, ROWS)
+    enabled, _ = choose_exits(costs, _fractions([0.3, 0.4]), rows=8)
+    assert enabled == [False, False]

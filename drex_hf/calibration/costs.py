@@ -1,0 +1,172 @@
+"""The scheduler's cost constants, fitted from timings, and which exit points pay on this device.
+
+A `CostTable` holds, for every segment (the layers between consecutive exit points) and a range of
+row counts, the milliseconds of its layers alone and of its exit check (head + confidence), plus the
+KV fill of the layers after each exit. It is measured on a real model by `profile_runner` (warm-up,
+the fastest of several repeats, CUDA synchronised) or by any `timer(kind, index, rows)` — a synthetic
+one in tests. From it come the scheduler's `CostModel` (segment + check, interpolated over rows), the
+prediction error on row counts left out of the fit, and each exit's expected net saving per token:
+P(exit) × the later segments' cost − P(reach) × the check's cost − P(exit) × the KV fill's cost.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from drex_hf.generation.profile import fit_line
+from drex_hf.generation.scheduler import CostModel
+
+Timer = Callable[[str, int, int], float]  # (kind: "layers" | "check" | "fill", segment or exit, rows) -> ms
+
+
+@dataclass
+class CostTable:
+    rows: list[int]
+    layers_ms: list[list[float]]  # [segment][row count]
+    check_ms: list[list[float]]  # [exit point = segment s < last][row count]
+    fill_ms: list[list[float]]  # [exit point][row count]: KV fill of every layer after it
+
+    @classmethod
+    def measure(cls, timer: Timer, segments: int, rows: list[int], progress: Callable[[], None] | None = None):
+        """Time every kind of work at every row count with `timer`."""
+        out = cls(rows, [], [], [])
+        for s in range(segments):
+            out.layers_ms.append([timer("layers", s, n) for n in rows])
+            if s < segments - 1:
+                out.check_ms.append([timer("check", s, n) for n in rows])
+                out.fill_ms.append([timer("fill", s, n) for n in rows])
+            if progress:
+                progress()
+        return out
+
+    def per_row(self, table: list[float], n: int) -> float:
+        """Milliseconds per row at n rows, interpolated over the measured row counts."""
+        return _interpolate(self.rows, table, n) / n
+
+    def cost_model(self, context: int, device: str, regroup_ms: list[float] | None = None) -> CostModel:
+        """What the scheduler predicts from: a step of segment s is its layers plus its check (the last
+        segment's 'check' is the final norm and lm_head, measured as part of its layers)."""
+        table = []
+        for s, layers in enumerate(self.layers_ms):
+            check = self.check_ms[s] if s < len(self.check_ms) else [0.0] * len(self.rows)
+            table.append([a + b for a, b in zip(layers, check)])
+        lines = [fit_line(self.rows, t) for t in table]
+        regroup = regroup_ms if regroup_ms is not None else [0.0] * len(table)
+        return CostModel(
+            [a for a, _ in lines],
+            [b for _, b in lines],
+            regroup,
+            context,
+            source="calibration",
+            device=device,
+            rows=list(self.rows),
+            table_ms=table,
+        )
+
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "layers_ms": self.layers_ms, "check_ms": self.check_ms, "fill_ms": self.fill_ms}
+
+
+def _interpolate(rows: list[int], table: list[float], n: int) -> float:
+    probe = CostModel([0.0], [0.0], [0.0], rows=list(rows), table_ms=[list(table)])
+    return probe.segment_ms(0, n)
+
+
+def prediction_errors(model: CostModel, timer: Timer, rows: list[int]) -> dict:
+    """Relative error of the model's step predictions at row counts it was not fitted on."""
+    errors = []
+    segments = len(model.a_ms)
+    for s in range(segments):
+        for n in rows:
+            measured = timer("layers", s, n) + (timer("check", s, n) if s < segments - 1 else 0.0)
+            errors.append(abs(model.segment_ms(s, n) - measured) / measured)
+    ordered = sorted(errors)
+    return {
+        "rows": rows,
+        "median": statistics.median(errors),
+        "p95": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))],
+        "count": len(errors),
+    }
+
+
+def expected_token_ms(costs: CostTable, exit_fractions: list[float], enabled: list[bool], rows: int) -> float:
+    """Expected milliseconds per token at `rows` rows per step, when a token leaves at enabled exit j
+    with probability exit_fractions[j] (fractions of all tokens) and checks run at every enabled exit
+    it reaches. Disabled exits neither check nor let tokens out."""
+    total, reach = 0.0, 1.0
+    for s, layers in enumerate(costs.layers_ms):
+        total += reach * costs.per_row(layers, rows)
+        if s < len(costs.check_ms) and enabled[s]:
+            total += reach * costs.per_row(costs.check_ms[s], rows)
+            leave = min(exit_fractions[s], reach)
+            total += leave * costs.per_row(costs.fill_ms[s], rows)
+            reach -= leave
+    return total
+
+
+def net_savings(costs: CostTable, exit_fractions: list[float], enabled: list[bool], rows: int) -> list[float]:
+    """Per exit point: milliseconds per token saved by having it on, the others as in `enabled`."""
+    out = []
+    for j in range(len(costs.check_ms)):
+        on, off = list(enabled), list(enabled)
+        on[j], off[j] = True, False
+        out.append(
+            expected_token_ms(costs, exit_fractions, off, rows) - expected_token_ms(costs, exit_fractions, on, rows)
+        )
+    return out
+
+
+def choose_exits(
+    costs: CostTable, fractions_for: Callable[[list[bool]], list[float]], rows: int
+) -> tuple[list[bool], list[dict]]:
+    """Switch off, one at a time, the exit whose net saving is most negative, re-deriving the exit
+    fractions (`fractions_for(enabled)`) after each change, until every exit left on pays; then keep
+    exits only if the result beats full depth. Returns the enabled mask and the steps taken."""
+    enabled = [True] * len(costs.check_ms)
+    steps = []
+    while True:
+        fractions = fractions_for(enabled)
+        savings = net_savings(costs, fractions, enabled, rows)
+        worst = min((s, j) for j, s in enumerate(savings) if enabled[j]) if any(enabled) else None
+        steps.append({"enabled": list(enabled), "exit_fractions": fractions, "net_savings_ms": savings})
+        if worst is None or worst[0] >= 0:
+            break
+        enabled[worst[1]] = False
+    full = expected_token_ms(costs, [0.0] * len(enabled), [False] * len(enabled), rows)
+    if any(enabled) and expected_token_ms(costs, fractions_for(enabled), enabled, rows) >= full:
+        enabled = [False] * len(enabled)
+    return enabled, steps
+
+
+def profile_runner(runner, context: int, repeats: int = 5) -> Timer:  # noqa: ANN001 (SegmentRunner)
+    """A timer over a real engine's runner: the fastest of `repeats` synchronised runs after a warm-up,
+    on the runner's still-empty slots, with every row's keys/values at `context` positions."""
+    from drex_hf.generation.profile import _time_ms
+
+    device = torch.device(runner.device)
+    runner.positions.fill_(max(0, min(context, runner.store.max_len) - 1))
+    last = len(runner.segments) - 1
+
+    @torch.no_grad()
+    def timer(kind: str, index: int, n: int) -> float:
+        rows = list(range(n))
+        if kind == "layers":
+
+            def run() -> None:
+                x = runner.run_segment(index, rows)
+                if index == last:
+                    runner.final_logits(x)
+
+            return _time_ms(run, repeats, device)
+        if kind == "check":
+            x = runner.hidden[:n].clone()
+            return _time_ms(lambda: runner.check(index, rows, x), repeats, device)
+        if kind == "fill":
+            return _time_ms(lambda: runner.fill(rows, runner.boundaries[index]), repeats, device)
+        raise ValueError(f"unknown timing kind {kind!r}")
+
+    return timer
