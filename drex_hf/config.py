@@ -18,6 +18,7 @@ from drex_hf.errors import ConfigError, ModelNotFoundError
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "exit_config.json"
+CALIBRATION_NAME = "calibration.json"  # written by `drex calibrate` beside the heads
 HEAD_TYPES = ("shared", "norm", "adapter")
 CONFIDENCE_MEASURES = ("classifier", "saturation", "max_prob", "margin")
 KV_FILL_METHODS = ("project",)

@@ -24,7 +24,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from drex_hf.arch import ArchAdapter, build_attention_mask, get_adapter
-from drex_hf.config import CONFIG_NAME, EarlyExitConfig
+from drex_hf.config import CALIBRATION_NAME, CONFIG_NAME, EarlyExitConfig, parse_threshold
 from drex_hf.errors import (
     BaseModelMismatchError,
     ConfigError,
@@ -99,6 +99,7 @@ class EarlyExitModelForCausalLM(nn.Module):
         )
         self.heads.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
         self._cost_models: dict[tuple, Any] = {}  # drex cost models measured by generate(), reused
+        self.calibration_path: Path | None = None  # calibration.json with cost constants for this device
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -161,6 +162,7 @@ class EarlyExitModelForCausalLM(nn.Module):
         base_model: str | os.PathLike | nn.Module | None = None,
         revision: str | None = None,
         device: str | torch.device | None = None,
+        calibration: bool = True,
         **load_kwargs: Any,
     ) -> EarlyExitModelForCausalLM:
         """Load exit heads saved by `save_pretrained` and the base model they belong to.
@@ -168,7 +170,10 @@ class EarlyExitModelForCausalLM(nn.Module):
         The base comes from `base_model` when given (a model, folder or hub id), else from
         `exit_config.json` (with its revision, and for heads made on a converted GGUF, that exact
         GGUF). A base whose architecture, layer count, hidden size or vocabulary differs from the
-        heads' config is refused.
+        heads' config is refused. With `calibration` (default) a `calibration.json` beside the heads
+        (from `drex calibrate`) sets the thresholds and the drex scheduler's cost constants: this
+        device's entry when there is one (exits that do not pay here are off), else the guaranteed
+        thresholds with cost constants measured at start-up.
         """
         folder = Path(path).expanduser()
         if not folder.is_dir():
@@ -212,7 +217,38 @@ class EarlyExitModelForCausalLM(nn.Module):
                     f"{lora_path} does not match {CONFIG_NAME} (sha256 differs): the folder mixes two saves"
                 )
             load_lora(wrapper, lora_path, lora)
-        return _place(wrapper, device)
+        wrapper = _place(wrapper, device)
+        if calibration and (folder / CALIBRATION_NAME).is_file():
+            wrapper._apply_calibration(folder / CALIBRATION_NAME)
+        return wrapper
+
+    def _apply_calibration(self, path: Path) -> None:
+        """Thresholds (and cost constants for this device) from a `drex calibrate` file."""
+        from drex_hf.generation.engine import device_name
+
+        try:
+            data = json.loads(path.read_text())
+            entries = data.get("cost_models", {})
+            guaranteed = data["guarantee"]["thresholds"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(
+                f"{path} is not a calibration file drex can read ({err}); run drex calibrate again"
+            ) from None
+        if data.get("exit_layers") != list(self.exit_layers):
+            raise ConfigError(
+                f"{path} was made for exit layers {data.get('exit_layers')}, these heads exit at {self.exit_layers}"
+            )
+        device = device_name(self.heads_device)
+        entry = entries.get(device)
+        chosen = entry["thresholds"] if entry else guaranteed
+        self.exit_config.thresholds = [parse_threshold(t, f"{path.name} thresholds") for t in chosen]
+        self.calibration_path = path if entry else None
+        if entry is None:
+            logger.warning(
+                "%s has no cost constants for %s (it has: %s): using its guaranteed thresholds, with cost "
+                "constants measured at start-up; run `drex calibrate` on this device",
+                path, device, ", ".join(sorted(entries)) or "none",
+            )  # fmt: skip
 
     def _load_heads_state(self, state: dict[str, torch.Tensor], where: Path) -> None:
         expected = {f"heads.{k}": v for k, v in self.heads.state_dict().items()}
@@ -515,10 +551,24 @@ class EarlyExitModelForCausalLM(nn.Module):
         return (tuple(ends), batch, str(self.heads_device))
 
     def _cached_cost_model(self, given: Any, policy: str, batch: int, thresholds: Any, trace: bool) -> Any:
-        """A cost model measured once per (segments, batch size, device) and reused by later calls."""
+        """This device's calibrated constants when they were made for these segments, else a cost
+        model measured once per (segments, batch size, device) and reused by later calls."""
         if given is not None or policy != "drex":
             return given
-        return self._cost_models.get(self._cost_key(thresholds, batch, trace))
+        key = self._cost_key(thresholds, batch, trace)
+        if self.calibration_path is not None and key not in self._cost_models:
+            from drex_hf.generation.engine import device_name
+            from drex_hf.generation.scheduler import CostModel
+
+            ends = list(key[0])
+            segments = [[a, b] for a, b in zip([0, *(e + 1 for e in ends)], [*ends, self.arch.num_layers - 1])]
+            try:
+                self._cost_models[key] = CostModel.from_file(
+                    self.calibration_path, device_name(self.heads_device), segments
+                )
+            except GenerationInputError:
+                pass  # other thresholds than calibrated: other segments; measure at start-up
+        return self._cost_models.get(key)
 
     def _thresholds(self, override: float | list[float] | None) -> list[float]:
         if override is None:

@@ -163,3 +163,87 @@ def test_when_no_exit_pays_every_exit_is_switched_off():
     costs = CostTable.measure(_synthetic_timer(layers, check, [(0.0, 0.05)] * 2), 3, ROWS)
     enabled, _ = choose_exits(costs, _fractions([0.3, 0.4]), rows=8)
     assert enabled == [False, False]
+
+
+# ---------------------------------------------------------------- the command and from_pretrained
+import json  # noqa: E402
+import logging  # noqa: E402
+
+from drex_hf import EarlyExitConfig, EarlyExitModelForCausalLM  # noqa: E402
+from drex_hf.cli.main import main  # noqa: E402
+from drex_hf.errors import ConfigError  # noqa: E402
+from drex_hf.generation.engine import device_name  # noqa: E402
+
+
+@pytest.fixture
+def heads_and_text(tmp_path, tiny_base_dir):
+    config = EarlyExitConfig(exit_layers=[1, 2], confidence="max_prob", thresholds=[0.9, 0.9])
+    EarlyExitModelForCausalLM.from_base(str(tiny_base_dir), config).save_pretrained(tmp_path / "heads")
+    gen = torch.Generator().manual_seed(0)
+    words = [f"w{int(i)}" for i in torch.randint(3, 99, (3000,), generator=gen)]
+    (tmp_path / "held_out.txt").write_text(" ".join(words))
+    return tmp_path / "heads", tmp_path / "held_out.txt"
+
+
+def _calibrate(heads, text, *extra):
+    args = ["calibrate", str(heads), "--data", str(text), "--target-agreement", "0.6", "--delta", "0.2"]
+    args += ["--prompts", "24", "--prompt-tokens", "6", "--max-new-tokens", "10", "--rows", "1,2,4"]
+    return main([*args, "--holdout-rows", "3", "--repeats", "1", "--decision-rows", "4", *extra])
+
+
+def test_calibrate_writes_the_file_and_plot_and_from_pretrained_uses_them(heads_and_text, capsys):
+    heads, text = heads_and_text
+    assert _calibrate(heads, text) == 0
+    out = capsys.readouterr().out
+    assert "test agreement" in out and "wrote" in out
+    data = json.loads((heads / "calibration.json").read_text())
+    assert (heads / "calibration.png").read_bytes()[:4] == b"\x89PNG"
+    device = device_name("cpu")
+    entry = data["cost_models"][device]
+    g = data["guarantee"]
+    assert data["observations"]["tokens"] == g["learn_tokens"] + g["test_tokens"] == 240
+    assert g["target_agreement"] == 0.6 and g["delta"] == 0.2 and data["command"].startswith("drex calibrate")
+    assert entry["rows"] == [1, 2, 4] and len(entry["table_ms"]) == len(entry["segments"])
+    assert entry["prediction_error"]["rows"] == [3] and entry["prediction_error"]["median"] >= 0
+    model = EarlyExitModelForCausalLM.from_pretrained(heads)
+    expected = [math.inf if t == "inf" else t for t in entry["thresholds"]]
+    assert model.exit_config.threshold_list() == pytest.approx(expected)
+    assert model.calibration_path == heads / "calibration.json"
+    if any(math.isfinite(t) for t in expected):  # the calibrated segments: generate() takes the file's constants
+        ids = torch.tensor([[5, 6, 7, 8]])
+        out = model.generate(ids, max_new_tokens=4, return_dict_in_generate=True)
+        assert "calibration file" in out.stats.cost_source
+    uncalibrated = EarlyExitModelForCausalLM.from_pretrained(heads, calibration=False)
+    assert uncalibrated.exit_config.threshold_list() == [0.9, 0.9]
+
+
+def test_another_devices_calibration_gives_the_guaranteed_thresholds_and_says_so(heads_and_text, caplog):
+    heads, _ = heads_and_text
+    guaranteed = {"thresholds": [0.7, "inf"]}
+    other = {"thresholds": [0.2, 0.3], "segments": [[0, 1], [2, 2], [3, 3]]}
+    calibration = {"exit_layers": [1, 2], "guarantee": guaranteed, "cost_models": {"NVIDIA H100 80GB HBM3": other}}
+    (heads / "calibration.json").write_text(json.dumps(calibration))
+    with caplog.at_level(logging.WARNING):
+        model = EarlyExitModelForCausalLM.from_pretrained(heads)
+    assert model.exit_config.threshold_list() == [0.7, math.inf]
+    assert model.calibration_path is None
+    assert "no cost constants for" in caplog.text and "NVIDIA H100" in caplog.text
+    (heads / "calibration.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="calibration.json"):
+        EarlyExitModelForCausalLM.from_pretrained(heads)
+    calibration["exit_layers"] = [0, 2]
+    (heads / "calibration.json").write_text(json.dumps(calibration))
+    with pytest.raises(ConfigError, match="exit layers"):
+        EarlyExitModelForCausalLM.from_pretrained(heads)
+
+
+def test_calibrate_refuses_bad_input_and_writes_nothing(heads_and_text, tmp_path, capsys):
+    heads, text = heads_and_text
+    assert _calibrate(heads, tmp_path / "missing.txt") == 2
+    assert "missing.txt" in capsys.readouterr().err
+    code = main(["calibrate", str(heads), "--data", str(text), "--prompts", "4", "--max-new-tokens", "3"])
+    assert code == 2
+    assert "test tokens are needed" in capsys.readouterr().err
+    assert not (heads / "calibration.json").exists() and not (heads / "calibration.png").exists()
+    assert _calibrate(tmp_path, text) == 2  # not an exit-heads folder
+    assert "exit-heads folder" in capsys.readouterr().err

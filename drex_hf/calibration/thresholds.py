@@ -207,8 +207,10 @@ def learn_then_test(
     learn_fraction: float = 0.5,
     seed: int = 0,
     levels: tuple[float, ...] = LEVELS,
+    enabled: list[bool] | None = None,
 ) -> ThresholdResult:
-    """Thresholds meeting `target` agreement with probability >= 1 - delta (see the module docstring)."""
+    """Thresholds meeting `target` agreement with probability >= 1 - delta (see the module docstring).
+    `enabled`: exits allowed to open (chosen beforehand, e.g. on the learn half); the rest stay +inf."""
     if not 0 < target < 1:
         raise CalibrationDataError(f"target agreement must be in (0, 1), got {target}")
     if not 0 < delta < 1:
@@ -230,6 +232,8 @@ def learn_then_test(
         )
     tested, chosen = [], None
     for thresholds in candidates(learn, levels):
+        if enabled is not None:
+            thresholds = [t if on else math.inf for t, on in zip(thresholds, enabled)]
         k, n, counts = agreement_counts(test, thresholds)
         p = 0.0 if not any(math.isfinite(t) for t in thresholds) else p_value(k, n, target, bound)
         rejected = p <= delta

@@ -1,0 +1,152 @@
+"""`drex calibrate MODEL_DIR --data held_out.txt`: thresholds with a stated guarantee and the
+scheduler's cost constants for this device, written beside the heads as calibration.json + a plot."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from drex_hf.calibration.thresholds import BOUNDS, CalibrationDataError
+from drex_hf.cli.common import DTYPES, HelpFormatter, int_list, pick_device, pick_dtype, tokenizer_for
+from drex_hf.errors import ModelNotFoundError
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_parser(sub: Any) -> None:
+    parser = sub.add_parser(
+        "calibrate",
+        help="fit thresholds with a quality guarantee and the scheduler's cost constants for this device",
+        description="Measure on held-out text how often each exit's token agrees with full depth, choose "
+        "per-exit thresholds that reach --target-agreement with probability >= 1 - --delta (Learn-then-"
+        "Test), time the segments on this device, switch off exits that cost more than they save, and "
+        "write calibration.json and calibration.png into MODEL_DIR (from_pretrained then uses them).",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL_DIR", help="an exit-heads folder (from save_pretrained or drex train)")
+    parser.add_argument("--data", required=True, type=Path, help="held-out plain text (UTF-8) to draw prompts from")
+    parser.add_argument("--target-agreement", type=probability, default=0.95, help="token agreement to guarantee")
+    parser.add_argument("--delta", type=probability, default=0.1, help="allowed probability of missing the target")
+    parser.add_argument("--bound", choices=BOUNDS, default="binomial", help="tail bound of the test")
+    parser.add_argument("--prompts", type=positive_int, default=64, help="prompts drawn from --data")
+    parser.add_argument("--prompt-tokens", type=positive_int, default=32, help="tokens per prompt")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=48, help="greedy tokens per prompt")
+    parser.add_argument("--rows", type=int_list, default=[1, 2, 4, 8, 16, 32], help="row counts to time")
+    parser.add_argument("--holdout-rows", type=int_list, default=[3, 6, 12, 24], help="row counts to test the fit on")
+    parser.add_argument("--decision-rows", type=positive_int, default=8, help="batch at which exits must pay")
+    parser.add_argument("--context", type=positive_int, default=128, help="cached positions while timing")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed repeats (the fastest counts)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt draw and the learn/test split")
+    parser.add_argument(
+        "--dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on CUDA, float32 on CPU"
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.set_defaults(run=run)
+
+
+def draw_prompts(text: str, tokenizer: Any, count: int, length: int, seed: int) -> list[torch.Tensor]:
+    """`count` windows of `length` tokens at seeded random offsets of the tokenized text."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < length + 1:
+        raise CalibrationDataError(f"the held-out text has {len(ids)} tokens; a prompt needs {length}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - length, (count,), generator=gen).tolist()
+    return [torch.tensor(ids[s : s + length]) for s in starts]
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from drex_hf import EarlyExitModelForCausalLM
+    from drex_hf.calibration.calibrate import CALIBRATION_NAME, PLOT_NAME, calibrate, plot, save
+    from drex_hf.config import CONFIG_NAME
+
+    folder = Path(args.model)
+    if not (folder / CONFIG_NAME).is_file():
+        raise ModelNotFoundError(f"{folder} is not an exit-heads folder (no {CONFIG_NAME})")
+    if not args.data.is_file():
+        raise ModelNotFoundError(f"--data {args.data}: no such file")
+    text = args.data.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise CalibrationDataError(f"--data {args.data} is empty")
+    device = pick_device(args.device)
+    model = EarlyExitModelForCausalLM.from_pretrained(
+        folder, dtype=pick_dtype(args.dtype, device), device=device, calibration=False
+    ).eval()
+    prompts = draw_prompts(text, tokenizer_for(model), args.prompts, args.prompt_tokens, args.seed)
+    bars = {
+        "observe": tqdm(total=len(prompts), desc="observe (greedy full depth)", unit="prompt"),
+        "profile": tqdm(total=len(model.exit_layers) + 1, desc="profile segments", unit="segment"),
+    }
+    command = "drex calibrate " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    try:
+        result = calibrate(
+            model,
+            prompts,
+            target=args.target_agreement,
+            delta=args.delta,
+            bound=args.bound,
+            max_new_tokens=args.max_new_tokens,
+            rows=args.rows,
+            holdout_rows=args.holdout_rows,
+            decision_rows=args.decision_rows,
+            context=args.context,
+            repeats=args.repeats,
+            seed=args.seed,
+            command=command,
+            progress=lambda stage, n: bars[stage].update(n),
+        )
+    finally:
+        for bar in bars.values():
+            bar.close()
+    device_key = next(iter(result["cost_models"]))
+    save(result, folder, plot(result, device_key))
+    print(summary(result, device_key))
+    print(f"wrote {folder / CALIBRATION_NAME} and {folder / PLOT_NAME}")
+    return 0
+
+
+def summary(result: dict, device: str) -> str:
+    g, entry = result["guarantee"], result["cost_models"][device]
+    shown = ", ".join("inf" if t == "inf" else f"{t:.3f}" for t in entry["thresholds"])
+    lines = [
+        f"observed {result['observations']['tokens']} tokens from {result['observations']['prompts']} prompts "
+        f"(learn {g['learn_tokens']}, test {g['test_tokens']})",
+        f"thresholds per exit {result['exit_layers']}: {shown}",
+        f"test agreement {g['test_agreement']:.4f} >= {g['target_agreement']} with probability >= "
+        f"{1 - g['delta']:.2f} ({g['bound']} bound); exits: " + ", ".join(f"{f:.1%}" for f in g["exit_fractions"]),
+    ]
+    paying = entry["exits_paying"]
+    if not any(paying):
+        lines.append(f"on {device} no exit point pays at {entry['decision_rows']} rows: every exit is off")
+    else:
+        off = [str(e) for e, p in zip(result["exit_layers"], paying) if not p]
+        lines.append(f"exits switched off on {device} (cost more than they save): {', '.join(off) or 'none'}")
+    speed = entry["expected_speedup"]
+    err = entry["prediction_error"]
+    lines.append(
+        f"expected speed-up over full depth at {entry['decision_rows']} rows: "
+        f"{speed:.2f}x; cost fit error on held-out rows {err['rows']}: median {err['median']:.1%}, "
+        f"p95 {err['p95']:.1%}"
+        if speed is not None and math.isfinite(speed)
+        else "expected speed-up: n/a"
+    )
+    return "\n".join(lines)
