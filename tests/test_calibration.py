@@ -198,6 +198,8 @@ def test_calibrate_writes_the_file_and_plot_and_from_pretrained_uses_them(heads_
     assert "test agreement" in out and "wrote" in out
     data = json.loads((heads / "calibration.json").read_text())
     assert (heads / "calibration.png").read_bytes()[:4] == b"\x89PNG"
+    card = (heads / "README.md").read_text()
+    assert card.count("## Calibration (`drex calibrate`)") == 1 and "calibration.png" in card
     device = device_name("cpu")
     entry = data["cost_models"][device]
     g = data["guarantee"]
@@ -213,6 +215,8 @@ def test_calibrate_writes_the_file_and_plot_and_from_pretrained_uses_them(heads_
         ids = torch.tensor([[5, 6, 7, 8]])
         out = model.generate(ids, max_new_tokens=4, return_dict_in_generate=True)
         assert "calibration file" in out.stats.cost_source
+    assert _calibrate(heads, text, "--seed", "1") == 0  # again: the card's section is replaced, not repeated
+    assert (heads / "README.md").read_text().count("## Calibration (`drex calibrate`)") == 1
     uncalibrated = EarlyExitModelForCausalLM.from_pretrained(heads, calibration=False)
     assert uncalibrated.exit_config.threshold_list() == [0.9, 0.9]
 

@@ -142,6 +142,8 @@ def calibrate(
         return [c / n for c in counts]
 
     enabled, steps = choose_exits(costs, fractions_for, decision_rows)
+    # the guarantee for any device (every exit may open), and this device's (only the exits that pay)
+    guarantee = learn_then_test(obs, target, delta, bound=bound, seed=seed)
     result = learn_then_test(obs, target, delta, bound=bound, seed=seed, enabled=enabled)
     thresholds = result.thresholds
     on = [math.isfinite(t) for t in thresholds]
@@ -162,13 +164,15 @@ def calibrate(
         "exit_layers": exits,
         "confidence": model.exit_config.confidence,
         "observations": {"prompts": len(prompts), "tokens": obs.tokens, "max_new_tokens": max_new_tokens},
-        "guarantee": result.to_dict(),
+        "guarantee": guarantee.to_dict(),
         "curves": curves(obs),
         "cost_models": {
             device: {
                 **model_costs.to_dict(),
                 "segments": [[a, b] for a, b in zip(starts, stops)],
                 "thresholds": [t if math.isfinite(t) else "inf" for t in thresholds],
+                "test_agreement": result.test_agreement,
+                "exit_fractions": result.exit_fractions,
                 "exits_enabled": on,
                 "exits_paying": enabled,
                 "exit_choice": steps,
@@ -260,9 +264,58 @@ def _merged_timer(timer: Callable, on: list[bool]) -> Callable:
     return merged
 
 
+CARD_BEGIN, CARD_END = "<!-- drex calibrate: begin -->", "<!-- drex calibrate: end -->"
+
+
+def card_section(calibration: dict) -> str:
+    """The model card's calibration section: the guarantee, and per device the exits used and the fit."""
+
+    def shown(values: list) -> str:
+        return ", ".join("inf" if t == "inf" else f"{t:.3f}" for t in values)
+
+    g, obs = calibration["guarantee"], calibration["observations"]
+    layers = calibration["exit_layers"]
+    lines = [
+        CARD_BEGIN,
+        "## Calibration (`drex calibrate`)",
+        "",
+        f"Made by `{calibration['command']}` on {calibration['created']}: {obs['tokens']} greedy full-depth tokens "
+        f"from {obs['prompts']} held-out prompts, split by prompt into {g['learn_tokens']} learn and "
+        f"{g['test_tokens']} test tokens.",
+        "",
+        f"**Guarantee.** With thresholds {shown(g['thresholds'])} at exits {layers}, tokens agree with full depth "
+        f"at ≥ {g['target_agreement']} with probability ≥ {1 - g['delta']:.2f} (Learn-then-Test, {g['bound']} "
+        f"bound; test agreement {g['test_agreement']:.4f}; exits "
+        + ", ".join(f"{f:.1%}" for f in g["exit_fractions"])
+        + "). These apply on a device without its own entry below.",
+        "",
+        "| device | exits that pay | thresholds used | expected speed-up | cost fit error (median / p95) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for device, entry in calibration["cost_models"].items():
+        paying = [str(e) for e, p in zip(layers, entry["exits_paying"]) if p] or ["none"]
+        err, speed = entry["prediction_error"], entry.get("expected_speedup")
+        lines.append(
+            f"| {device} | {', '.join(paying)} | {shown(entry['thresholds'])} | "
+            f"{'n/a' if speed is None else f'{speed:.2f}x'} at {entry['decision_rows']} rows | "
+            f"{err['median']:.1%} / {err['p95']:.1%} |"
+        )
+    lines += ["", "![calibration](calibration.png)", CARD_END]
+    return "\n".join(lines) + "\n"
+
+
+def with_card_section(card: str, calibration: dict) -> str:
+    """`card` with its calibration section replaced (or appended)."""
+    section = card_section(calibration)
+    if CARD_BEGIN in card and CARD_END in card:
+        head, rest = card.split(CARD_BEGIN, 1)
+        return head + section + rest.split(CARD_END, 1)[1].lstrip("\n")
+    return card.rstrip("\n") + "\n\n" + section
+
+
 def save(calibration: dict, folder: Path, plot: bytes | None) -> None:
-    """Write calibration.json (keeping other devices' entries already there) and the plot beside the
-    heads; both appear together or not at all."""
+    """Write calibration.json (keeping other devices' entries already there), the plot, and the
+    card's calibration section beside the heads; all appear together or not at all."""
     from drex_hf.fileio import staged_folder
 
     path = folder / CALIBRATION_NAME
@@ -273,7 +326,10 @@ def save(calibration: dict, folder: Path, plot: bytes | None) -> None:
             calibration["cost_models"] = {**others, **calibration["cost_models"]}
         except (OSError, json.JSONDecodeError, AttributeError):
             pass  # an unreadable old file is replaced
+    card = folder / "README.md"
     with staged_folder(folder, order=[CALIBRATION_NAME]) as tmp:
         if plot is not None:
             (tmp / PLOT_NAME).write_bytes(plot)
+        if card.is_file():
+            (tmp / "README.md").write_text(with_card_section(card.read_text(), calibration))
         (tmp / CALIBRATION_NAME).write_text(json.dumps(calibration, indent=2) + "\n")

@@ -126,27 +126,29 @@ def run(args: argparse.Namespace) -> int:
 
 def summary(result: dict, device: str) -> str:
     g, entry = result["guarantee"], result["cost_models"][device]
-    shown = ", ".join("inf" if t == "inf" else f"{t:.3f}" for t in entry["thresholds"])
+
+    def shown(values: list) -> str:
+        return ", ".join("inf" if t == "inf" else f"{t:.3f}" for t in values)
+
     lines = [
         f"observed {result['observations']['tokens']} tokens from {result['observations']['prompts']} prompts "
         f"(learn {g['learn_tokens']}, test {g['test_tokens']})",
-        f"thresholds per exit {result['exit_layers']}: {shown}",
-        f"test agreement {g['test_agreement']:.4f} >= {g['target_agreement']} with probability >= "
-        f"{1 - g['delta']:.2f} ({g['bound']} bound); exits: " + ", ".join(f"{f:.1%}" for f in g["exit_fractions"]),
+        f"guaranteed thresholds per exit {result['exit_layers']}: {shown(g['thresholds'])} — test agreement "
+        f"{g['test_agreement']:.4f} >= {g['target_agreement']} with probability >= {1 - g['delta']:.2f} "
+        f"({g['bound']} bound); exits: " + ", ".join(f"{f:.1%}" for f in g["exit_fractions"]),
     ]
     paying = entry["exits_paying"]
     if not any(paying):
-        lines.append(f"on {device} no exit point pays at {entry['decision_rows']} rows: every exit is off")
+        lines.append(f"on {device} no exit point pays at {entry['decision_rows']} rows: every exit is off here")
     else:
         off = [str(e) for e, p in zip(result["exit_layers"], paying) if not p]
-        lines.append(f"exits switched off on {device} (cost more than they save): {', '.join(off) or 'none'}")
-    speed = entry["expected_speedup"]
-    err = entry["prediction_error"]
+        lines.append(f"exits switched off on {device} (they cost more than they save): {', '.join(off) or 'none'}")
+    used = shown(entry["thresholds"])
+    lines.append(f"thresholds used on {device}: {used} (test agreement {entry['test_agreement']:.4f})")
+    speed, err = entry["expected_speedup"], entry["prediction_error"]
+    if speed is not None and math.isfinite(speed):
+        lines.append(f"expected speed-up over full depth at {entry['decision_rows']} rows: {speed:.2f}x")
     lines.append(
-        f"expected speed-up over full depth at {entry['decision_rows']} rows: "
-        f"{speed:.2f}x; cost fit error on held-out rows {err['rows']}: median {err['median']:.1%}, "
-        f"p95 {err['p95']:.1%}"
-        if speed is not None and math.isfinite(speed)
-        else "expected speed-up: n/a"
+        f"cost fit error on held-out row counts {err['rows']}: median {err['median']:.1%}, p95 {err['p95']:.1%}"
     )
     return "\n".join(lines)
