@@ -251,3 +251,23 @@ def test_calibrate_refuses_bad_input_and_writes_nothing(heads_and_text, tmp_path
     assert not (heads / "calibration.json").exists() and not (heads / "calibration.png").exists()
     assert _calibrate(tmp_path, text) == 2  # not an exit-heads folder
     assert "exit-heads folder" in capsys.readouterr().err
+
+
+def test_regrouping_cost_is_measured_and_merged_segments_add_up():
+    from drex_hf.calibration.calibrate import _merge
+
+    layers, check, fill = [(2.0, 0.5), (3.0, 0.25), (1.5, 1.0)], [(0.4, 0.05), (0.2, 0.02)], [(0.1, 0.01)] * 2
+    base = _synthetic_timer(layers, check, fill)
+
+    def timer(kind, index, n):  # scattered rows cost 0.02 ms more per row, in every segment
+        return base("layers", index, n) + 0.02 * n if kind == "scattered" else base(kind, index, n)
+
+    costs = CostTable.measure(timer, 3, ROWS, regroup=True)
+    assert costs.regroup_ms == pytest.approx([0.02] * 3)
+    merged = _merge(costs, [False, True])  # exit 0 off: segments 0 and 1 become one
+    assert len(merged.layers_ms) == 2 and merged.regroup_ms == pytest.approx([0.04, 0.02])
+    assert merged.layers_ms[0] == pytest.approx([a + b for a, b in zip(costs.layers_ms[0], costs.layers_ms[1])])
+    assert merged.check_ms == [costs.check_ms[1]]
+    model = merged.cost_model(context=128, device="synthetic")
+    assert model.regroup_ms == pytest.approx([0.04, 0.02])
+    assert model.predict(0, 8, False, 128) == pytest.approx(model.predict(0, 8, True, 128) + 0.04 * 8)

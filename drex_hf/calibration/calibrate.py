@@ -89,16 +89,18 @@ def observe(
 def _merge(costs: CostTable, enabled: list[bool]) -> CostTable:
     """The cost table of the segmentation with only the enabled exits: disabled exits' segments join
     the next one, and their checks and fills disappear."""
-    layers, check, fill, run = [], [], [], None
+    layers, check, fill, regroup, run, gather = [], [], [], [], None, 0.0
     for s, times in enumerate(costs.layers_ms):
         run = times if run is None else [a + b for a, b in zip(run, times)]
+        gather += costs.regroup_ms[s] if costs.regroup_ms else 0.0
         if s == len(costs.layers_ms) - 1 or enabled[s]:
             layers.append(run)
-            run = None
+            regroup.append(gather)
+            run, gather = None, 0.0
             if s < len(costs.check_ms):
                 check.append(costs.check_ms[s])
                 fill.append(costs.fill_ms[s])
-    return CostTable(costs.rows, layers, check, fill)
+    return CostTable(costs.rows, layers, check, fill, regroup if costs.regroup_ms else None)
 
 
 def calibrate(
@@ -131,7 +133,7 @@ def calibrate(
     engine = DrexEngine(model, max_batch=max(rows + holdout_rows), max_len=context + 1, thresholds=[0.5] * len(exits))
     timer = profile_runner(engine.runner, context, repeats)
     costs = CostTable.measure(
-        timer, len(exits) + 1, rows, progress=(lambda: progress("profile", 1)) if progress else None
+        timer, len(exits) + 1, rows, progress=(lambda: progress("profile", 1)) if progress else None, regroup=True
     )
     device = device_name(model.heads_device)
 
@@ -161,6 +163,7 @@ def calibrate(
         "command": command or " ".join(sys.argv),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "seconds": round(time.time() - started, 1),
+        "timing": f"median of {repeats} synchronised runs after a warm-up, {context} cached positions",
         "exit_layers": exits,
         "confidence": model.exit_config.confidence,
         "observations": {"prompts": len(prompts), "tokens": obs.tokens, "max_new_tokens": max_new_tokens},

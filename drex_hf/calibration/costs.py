@@ -29,13 +29,26 @@ class CostTable:
     layers_ms: list[list[float]]  # [segment][row count]
     check_ms: list[list[float]]  # [exit point = segment s < last][row count]
     fill_ms: list[list[float]]  # [exit point][row count]: KV fill of every layer after it
+    regroup_ms: list[float] | None = None  # [segment]: extra ms per row when rows are scattered
 
     @classmethod
-    def measure(cls, timer: Timer, segments: int, rows: list[int], progress: Callable[[], None] | None = None):
-        """Time every kind of work at every row count with `timer`."""
-        out = cls(rows, [], [], [])
+    def measure(
+        cls,
+        timer: Timer,
+        segments: int,
+        rows: list[int],
+        progress: Callable[[], None] | None = None,
+        regroup: bool = False,
+    ) -> CostTable:
+        """Time every kind of work at every row count with `timer`; with `regroup`, also each segment
+        on three slots in four ("scattered", gathered copies) against as many contiguous rows."""
+        out = cls(rows, [], [], [], [] if regroup else None)
         for s in range(segments):
             out.layers_ms.append([timer("layers", s, n) for n in rows])
+            if regroup:
+                n = max(1, 3 * max(rows) // 4)
+                apart, together = timer("scattered", s, n), timer("layers", s, n)
+                out.regroup_ms.append(max(0.0, (apart - together) / n))
             if s < segments - 1:
                 out.check_ms.append([timer("check", s, n) for n in rows])
                 out.fill_ms.append([timer("fill", s, n) for n in rows])
@@ -55,7 +68,7 @@ class CostTable:
             check = self.check_ms[s] if s < len(self.check_ms) else [0.0] * len(self.rows)
             table.append([a + b for a, b in zip(layers, check)])
         lines = [fit_line(self.rows, t) for t in table]
-        regroup = regroup_ms if regroup_ms is not None else [0.0] * len(table)
+        regroup = regroup_ms if regroup_ms is not None else self.regroup_ms or [0.0] * len(table)
         return CostModel(
             [a for a, _ in lines],
             [b for _, b in lines],
@@ -68,7 +81,13 @@ class CostTable:
         )
 
     def to_dict(self) -> dict:
-        return {"rows": self.rows, "layers_ms": self.layers_ms, "check_ms": self.check_ms, "fill_ms": self.fill_ms}
+        return {
+            "rows": self.rows,
+            "layers_ms": self.layers_ms,
+            "check_ms": self.check_ms,
+            "fill_ms": self.fill_ms,
+            "regroup_ms": self.regroup_ms,
+        }
 
 
 def _interpolate(rows: list[int], table: list[float], n: int) -> float:
@@ -142,9 +161,10 @@ def choose_exits(
     return enabled, steps
 
 
-def profile_runner(runner, context: int, repeats: int = 5) -> Timer:  # noqa: ANN001 (SegmentRunner)
-    """A timer over a real engine's runner: the fastest of `repeats` synchronised runs after a warm-up,
-    on the runner's still-empty slots, with every row's keys/values at `context` positions."""
+def profile_runner(runner, context: int, repeats: int = 5, statistic: str = "median") -> Timer:  # noqa: ANN001
+    """A timer over a real engine's runner (a `SegmentRunner`): the median (or fastest) of `repeats`
+    synchronised runs after a warm-up, on the runner's still-empty slots, with every row's keys/values
+    at `context` positions. The median predicts what a step will take; the minimum, what it can take."""
     from drex_hf.generation.profile import _time_ms
 
     device = torch.device(runner.device)
@@ -161,12 +181,15 @@ def profile_runner(runner, context: int, repeats: int = 5) -> Timer:  # noqa: AN
                 if index == last:
                     runner.final_logits(x)
 
-            return _time_ms(run, repeats, device)
+            return _time_ms(run, repeats, device, statistic)
+        if kind == "scattered":  # n rows on three slots in four: the gathered path
+            spread = [i for i in range(runner.store.slots) if i % 4 != 3][:n]
+            return _time_ms(lambda: runner.run_segment(index, spread), repeats, device, statistic)
         if kind == "check":
             x = runner.hidden[:n].clone()
-            return _time_ms(lambda: runner.check(index, rows, x), repeats, device)
+            return _time_ms(lambda: runner.check(index, rows, x), repeats, device, statistic)
         if kind == "fill":
-            return _time_ms(lambda: runner.fill(rows, runner.boundaries[index]), repeats, device)
+            return _time_ms(lambda: runner.fill(rows, runner.boundaries[index]), repeats, device, statistic)
         raise ValueError(f"unknown timing kind {kind!r}")
 
     return timer

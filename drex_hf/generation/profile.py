@@ -8,6 +8,7 @@ scattered (the regrouping cost: a gathered copy of keys/values); it keeps the ta
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 
@@ -17,9 +18,10 @@ from drex_hf.generation.runner import SegmentRunner
 from drex_hf.generation.scheduler import CostModel
 
 
-def _time_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """The fastest of `repeats` timed calls after a warm-up: on a shared machine interference only
-    ever adds time, so the minimum is the stablest estimate of what the work itself costs."""
+def _time_ms(fn: Callable[[], object], repeats: int, device: torch.device, statistic: str = "min") -> float:
+    """The fastest (or the median, `statistic="median"`) of `repeats` timed calls after a warm-up: on a
+    shared machine interference only ever adds time, so the minimum is the stablest estimate of what
+    the work itself costs; the median is what a step typically takes, interference included."""
     from drex_hf.generation.engine import synchronize
 
     fn()  # warm-up
@@ -30,7 +32,7 @@ def _time_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> fl
         fn()
         synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
-    return min(times)
+    return statistics.median(times) if statistic == "median" else min(times)
 
 
 @torch.no_grad()

@@ -1,0 +1,132 @@
+"""Does the calibrated cost model predict steps, and pick the faster of two ways to run one?
+
+    python benchmarks/decisions.py --batch 32 --max-new-tokens 48 --out runs/bench-decisions
+
+On `engine.py`'s moderate random Llama (16 layers, hidden 1024, exits after 3/7/11, trace exits
+20/25/20 %, 35 % full depth): the segments, checks, KV fill and regrouping are profiled as `drex
+calibrate` profiles them (median of 5), and the calibrated cost model drives two drex runs on the
+same prompts. Run 1 is left alone: its predicted vs measured step times give the prediction error.
+Run 2 stops at every decision point where rows could ride along and executes both choices from the
+same state — the buffer's rows alone (scattered, a gathered copy) and with the riders (one contiguous
+run) — timing each (median of 3); the cost model's pick is right when it names the faster one.
+Differences under `--tie` (relative) are ties and counted apart. Writes decisions.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine import moderate_model, random_prompts  # noqa: E402
+
+from drex_hf.calibration.costs import CostTable, profile_runner  # noqa: E402
+from drex_hf.generation.engine import DrexEngine, device_name  # noqa: E402
+from drex_hf.generation.exits import ExitDistribution  # noqa: E402
+from drex_hf.generation.profile import _time_ms  # noqa: E402
+from drex_hf.generation.settings import DecodeSettings  # noqa: E402
+
+DISTRIBUTION = (0.2, 0.25, 0.2, 0.35)
+
+
+def engine_for(model, prompts, new_tokens, cost):  # noqa: ANN001, ANN201
+    engine = DrexEngine(
+        model,
+        max_batch=len(prompts),
+        max_len=max(p.shape[0] for p in prompts) + new_tokens,
+        policy="drex",
+        settings=DecodeSettings(max_new_tokens=new_tokens),
+        exit_source="trace",
+        exit_distribution=ExitDistribution(DISTRIBUTION, seed=0),
+        cost_model=cost,
+    )
+    for i, p in enumerate(prompts):
+        engine.add_request(p, seed=i)
+    return engine
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=32, help="requests (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="(default: %(default)s)")
+    parser.add_argument("--context", type=int, default=64, help="positions cached when profiling")
+    parser.add_argument("--tie", type=float, default=0.03, help="relative difference under which choices tie")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-decisions"))
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    model = moderate_model(torch.float32)
+    prompts = random_prompts(args.batch, 8, 64, 32000, seed=0)
+    device = device_name(model.heads_device)
+
+    probe = engine_for(model, prompts, args.max_new_tokens, None)  # an engine only to profile on
+    rows = sorted({r for r in (1, 2, 4, 8, 16, 32, 64) if r <= args.batch} | {args.batch})
+    timer = profile_runner(probe.runner, args.context)
+    costs = CostTable.measure(timer, len(probe.runner.segments), rows, regroup=True)
+    cost = costs.cost_model(args.context, device)
+    del probe
+
+    clean = engine_for(model, prompts, args.max_new_tokens, cost)
+    clean.run()
+    error = clean.stats.prediction_error()
+
+    timed = engine_for(model, prompts, args.max_new_tokens, cost)
+    runner, policy = timed.runner, timed.policy
+    cases = []
+    plan = policy.plan
+
+    def watched(view, s):  # noqa: ANN001, ANN202
+        rows_, riders_, ms = plan(view, s)
+        riders = view.riders_for(s, list(view.buffers[s]))
+        if riders:
+            buffer = list(view.buffers[s])
+            split_pred = policy.predict(view, s, buffer, [])
+            ride_pred = cost.predict(s, len(buffer) + len(riders), True, view.context)
+            split = _time_ms(lambda: runner.run_segment(s, buffer), 3, runner.device, "median")
+            ride = _time_ms(lambda: runner.run_segment(s, buffer, riders), 3, runner.device, "median")
+            cases.append(
+                {"segment": s, "rows": len(buffer), "riders": len(riders), "split_pred": split_pred,
+                 "ride_pred": ride_pred, "split_ms": split, "ride_ms": ride}
+            )  # fmt: skip
+        return rows_, riders_, ms
+
+    policy.plan = watched
+    timed.run()
+    gaps = [abs(c["split_ms"] - c["ride_ms"]) / min(c["split_ms"], c["ride_ms"]) for c in cases]
+    decided = [c for c in cases if abs(c["split_ms"] - c["ride_ms"]) > args.tie * min(c["split_ms"], c["ride_ms"])]
+    right = [c for c in decided if (c["ride_pred"] <= c["split_pred"]) == (c["ride_ms"] <= c["split_ms"])]
+    result = {
+        "device": device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "profile": costs.to_dict(),
+        "prediction_error": error,
+        "clean_steps": clean.stats.steps,
+        "decision_points": len(cases),
+        "ties": len(cases) - len(decided),
+        "decided": len(decided),
+        "picked_faster": len(right),
+        "picked_faster_share": len(right) / len(decided) if decided else None,
+        "median_gap": statistics.median(gaps) if gaps else None,
+        "cases": cases,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "decisions.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{device}, batch {args.batch}: step prediction error median {error['median']:.1%}, p95 {error['p95']:.1%} "
+          f"over {clean.stats.steps} steps")  # fmt: skip
+    share = result["picked_faster_share"]
+    print(
+        f"ride-or-split decision points: {len(cases)}, ties (< {args.tie:.0%}): {result['ties']}, "
+        f"the cost model named the faster choice in {len(right)}/{len(decided)}"
+        + (f" ({share:.0%})" if share is not None else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
