@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     probe = engine_for(model, prompts, args.max_new_tokens, None)  # an engine only to profile on
     rows = sorted({r for r in (1, 2, 4, 8, 16, 32, 64) if r <= args.batch} | {args.batch})
     timer = profile_runner(probe.runner, args.context)
-    costs = CostTable.measure(timer, len(probe.runner.segments), rows, regroup=True)
+    costs = CostTable.measure(timer, len(probe.runner.segments), rows, regroup=True, project=True)
     cost = costs.cost_model(args.context, device)
     del probe
 

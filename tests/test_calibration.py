@@ -271,3 +271,48 @@ def test_regrouping_cost_is_measured_and_merged_segments_add_up():
     model = merged.cost_model(context=128, device="synthetic")
     assert model.regroup_ms == pytest.approx([0.04, 0.02])
     assert model.predict(0, 8, False, 128) == pytest.approx(model.predict(0, 8, True, 128) + 0.04 * 8)
+
+
+def test_a_step_prediction_includes_the_kv_fill_and_projections_it_triggers():
+    """The first segment starts tokens (KV fill of early exits, their deferred projections) and the
+    last completes deferred projections: a calibrated cost model predicts that work too."""
+    from drex_hf.generation.scheduler import CostModel
+
+    rows = [1, 2, 4, 8]
+    model = CostModel(
+        [1.0] * 3, [0.1] * 3, [0.0] * 3, rows=rows, table_ms=[[1.0, 1.1, 1.3, 1.7]] * 3,
+        fill_ms=[[0.5, 0.6, 0.8, 1.2], [0.2, 0.2, 0.3, 0.4]], project_ms=[2.0, 2.1, 2.3, 2.7],
+    )  # fmt: skip
+    assert model.overhead_ms() == 0.0
+    assert model.overhead_ms(0, 4) == pytest.approx(0.8)
+    assert model.overhead_ms(1, 2, projected=4) == pytest.approx(0.2 + 2.3)
+    assert model.overhead_ms(0, 6) == pytest.approx(1.0)  # interpolated between 4 and 8 rows
+    assert CostModel.constant(3).overhead_ms(0, 4, projected=3) == 0.0  # no tables: nothing added
+    from test_engine import _model, _prompts, _thresholds
+
+    from drex_hf.generation.engine import DrexEngine
+    from drex_hf.generation.settings import DecodeSettings
+
+    net = _model("llama", "classifier")  # the classifier check defers projections
+    _, _, prompts = _prompts([5, 9, 3, 12, 1, 7, 4, 10])
+    thresholds = _thresholds(net, prompts)
+    table = [[1.0, 1.1, 1.3, 1.7]] * 4
+
+    def predictions(**tables):
+        cost = CostModel([1.0] * 4, [0.1] * 4, [0.01] * 4, rows=rows, table_ms=table, **tables)
+        engine = DrexEngine(
+            net, max_batch=8, max_len=24, settings=DecodeSettings(max_new_tokens=6), thresholds=thresholds,
+            cost_model=cost,
+        )  # fmt: skip
+        for p in prompts:
+            engine.add_request(p)
+        engine.run()
+        return engine.stats.predicted_ms, engine.stats.step_segments
+
+    plain, segments = predictions()
+    loaded, same_segments = predictions(fill_ms=[[5.0] * 4] * 3, project_ms=[7.0] * 4)
+    assert segments == same_segments  # the extra terms never change a decision
+    extra = [b - a for a, b in zip(plain, loaded)]
+    assert all(e == 0 for e, s in zip(extra, segments) if s in (1, 2))  # middle segments start/finish nothing
+    assert any(e >= 5.0 for e, s in zip(extra, segments) if s == 0)  # a KV fill (and projections) predicted
+    assert any(e >= 7.0 for e, s in zip(extra, segments) if s == 3)  # deferred projections at the last segment

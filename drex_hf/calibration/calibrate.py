@@ -100,7 +100,7 @@ def _merge(costs: CostTable, enabled: list[bool]) -> CostTable:
             if s < len(costs.check_ms):
                 check.append(costs.check_ms[s])
                 fill.append(costs.fill_ms[s])
-    return CostTable(costs.rows, layers, check, fill, regroup if costs.regroup_ms else None)
+    return CostTable(costs.rows, layers, check, fill, regroup if costs.regroup_ms else None, costs.project_ms)
 
 
 def calibrate(
@@ -132,9 +132,8 @@ def calibrate(
     exits = list(model.exit_layers)
     engine = DrexEngine(model, max_batch=max(rows + holdout_rows), max_len=context + 1, thresholds=[0.5] * len(exits))
     timer = profile_runner(engine.runner, context, repeats)
-    costs = CostTable.measure(
-        timer, len(exits) + 1, rows, progress=(lambda: progress("profile", 1)) if progress else None, regroup=True
-    )
+    tick = (lambda: progress("profile", 1)) if progress else None
+    costs = CostTable.measure(timer, len(exits) + 1, rows, progress=tick, regroup=True, project=True)
     device = device_name(model.heads_device)
 
     def fractions_for(enabled: list[bool]) -> list[float]:

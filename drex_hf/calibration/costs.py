@@ -30,6 +30,7 @@ class CostTable:
     check_ms: list[list[float]]  # [exit point = segment s < last][row count]
     fill_ms: list[list[float]]  # [exit point][row count]: KV fill of every layer after it
     regroup_ms: list[float] | None = None  # [segment]: extra ms per row when rows are scattered
+    project_ms: list[float] | None = None  # [row count]: deferred vocabulary projections (features -> logits)
 
     @classmethod
     def measure(
@@ -39,10 +40,13 @@ class CostTable:
         rows: list[int],
         progress: Callable[[], None] | None = None,
         regroup: bool = False,
+        project: bool = False,
     ) -> CostTable:
         """Time every kind of work at every row count with `timer`; with `regroup`, also each segment
         on three slots in four ("scattered", gathered copies) against as many contiguous rows."""
         out = cls(rows, [], [], [], [] if regroup else None)
+        if project:
+            out.project_ms = [timer("project", 0, n) for n in rows]
         for s in range(segments):
             out.layers_ms.append([timer("layers", s, n) for n in rows])
             if regroup:
@@ -78,6 +82,8 @@ class CostTable:
             device=device,
             rows=list(self.rows),
             table_ms=table,
+            fill_ms=[list(t) for t in self.fill_ms] or None,
+            project_ms=self.project_ms,
         )
 
     def to_dict(self) -> dict:
@@ -87,6 +93,7 @@ class CostTable:
             "check_ms": self.check_ms,
             "fill_ms": self.fill_ms,
             "regroup_ms": self.regroup_ms,
+            "project_ms": self.project_ms,
         }
 
 
@@ -185,6 +192,8 @@ def profile_runner(runner, context: int, repeats: int = 5, statistic: str = "med
         if kind == "scattered":  # n rows on three slots in four: the gathered path
             spread = [i for i in range(runner.store.slots) if i % 4 != 3][:n]
             return _time_ms(lambda: runner.run_segment(index, spread), repeats, device, statistic)
+        if kind == "project":
+            return _time_ms(lambda: runner.project(rows), repeats, device, statistic)
         if kind == "check":
             x = runner.hidden[:n].clone()
             return _time_ms(lambda: runner.check(index, rows, x), repeats, device, statistic)

@@ -342,12 +342,16 @@ class DrexEngine:
         start = time.perf_counter()
         decision = self.policy.pick(self._view(start))
         self._check_decision(decision)
+        extra_ms = self._overhead_ms(decision)
         self._execute(decision)
         synchronize(self.model.heads_device)
         elapsed = time.perf_counter() - start
         self.stats.wall_s += elapsed
         self.stats.steps += 1
-        self.stats.predicted_ms.append(decision.predicted_ms)
+        predicted = decision.predicted_ms
+        if predicted is not None:
+            predicted += extra_ms
+        self.stats.predicted_ms.append(predicted)
         self.stats.measured_ms.append(elapsed * 1e3)
         self.stats.step_segments.append(decision.segment)
         return True
@@ -391,6 +395,22 @@ class DrexEngine:
             self.requests[req.slot] = req
             req.token_start = now
             self._emit(req, self._pick(row, req), self.num_layers - 1, now)
+
+    def _overhead_ms(self, d: Decision) -> float:
+        """Predicted work of this step besides its segment: the first segment starts tokens (KV fill of
+        those that exited early, their deferred projections); the last completes deferred projections."""
+        if self.cost is None:
+            return 0.0
+        if d.segment == 0:
+            reqs = [self.requests[slot] for slot in d.rows if slot in self.requests]
+            filling = [r.fill_from for r in reqs if r.fill_from is not None]
+            first = min((self._segment_of(layer) for layer in filling), default=None)
+            projected = sum(r.pending_layer is not None for r in reqs)
+            return self.cost.overhead_ms(first, len(filling), projected)
+        if d.segment == self.num_segments - 1:
+            pending = sum(self.requests[slot].pending_layer is not None for slot in self.buffers[0])
+            return self.cost.overhead_ms(projected=pending)
+        return 0.0
 
     def _execute(self, d: Decision) -> None:
         s, rows = d.segment, list(d.rows)

@@ -81,6 +81,30 @@ class CostModel:
     device: str = ""
     rows: list[int] | None = None
     table_ms: list[list[float]] | None = None
+    fill_ms: list[list[float]] | None = None  # [exit point][row count]: KV fill of all layers after it
+    project_ms: list[float] | None = None  # [row count]: deferred vocabulary projections
+
+    def _interpolate(self, table: list[float], n: int) -> float:
+        rows = self.rows or []
+        if n <= 0 or not rows:
+            return 0.0
+        if n <= rows[0]:
+            return table[0] * n / rows[0]
+        for (n0, t0), (n1, t1) in zip(zip(rows, table), zip(rows[1:], table[1:])):
+            if n <= n1:
+                return t0 + (t1 - t0) * (n - n0) / (n1 - n0)
+        return table[-1] * n / rows[-1]
+
+    def overhead_ms(self, fill_exit: int | None = None, fill_rows: int = 0, projected: int = 0) -> float:
+        """Work a step does besides its segment: the KV fill of the tokens it starts (one product from
+        the shallowest exit point among them) and the vocabulary projections it completes. 0 when the
+        model has no such tables (the start-up measurement)."""
+        total = 0.0
+        if self.fill_ms and fill_exit is not None and fill_rows:
+            total += self._interpolate(self.fill_ms[fill_exit], fill_rows)
+        if self.project_ms and projected:
+            total += self._interpolate(self.project_ms, projected)
+        return total
 
     def segment_ms(self, s: int, n: int) -> float:
         if self.table_ms is None or not self.rows:
@@ -113,6 +137,8 @@ class CostModel:
             "device": self.device,
             "rows": self.rows,
             "table_ms": self.table_ms,
+            "fill_ms": self.fill_ms,
+            "project_ms": self.project_ms,
         }
 
     @classmethod
@@ -147,6 +173,8 @@ class CostModel:
                 device=device,
                 rows=[int(v) for v in entry["rows"]] if entry.get("rows") else None,
                 table_ms=[[float(v) for v in row] for row in entry["table_ms"]] if entry.get("table_ms") else None,
+                fill_ms=[[float(v) for v in row] for row in entry["fill_ms"]] if entry.get("fill_ms") else None,
+                project_ms=[float(v) for v in entry["project_ms"]] if entry.get("project_ms") else None,
             )
         except (KeyError, TypeError, ValueError) as err:
             raise GenerationInputError(f"{path}: malformed cost constants for {device!r} ({err})") from None
