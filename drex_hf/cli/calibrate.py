@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from drex_hf.calibration.thresholds import BOUNDS, CalibrationDataError
-from drex_hf.cli.common import DTYPES, HelpFormatter, int_list, pick_device, pick_dtype, tokenizer_for
+from drex_hf.cli.common import DTYPES, HelpFormatter, int_list, pick_device, pick_dtype, positive_int, tokenizer_for
 from drex_hf.errors import ModelNotFoundError
 
 
@@ -21,13 +21,6 @@ def probability(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
@@ -53,7 +46,7 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--holdout-rows", type=int_list, default=[3, 6, 12, 24], help="row counts to test the fit on")
     parser.add_argument("--decision-rows", type=positive_int, default=8, help="batch at which exits must pay")
     parser.add_argument("--context", type=positive_int, default=128, help="cached positions while timing")
-    parser.add_argument("--repeats", type=positive_int, default=5, help="timed repeats (the fastest counts)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed repeats (their median counts)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt draw and the learn/test split")
     parser.add_argument(
         "--dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on CUDA, float32 on CPU"

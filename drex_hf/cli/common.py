@@ -36,6 +36,13 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def int_list(text: str) -> list[int]:
     """argparse type for '5,11,17'."""
     try:

@@ -13,16 +13,10 @@ from drex_hf.cli.common import (
     encode_prompts,
     exit_histogram,
     load_model,
+    positive_int,
     tokenizer_for,
 )
 from drex_hf.generation.scheduler import POLICY_NAMES as POLICIES
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def add_parser(sub: Any) -> None:
