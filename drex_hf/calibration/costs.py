@@ -11,14 +11,13 @@ P(exit) × the later segments' cost − P(reach) × the check's cost − P(exit)
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from drex_hf.generation.profile import fit_line
-from drex_hf.generation.scheduler import CostModel
+from drex_hf.generation.scheduler import CostModel, error_summary, interpolate
 
 Timer = Callable[[str, int, int], float]  # (kind: "layers" | "check" | "fill", segment or exit, rows) -> ms
 
@@ -62,9 +61,9 @@ class CostTable:
 
     def per_row(self, table: list[float], n: int) -> float:
         """Milliseconds per row at n rows, interpolated over the measured row counts."""
-        return _interpolate(self.rows, table, n) / n
+        return interpolate(self.rows, table, n) / n
 
-    def cost_model(self, context: int, device: str, regroup_ms: list[float] | None = None) -> CostModel:
+    def cost_model(self, context: int, device: str) -> CostModel:
         """What the scheduler predicts from: a step of segment s is its layers plus its check (the last
         segment's 'check' is the final norm and lm_head, measured as part of its layers)."""
         table = []
@@ -72,7 +71,7 @@ class CostTable:
             check = self.check_ms[s] if s < len(self.check_ms) else [0.0] * len(self.rows)
             table.append([a + b for a, b in zip(layers, check)])
         lines = [fit_line(self.rows, t) for t in table]
-        regroup = regroup_ms if regroup_ms is not None else self.regroup_ms or [0.0] * len(table)
+        regroup = self.regroup_ms or [0.0] * len(table)
         return CostModel(
             [a for a, _ in lines],
             [b for _, b in lines],
@@ -97,26 +96,15 @@ class CostTable:
         }
 
 
-def _interpolate(rows: list[int], table: list[float], n: int) -> float:
-    probe = CostModel([0.0], [0.0], [0.0], rows=list(rows), table_ms=[list(table)])
-    return probe.segment_ms(0, n)
-
-
 def prediction_errors(model: CostModel, timer: Timer, rows: list[int]) -> dict:
     """Relative error of the model's step predictions at row counts it was not fitted on."""
-    errors = []
+    predicted, measured = [], []
     segments = len(model.a_ms)
     for s in range(segments):
         for n in rows:
-            measured = timer("layers", s, n) + (timer("check", s, n) if s < segments - 1 else 0.0)
-            errors.append(abs(model.segment_ms(s, n) - measured) / measured)
-    ordered = sorted(errors)
-    return {
-        "rows": rows,
-        "median": statistics.median(errors),
-        "p95": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))],
-        "count": len(errors),
-    }
+            measured.append(timer("layers", s, n) + (timer("check", s, n) if s < segments - 1 else 0.0))
+            predicted.append(model.segment_ms(s, n))
+    return {"rows": rows, **error_summary(predicted, measured), "count": len(measured)}
 
 
 def expected_token_ms(costs: CostTable, exit_fractions: list[float], enabled: list[bool], rows: int) -> float:

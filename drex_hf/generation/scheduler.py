@@ -62,6 +62,19 @@ class SchedulerView:
         return None
 
 
+def interpolate(rows: list[int], table: list[float], n: int, slope: float = 0.0) -> float:
+    """Milliseconds at n rows from times measured at `rows`: proportional below the first count,
+    linear between counts, the last interval's slope (or `slope` with one count) beyond the last."""
+    if n <= rows[0]:
+        return table[0] * n / rows[0] if rows[0] > 1 and n < rows[0] else table[0]
+    for (n0, t0), (n1, t1) in zip(zip(rows, table), zip(rows[1:], table[1:])):
+        if n <= n1:
+            return t0 + (t1 - t0) * (n - n0) / (n1 - n0)
+    if len(rows) > 1:
+        slope = (table[-1] - table[-2]) / (rows[-1] - rows[-2])
+    return table[-1] + max(slope, 0.0) * (n - rows[-1])
+
+
 @dataclass
 class CostModel:
     """Predicted milliseconds of one step: `a_ms[s] + b_ms[s]·n` for segment s on n rows, plus
@@ -84,39 +97,21 @@ class CostModel:
     fill_ms: list[list[float]] | None = None  # [exit point][row count]: KV fill of all layers after it
     project_ms: list[float] | None = None  # [row count]: deferred vocabulary projections
 
-    def _interpolate(self, table: list[float], n: int) -> float:
-        rows = self.rows or []
-        if n <= 0 or not rows:
-            return 0.0
-        if n <= rows[0]:
-            return table[0] * n / rows[0]
-        for (n0, t0), (n1, t1) in zip(zip(rows, table), zip(rows[1:], table[1:])):
-            if n <= n1:
-                return t0 + (t1 - t0) * (n - n0) / (n1 - n0)
-        return table[-1] * n / rows[-1]
-
     def overhead_ms(self, fill_exit: int | None = None, fill_rows: int = 0, projected: int = 0) -> float:
         """Work a step does besides its segment: the KV fill of the tokens it starts (one product from
         the shallowest exit point among them) and the vocabulary projections it completes. 0 when the
         model has no such tables (the start-up measurement)."""
         total = 0.0
         if self.fill_ms and fill_exit is not None and fill_rows:
-            total += self._interpolate(self.fill_ms[fill_exit], fill_rows)
+            total += interpolate(self.rows, self.fill_ms[fill_exit], fill_rows)
         if self.project_ms and projected:
-            total += self._interpolate(self.project_ms, projected)
+            total += interpolate(self.rows, self.project_ms, projected)
         return total
 
     def segment_ms(self, s: int, n: int) -> float:
         if self.table_ms is None or not self.rows:
             return self.a_ms[s] + self.b_ms[s] * n
-        rows, table = self.rows, self.table_ms[s]
-        if n <= rows[0]:
-            return table[0] * n / rows[0] if rows[0] > 1 and n < rows[0] else table[0]
-        for (n0, t0), (n1, t1) in zip(zip(rows, table), zip(rows[1:], table[1:])):
-            if n <= n1:
-                return t0 + (t1 - t0) * (n - n0) / (n1 - n0)
-        slope = (table[-1] - table[-2]) / (rows[-1] - rows[-2]) if len(rows) > 1 else self.b_ms[s]
-        return table[-1] + max(slope, 0.0) * (n - rows[-1])
+        return interpolate(self.rows, self.table_ms[s], n, self.b_ms[s])
 
     def regroup(self, s: int, n: int, context: int) -> float:
         return self.regroup_ms[s] * n * context / max(self.context_ref, 1)
