@@ -12,23 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
 
 from drex_hf import EarlyExitModelForCausalLM
-from drex_hf.calibration.calibrate import observe
+from drex_hf.calibration.calibrate import observe, shown_thresholds
 from drex_hf.calibration.thresholds import agreement_counts, binomial_p_value
 from drex_hf.cli.calibrate import draw_prompts
 from drex_hf.cli.common import tokenizer_for
-from drex_hf.config import CALIBRATION_NAME
+from drex_hf.config import CALIBRATION_NAME, parse_threshold, thresholds_to_json
 from drex_hf.generation.engine import device_name
-
-
-def numbers(values: list) -> list[float]:
-    return [math.inf if v == "inf" else float(v) for v in values]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     obs = observe(model, prompts, args.max_new_tokens)
     device = device_name(model.heads_device)
-    sets = {"guaranteed": numbers(calibration["guarantee"]["thresholds"])}
+    sets = {"guaranteed": [parse_threshold(t) for t in calibration["guarantee"]["thresholds"]]}
     if device in calibration["cost_models"]:
-        sets[f"this device ({device})"] = numbers(calibration["cost_models"][device]["thresholds"])
+        sets[f"this device ({device})"] = [parse_threshold(t) for t in calibration["cost_models"][device]["thresholds"]]
     target = calibration["guarantee"]["target_agreement"]
     rows = []
     for name, thresholds in sets.items():
@@ -58,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(
             {
                 "thresholds": name,
-                "values": [t if math.isfinite(t) else "inf" for t in thresholds],
+                "values": thresholds_to_json(thresholds),
                 "tokens": n,
                 "agreement": k / n,
                 "meets_target": k / n >= target,
@@ -73,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| thresholds | values | agreement | meets target | exits |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
-        shown = ", ".join("inf" if v == "inf" else f"{v:.3f}" for v in r["values"])
+        shown = shown_thresholds(r["values"])
         exits = ", ".join(f"{f:.1%}" for f in r["exit_fractions"])
         print(f"| {r['thresholds']} | {shown} | {r['agreement']:.4f} | {r['meets_target']} | {exits} |")
     return 0

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from drex_hf import EarlyExitConfig, EarlyExitModelForCausalLM
+from drex_hf.config import thresholds_to_json
 from drex_hf.generation.engine import DrexEngine, device_name
 from drex_hf.generation.exits import ExitDistribution
 from drex_hf.generation.settings import DecodeSettings
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         machine += f", {torch.get_num_threads()} threads"
     report: dict = {"model": args.model, "machine": machine, "python": platform.python_version(), "runs": []}
     report["num_layers"] = model.num_layers
-    report["thresholds"] = [t if t != float("inf") else "inf" for t in model.exit_config.threshold_list()]
+    report["thresholds"] = thresholds_to_json(model.exit_config.threshold_list())
     report["confidence"] = model.exit_config.confidence
     if distribution is not None:
         report["exit_distribution"] = list(distribution.probabilities)

@@ -175,7 +175,7 @@ class EarlyExitConfig:
     # ---------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["thresholds"] = _thresholds_to_json(self.thresholds)
+        data["thresholds"] = thresholds_to_json(self.thresholds)
         return data
 
     def to_json_string(self) -> str:
@@ -211,7 +211,9 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
 
 
-def _thresholds_to_json(thresholds: float | list[float]) -> Any:
+def thresholds_to_json(thresholds: float | list[float]) -> Any:
+    """Thresholds with +inf spelled "inf" (JSON has no infinity)."""
+
     def one(value: float) -> Any:
         return "inf" if value == math.inf else value
 

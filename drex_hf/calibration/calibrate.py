@@ -31,7 +31,7 @@ from drex_hf.calibration.thresholds import (
     learn_then_test,
     split_by_prompt,
 )
-from drex_hf.config import CALIBRATION_NAME
+from drex_hf.config import CALIBRATION_NAME, parse_threshold, thresholds_to_json
 
 PLOT_NAME = "calibration.png"
 
@@ -136,8 +136,9 @@ def calibrate(
     costs = CostTable.measure(timer, len(exits) + 1, rows, progress=tick, regroup=True, project=True)
     device = device_name(model.heads_device)
 
+    fitted = fit_thresholds(learn.confidence, learn.agree, target)  # per exit, on the learn half
+
     def fractions_for(enabled: list[bool]) -> list[float]:
-        fitted = fit_thresholds(learn.confidence, learn.agree, target)
         thresholds = [t if on else math.inf for t, on in zip(fitted, enabled)]
         _, n, counts = agreement_counts(learn, thresholds)
         return [c / n for c in counts]
@@ -172,7 +173,7 @@ def calibrate(
             device: {
                 **model_costs.to_dict(),
                 "segments": [[a, b] for a, b in zip(starts, stops)],
-                "thresholds": [t if math.isfinite(t) else "inf" for t in thresholds],
+                "thresholds": thresholds_to_json(thresholds),
                 "test_agreement": result.test_agreement,
                 "exit_fractions": result.exit_fractions,
                 "exits_enabled": on,
@@ -266,14 +267,16 @@ def _merged_timer(timer: Callable, on: list[bool]) -> Callable:
     return merged
 
 
+def shown_thresholds(values: list) -> str:
+    """'inf, 0.996' for thresholds given as floats or in their JSON form ("inf")."""
+    return ", ".join("inf" if t == math.inf else f"{t:.3f}" for t in map(parse_threshold, values))
+
+
 CARD_BEGIN, CARD_END = "<!-- drex calibrate: begin -->", "<!-- drex calibrate: end -->"
 
 
 def card_section(calibration: dict) -> str:
     """The model card's calibration section: the guarantee, and per device the exits used and the fit."""
-
-    def shown(values: list) -> str:
-        return ", ".join("inf" if t == "inf" else f"{t:.3f}" for t in values)
 
     g, obs = calibration["guarantee"], calibration["observations"]
     layers = calibration["exit_layers"]
@@ -285,9 +288,9 @@ def card_section(calibration: dict) -> str:
         f"from {obs['prompts']} held-out prompts, split by prompt into {g['learn_tokens']} learn and "
         f"{g['test_tokens']} test tokens.",
         "",
-        f"**Guarantee.** With thresholds {shown(g['thresholds'])} at exits {layers}, tokens agree with full depth "
-        f"at ≥ {g['target_agreement']} with probability ≥ {1 - g['delta']:.2f} (Learn-then-Test, {g['bound']} "
-        f"bound; test agreement {g['test_agreement']:.4f}; exits "
+        f"**Guarantee.** With thresholds {shown_thresholds(g['thresholds'])} at exits {layers}, tokens agree "
+        f"with full depth at ≥ {g['target_agreement']} with probability ≥ {1 - g['delta']:.2f} "
+        f"(Learn-then-Test, {g['bound']} bound; test agreement {g['test_agreement']:.4f}; exits "
         + ", ".join(f"{f:.1%}" for f in g["exit_fractions"])
         + "). These apply on a device without its own entry below.",
         "",
@@ -298,7 +301,7 @@ def card_section(calibration: dict) -> str:
         paying = [str(e) for e, p in zip(layers, entry["exits_paying"]) if p] or ["none"]
         err, speed = entry["prediction_error"], entry.get("expected_speedup")
         lines.append(
-            f"| {device} | {', '.join(paying)} | {shown(entry['thresholds'])} | "
+            f"| {device} | {', '.join(paying)} | {shown_thresholds(entry['thresholds'])} | "
             f"{'n/a' if speed is None else f'{speed:.2f}x'} at {entry['decision_rows']} rows | "
             f"{err['median']:.1%} / {err['p95']:.1%} |"
         )

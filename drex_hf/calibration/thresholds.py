@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from drex_hf.config import thresholds_to_json
 from drex_hf.errors import DrexError
 
 # Per-exit agreement levels the candidates are fitted for, strict -> loose.
@@ -174,11 +175,8 @@ class ThresholdResult:
         return any(math.isfinite(t) for t in self.thresholds)
 
     def to_dict(self) -> dict:
-        def num(v: float) -> float | str:
-            return v if math.isfinite(v) else "inf"
-
         return {
-            "thresholds": [num(t) for t in self.thresholds],
+            "thresholds": thresholds_to_json(self.thresholds),
             "target_agreement": self.target,
             "delta": self.delta,
             "bound": self.bound,
@@ -186,7 +184,7 @@ class ThresholdResult:
             "test_tokens": self.test_tokens,
             "test_agreement": self.test_agreement,
             "exit_fractions": self.exit_fractions,
-            "tested": [dict(c, thresholds=[num(t) for t in c["thresholds"]]) for c in self.tested],
+            "tested": [dict(c, thresholds=thresholds_to_json(c["thresholds"])) for c in self.tested],
         }
 
 

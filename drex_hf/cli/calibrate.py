@@ -118,15 +118,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summary(result: dict, device: str) -> str:
-    g, entry = result["guarantee"], result["cost_models"][device]
+    from drex_hf.calibration.calibrate import shown_thresholds
 
-    def shown(values: list) -> str:
-        return ", ".join("inf" if t == "inf" else f"{t:.3f}" for t in values)
+    g, entry = result["guarantee"], result["cost_models"][device]
 
     lines = [
         f"observed {result['observations']['tokens']} tokens from {result['observations']['prompts']} prompts "
         f"(learn {g['learn_tokens']}, test {g['test_tokens']})",
-        f"guaranteed thresholds per exit {result['exit_layers']}: {shown(g['thresholds'])} — test agreement "
+        f"guaranteed thresholds per exit {result['exit_layers']}: {shown_thresholds(g['thresholds'])} — test agreement "
         f"{g['test_agreement']:.4f} >= {g['target_agreement']} with probability >= {1 - g['delta']:.2f} "
         f"({g['bound']} bound); exits: " + ", ".join(f"{f:.1%}" for f in g["exit_fractions"]),
     ]
@@ -136,7 +135,7 @@ def summary(result: dict, device: str) -> str:
     else:
         off = [str(e) for e, p in zip(result["exit_layers"], paying) if not p]
         lines.append(f"exits switched off on {device} (they cost more than they save): {', '.join(off) or 'none'}")
-    used = shown(entry["thresholds"])
+    used = shown_thresholds(entry["thresholds"])
     lines.append(f"thresholds used on {device}: {used} (test agreement {entry['test_agreement']:.4f})")
     speed, err = entry["expected_speedup"], entry["prediction_error"]
     if speed is not None and math.isfinite(speed):

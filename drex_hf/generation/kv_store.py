@@ -88,20 +88,16 @@ class RowKVCache(Cache):
         reads each row in place through `indexed_rows()`, instead of a gathered window."""
         lo, hi = slots[0], slots[-1] + 1
         device = self.key_store.device
-        slot_index = torch.tensor(slots, device=device)
         self._kv_len = int(positions.max()) + 1
         self._write_pos = positions
         self._indexed = None
-        if indexed:
-            self._rows = slot_index
-            self._write_rows = slot_index
-            self._indexed = IndexedRows(slot_index, positions[:, -1] + 1, self._kv_len)
-        elif hi - lo == len(slots):  # a contiguous run of slots: views, no gathered copy
+        if not indexed and hi - lo == len(slots):  # a contiguous run of slots: views, no gathered copy
             self._rows = slice(lo, hi)
             self._write_rows = torch.arange(len(slots), device=device)
-        else:
-            self._rows = slot_index
-            self._write_rows = slot_index
+            return
+        self._rows = self._write_rows = torch.tensor(slots, device=device)
+        if indexed:
+            self._indexed = IndexedRows(self._rows, positions[:, -1] + 1, self._kv_len)
 
     def indexed_rows(self) -> IndexedRows | None:
         """The bound rows' slots and lengths, when bound `indexed`."""
