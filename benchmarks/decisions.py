@@ -2,7 +2,8 @@
 
     python benchmarks/decisions.py --batch 32 --max-new-tokens 48 --out runs/bench-decisions
 
-On `engine.py`'s moderate random Llama (16 layers, hidden 1024, exits after 3/7/11, trace exits
+On a random-weight shape of drex_hf.bench.synthetic (default `moderate`; `llama-7b --device cuda
+--dtype bf16` on a GPU), here the moderate random Llama (16 layers, hidden 1024, exits after 3/7/11, trace exits
 20/25/20 %, 35 % full depth): the segments, checks, KV fill and regrouping are profiled as `drex
 calibrate` profiles them (median of 5), and the calibrated cost model drives two drex runs on the
 same prompts. Run 1 is left alone: its predicted vs measured step times give the prediction error.
@@ -23,8 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine import moderate_model, random_prompts  # noqa: E402
+from engine import random_prompts  # noqa: E402
 
+from drex_hf.bench.synthetic import SHAPES, synthetic_model  # noqa: E402
 from drex_hf.calibration.costs import CostTable, profile_runner  # noqa: E402
 from drex_hf.generation.engine import DrexEngine, device_name  # noqa: E402
 from drex_hf.generation.exits import ExitDistribution  # noqa: E402
@@ -52,6 +54,9 @@ def engine_for(model, prompts, new_tokens, cost):  # noqa: ANN001, ANN201
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", choices=tuple(SHAPES), default="moderate", help="synthetic shape")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--batch", type=int, default=32, help="requests (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="(default: %(default)s)")
     parser.add_argument("--context", type=int, default=64, help="positions cached when profiling")
@@ -59,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-decisions"))
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
-    model = moderate_model(torch.float32)
-    prompts = random_prompts(args.batch, 8, 64, 32000, seed=0)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    model = synthetic_model(args.model, dtype, args.device)
+    prompts = random_prompts(args.batch, 8, 64, model.arch.vocab_size, seed=0)
     device = device_name(model.heads_device)
 
     probe = engine_for(model, prompts, args.max_new_tokens, None)  # an engine only to profile on
@@ -70,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     cost = costs.cost_model(args.context, device)
     del probe
 
+    if model.heads_device.type == "cuda":  # compile the kernels' variants outside the measured runs
+        engine_for(model, prompts, min(8, args.max_new_tokens), cost).run()
     clean = engine_for(model, prompts, args.max_new_tokens, cost)
     clean.run()
     error = clean.stats.prediction_error()
@@ -101,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     right = [c for c in decided if (c["ride_pred"] <= c["split_pred"]) == (c["ride_ms"] <= c["split_ms"])]
     result = {
         "device": device,
+        "model": args.model,
+        "dtype": args.dtype,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "batch": args.batch,

@@ -2,12 +2,16 @@
 
     python benchmarks/engine.py moderate --batch-sizes 8,32 --max-new-tokens 64 --out runs/bench-engine
     python benchmarks/engine.py smollm2 --batch-sizes 8,32 --max-new-tokens 64 --out runs/bench-engine
+    python benchmarks/engine.py llama-7b --device cuda --dtype bf16 --batch-sizes 8,64,256 --out runs/bench-7b
 
 `moderate`: a random-weight Llama (16 layers, hidden 1024, 16 heads / 4 kv heads, MLP 2816, vocab
 32000), exits after layers 3/7/11 with `norm` heads and the cheap `classifier` check; exits are drawn
 per token from a stated distribution (`trace` source, default 20/25/20 % at the exits, 35 % full
 depth), so only speed means anything. `smollm2`: SmolLM2-135M-Instruct with the shipped heads and
-their real max-prob confidences on held-out chat and Shakespeare prompts.
+their real max-prob confidences on held-out chat and Shakespeare prompts. The other shapes of
+`drex_hf.bench.synthetic` (`llama-1b`, `llama-7b`, `llama3-8b`; exits after L/4, L/2, 3L/4) run like
+`moderate`, with `--device cuda --dtype bf16` on a GPU (each batch first runs 8 untimed tokens there,
+so that Triton compiles every kernel variant outside the timed run).
 
 Decode tokens/s excludes the prefill (identical for every policy). All policies' engines run in one
 process on the same prompts, stepped round-robin (each times its own steps), so drift of the
@@ -27,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from drex_hf import EarlyExitConfig, EarlyExitModelForCausalLM
+from drex_hf import EarlyExitModelForCausalLM
+from drex_hf.bench.synthetic import SHAPES, synthetic_model
 from drex_hf.config import thresholds_to_json
 from drex_hf.generation.engine import DrexEngine, device_name
 from drex_hf.generation.exits import ExitDistribution
@@ -36,23 +41,8 @@ from drex_hf.generation.settings import DecodeSettings
 POLICIES = ("full", "batch_all", "batch_majority", "drex")
 
 
-def moderate_model(dtype: torch.dtype) -> EarlyExitModelForCausalLM:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=16,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-        max_position_embeddings=4096,
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(config).to(dtype).eval()
-    heads = EarlyExitConfig(exit_layers=[3, 7, 11], head="norm", confidence="classifier", thresholds=0.5)
-    return EarlyExitModelForCausalLM.from_base(base, heads).eval()
+def moderate_model(dtype: torch.dtype, device: str = "cpu") -> EarlyExitModelForCausalLM:
+    return synthetic_model("moderate", dtype, device)
 
 
 def smollm2_model() -> EarlyExitModelForCausalLM:
@@ -154,11 +144,17 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=("moderate", "smollm2", "render"), help="render: reprint --out's engine.json")
+    parser.add_argument(
+        "model",
+        choices=(*SHAPES, "smollm2", "render"),
+        help="a random-weight shape (trace exits), the shipped SmolLM2 heads, or render: reprint --out's engine.json",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (synthetic shapes)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="synthetic shapes")
     parser.add_argument("--batch-sizes", default="8,32")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--exit-dist", default="0.2,0.25,0.2,0.35", help="moderate: P(exit) per exit, then full")
-    parser.add_argument("--prompt-lengths", default="8,64", help="moderate: prompt lengths drawn uniformly in [a,b]")
+    parser.add_argument("--exit-dist", default="0.2,0.25,0.2,0.35", help="synthetic: P(exit) per exit, then full")
+    parser.add_argument("--prompt-lengths", default="8,64", help="synthetic: prompt lengths drawn uniformly in [a,b]")
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument(
         "--only-exits",
@@ -186,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     policies = args.policies.split(",")
-    if args.model == "moderate":
-        model = moderate_model(torch.float32)
+    synthetic = args.model in SHAPES
+    if synthetic:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        model = synthetic_model(args.model, dtype, args.device)
         distribution = ExitDistribution(tuple(float(p) for p in args.exit_dist.split(",")), seed=args.seed)
         low, high = (int(v) for v in args.prompt_lengths.split(","))
     else:
@@ -202,7 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     machine = f"{device_name(model.heads_device)}, {os.cpu_count()} cores, torch {torch.__version__}"
     if model.heads_device.type == "cpu":
         machine += f", {torch.get_num_threads()} threads"
-    report: dict = {"model": args.model, "machine": machine, "python": platform.python_version(), "runs": []}
+    report: dict = {
+        "model": args.model,
+        "dtype": str(next(model.parameters()).dtype),
+        "machine": machine,
+        "python": platform.python_version(),
+        "runs": [],
+    }
     report["num_layers"] = model.num_layers
     report["thresholds"] = thresholds_to_json(model.exit_config.threshold_list())
     report["confidence"] = model.exit_config.confidence
@@ -213,12 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     run_policy(model, warm, "full", 4, None)
     lines = []
     for batch in batches:
-        if args.model == "moderate":
+        if synthetic:
             prompts = random_prompts(batch, low, high, model.arch.vocab_size, args.seed + batch)
         else:
             prompts = smollm2_prompts(model, batch, seed=1000 + batch)
         row = {"batch": batch, "policies": {}}
         runs: dict[str, list[dict]] = {p: [] for p in policies}
+        if model.heads_device.type == "cuda":  # compile every kernel variant these rows need, untimed
+            run_interleaved(model, prompts, policies, min(8, args.max_new_tokens), distribution)
         for repeat in range(args.repeats):
             for policy, stats in run_interleaved(model, prompts, policies, args.max_new_tokens, distribution).items():
                 runs[policy].append(stats)
@@ -244,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 stats["agreement_with_full"] = agreement(stats["outputs"], full["outputs"])
         report["runs"].append(row)
         lines.append(row)
+        (out / "engine.json").write_text(json.dumps(report, indent=1))  # a run cut short keeps what it measured
     (out / "engine.json").write_text(json.dumps(report, indent=1))
     (out / "engine.md").write_text(render(report, model.num_layers))
     print(render(report, model.num_layers))

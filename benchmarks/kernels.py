@@ -344,7 +344,20 @@ def main(argv: list[str] | None = None) -> int:
         args.memory_fraction
     )
     item = torch.empty((), dtype=dtype).element_size()
+    import triton
+
     cases: list[dict] = []
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
+        "model": "smoke" if args.smoke else args.model,
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "interpreter": bool(args.smoke),
+        "copy_gbps": copy_bandwidth(device, measure),
+        "cases": cases,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         for rows in rows_list:
             cases += bench_rows(setup, rows)
@@ -359,21 +372,9 @@ def main(argv: list[str] | None = None) -> int:
                 cases.append(bench_attention(setup, rows, context))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            # written after every batch size: a run cut short keeps what it measured
+            (args.out / "kernels.json").write_text(json.dumps(result, indent=2) + "\n")
             print(f"rows {rows}: done", file=sys.stderr)
-    import triton
-
-    result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
-        "model": "smoke" if args.smoke else args.model,
-        "dtype": str(dtype).removeprefix("torch."),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "interpreter": bool(args.smoke),
-        "copy_gbps": copy_bandwidth(device, measure),
-        "cases": cases,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernels.json").write_text(json.dumps(result, indent=2) + "\n")
     table = render(result)
     (args.out / "kernels.md").write_text(table)
     print(table)

@@ -24,7 +24,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from drex_hf.arch import ArchAdapter, build_attention_mask, get_adapter
-from drex_hf.config import CALIBRATION_NAME, CONFIG_NAME, EarlyExitConfig, parse_threshold
+from drex_hf.config import CALIBRATION_NAME, CONFIDENCE_MEASURES, CONFIG_NAME, EarlyExitConfig, parse_threshold
 from drex_hf.errors import (
     BaseModelMismatchError,
     ConfigError,
@@ -242,6 +242,11 @@ class EarlyExitModelForCausalLM(nn.Module):
         entry = entries.get(device)
         chosen = entry["thresholds"] if entry else guaranteed
         self.exit_config.thresholds = [parse_threshold(t, f"{path.name} thresholds") for t in chosen]
+        measure = entry.get("confidence") if entry else data.get("confidence")
+        if measure is not None:  # the measure the thresholds were tested for (the device's fastest)
+            if measure not in CONFIDENCE_MEASURES:
+                raise ConfigError(f"{path} names an unknown confidence measure {measure!r}")
+            self.exit_config.confidence = measure
         self.calibration_path = path if entry else None
         if entry is None:
             logger.warning(

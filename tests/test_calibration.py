@@ -127,6 +127,29 @@ def test_the_cost_fit_recovers_known_constants_and_predicts_held_out_row_counts(
     assert held_out["median"] <= 0.05 and held_out["p95"] <= 0.1
 
 
+def test_the_cost_fit_recovers_the_per_position_cost_and_predicts_a_held_out_context():
+    """ms = a + b·n + c·n·(context − 128): one timing at a longer context recovers c per segment, and
+    the model then predicts steps at a context it never timed."""
+    layers, check, fill = [(2.0, 0.5), (3.0, 0.25), (1.5, 1.0)], [(0.4, 0.05), (0.2, 0.02)], [(0.1, 0.01)] * 2
+    per_position = [0.002, 0.0, 0.004]
+    flat = _synthetic_timer(layers, check, fill)
+
+    def timer(kind, index, n, context=128):
+        extra = per_position[index] * n * (context - 128) if kind == "layers" else 0.0
+        return flat(kind, index, n) + extra
+
+    costs = CostTable.measure(timer, 3, ROWS, long_context=512, reference_context=128)
+    assert costs.context_ms == pytest.approx(per_position)
+    model = costs.cost_model(context=128, device="synthetic")
+    errors = prediction_errors(model, timer, [3, 6, 12, 24], [320])
+    assert errors["contexts"] == [128, 320] and errors["count"] == 24 and errors["median"] < 1e-9
+    assert model.predict(2, 8, True, 320) == pytest.approx(timer("layers", 2, 8, 320))
+    flat_model = CostTable.measure(timer, 3, ROWS).cost_model(context=128, device="synthetic")
+    assert prediction_errors(flat_model, timer, [24], [512])["p95"] > 0.1  # without it, long contexts mispredict
+    with pytest.raises(ValueError, match="must exceed"):
+        CostTable.measure(timer, 3, ROWS, long_context=64, reference_context=128)
+
+
 def _fractions(natural):
     """Each token's first confident exit drawn once (`natural[j]`: share confident first at exit j);
     a token whose exit is switched off leaves at the next enabled exit where it is also confident —
@@ -163,6 +186,41 @@ def test_when_no_exit_pays_every_exit_is_switched_off():
     costs = CostTable.measure(_synthetic_timer(layers, check, [(0.0, 0.05)] * 2), 3, ROWS)
     enabled, _ = choose_exits(costs, _fractions([0.3, 0.4]), rows=8)
     assert enabled == [False, False]
+
+
+def test_the_measure_whose_checks_pay_is_picked_and_saved_observations_round_trip(tmp_path):
+    """The same tokens under two measures: max_prob's checks cost 8 layers (a vocabulary projection)
+    and never pay, the classifier's cost almost nothing and let half the tokens out at the last exit
+    with the same quality — so the classifier is the device's measure. Observations keep both."""
+    from drex_hf.calibration.calibrate import _exits_for
+
+    obs = _population(20000, 400, lambda c: (c > 0.5).float(), exits=2)
+    obs = Observations(obs.confidence, obs.agree, obs.prompt, "max_prob", {"classifier": obs.confidence.clone()})
+    layers = [(0.0, 1.0)] * 3
+    expensive = CostTable.measure(_synthetic_timer(layers, [(0.0, 8.0)] * 2, [(0.0, 0.05)] * 2), 3, ROWS)
+    cheap = expensive.with_checks([[0.01 * n for n in ROWS]] * 2)
+    by_measure = {
+        "max_prob": _exits_for(obs, expensive, 0.95, 0.1, "binomial", 0, 8),
+        "classifier": _exits_for(obs.with_measure("classifier"), cheap, 0.95, 0.1, "binomial", 0, 8),
+    }
+    assert by_measure["max_prob"]["enabled"] == [False, False]
+    assert any(by_measure["classifier"]["enabled"])
+    full = expected_token_ms(expensive, [0, 0], [False, False], 8)
+    assert by_measure["max_prob"]["token_ms"] == pytest.approx(full)
+    assert by_measure["classifier"]["token_ms"] < 0.8 * full
+    assert by_measure["classifier"]["result"].test_agreement >= 0.95
+
+    obs.save(tmp_path / "obs.safetensors")
+    back = Observations.load(tmp_path / "obs.safetensors")
+    assert back.measures == ["max_prob", "classifier"] and torch.equal(back.agree, obs.agree)
+    assert torch.equal(back.with_measure("classifier").confidence, obs.others["classifier"])
+    with pytest.raises(CalibrationDataError, match="no saturation confidences"):
+        back.with_measure("saturation")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CalibrationDataError, match="no readable observations"):
+        Observations.load(tmp_path / "broken.safetensors")
+    with pytest.raises(CalibrationDataError, match="no saved observations"):
+        Observations.load(tmp_path / "missing.safetensors")
 
 
 # ---------------------------------------------------------------- the command and from_pretrained
@@ -215,6 +273,19 @@ def test_calibrate_writes_the_file_and_plot_and_from_pretrained_uses_them(heads_
         ids = torch.tensor([[5, 6, 7, 8]])
         out = model.generate(ids, max_new_tokens=4, return_dict_in_generate=True)
         assert "calibration file" in out.stats.cost_source
+    measures = entry["measures"]
+    assert set(measures) == {"max_prob", "margin", "classifier", "saturation"}
+    fastest = max(m["expected_speedup"] for m in measures.values())
+    assert measures[entry["confidence"]]["expected_speedup"] == fastest
+    assert model.exit_config.confidence == entry["confidence"]
+    assert (heads / "calibration_observations.safetensors").is_file()
+    # profiling again on the saved observations: the same guarantee, a new timing
+    reuse = ["calibrate", str(heads), "--reuse-observations", "--rows", "1,2,4", "--holdout-rows", "3", "--repeats"]
+    assert main([*reuse, "1", "--decision-rows", "4", "--target-agreement", "0.6", "--delta", "0.2"]) == 0
+    again = json.loads((heads / "calibration.json").read_text())
+    assert again["guarantee"] == data["guarantee"] and again["observations"]["reused"]
+    assert again["observed_by"] == data["command"] and "--reuse-observations" in again["cost_models"][device]["made_by"]
+    assert _calibrate(heads, text, "--reuse-observations") == 2  # --data and --reuse-observations exclude each other
     assert _calibrate(heads, text, "--seed", "1") == 0  # again: the card's section is replaced, not repeated
     assert (heads / "README.md").read_text().count("## Calibration (`drex calibrate`)") == 1
     uncalibrated = EarlyExitModelForCausalLM.from_pretrained(heads, calibration=False)

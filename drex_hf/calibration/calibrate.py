@@ -31,9 +31,10 @@ from drex_hf.calibration.thresholds import (
     learn_then_test,
     split_by_prompt,
 )
-from drex_hf.config import CALIBRATION_NAME, parse_threshold, thresholds_to_json
+from drex_hf.config import CALIBRATION_NAME, CONFIDENCE_MEASURES, parse_threshold, thresholds_to_json
 
 PLOT_NAME = "calibration.png"
+OBSERVATIONS_NAME = "calibration_observations.safetensors"
 
 
 @torch.no_grad()
@@ -43,13 +44,18 @@ def observe(
     max_new_tokens: int,
     batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
+    measures: list[str] | None = None,
 ) -> Observations:
-    """Every exit's confidence and agreement with full depth, over greedy full-depth continuations."""
+    """Every exit's confidence and agreement with full depth, over greedy full-depth continuations;
+    confidences under the model's measure and each of `measures` (one more forward pass each)."""
     if not prompts:
         raise CalibrationDataError("no prompts to calibrate on")
     device = model.heads_device
+    own = model.exit_config.confidence
+    extra = [m for m in dict.fromkeys(measures or []) if m != own]
     pad = 0
     confidence, agree, prompt_of = [], [], []
+    others: dict[str, list[torch.Tensor]] = {m: [] for m in extra}
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         width = max(p.shape[0] for p in batch)
@@ -81,26 +87,49 @@ def observe(
             confidence.append(conf.float().cpu())
             agree.append(hits.cpu())
             prompt_of.append(torch.full((int(valid.sum()),), start + b))
+        for measure in extra:  # the same tokens, scored by another measure
+            model.exit_config.confidence = measure
+            try:
+                scored = model(input_ids=full, attention_mask=full_mask, output_exit_logits=True).exit_confidences
+            finally:
+                model.exit_config.confidence = own
+            others[measure] += [scored[:, b, at][:, keep[b]].float().cpu() for b in range(len(batch))]
         if progress:
             progress(len(batch))
-    return Observations(torch.cat(confidence, 1), torch.cat(agree, 1), torch.cat(prompt_of))
+    return Observations(
+        torch.cat(confidence, 1),
+        torch.cat(agree, 1),
+        torch.cat(prompt_of),
+        own,
+        {m: torch.cat(parts, 1) for m, parts in others.items()},
+    )
 
 
 def _merge(costs: CostTable, enabled: list[bool]) -> CostTable:
     """The cost table of the segmentation with only the enabled exits: disabled exits' segments join
     the next one, and their checks and fills disappear."""
-    layers, check, fill, regroup, run, gather = [], [], [], [], None, 0.0
+    layers, check, fill, regroup, context, run, gather, per_position = [], [], [], [], [], None, 0.0, 0.0
     for s, times in enumerate(costs.layers_ms):
         run = times if run is None else [a + b for a, b in zip(run, times)]
         gather += costs.regroup_ms[s] if costs.regroup_ms else 0.0
+        per_position += costs.context_ms[s] if costs.context_ms else 0.0
         if s == len(costs.layers_ms) - 1 or enabled[s]:
             layers.append(run)
             regroup.append(gather)
-            run, gather = None, 0.0
+            context.append(per_position)
+            run, gather, per_position = None, 0.0, 0.0
             if s < len(costs.check_ms):
                 check.append(costs.check_ms[s])
                 fill.append(costs.fill_ms[s])
-    return CostTable(costs.rows, layers, check, fill, regroup if costs.regroup_ms else None, costs.project_ms)
+    return CostTable(
+        costs.rows,
+        layers,
+        check,
+        fill,
+        regroup if costs.regroup_ms else None,
+        costs.project_ms,
+        context if costs.context_ms else None,
+    )
 
 
 def calibrate(
@@ -115,58 +144,128 @@ def calibrate(
     holdout_rows: list[int] | None = None,
     decision_rows: int = 8,
     context: int = 128,
+    long_context: int | None = None,
     repeats: int = 5,
     seed: int = 0,
     command: str = "",
     progress: Callable[[str, int], None] | None = None,
+    observations: Observations | None = None,
+    measures: list[str] | None = None,
 ) -> dict:
-    """Run steps 1-4 of the module docstring; returns what `calibration.json` holds."""
+    """Run steps 1-4 of the module docstring; returns what `calibration.json` holds, and the
+    observations under the key "observations_data" (`save` writes them beside it).
+
+    `measures`: the confidence measures to compare (default: every one the heads have — all four;
+    the heads' own is always included). Per device, the measure with the fastest expected token at
+    `decision_rows` is chosen, with its own exits that pay and its own tested thresholds.
+
+    With `observations` (from an earlier run's `Observations.load`), step 1 is skipped and `prompts`
+    may be empty: only this device is profiled. Timings depend on shapes, not weights, so a device
+    can be profiled on a model of the same shapes whose base weights are random."""
     from drex_hf.generation.engine import DrexEngine, device_name
 
+    command = command or " ".join(sys.argv)
     rows = rows or [1, 2, 4, 8, 16, 32]
     holdout_rows = holdout_rows or [3, 6, 12, 24]
     started = time.time()
-    obs = observe(model, prompts, max_new_tokens, progress=(lambda n: progress("observe", n)) if progress else None)
-    learn, _ = split_by_prompt(obs, 0.5, seed)  # the same split learn_then_test makes with this seed
+    if observations is None:
+        obs = observe(
+            model,
+            prompts,
+            max_new_tokens,
+            progress=(lambda n: progress("observe", n)) if progress else None,
+            measures=list(CONFIDENCE_MEASURES) if measures is None else measures,
+        )
+    else:
+        if observations.confidence.shape[0] != len(model.exit_layers):
+            raise CalibrationDataError(
+                f"the saved observations cover {observations.confidence.shape[0]} exits, the model has "
+                f"{len(model.exit_layers)}"
+            )
+        obs = observations
+    if measures is not None:
+        unknown = sorted(set(measures) - set(obs.measures))
+        if unknown:
+            raise CalibrationDataError(f"measures {unknown} were not observed (have: {', '.join(obs.measures)})")
 
     exits = list(model.exit_layers)
-    engine = DrexEngine(model, max_batch=max(rows + holdout_rows), max_len=context + 1, thresholds=[0.5] * len(exits))
+    long_context = long_context or 4 * context
+    holdout_context = (context + long_context) // 2  # the fit's error is also checked between the two
+    engine = DrexEngine(
+        model, max_batch=max(rows + holdout_rows), max_len=long_context + 1, thresholds=[0.5] * len(exits)
+    )
     timer = profile_runner(engine.runner, context, repeats)
     tick = (lambda: progress("profile", 1)) if progress else None
-    costs = CostTable.measure(timer, len(exits) + 1, rows, progress=tick, regroup=True, project=True)
+    costs = CostTable.measure(
+        timer,
+        len(exits) + 1,
+        rows,
+        progress=tick,
+        regroup=True,
+        project=True,
+        long_context=long_context,
+        reference_context=context,
+    )
     device = device_name(model.heads_device)
 
-    fitted = fit_thresholds(learn.confidence, learn.agree, target)  # per exit, on the learn half
-
-    def fractions_for(enabled: list[bool]) -> list[float]:
-        thresholds = [t if on else math.inf for t, on in zip(fitted, enabled)]
-        _, n, counts = agreement_counts(learn, thresholds)
-        return [c / n for c in counts]
-
-    enabled, steps = choose_exits(costs, fractions_for, decision_rows)
-    # the guarantee for any device (every exit may open), and this device's (only the exits that pay)
-    guarantee = learn_then_test(obs, target, delta, bound=bound, seed=seed)
-    result = learn_then_test(obs, target, delta, bound=bound, seed=seed, enabled=enabled)
+    own = model.exit_config.confidence
+    full_ms = expected_token_ms(costs, [0.0] * len(exits), [False] * len(exits), decision_rows)
+    options = {}
+    compared = [m for m in obs.measures if measures is None or m in measures or m == obs.measure]
+    for measure in compared:  # each measure the heads were observed with: its own checks' cost
+        table = costs
+        if measure != own:
+            table = costs.with_checks([[timer(f"check:{measure}", s, n) for n in rows] for s in range(len(exits))])
+        options[measure] = _exits_for(obs.with_measure(measure), table, target, delta, bound, seed, decision_rows)
+    # the fastest expected token wins; the heads' own measure on a tie (e.g. when no exit pays at all)
+    chosen = min(options, key=lambda m: (options[m]["token_ms"], m != own))
+    pick = options[chosen]
+    # the guarantee for any device: the heads' own measure, every exit may open
+    guarantee = learn_then_test(obs.with_measure(own), target, delta, bound=bound, seed=seed)
+    result, enabled, steps, costs, token_ms = (
+        pick["result"],
+        pick["enabled"],
+        pick["steps"],
+        pick["costs"],
+        pick["token_ms"],
+    )
     thresholds = result.thresholds
     on = [math.isfinite(t) for t in thresholds]
     merged = _merge(costs, on)
     model_costs = merged.cost_model(context, device)
-    merged_timer = _merged_timer(timer, on)
-    errors = prediction_errors(model_costs, merged_timer, holdout_rows)
-    token_ms = expected_token_ms(costs, result.exit_fractions, on, decision_rows)
-    full_ms = expected_token_ms(costs, [0.0] * len(exits), [False] * len(exits), decision_rows)
+    merged_timer = _merged_timer(timer, on, None if chosen == own else chosen)
+    errors = prediction_errors(model_costs, merged_timer, holdout_rows, [holdout_context])
+    measures = {
+        m: {
+            "exits_paying": o["enabled"],
+            "thresholds": thresholds_to_json(o["result"].thresholds),
+            "test_agreement": o["result"].test_agreement,
+            "exit_fractions": o["result"].exit_fractions,
+            "check_ms": o["costs"].check_ms,
+            "expected_speedup": full_ms / o["token_ms"] if o["token_ms"] > 0 else None,
+        }
+        for m, o in options.items()
+    }
     ends = [e for e, o in zip(exits, on) if o]
     starts = [0, *(e + 1 for e in ends)]
     stops = [*ends, model.arch.num_layers - 1]
     return {
         "format": 1,
-        "command": command or " ".join(sys.argv),
+        "command": command,
+        "observed_by": None if observations is not None else command,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "seconds": round(time.time() - started, 1),
-        "timing": f"median of {repeats} synchronised runs after a warm-up, {context} cached positions",
+        "timing": f"median of {repeats} synchronised runs after a warm-up, {context} cached positions "
+        f"({long_context} for the per-position cost; the fit is checked at {holdout_context} too)",
         "exit_layers": exits,
         "confidence": model.exit_config.confidence,
-        "observations": {"prompts": len(prompts), "tokens": obs.tokens, "max_new_tokens": max_new_tokens},
+        "observations": {
+            "prompts": len(prompts) if observations is None else int(obs.prompt.unique().numel()),
+            "tokens": obs.tokens,
+            "max_new_tokens": max_new_tokens if observations is None else None,
+            "reused": observations is not None,
+        },
+        "observations_data": obs,
         "guarantee": guarantee.to_dict(),
         "curves": curves(obs),
         "cost_models": {
@@ -179,15 +278,40 @@ def calibrate(
                 "exits_enabled": on,
                 "exits_paying": enabled,
                 "exit_choice": steps,
+                "confidence": chosen,
+                "measures": measures,
                 "profile": costs.to_dict(),
                 "prediction_error": errors,
                 "decision_rows": decision_rows,
+                "made_by": command,
+                "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "dtype": str(model.arch.lm_head.weight.dtype).removeprefix("torch."),
                 "expected_token_ms": token_ms,
                 "full_depth_token_ms": full_ms,
                 "expected_speedup": full_ms / token_ms if token_ms > 0 else None,
             }
         },
     }
+
+
+def _exits_for(
+    obs: Observations, costs: CostTable, target: float, delta: float, bound: str, seed: int, rows: int
+) -> dict:
+    """For one confidence measure: switch off the exits that do not pay (on the learn half's fitted
+    thresholds and exit fractions), then Learn-then-Test thresholds for those left on."""
+    learn, _ = split_by_prompt(obs, 0.5, seed)  # the same split learn_then_test makes with this seed
+    fitted = fit_thresholds(learn.confidence, learn.agree, target)  # per exit, on the learn half
+
+    def fractions_for(enabled: list[bool]) -> list[float]:
+        thresholds = [t if on else math.inf for t, on in zip(fitted, enabled)]
+        _, n, counts = agreement_counts(learn, thresholds)
+        return [c / n for c in counts]
+
+    enabled, steps = choose_exits(costs, fractions_for, rows)
+    result = learn_then_test(obs, target, delta, bound=bound, seed=seed, enabled=enabled)
+    on = [math.isfinite(t) for t in result.thresholds]
+    token_ms = expected_token_ms(costs, result.exit_fractions, on, rows)
+    return {"enabled": enabled, "steps": steps, "result": result, "costs": costs, "token_ms": token_ms}
 
 
 def curves(obs: Observations, grid: int = 21) -> list[dict]:
@@ -249,8 +373,8 @@ def plot(calibration: dict, device: str) -> bytes | None:
     return buffer.getvalue()
 
 
-def _merged_timer(timer: Callable, on: list[bool]) -> Callable:
-    """A timer over the merged segmentation, built from the per-segment timer."""
+def _merged_timer(timer: Callable, on: list[bool], measure: str | None = None) -> Callable:
+    """A timer over the merged segmentation, built from the per-segment timer (checks with `measure`)."""
     groups, current = [], []
     for s in range(len(on) + 1):
         current.append(s)
@@ -258,11 +382,13 @@ def _merged_timer(timer: Callable, on: list[bool]) -> Callable:
             groups.append(current)
             current = []
 
-    def merged(kind: str, index: int, n: int) -> float:
+    def merged(kind: str, index: int, n: int, *context: int) -> float:
         group = groups[index]
         if kind == "layers":
-            return sum(timer("layers", s, n) for s in group)
-        return timer(kind, group[-1], n)
+            return sum(timer("layers", s, n, *context) for s in group)
+        if kind == "check" and measure is not None:
+            kind = f"check:{measure}"
+        return timer(kind, group[-1], n, *context)
 
     return merged
 
@@ -280,11 +406,12 @@ def card_section(calibration: dict) -> str:
 
     g, obs = calibration["guarantee"], calibration["observations"]
     layers = calibration["exit_layers"]
+    observed_by = calibration.get("observed_by") or calibration["command"]
     lines = [
         CARD_BEGIN,
         "## Calibration (`drex calibrate`)",
         "",
-        f"Made by `{calibration['command']}` on {calibration['created']}: {obs['tokens']} greedy full-depth tokens "
+        f"Observed by `{observed_by}`: {obs['tokens']} greedy full-depth tokens "
         f"from {obs['prompts']} held-out prompts, split by prompt into {g['learn_tokens']} learn and "
         f"{g['test_tokens']} test tokens.",
         "",
@@ -294,16 +421,18 @@ def card_section(calibration: dict) -> str:
         + ", ".join(f"{f:.1%}" for f in g["exit_fractions"])
         + "). These apply on a device without its own entry below.",
         "",
-        "| device | exits that pay | thresholds used | expected speed-up | cost fit error (median / p95) |",
-        "| --- | --- | --- | --- | --- |",
+        "| device | measure | exits that pay | thresholds used | expected speed-up | cost fit error (median / p95) "
+        "| timed by |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for device, entry in calibration["cost_models"].items():
         paying = [str(e) for e, p in zip(layers, entry["exits_paying"]) if p] or ["none"]
         err, speed = entry["prediction_error"], entry.get("expected_speedup")
         lines.append(
-            f"| {device} | {', '.join(paying)} | {shown_thresholds(entry['thresholds'])} | "
+            f"| {device} | {entry.get('confidence', calibration['confidence'])} | {', '.join(paying)} | "
+            f"{shown_thresholds(entry['thresholds'])} | "
             f"{'n/a' if speed is None else f'{speed:.2f}x'} at {entry['decision_rows']} rows | "
-            f"{err['median']:.1%} / {err['p95']:.1%} |"
+            f"{err['median']:.1%} / {err['p95']:.1%} | `{entry.get('made_by', calibration['command'])}` |"
         )
     lines += ["", "![calibration](calibration.png)", CARD_END]
     return "\n".join(lines) + "\n"
@@ -323,16 +452,24 @@ def save(calibration: dict, folder: Path, plot: bytes | None) -> None:
     card's calibration section beside the heads; all appear together or not at all."""
     from drex_hf.fileio import staged_folder
 
+    calibration = dict(calibration)
+    obs = calibration.pop("observations_data", None)
     path = folder / CALIBRATION_NAME
     if path.is_file():
         try:
             old = json.loads(path.read_text())
             others = {k: v for k, v in old.get("cost_models", {}).items() if k not in calibration["cost_models"]}
             calibration["cost_models"] = {**others, **calibration["cost_models"]}
+            if calibration.get("observed_by") is None and old.get("guarantee") == calibration["guarantee"]:
+                # the observations were reused: keep saying where they came from
+                calibration["observed_by"] = old.get("observed_by") or old.get("command")
+                calibration["observations"] = {**old.get("observations", {}), "reused": True}
         except (OSError, json.JSONDecodeError, AttributeError):
             pass  # an unreadable old file is replaced
     card = folder / "README.md"
     with staged_folder(folder, order=[CALIBRATION_NAME]) as tmp:
+        if obs is not None:
+            obs.save(tmp / OBSERVATIONS_NAME)
         if plot is not None:
             (tmp / PLOT_NAME).write_bytes(plot)
         if card.is_file():

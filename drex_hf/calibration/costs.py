@@ -11,6 +11,7 @@ P(exit) × the later segments' cost − P(reach) × the check's cost − P(exit)
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,7 +20,9 @@ import torch
 from drex_hf.generation.profile import fit_line
 from drex_hf.generation.scheduler import CostModel, error_summary, interpolate
 
-Timer = Callable[[str, int, int], float]  # (kind: "layers" | "check" | "fill", segment or exit, rows) -> ms
+# (kind: "layers" | "check" | "fill" | ..., segment or exit, rows[, cached positions]) -> ms; without the
+# context argument a timer times at its reference context
+Timer = Callable[..., float]
 
 
 @dataclass
@@ -30,6 +33,7 @@ class CostTable:
     fill_ms: list[list[float]]  # [exit point][row count]: KV fill of every layer after it
     regroup_ms: list[float] | None = None  # [segment]: extra ms per row when rows are scattered
     project_ms: list[float] | None = None  # [row count]: deferred vocabulary projections (features -> logits)
+    context_ms: list[float] | None = None  # [segment]: ms per row per cached position beyond the reference
 
     @classmethod
     def measure(
@@ -40,10 +44,18 @@ class CostTable:
         progress: Callable[[], None] | None = None,
         regroup: bool = False,
         project: bool = False,
+        long_context: int | None = None,
+        reference_context: int | None = None,
     ) -> CostTable:
         """Time every kind of work at every row count with `timer`; with `regroup`, also each segment
-        on three slots in four ("scattered", gathered copies) against as many contiguous rows."""
+        on three slots in four ("scattered", gathered copies) against as many contiguous rows; with
+        `long_context`, each segment at the largest row count with that many cached positions, whose
+        difference from the reference context gives the per-row, per-position cost (`context_ms`)."""
         out = cls(rows, [], [], [], [] if regroup else None)
+        if long_context is not None:
+            if reference_context is None or long_context <= reference_context:
+                raise ValueError(f"long_context {long_context} must exceed the reference context {reference_context}")
+            out.context_ms = []
         if project:
             out.project_ms = [timer("project", 0, n) for n in rows]
         for s in range(segments):
@@ -52,12 +64,21 @@ class CostTable:
                 n = max(1, 3 * max(rows) // 4)
                 apart, together = timer("scattered", s, n), timer("layers", s, n)
                 out.regroup_ms.append(max(0.0, (apart - together) / n))
+            if out.context_ms is not None:
+                n = max(rows)
+                longer = timer("layers", s, n, long_context)
+                spread = (long_context - reference_context) * n
+                out.context_ms.append(max(0.0, (longer - out.layers_ms[s][-1]) / spread))
             if s < segments - 1:
                 out.check_ms.append([timer("check", s, n) for n in rows])
                 out.fill_ms.append([timer("fill", s, n) for n in rows])
             if progress:
                 progress()
         return out
+
+    def with_checks(self, check_ms: list[list[float]]) -> CostTable:
+        """The same table with other exit checks' times (another confidence measure's)."""
+        return dataclasses.replace(self, check_ms=[list(t) for t in check_ms])
 
     def per_row(self, table: list[float], n: int) -> float:
         """Milliseconds per row at n rows, interpolated over the measured row counts."""
@@ -83,6 +104,7 @@ class CostTable:
             table_ms=table,
             fill_ms=[list(t) for t in self.fill_ms] or None,
             project_ms=self.project_ms,
+            context_ms=self.context_ms,
         )
 
     def to_dict(self) -> dict:
@@ -93,18 +115,28 @@ class CostTable:
             "fill_ms": self.fill_ms,
             "regroup_ms": self.regroup_ms,
             "project_ms": self.project_ms,
+            "context_ms": self.context_ms,
         }
 
 
-def prediction_errors(model: CostModel, timer: Timer, rows: list[int]) -> dict:
-    """Relative error of the model's step predictions at row counts it was not fitted on."""
+def prediction_errors(model: CostModel, timer: Timer, rows: list[int], contexts: list[int] | None = None) -> dict:
+    """Relative error of the model's step predictions at row counts (and cached-position counts) it
+    was not fitted on: every held-out row count at the reference context and at each of `contexts`."""
     predicted, measured = [], []
     segments = len(model.a_ms)
-    for s in range(segments):
-        for n in rows:
-            measured.append(timer("layers", s, n) + (timer("check", s, n) if s < segments - 1 else 0.0))
-            predicted.append(model.segment_ms(s, n))
-    return {"rows": rows, **error_summary(predicted, measured), "count": len(measured)}
+    for context in [None, *(contexts or [])]:
+        at = () if context is None else (context,)
+        for s in range(segments):
+            for n in rows:
+                took = timer("layers", s, n, *at) + (timer("check", s, n, *at) if s < segments - 1 else 0.0)
+                measured.append(took)
+                predicted.append(model.segment_ms(s, n, context))
+    return {
+        "rows": rows,
+        "contexts": [model.context_ref, *(contexts or [])],
+        **error_summary(predicted, measured),
+        "count": len(measured),
+    }
 
 
 def expected_token_ms(costs: CostTable, exit_fractions: list[float], enabled: list[bool], rows: int) -> float:
@@ -163,11 +195,23 @@ def profile_runner(runner, context: int, repeats: int = 5, statistic: str = "med
     from drex_hf.generation.profile import _time_ms
 
     device = torch.device(runner.device)
-    runner.positions.fill_(max(0, min(context, runner.store.max_len) - 1))
     last = len(runner.segments) - 1
 
+    def at(positions: int) -> None:
+        if positions > runner.store.max_len:
+            raise ValueError(f"cannot time at {positions} cached positions: the store holds {runner.store.max_len}")
+        runner.positions.fill_(max(0, positions - 1))
+
+    at(min(context, runner.store.max_len))
+
     @torch.no_grad()
-    def timer(kind: str, index: int, n: int) -> float:
+    def timer(kind: str, index: int, n: int, positions: int | None = None) -> float:
+        if positions is not None:
+            at(positions)
+            try:
+                return timer(kind, index, n)
+            finally:
+                at(min(context, runner.store.max_len))
         rows = list(range(n))
         if kind == "layers":
 
@@ -185,6 +229,13 @@ def profile_runner(runner, context: int, repeats: int = 5, statistic: str = "med
         if kind == "check":
             x = runner.hidden[:n].clone()
             return _time_ms(lambda: runner.check(index, rows, x), repeats, device, statistic)
+        if kind.startswith("check:"):  # another confidence measure's check on the same rows
+            from drex_hf.heads import exit_confidence
+
+            measure, x = kind.split(":", 1)[1], runner.hidden[:n].clone()
+            previous = x.clone()  # saturation compares with the previous exit's states: same shape, same cost
+            head = runner.heads[index]
+            return _time_ms(lambda: exit_confidence(measure, head, x, previous), repeats, device, statistic)
         if kind == "fill":
             return _time_ms(lambda: runner.fill(rows, runner.boundaries[index]), repeats, device, statistic)
         raise ValueError(f"unknown timing kind {kind!r}")

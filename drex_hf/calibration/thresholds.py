@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -33,11 +34,16 @@ class CalibrationDataError(DrexError, ValueError):
 
 @dataclass
 class Observations:
-    """confidence/agree `[exits, N]` over N generated tokens; `prompt [N]`: which prompt each came from."""
+    """confidence/agree `[exits, N]` over N generated tokens; `prompt [N]`: which prompt each came from.
+
+    `measure` names the confidence measure of `confidence`; `others` holds the same tokens'
+    confidences under other measures the heads support (`with_measure` switches to one)."""
 
     confidence: torch.Tensor
     agree: torch.Tensor
     prompt: torch.Tensor
+    measure: str = "max_prob"
+    others: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.confidence.shape != self.agree.shape or self.confidence.dim() != 2:
@@ -46,14 +52,57 @@ class Observations:
             )
         if self.prompt.shape != (self.confidence.shape[1],):
             raise CalibrationDataError(f"prompt must be [N={self.confidence.shape[1]}], got {tuple(self.prompt.shape)}")
+        for name, other in self.others.items():
+            if other.shape != self.confidence.shape:
+                raise CalibrationDataError(f"{name} confidences {tuple(other.shape)} differ from {self.measure}'s")
         self.agree = self.agree.bool()
 
     @property
     def tokens(self) -> int:
         return int(self.confidence.shape[1])
 
+    @property
+    def measures(self) -> list[str]:
+        return [self.measure, *self.others]
+
+    def with_measure(self, measure: str) -> Observations:
+        """The same tokens with `measure`'s confidences."""
+        if measure == self.measure:
+            return self
+        if measure not in self.others:
+            raise CalibrationDataError(f"no {measure} confidences were observed (have: {', '.join(self.measures)})")
+        rest = {self.measure: self.confidence, **{k: v for k, v in self.others.items() if k != measure}}
+        return Observations(self.others[measure], self.agree, self.prompt, measure, rest)
+
     def subset(self, mask: torch.Tensor) -> Observations:
-        return Observations(self.confidence[:, mask], self.agree[:, mask], self.prompt[mask])
+        others = {k: v[:, mask] for k, v in self.others.items()}
+        return Observations(self.confidence[:, mask], self.agree[:, mask], self.prompt[mask], self.measure, others)
+
+    def save(self, path: str | Path) -> None:
+        """Write the observations as safetensors (a few bytes per token, exit and measure)."""
+        from safetensors.torch import save_file
+
+        tensors = {"confidence": self.confidence, "agree": self.agree, "prompt": self.prompt}
+        tensors |= {f"confidence:{k}": v for k, v in self.others.items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(path), metadata={"measure": self.measure})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Observations:
+        """Read observations written by `save`; a missing or unreadable file names itself."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise CalibrationDataError(f"no saved observations at {path}: run drex calibrate without reusing them")
+        try:
+            with safe_open(str(path), "pt") as f:
+                measure = (f.metadata() or {}).get("measure", "max_prob")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            others = {k.split(":", 1)[1]: v.float() for k, v in tensors.items() if k.startswith("confidence:")}
+            return cls(tensors["confidence"].float(), tensors["agree"], tensors["prompt"].long(), measure, others)
+        except (SafetensorError, KeyError, OSError) as err:
+            raise CalibrationDataError(f"{path} holds no readable observations ({err})") from None
 
 
 def first_exit(confidence: torch.Tensor, thresholds: list[float]) -> torch.Tensor:

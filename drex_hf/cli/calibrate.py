@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import math
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import torch
 
 from drex_hf.calibration.thresholds import BOUNDS, CalibrationDataError
 from drex_hf.cli.common import DTYPES, HelpFormatter, int_list, pick_device, pick_dtype, positive_int, tokenizer_for
+from drex_hf.config import CONFIDENCE_MEASURES
 from drex_hf.errors import ModelNotFoundError
 
 
@@ -35,7 +35,13 @@ def add_parser(sub: Any) -> None:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("model", metavar="MODEL_DIR", help="an exit-heads folder (from save_pretrained or drex train)")
-    parser.add_argument("--data", required=True, type=Path, help="held-out plain text (UTF-8) to draw prompts from")
+    parser.add_argument("--data", type=Path, help="held-out plain text (UTF-8) to draw prompts from")
+    parser.add_argument(
+        "--reuse-observations",
+        action="store_true",
+        help="skip the greedy decoding: reuse the observations an earlier run saved in MODEL_DIR and only "
+        "profile this device (adds its entry; the guarantee is recomputed from the same tokens)",
+    )
     parser.add_argument("--target-agreement", type=probability, default=0.95, help="token agreement to guarantee")
     parser.add_argument("--delta", type=probability, default=0.1, help="allowed probability of missing the target")
     parser.add_argument("--bound", choices=BOUNDS, default="binomial", help="tail bound of the test")
@@ -46,13 +52,34 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--holdout-rows", type=int_list, default=[3, 6, 12, 24], help="row counts to test the fit on")
     parser.add_argument("--decision-rows", type=positive_int, default=8, help="batch at which exits must pay")
     parser.add_argument("--context", type=positive_int, default=128, help="cached positions while timing")
+    parser.add_argument(
+        "--long-context",
+        type=positive_int,
+        default=None,
+        help="cached positions of the second timing that gives attention's per-position cost (default: 4 x --context)",
+    )
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed repeats (their median counts)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt draw and the learn/test split")
+    parser.add_argument(
+        "--measures",
+        type=measure_list,
+        default=None,
+        help="confidence measures to compare, comma-separated (default: all of "
+        f"{','.join(CONFIDENCE_MEASURES)}; the heads' own is always included); each device gets the fastest",
+    )
     parser.add_argument(
         "--dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on CUDA, float32 on CPU"
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.set_defaults(run=run)
+
+
+def measure_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in CONFIDENCE_MEASURES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown measure(s) {unknown or text!r}; choose from {CONFIDENCE_MEASURES}")
+    return names
 
 
 def draw_prompts(text: str, tokenizer: Any, count: int, length: int, seed: int) -> list[torch.Tensor]:
@@ -69,27 +96,40 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from drex_hf import EarlyExitModelForCausalLM
-    from drex_hf.calibration.calibrate import CALIBRATION_NAME, PLOT_NAME, calibrate, plot, save
+    from drex_hf.calibration.calibrate import CALIBRATION_NAME, OBSERVATIONS_NAME, PLOT_NAME, calibrate, plot, save
+    from drex_hf.calibration.thresholds import Observations
     from drex_hf.config import CONFIG_NAME
 
     folder = Path(args.model)
     if not (folder / CONFIG_NAME).is_file():
         raise ModelNotFoundError(f"{folder} is not an exit-heads folder (no {CONFIG_NAME})")
-    if not args.data.is_file():
+    observations = None
+    if args.reuse_observations:
+        if args.data is not None:
+            raise CalibrationDataError("--reuse-observations and --data exclude each other: pick one")
+        observations = Observations.load(folder / OBSERVATIONS_NAME)
+    elif args.data is None:
+        raise CalibrationDataError("--data is required (or --reuse-observations, after an earlier run)")
+    elif not args.data.is_file():
         raise ModelNotFoundError(f"--data {args.data}: no such file")
-    text = args.data.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise CalibrationDataError(f"--data {args.data} is empty")
+    else:
+        text = args.data.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            raise CalibrationDataError(f"--data {args.data} is empty")
     device = pick_device(args.device)
     model = EarlyExitModelForCausalLM.from_pretrained(
         folder, dtype=pick_dtype(args.dtype, device), device=device, calibration=False
     ).eval()
-    prompts = draw_prompts(text, tokenizer_for(model), args.prompts, args.prompt_tokens, args.seed)
+    prompts = (
+        []
+        if observations is not None
+        else draw_prompts(text, tokenizer_for(model), args.prompts, args.prompt_tokens, args.seed)
+    )
     bars = {
-        "observe": tqdm(total=len(prompts), desc="observe (greedy full depth)", unit="prompt"),
+        "observe": tqdm(total=len(prompts), desc="observe (greedy full depth)", unit="prompt", disable=not prompts),
         "profile": tqdm(total=len(model.exit_layers) + 1, desc="profile segments", unit="segment"),
     }
-    command = "drex calibrate " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    command = "drex " + " ".join(shlex.quote(a) for a in args.argv)
     try:
         result = calibrate(
             model,
@@ -102,10 +142,13 @@ def run(args: argparse.Namespace) -> int:
             holdout_rows=args.holdout_rows,
             decision_rows=args.decision_rows,
             context=args.context,
+            long_context=args.long_context,
             repeats=args.repeats,
             seed=args.seed,
             command=command,
             progress=lambda stage, n: bars[stage].update(n),
+            observations=observations,
+            measures=args.measures,
         )
     finally:
         for bar in bars.values():
@@ -136,11 +179,23 @@ def summary(result: dict, device: str) -> str:
         off = [str(e) for e, p in zip(result["exit_layers"], paying) if not p]
         lines.append(f"exits switched off on {device} (they cost more than they save): {', '.join(off) or 'none'}")
     used = shown_thresholds(entry["thresholds"])
-    lines.append(f"thresholds used on {device}: {used} (test agreement {entry['test_agreement']:.4f})")
+    measure = entry.get("confidence", result["confidence"])
+    lines.append(
+        f"thresholds used on {device}: {used} with the {measure} measure (test agreement {entry['test_agreement']:.4f})"
+    )
+    if len(entry.get("measures", {})) > 1:
+        lines.append(
+            "expected speed-up per measure: "
+            + ", ".join(
+                f"{m} {o['expected_speedup']:.2f}x" if o["expected_speedup"] else f"{m} n/a"
+                for m, o in entry["measures"].items()
+            )
+        )
     speed, err = entry["expected_speedup"], entry["prediction_error"]
     if speed is not None and math.isfinite(speed):
         lines.append(f"expected speed-up over full depth at {entry['decision_rows']} rows: {speed:.2f}x")
     lines.append(
-        f"cost fit error on held-out row counts {err['rows']}: median {err['median']:.1%}, p95 {err['p95']:.1%}"
+        f"cost fit error on held-out row counts {err['rows']} at {err.get('contexts', '?')} cached positions: "
+        f"median {err['median']:.1%}, p95 {err['p95']:.1%}"
     )
     return "\n".join(lines)

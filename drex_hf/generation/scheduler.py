@@ -96,6 +96,7 @@ class CostModel:
     table_ms: list[list[float]] | None = None
     fill_ms: list[list[float]] | None = None  # [exit point][row count]: KV fill of all layers after it
     project_ms: list[float] | None = None  # [row count]: deferred vocabulary projections
+    context_ms: list[float] | None = None  # [segment]: ms per row per cached position beyond context_ref
 
     def overhead_ms(self, fill_exit: int | None = None, fill_rows: int = 0, projected: int = 0) -> float:
         """Work a step does besides its segment: the KV fill of the tokens it starts (one product from
@@ -108,16 +109,23 @@ class CostModel:
             total += interpolate(self.rows, self.project_ms, projected)
         return total
 
-    def segment_ms(self, s: int, n: int) -> float:
+    def segment_ms(self, s: int, n: int, context: int | None = None) -> float:
+        """Segment s on n rows at `context` cached positions (the reference context when None): the
+        table (or line) at the reference, plus `context_ms[s]·n` per position beyond it (attention's
+        share, measured at a longer context), never below half the reference time."""
         if self.table_ms is None or not self.rows:
-            return self.a_ms[s] + self.b_ms[s] * n
-        return interpolate(self.rows, self.table_ms[s], n, self.b_ms[s])
+            base = self.a_ms[s] + self.b_ms[s] * n
+        else:
+            base = interpolate(self.rows, self.table_ms[s], n, self.b_ms[s])
+        if context is None or not self.context_ms:
+            return base
+        return max(0.5 * base, base + self.context_ms[s] * n * (context - self.context_ref))
 
     def regroup(self, s: int, n: int, context: int) -> float:
         return self.regroup_ms[s] * n * context / max(self.context_ref, 1)
 
     def predict(self, s: int, n_run: int, contiguous: bool, context: int) -> float:
-        return self.segment_ms(s, n_run) + (0.0 if contiguous else self.regroup(s, n_run, context))
+        return self.segment_ms(s, n_run, context) + (0.0 if contiguous else self.regroup(s, n_run, context))
 
     @classmethod
     def constant(cls, segments: int, a_ms: float = 1.0, b_ms: float = 0.1, regroup_ms: float = 0.01) -> CostModel:
@@ -134,6 +142,7 @@ class CostModel:
             "table_ms": self.table_ms,
             "fill_ms": self.fill_ms,
             "project_ms": self.project_ms,
+            "context_ms": self.context_ms,
         }
 
     @classmethod
@@ -170,6 +179,7 @@ class CostModel:
                 table_ms=[[float(v) for v in row] for row in entry["table_ms"]] if entry.get("table_ms") else None,
                 fill_ms=[[float(v) for v in row] for row in entry["fill_ms"]] if entry.get("fill_ms") else None,
                 project_ms=[float(v) for v in entry["project_ms"]] if entry.get("project_ms") else None,
+                context_ms=[float(v) for v in entry["context_ms"]] if entry.get("context_ms") else None,
             )
         except (KeyError, TypeError, ValueError) as err:
             raise GenerationInputError(f"{path}: malformed cost constants for {device!r} ({err})") from None

@@ -24,9 +24,20 @@ except Exception as error:  # ImportError, or a broken install raising anything 
     tl = _Language()
 
 
-def jit(fn: Any) -> Any:
-    """`triton.jit` when Triton is present; the plain function otherwise (never launched)."""
-    return triton.jit(fn) if triton is not None else fn
+def jit(fn: Any = None, *, do_not_specialize: tuple[str, ...] = ()) -> Any:
+    """`triton.jit` when Triton is present; the plain function otherwise (never launched).
+
+    `do_not_specialize` names integer arguments whose value changes from call to call in one process
+    (row counts, split lengths, the first layer of a KV fill): Triton otherwise compiles a variant per
+    value class (1, divisible by 16, other), and a variant first met in the middle of a decode costs a
+    compilation — seconds, on the GPU, inside a step."""
+
+    def wrap(f: Any) -> Any:
+        if triton is None:
+            return f
+        return triton.jit(f, do_not_specialize=list(do_not_specialize)) if do_not_specialize else triton.jit(f)
+
+    return wrap(fn) if fn is not None else wrap
 
 
 def interpreting() -> bool:

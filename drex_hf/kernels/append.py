@@ -14,7 +14,7 @@ from drex_hf.kernels import _checks, dispatch
 from drex_hf.kernels._triton import jit, next_power_of_2, tl
 
 
-@jit
+@jit(do_not_specialize=("queries",))
 def _kv_append_kernel(
     keys,
     values,

@@ -18,7 +18,7 @@ BLOCK_N = 64  # keys per inner step
 MIN_SPLIT = 256  # no split shorter than this: below it the merge costs more than the parallelism buys
 
 
-@jit
+@jit(do_not_specialize=("split_len",))
 def _decode_split_kernel(
     query,
     key_cache,
@@ -119,7 +119,7 @@ def _decode_split_kernel(
         tl.store(part_sum + at, running_sum, mask=g_mask)
 
 
-@jit
+@jit(do_not_specialize=("splits",))
 def _decode_merge_kernel(
     part_acc,
     part_max,

@@ -16,7 +16,7 @@ from drex_hf.kernels import _checks, _triton, dispatch
 from drex_hf.kernels._triton import jit, next_power_of_2, tl
 
 
-@jit
+@jit(do_not_specialize=("rows", "layers_from"))
 def _kv_fill_kernel(
     hidden,
     weight,
