@@ -4,8 +4,8 @@
 
 Loads the heads without applying their calibration, draws prompts from `--data` (text the calibration
 did not use), decodes them greedily at full depth and measures, under first-passing-exit semantics,
-how many tokens agree with full depth for the file's guaranteed thresholds and for this device's
-thresholds. Writes calibration_check.json and prints a table.
+how many tokens agree with full depth for the file's guaranteed thresholds and for every device
+entry's thresholds, each under its own confidence measure. Writes calibration_check.json and prints a table.
 """
 
 from __future__ import annotations
@@ -41,18 +41,21 @@ def main(argv: list[str] | None = None) -> int:
     prompts = draw_prompts(
         args.data.read_text(encoding="utf-8"), tokenizer_for(model), args.prompts, args.prompt_tokens, args.seed
     )
-    obs = observe(model, prompts, args.max_new_tokens)
     device = device_name(model.heads_device)
-    sets = {"guaranteed": [parse_threshold(t) for t in calibration["guarantee"]["thresholds"]]}
-    if device in calibration["cost_models"]:
-        sets[f"this device ({device})"] = [parse_threshold(t) for t in calibration["cost_models"][device]["thresholds"]]
+    own = calibration.get("confidence", model.exit_config.confidence)
+    sets = {"guaranteed": (own, [parse_threshold(t) for t in calibration["guarantee"]["thresholds"]])}
+    for name, entry in calibration["cost_models"].items():  # every device's thresholds, under its measure
+        label = f"{name}{' (this device)' if name == device else ''}"
+        sets[label] = (entry.get("confidence", own), [parse_threshold(t) for t in entry["thresholds"]])
+    obs = observe(model, prompts, args.max_new_tokens, measures=sorted({m for m, _ in sets.values()}))
     target = calibration["guarantee"]["target_agreement"]
     rows = []
-    for name, thresholds in sets.items():
-        k, n, counts = agreement_counts(obs, thresholds)
+    for name, (measure, thresholds) in sets.items():
+        k, n, counts = agreement_counts(obs.with_measure(measure), thresholds)
         rows.append(
             {
                 "thresholds": name,
+                "measure": measure,
                 "values": thresholds_to_json(thresholds),
                 "tokens": n,
                 "agreement": k / n,
@@ -65,12 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "calibration_check.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"fresh text {args.data}, {obs.tokens} tokens from {len(prompts)} prompts, target {target}, on {device}")
-    print("| thresholds | values | agreement | meets target | exits |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| thresholds | measure | values | agreement | meets target | exits |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         shown = shown_thresholds(r["values"])
         exits = ", ".join(f"{f:.1%}" for f in r["exit_fractions"])
-        print(f"| {r['thresholds']} | {shown} | {r['agreement']:.4f} | {r['meets_target']} | {exits} |")
+        print(
+            f"| {r['thresholds']} | {r['measure']} | {shown} | {r['agreement']:.4f} | {r['meets_target']} | {exits} |"
+        )
     return 0
 
 

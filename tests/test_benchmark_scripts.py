@@ -52,3 +52,30 @@ def test_kernel_benchmark_without_a_gpu_says_so(tmp_path):
     assert done.returncode == 2
     assert "no CUDA device" in done.stderr and "--smoke" in done.stderr
     assert not (tmp_path / "kernels.json").exists()
+
+
+def test_profile_engine_accounts_for_every_step_of_each_policy(tmp_path):
+    """The engine profile on the moderate shape (CPU, 3 tokens): each policy's steps are all counted,
+    drex's segments run in step, and its per-method times fit inside the decode time."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "profile_engine.py"), "moderate", "--batch", "3",
+         "--max-new-tokens", "3", "--policies", "full,drex@1.0", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "profile.json").read_text())
+    full, drex = report["policies"]
+    assert full["policy"] == "full" and drex["policy"] == "drex@1.0"
+    for r in (full, drex):
+        assert sum(r["steps_per_segment"].values()) == r["steps"] == r["calls"]["scheduler"]
+        assert 0 < sum(r["seconds"].values()) <= r["decode_s"]
+    assert set(full["steps_per_segment"]) == {"0"} and {"0"} <= set(drex["steps_per_segment"]) <= {"0", "1", "2", "3"}
+
+
+def test_synthetic_shapes_are_real_models_and_unknown_names_are_refused():
+    from drex_hf.bench.synthetic import SHAPES, synthetic_model
+    from drex_hf.errors import ConfigError
+
+    assert SHAPES["llama-7b"].exits == [7, 15, 23] and SHAPES["moderate"].exits == [3, 7, 11]
+    with pytest.raises(ConfigError, match="unknown synthetic shape 'llama-70b'"):
+        synthetic_model("llama-70b")

@@ -209,6 +209,12 @@ def test_the_measure_whose_checks_pay_is_picked_and_saved_observations_round_tri
     assert by_measure["max_prob"]["token_ms"] == pytest.approx(full)
     assert by_measure["classifier"]["token_ms"] < 0.8 * full
     assert by_measure["classifier"]["result"].test_agreement >= 0.95
+    # a promise short of the required margin over a real full-depth step switches every exit off
+    promised = full / by_measure["classifier"]["learn_token_ms"]
+    strict = _exits_for(obs.with_measure("classifier"), cheap, 0.95, 0.1, "binomial", 0, 8, full, promised * 1.01)
+    assert strict["enabled"] == [False, False] and "full depth" in strict["steps"][-1]["reason"]
+    lenient = _exits_for(obs.with_measure("classifier"), cheap, 0.95, 0.1, "binomial", 0, 8, full, promised * 0.99)
+    assert lenient["enabled"] == by_measure["classifier"]["enabled"]
 
     obs.save(tmp_path / "obs.safetensors")
     back = Observations.load(tmp_path / "obs.safetensors")
@@ -275,9 +281,10 @@ def test_calibrate_writes_the_file_and_plot_and_from_pretrained_uses_them(heads_
         assert "calibration file" in out.stats.cost_source
     measures = entry["measures"]
     assert set(measures) == {"max_prob", "margin", "classifier", "saturation"}
-    fastest = max(m["expected_speedup"] for m in measures.values())
-    assert measures[entry["confidence"]]["expected_speedup"] == fastest
+    fastest = max(m["learn_expected_speedup"] for m in measures.values())  # chosen on the learn half
+    assert measures[entry["confidence"]]["learn_expected_speedup"] == fastest
     assert model.exit_config.confidence == entry["confidence"]
+    assert entry["min_speedup"] == 1.05 and 0.5 < entry["boundary_factor"] < 2
     assert (heads / "calibration_observations.safetensors").is_file()
     # profiling again on the saved observations: the same guarantee, a new timing
     reuse = ["calibrate", str(heads), "--reuse-observations", "--rows", "1,2,4", "--holdout-rows", "3", "--repeats"]

@@ -22,7 +22,14 @@ from typing import Any
 
 import torch
 
-from drex_hf.calibration.costs import CostTable, choose_exits, expected_token_ms, prediction_errors, profile_runner
+from drex_hf.calibration.costs import (
+    CostTable,
+    boundary_factor,
+    choose_exits,
+    expected_token_ms,
+    prediction_errors,
+    profile_runner,
+)
 from drex_hf.calibration.thresholds import (
     CalibrationDataError,
     Observations,
@@ -151,13 +158,17 @@ def calibrate(
     progress: Callable[[str, int], None] | None = None,
     observations: Observations | None = None,
     measures: list[str] | None = None,
+    min_speedup: float = 1.05,
 ) -> dict:
     """Run steps 1-4 of the module docstring; returns what `calibration.json` holds, and the
     observations under the key "observations_data" (`save` writes them beside it).
 
     `measures`: the confidence measures to compare (default: every one the heads have — all four;
     the heads' own is always included). Per device, the measure with the fastest expected token at
-    `decision_rows` is chosen, with its own exits that pay and its own tested thresholds.
+    `decision_rows` is chosen, with its own exits that pay and its own tested thresholds. Exits stay
+    on only if they promise `min_speedup` over a real full-depth step: the promise leaves out the
+    engine's per-step bookkeeping and assumes the held-out text's exit rates, so a bare 1.0 would
+    let a model run slower than full depth.
 
     With `observations` (from an earlier run's `Observations.load`), step 1 is skipped and `prompts`
     may be empty: only this device is profiled. Timings depend on shapes, not weights, so a device
@@ -210,15 +221,24 @@ def calibrate(
 
     own = model.exit_config.confidence
     full_ms = expected_token_ms(costs, [0.0] * len(exits), [False] * len(exits), decision_rows)
+    # the real full-depth step (all layers as one segment: no boundaries, no checks) is what the exits
+    # must beat; the sum of the segments also pays each boundary, measured here against one segment
+    whole = DrexEngine(model, max_batch=decision_rows, max_len=context + 1, thresholds=[math.inf] * len(exits))
+    factor = boundary_factor(whole.runner, engine.runner, decision_rows, context)
+    full_step_ms = full_ms * factor
+    del whole
     options = {}
     compared = [m for m in obs.measures if measures is None or m in measures or m == obs.measure]
     for measure in compared:  # each measure the heads were observed with: its own checks' cost
         table = costs
         if measure != own:
             table = costs.with_checks([[timer(f"check:{measure}", s, n) for n in rows] for s in range(len(exits))])
-        options[measure] = _exits_for(obs.with_measure(measure), table, target, delta, bound, seed, decision_rows)
-    # the fastest expected token wins; the heads' own measure on a tie (e.g. when no exit pays at all)
-    chosen = min(options, key=lambda m: (options[m]["token_ms"], m != own))
+        options[measure] = _exits_for(
+            obs.with_measure(measure), table, target, delta, bound, seed, decision_rows, full_step_ms, min_speedup
+        )
+    # the fastest expected token on the learn half wins; the heads' own measure on a tie (e.g. when no
+    # exit pays at all)
+    chosen = min(options, key=lambda m: (options[m]["learn_token_ms"], m != own))
     pick = options[chosen]
     # the guarantee for any device: the heads' own measure, every exit may open
     guarantee = learn_then_test(obs.with_measure(own), target, delta, bound=bound, seed=seed)
@@ -242,7 +262,9 @@ def calibrate(
             "test_agreement": o["result"].test_agreement,
             "exit_fractions": o["result"].exit_fractions,
             "check_ms": o["costs"].check_ms,
-            "expected_speedup": full_ms / o["token_ms"] if o["token_ms"] > 0 else None,
+            "expected_speedup": full_step_ms / o["token_ms"] if o["token_ms"] > 0 else None,
+            "learn_expected_speedup": full_step_ms / o["learn_token_ms"] if o["learn_token_ms"] > 0 else None,
+            "exit_choice": o["steps"],
         }
         for m, o in options.items()
     }
@@ -267,7 +289,8 @@ def calibrate(
         },
         "observations_data": obs,
         "guarantee": guarantee.to_dict(),
-        "curves": curves(obs),
+        "curves": curves(obs.with_measure(own)),
+        "curves_by_measure": {m: curves(obs.with_measure(m)) for m in compared},
         "cost_models": {
             device: {
                 **model_costs.to_dict(),
@@ -287,18 +310,31 @@ def calibrate(
                 "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "dtype": str(model.arch.lm_head.weight.dtype).removeprefix("torch."),
                 "expected_token_ms": token_ms,
-                "full_depth_token_ms": full_ms,
-                "expected_speedup": full_ms / token_ms if token_ms > 0 else None,
+                "full_depth_token_ms": full_step_ms,
+                "segmented_full_depth_token_ms": full_ms,
+                "boundary_factor": factor,
+                "min_speedup": min_speedup,
+                "expected_speedup": full_step_ms / token_ms if token_ms > 0 else None,
             }
         },
     }
 
 
 def _exits_for(
-    obs: Observations, costs: CostTable, target: float, delta: float, bound: str, seed: int, rows: int
+    obs: Observations,
+    costs: CostTable,
+    target: float,
+    delta: float,
+    bound: str,
+    seed: int,
+    rows: int,
+    full_ms: float | None = None,
+    min_speedup: float = 1.0,
 ) -> dict:
     """For one confidence measure: switch off the exits that do not pay (on the learn half's fitted
-    thresholds and exit fractions), then Learn-then-Test thresholds for those left on."""
+    thresholds and exit fractions), then Learn-then-Test thresholds for those left on. With
+    `full_ms` (a real full-depth step per row, one segment), every exit is switched off unless the
+    learn half's expected token beats it by `min_speedup`."""
     learn, _ = split_by_prompt(obs, 0.5, seed)  # the same split learn_then_test makes with this seed
     fitted = fit_thresholds(learn.confidence, learn.agree, target)  # per exit, on the learn half
 
@@ -308,10 +344,25 @@ def _exits_for(
         return [c / n for c in counts]
 
     enabled, steps = choose_exits(costs, fractions_for, rows)
+    if full_ms is not None and any(enabled):
+        promised = full_ms / expected_token_ms(costs, fractions_for(enabled), enabled, rows)
+        if promised < min_speedup:
+            steps.append({"enabled": [False] * len(enabled), "reason": f"{promised:.3f}x < {min_speedup}x full depth"})
+            enabled = [False] * len(enabled)
+    # the measure is chosen on the learn half alone, so the test half certifies one choice made
+    # without it (choosing by the test half's exit fractions would be a selection among four tests)
+    learn_ms = expected_token_ms(costs, fractions_for(enabled), enabled, rows)
     result = learn_then_test(obs, target, delta, bound=bound, seed=seed, enabled=enabled)
     on = [math.isfinite(t) for t in result.thresholds]
     token_ms = expected_token_ms(costs, result.exit_fractions, on, rows)
-    return {"enabled": enabled, "steps": steps, "result": result, "costs": costs, "token_ms": token_ms}
+    return {
+        "enabled": enabled,
+        "steps": steps,
+        "result": result,
+        "costs": costs,
+        "learn_token_ms": learn_ms,
+        "token_ms": token_ms,
+    }
 
 
 def curves(obs: Observations, grid: int = 21) -> list[dict]:
@@ -345,16 +396,18 @@ def plot(calibration: dict, device: str) -> bytes | None:
     entry = calibration["cost_models"][device]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     target = calibration["guarantee"]["target_agreement"]
-    for curve, layer in zip(calibration["curves"], calibration["exit_layers"]):
+    measure = entry.get("confidence", calibration["confidence"])
+    by_measure = calibration.get("curves_by_measure", {})
+    for curve, layer in zip(by_measure.get(measure, calibration["curves"]), calibration["exit_layers"]):
         pts = [p for p in curve["points"] if p["agreement"] is not None]
         axes[0].plot([p["threshold"] for p in pts], [p["agreement"] for p in pts], marker=".", label=f"exit {layer}")
     axes[0].axhline(target, color="grey", linestyle="--", label=f"target {target}")
-    axes[0].set(xlabel="threshold", ylabel="agreement of passing tokens", title="Agreement vs threshold")
+    axes[0].set(xlabel=f"{measure} threshold", ylabel="agreement of passing tokens", title="Agreement vs threshold")
     axes[0].legend(fontsize=8)
-    fractions = calibration["guarantee"]["exit_fractions"]
+    fractions = entry["exit_fractions"]
     labels = [str(layer) for layer in calibration["exit_layers"]] + ["full"]
     axes[1].bar(labels, [*fractions, 1 - sum(fractions)])
-    axes[1].set(xlabel="exit layer", ylabel="share of test tokens", title="Where tokens leave (test half)")
+    axes[1].set(xlabel="exit layer", ylabel="share of test tokens", title=f"Where tokens leave on {device}")
     profile, table = entry["profile"], entry["table_ms"]
     for s, times in enumerate(table):
         axes[2].plot(entry["rows"], times, marker="o", label=f"segment {s} measured")

@@ -12,6 +12,8 @@ P(exit) × the later segments' cost − P(reach) × the check's cost − P(exit)
 from __future__ import annotations
 
 import dataclasses
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -142,7 +144,8 @@ def prediction_errors(model: CostModel, timer: Timer, rows: list[int], contexts:
 def expected_token_ms(costs: CostTable, exit_fractions: list[float], enabled: list[bool], rows: int) -> float:
     """Expected milliseconds per token at `rows` rows per step, when a token leaves at enabled exit j
     with probability exit_fractions[j] (fractions of all tokens) and checks run at every enabled exit
-    it reaches. Disabled exits neither check nor let tokens out."""
+    it reaches, and an exited token pays its KV fill and its deferred vocabulary projection. Disabled
+    exits neither check nor let tokens out."""
     total, reach = 0.0, 1.0
     for s, layers in enumerate(costs.layers_ms):
         total += reach * costs.per_row(layers, rows)
@@ -150,6 +153,8 @@ def expected_token_ms(costs: CostTable, exit_fractions: list[float], enabled: li
             total += reach * costs.per_row(costs.check_ms[s], rows)
             leave = min(exit_fractions[s], reach)
             total += leave * costs.per_row(costs.fill_ms[s], rows)
+            if costs.project_ms:  # an exited token skips the last segment's lm_head but is projected later
+                total += leave * costs.per_row(costs.project_ms, rows)
             reach -= leave
     return total
 
@@ -241,3 +246,32 @@ def profile_runner(runner, context: int, repeats: int = 5, statistic: str = "med
         raise ValueError(f"unknown timing kind {kind!r}")
 
     return timer
+
+
+@torch.no_grad()
+def boundary_factor(whole, segmented, rows: int, context: int, repeats: int = 9) -> float:  # noqa: ANN001
+    """A full-depth step as one segment ÷ the same layers run segment by segment (the segment
+    boundaries' own cost, with no checks), both on `rows` rows at `context` positions, timed in
+    alternation so that the machine's drift falls on both alike (medians of `repeats`)."""
+    from drex_hf.generation.engine import synchronize
+
+    device = torch.device(whole.device)
+    slots = list(range(rows))
+    for runner in (whole, segmented):
+        runner.positions.fill_(max(0, min(context, runner.store.max_len) - 1))
+
+    def run(runner) -> float:  # noqa: ANN001
+        synchronize(device)
+        start = time.perf_counter()
+        for s in range(len(runner.segments)):
+            x = runner.run_segment(s, slots)
+        runner.final_logits(x)
+        synchronize(device)
+        return time.perf_counter() - start
+
+    run(whole), run(segmented)  # warm-up
+    one, many = [], []
+    for _ in range(repeats):
+        one.append(run(whole))
+        many.append(run(segmented))
+    return statistics.median(one) / statistics.median(many)

@@ -51,6 +51,13 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--rows", type=int_list, default=[1, 2, 4, 8, 16, 32], help="row counts to time")
     parser.add_argument("--holdout-rows", type=int_list, default=[3, 6, 12, 24], help="row counts to test the fit on")
     parser.add_argument("--decision-rows", type=positive_int, default=8, help="batch at which exits must pay")
+    parser.add_argument(
+        "--min-speedup",
+        type=float,
+        default=1.05,
+        help="expected speed-up over a real full-depth step below which every exit is switched off (the "
+        "margin covers the engine's per-step bookkeeping, which the timing leaves out)",
+    )
     parser.add_argument("--context", type=positive_int, default=128, help="cached positions while timing")
     parser.add_argument(
         "--long-context",
@@ -149,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
             progress=lambda stage, n: bars[stage].update(n),
             observations=observations,
             measures=args.measures,
+            min_speedup=args.min_speedup,
         )
     finally:
         for bar in bars.values():
@@ -183,6 +191,13 @@ def summary(result: dict, device: str) -> str:
     lines.append(
         f"thresholds used on {device}: {used} with the {measure} measure (test agreement {entry['test_agreement']:.4f})"
     )
+    refused = {
+        m: o["exit_choice"][-1]["reason"]
+        for m, o in entry.get("measures", {}).items()
+        if "reason" in o["exit_choice"][-1]
+    }
+    for m, reason in refused.items():
+        lines.append(f"{m}: its paying exits promised {reason}, so they stay off")
     if len(entry.get("measures", {})) > 1:
         lines.append(
             "expected speed-up per measure: "

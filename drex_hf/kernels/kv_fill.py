@@ -173,7 +173,9 @@ def kv_fill_project(
     def run_triton() -> None:
         cos, sin = rotary if rotary is not None else (hidden, hidden)  # unused without rotary
         exact = hidden.dtype == torch.float32 or _triton.INTERPRET
-        block_m = min(64, max(16, next_power_of_2(n)))  # weights are re-read once per block of rows
+        # weights are re-read once per block of rows; one block size for every row count, so that a
+        # decode never compiles a new variant mid-run (the wasted rows of a small block cost no bandwidth)
+        block_m = 64
         grid = (-(-n // block_m), (layers - layers_from) * 2 * kv_heads)
         _kv_fill_kernel[grid](
             hidden,
