@@ -23,33 +23,19 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine import random_prompts  # noqa: E402
-
-from drex_hf.bench.synthetic import SHAPES, synthetic_model  # noqa: E402
-from drex_hf.calibration.costs import CostTable, profile_runner  # noqa: E402
-from drex_hf.generation.engine import DrexEngine, device_name  # noqa: E402
-from drex_hf.generation.exits import ExitDistribution  # noqa: E402
-from drex_hf.generation.profile import _time_ms  # noqa: E402
-from drex_hf.generation.settings import DecodeSettings  # noqa: E402
+from drex_hf.bench.run import build_engine, random_prompts
+from drex_hf.bench.synthetic import SHAPES, synthetic_model
+from drex_hf.calibration.costs import CostTable, profile_runner
+from drex_hf.generation.engine import device_name
+from drex_hf.generation.exits import ExitDistribution
+from drex_hf.generation.profile import _time_ms
 
 DISTRIBUTION = (0.2, 0.25, 0.2, 0.35)
 
 
 def engine_for(model, prompts, new_tokens, cost):  # noqa: ANN001, ANN201
-    engine = DrexEngine(
-        model,
-        max_batch=len(prompts),
-        max_len=max(p.shape[0] for p in prompts) + new_tokens,
-        policy="drex",
-        settings=DecodeSettings(max_new_tokens=new_tokens),
-        exit_source="trace",
-        exit_distribution=ExitDistribution(DISTRIBUTION, seed=0),
-        cost_model=cost,
-    )
-    for i, p in enumerate(prompts):
-        engine.add_request(p, seed=i)
-    return engine
+    exits = ExitDistribution(DISTRIBUTION, seed=0)
+    return build_engine(model, prompts, "drex", new_tokens, exits, cost_model=cost)[0]
 
 
 def main(argv: list[str] | None = None) -> int:

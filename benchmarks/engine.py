@@ -25,18 +25,18 @@ import argparse
 import json
 import os
 import platform
-import random
 import sys
 from pathlib import Path
 
 import torch
 
 from drex_hf import EarlyExitModelForCausalLM
+from drex_hf.bench.report import _ratio
+from drex_hf.bench.run import agreement, random_prompts, run_interleaved
 from drex_hf.bench.synthetic import SHAPES, synthetic_model
 from drex_hf.config import thresholds_to_json
-from drex_hf.generation.engine import DrexEngine, device_name
+from drex_hf.generation.engine import device_name
 from drex_hf.generation.exits import ExitDistribution
-from drex_hf.generation.settings import DecodeSettings
 
 POLICIES = ("full", "batch_all", "batch_majority", "drex")
 
@@ -48,12 +48,6 @@ def moderate_model(dtype: torch.dtype, device: str = "cpu") -> EarlyExitModelFor
 def smollm2_model() -> EarlyExitModelForCausalLM:
     folder = Path(__file__).resolve().parents[1] / "model_cards" / "smollm2-135m-drex"
     return EarlyExitModelForCausalLM.from_pretrained(folder).eval()
-
-
-def random_prompts(count: int, low: int, high: int, vocab: int, seed: int) -> list[torch.Tensor]:
-    rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (rng.randint(low, high),), generator=gen) for _ in range(count)]
 
 
 def smollm2_prompts(model: EarlyExitModelForCausalLM, count: int, seed: int) -> list[torch.Tensor]:
@@ -72,56 +66,6 @@ def smollm2_prompts(model: EarlyExitModelForCausalLM, count: int, seed: int) -> 
     return out
 
 
-def build_engine(
-    model: EarlyExitModelForCausalLM,
-    prompts: list[torch.Tensor],
-    policy: str,
-    new_tokens: int,
-    distribution: ExitDistribution | None,
-) -> tuple[DrexEngine, list[int]]:
-    engine = DrexEngine(
-        model,
-        max_batch=len(prompts),
-        max_len=max(p.shape[0] for p in prompts) + new_tokens,
-        policy=policy,
-        settings=DecodeSettings(max_new_tokens=new_tokens),
-        exit_source="heads" if distribution is None or policy == "full" else "trace",
-        exit_distribution=None if policy == "full" else distribution,
-    )
-    return engine, [engine.add_request(p, seed=i) for i, p in enumerate(prompts)]
-
-
-def summary(engine: DrexEngine, ids: list[int]) -> dict:
-    results = engine.finished
-    stats = engine.stats.to_dict()
-    stats["mean_layers"] = stats["min_layer_rows"] / max(stats["decoded_tokens"], 1)
-    stats["outputs"] = [results[i].tokens for i in ids]
-    stats["exit_layers"] = [results[i].exit_layers for i in ids]
-    if engine.cost is not None:
-        stats["cost_model"] = engine.cost.to_dict() | {"source": engine.cost.source}
-    return stats
-
-
-@torch.no_grad()
-def run_interleaved(
-    model: EarlyExitModelForCausalLM,
-    prompts: list[torch.Tensor],
-    policies: list[str],
-    new_tokens: int,
-    distribution: ExitDistribution | None,
-) -> dict[str, dict]:
-    """Every policy's engine on the same prompts, stepped round-robin in one process: each engine
-    times its own steps, and the machine's drift (up to 20 % over minutes on the shared 2-core VM)
-    falls on all of them alike."""
-    engines = {p: build_engine(model, prompts, p, new_tokens, distribution) for p in policies}
-    busy = True
-    while busy:
-        busy = False
-        for engine, _ in engines.values():
-            busy |= engine.step()
-    return {p: summary(engine, ids) for p, (engine, ids) in engines.items()}
-
-
 def run_policy(
     model: EarlyExitModelForCausalLM,
     prompts: list[torch.Tensor],
@@ -130,16 +74,6 @@ def run_policy(
     distribution: ExitDistribution | None,
 ) -> dict:
     return run_interleaved(model, prompts, [policy], new_tokens, distribution)[policy]
-
-
-def agreement(a: list[list[int]], b: list[list[int]]) -> float:
-    """Share of positions where two runs emitted the same token (up to the shorter of each pair)."""
-    same = total = 0
-    for x, y in zip(a, b):
-        n = min(len(x), len(y))
-        same += sum(int(i == j) for i, j in zip(x[:n], y[:n]))
-        total += n
-    return same / max(total, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,16 +189,6 @@ def main(argv: list[str] | None = None) -> int:
     (out / "engine.md").write_text(render(report, model.num_layers))
     print(render(report, model.num_layers))
     return 0
-
-
-def _ratio(runs: dict, name: str, base: str) -> float | None:
-    """Median over repeats of name's tokens/s over base's in the same repeat (same stretch of time)."""
-    if base not in runs:
-        return None
-    a = runs[name].get("decode_tokens_per_s_runs", [runs[name]["decode_tokens_per_s"]])
-    b = runs[base].get("decode_tokens_per_s_runs", [runs[base]["decode_tokens_per_s"]])
-    ratios = sorted(x / y for x, y in zip(a, b))
-    return ratios[len(ratios) // 2]
 
 
 def render(report: dict, num_layers: int) -> str:

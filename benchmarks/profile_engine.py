@@ -22,35 +22,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine import random_prompts  # noqa: E402
-
-from drex_hf.bench.synthetic import SHAPES, synthetic_model  # noqa: E402
-from drex_hf.generation.engine import DrexEngine, device_name, synchronize  # noqa: E402
-from drex_hf.generation.exits import ExitDistribution  # noqa: E402
-from drex_hf.generation.settings import DecodeSettings  # noqa: E402
+from drex_hf.bench.run import build_engine, random_prompts
+from drex_hf.bench.synthetic import SHAPES, synthetic_model
+from drex_hf.generation.engine import device_name, synchronize
+from drex_hf.generation.exits import ExitDistribution
 
 RUNNER_METHODS = ("run_segment", "check", "fill", "project", "keep_features", "keep", "final_logits", "_gather")
 
 
 def build(model, prompts, policy, tokens, distribution):  # noqa: ANN001, ANN201
-    """`policy` may be "drex@SLACK": drex with its policy's slack set (how far the deepest buffer's
-    efficiency may fall below the best before a shallower buffer runs first)."""
-    policy, _, slack = policy.partition("@")
-    engine = DrexEngine(
-        model,
-        max_batch=len(prompts),
-        max_len=max(p.shape[0] for p in prompts) + tokens,
-        policy=policy,
-        settings=DecodeSettings(max_new_tokens=tokens),
-        exit_source="heads" if policy == "full" else "trace",
-        exit_distribution=None if policy == "full" else distribution,
-    )
-    if slack:
-        engine.policy.slack = float(slack)
-    for i, p in enumerate(prompts):
-        engine.add_request(p, seed=i)
-    return engine
+    return build_engine(model, prompts, policy, tokens, distribution)[0]
 
 
 def gpu_busy(model, prompts, policy, tokens, distribution) -> dict:  # noqa: ANN001

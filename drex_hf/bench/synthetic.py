@@ -36,6 +36,8 @@ class Shape:
 
 
 SHAPES: dict[str, Shape] = {
+    # for tests: seconds on one CPU core
+    "tiny": Shape(layers=4, hidden=64, heads=4, kv_heads=2, mlp=128, vocab=256),
     # the engine issue's moderate model: what a 2-core CPU runs in minutes
     "moderate": Shape(layers=16, hidden=1024, heads=16, kv_heads=4, mlp=2816, vocab=32000),
     # Llama-3.2-1B

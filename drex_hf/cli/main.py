@@ -22,7 +22,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from drex_hf.cli import calibrate, demo, env, generate, train
+    from drex_hf.cli import bench, calibrate, demo, env, generate, train
     from drex_hf.cli.common import HelpFormatter
 
     parser = OneLineParser(
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     sub.required = True
-    for module in (env, generate, train, calibrate, demo):
+    for module in (env, generate, train, calibrate, bench, demo):
         module.add_parser(sub)
     return parser
 

@@ -49,6 +49,9 @@ class RequestOutput:
     involuntary: int = 0
     missed: int = 0
     finished: bool = False
+    # when each token was emitted, in seconds of this engine's own stepping (other engines stepped in
+    # between, as benchmarks interleave them, do not count): token latencies without their noise
+    token_times: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -234,6 +237,7 @@ class DrexEngine:
         self.finished: dict[int, RequestOutput] = {}
         self.next_id = 0
         self.stats = EngineStats(self.policy_name, self.cost.source if self.cost else "none")
+        self._step_start = time.perf_counter()
         self.stats.kv_cache_bytes = self.store.nbytes()
 
     # ------------------------------------------------------------------ set-up
@@ -330,7 +334,7 @@ class DrexEngine:
     def step(self) -> bool:
         """Run one prefill or one scheduler decision; False when there was nothing to do."""
         if self.prefill_queue:
-            start = time.perf_counter()
+            start = self._step_start = time.perf_counter()
             self._prefill()
             synchronize(self.model.heads_device)
             self.stats.prefill_steps += 1
@@ -339,7 +343,7 @@ class DrexEngine:
             return True
         if not self.requests:
             return False
-        start = time.perf_counter()
+        start = self._step_start = time.perf_counter()
         decision = self.policy.pick(self._view(start))
         self._check_decision(decision)
         extra_ms = self._overhead_ms(decision)
@@ -570,6 +574,7 @@ class DrexEngine:
         out = req.output
         out.tokens.append(int(token))
         out.exit_layers.append(layer)
+        out.token_times.append(self.stats.wall_s + time.perf_counter() - self._step_start)
         self.stats.tokens += 1
         self.stats.exits_per_layer[layer] = self.stats.exits_per_layer.get(layer, 0) + 1
         if req.callback is not None:

@@ -1,0 +1,122 @@
+"""`drex bench`'s table, JSON and plots."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from drex_hf.bench.run import BatchResult
+
+
+def _ratio(runs: dict, name: str, base: str) -> float | None:
+    """Median over repeats of name's tokens/s over base's in the same repeat (the same stretch of time)."""
+    if base not in runs or name not in runs:
+        return None
+    a = runs[name].get("decode_tokens_per_s_runs", [runs[name]["decode_tokens_per_s"]])
+    b = runs[base].get("decode_tokens_per_s_runs", [runs[base]["decode_tokens_per_s"]])
+    ratios = sorted(x / y for x, y in zip(a, b) if y > 0)
+    return ratios[len(ratios) // 2] if ratios else None
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def to_json(results: Sequence[BatchResult], num_layers: int) -> list[dict]:
+    out = []
+    for r in results:
+        oracle = r.oracle_tokens_per_s(num_layers)
+        entry = {"batch": r.batch, "policies": r.policies, "hf_generate": r.hf, "oracle_tokens_per_s": oracle}
+        full, drex = r.policies.get("full"), r.policies.get("drex")
+        if oracle and drex:
+            entry["drex_share_of_oracle"] = drex["decode_tokens_per_s"] / oracle
+        if full and r.hf:
+            entry["full_vs_hf_generate"] = full["decode_tokens_per_s"] / r.hf["decode_tokens_per_s"]
+        out.append(entry)
+    return out
+
+
+def render(results: Sequence[BatchResult], num_layers: int, exit_points: Sequence[int], machine: str) -> str:
+    """One markdown table: a row per policy per batch, then HF generate and the oracle."""
+    layers = [*exit_points, num_layers - 1]
+    head = (
+        "| batch | policy | decode tok/s | × full | × batch_all | × HF generate | TPOT p50 / p99 ms | mean layers | "
+        f"exits at {' / '.join(str(x) for x in layers)} | involuntary | missed | agree w/ full | ROUGE-L | KV MiB |"
+    )
+    lines = [f"Machine: {machine}.", "", head, "|" + " --- |" * 14]
+    for r in results:
+        hf = r.hf["decode_tokens_per_s"] if r.hf else None
+        for name, s in r.policies.items():
+            tpot = s["tpot_ms"]
+            per_layer = [s["exits_per_layer"].get(str(x), 0) for x in layers]
+            vs_full, vs_all = _ratio(r.policies, name, "full"), _ratio(r.policies, name, "batch_all")
+            lines.append(
+                f"| {r.batch} | {name} | {s['decode_tokens_per_s']:.1f} | "
+                f"{_num(vs_full, '.2f')} | {_num(vs_all, '.2f')} | "
+                f"{_num(None if hf is None else s['decode_tokens_per_s'] / hf, '.2f')} | "
+                f"{_num(tpot['p50'], '.1f')} / {_num(tpot['p99'], '.1f')} | {s['mean_layers']:.2f} | "
+                f"{' / '.join(str(v) for v in per_layer)} | {s['involuntary_exits']} | {s['missed_exits']} | "
+                f"{_num(s.get('agreement_with_full'), '.1%')} | {_num(s.get('rouge_l_vs_full'), '.3f')} | "
+                f"{s['kv_cache_bytes'] / 2**20:.1f} |"
+            )
+        if hf is not None:
+            lines.append(f"| {r.batch} | HF generate (full depth) | {hf:.1f} |" + " |" * 11)
+        oracle = r.oracle_tokens_per_s(num_layers)
+        if oracle is not None:
+            share = r.policies["drex"]["decode_tokens_per_s"] / oracle
+            lines.append(
+                f"| {r.batch} | *oracle* (full × {num_layers} ÷ drex mean layers) | {oracle:.1f} | "
+                f"{oracle / r.policies['full']['decode_tokens_per_s']:.2f} |" + " |" * 9 + f" drex at {share:.0%} |"
+            )
+    lines += ["", "× columns: median over repeats of the ratio within each repeat (all policies ran interleaved)."]
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: Sequence[BatchResult], num_layers: int, exit_points: Sequence[int], out: Path) -> list[Path]:
+    """speed.png (decode tokens/s per policy and batch, with HF generate and the oracle) and
+    exits.png (where tokens left, per policy, at the largest batch); [] without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    policies = list(results[0].policies)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / (len(policies) + 2)
+    for i, name in enumerate([*policies, "HF generate", "oracle"]):
+        values = []
+        for r in results:
+            if name == "HF generate":
+                values.append(r.hf["decode_tokens_per_s"] if r.hf else 0.0)
+            elif name == "oracle":
+                values.append(r.oracle_tokens_per_s(num_layers) or 0.0)
+            else:
+                values.append(r.policies[name]["decode_tokens_per_s"])
+        ax.bar([b + i * width for b in range(len(results))], values, width, label=name)
+    ax.set_xticks([b + width * (len(policies) + 1) / 2 for b in range(len(results))], [str(r.batch) for r in results])
+    ax.set(xlabel="batch size", ylabel="decode tokens/s", title="Decode throughput per policy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "speed.png", dpi=90)
+    plt.close(fig)
+    written.append(out / "speed.png")
+
+    last = results[-1]
+    layers = [*exit_points, num_layers - 1]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(policies)
+    for i, name in enumerate(policies):
+        counts = [last.policies[name]["exits_per_layer"].get(str(x), 0) for x in layers]
+        total = max(sum(counts), 1)
+        ax.bar([j + i * width for j in range(len(layers))], [c / total for c in counts], width, label=name)
+    ax.set_xticks([j + width * (len(policies) - 1) / 2 for j in range(len(layers))], [str(x) for x in layers])
+    ax.set(xlabel="exit layer", ylabel="share of tokens", title=f"Where tokens left (batch {last.batch})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "exits.png", dpi=90)
+    plt.close(fig)
+    written.append(out / "exits.png")
+    return written

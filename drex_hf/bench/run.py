@@ -1,0 +1,246 @@
+"""Policies side by side on the same prompts, in one process (DESIGN.md §6).
+
+Every policy's engine gets the same prompts and seeds and is stepped round-robin with the others, each
+timing only its own steps (and stamping its tokens with its own clock), so the machine's drift falls
+on all of them alike. HF's own `generate` (full depth) is timed on the same prompts as the reference
+users have today. Per policy: decode tokens/s (the prefill, the same full-depth pass for every
+policy, is left out), time per output token p50/p99, exits per layer, involuntary and missed exits,
+agreement with full depth's tokens, ROUGE-L against full depth's text (with a tokenizer and
+`rouge-score`), KV-cache bytes; and the oracle: full × L ÷ the mean exit depth drex measured.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from drex_hf.errors import GenerationInputError
+from drex_hf.generation.engine import DrexEngine, synchronize
+from drex_hf.generation.exits import ExitDistribution, ExitReplay
+from drex_hf.generation.settings import DecodeSettings
+
+if TYPE_CHECKING:
+    from drex_hf.modeling import EarlyExitModelForCausalLM
+
+POLICIES = ("full", "batch_all", "batch_majority", "drex")
+Exits = ExitDistribution | ExitReplay | None  # None: the heads decide (the real thing)
+
+
+def random_prompts(count: int, low: int, high: int, vocab: int, seed: int) -> list[torch.Tensor]:
+    """`count` prompts of random token ids (3..vocab-1), lengths uniform in [low, high]."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (rng.randint(low, high),), generator=gen) for _ in range(count)]
+
+
+def build_engine(
+    model: EarlyExitModelForCausalLM,
+    prompts: Sequence[torch.Tensor],
+    policy: str,
+    new_tokens: int,
+    exits: Exits = None,
+    **engine_kwargs: Any,
+) -> tuple[DrexEngine, list[int]]:
+    """An engine with one request per prompt (seed = its index). `policy` may be "drex@SLACK" (the
+    drex policy's slack set). Full depth never takes a trace: its exits are the heads' (none)."""
+    name, _, slack = policy.partition("@")
+    traced = exits is not None and name != "full"
+    engine = DrexEngine(
+        model,
+        max_batch=len(prompts),
+        max_len=max(p.shape[0] for p in prompts) + new_tokens,
+        policy=name,
+        settings=DecodeSettings(max_new_tokens=new_tokens),
+        exit_source="trace" if traced else "heads",
+        exit_distribution=exits if traced and isinstance(exits, ExitDistribution) else None,
+        **engine_kwargs,
+    )
+    if slack:
+        engine.policy.slack = float(slack)
+    ids = []
+    for i, p in enumerate(prompts):
+        trace = exits.layers[i % len(exits.layers)] if traced and isinstance(exits, ExitReplay) else None
+        ids.append(engine.add_request(p, seed=i, trace=trace))
+    return engine, ids
+
+
+@torch.no_grad()
+def run_interleaved(
+    model: EarlyExitModelForCausalLM,
+    prompts: Sequence[torch.Tensor],
+    policies: Sequence[str],
+    new_tokens: int,
+    exits: Exits = None,
+) -> dict[str, dict]:
+    """Every policy's engine on the same prompts, stepped round-robin; returns each one's summary."""
+    engines = {p: build_engine(model, prompts, p, new_tokens, exits) for p in policies}
+    busy = True
+    while busy:
+        busy = False
+        for engine, _ in engines.values():
+            busy |= engine.step()
+    return {p: summary(engine, ids) for p, (engine, ids) in engines.items()}
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0-100) by nearest rank; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def summary(engine: DrexEngine, ids: Sequence[int]) -> dict:
+    """One engine's statistics, outputs, exit layers and token latencies (its own clock)."""
+    results = engine.finished
+    stats = engine.stats.to_dict()
+    stats["mean_layers"] = stats["min_layer_rows"] / max(stats["decoded_tokens"], 1)
+    stats["outputs"] = [results[i].tokens for i in ids]
+    stats["exit_layers"] = [results[i].exit_layers for i in ids]
+    gaps = [
+        (b - a) * 1e3 for i in ids for a, b in zip(results[i].token_times, results[i].token_times[1:])
+    ]  # time per output token, each decoded token's own
+    stats["tpot_ms"] = {"p50": percentile(gaps, 50), "p99": percentile(gaps, 99), "mean": _mean(gaps)}
+    if engine.cost is not None:
+        stats["cost_model"] = engine.cost.to_dict() | {"source": engine.cost.source}
+    return stats
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def agreement(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> float:
+    """Share of positions where two runs emitted the same token (up to the shorter of each pair)."""
+    same = total = 0
+    for x, y in zip(a, b):
+        n = min(len(x), len(y))
+        same += sum(int(i == j) for i, j in zip(x[:n], y[:n]))
+        total += n
+    return same / max(total, 1)
+
+
+def rouge_l(candidates: Sequence[str], references: Sequence[str]) -> float | None:
+    """Mean ROUGE-L F1 of each text against its reference (`rouge-score`); None when not installed."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        return None
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scores = [scorer.score(ref, cand)["rougeL"].fmeasure for cand, ref in zip(candidates, references)]
+    return _mean(scores)
+
+
+@torch.no_grad()
+def hf_generate(model: EarlyExitModelForCausalLM, prompts: Sequence[torch.Tensor], new_tokens: int) -> dict:
+    """HF's own greedy `generate` on the base model (full depth), left-padded batch: decode tokens/s
+    from the difference of a `new_tokens` run and a 1-token run (which is the prefill)."""
+    device = model.heads_device
+    width = max(p.shape[0] for p in prompts)
+    pad = 0
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, width - p.shape[0] :] = p
+        mask[b, width - p.shape[0] :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+
+    def timed(n: int) -> tuple[float, torch.Tensor]:
+        synchronize(device)
+        start = time.perf_counter()
+        out = model.base_model.generate(
+            ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad
+        )
+        synchronize(device)
+        return time.perf_counter() - start, out[:, width:]
+
+    timed(2)  # warm-up
+    prefill_s, _ = timed(1)
+    total_s, new = timed(new_tokens)
+    decoded = len(prompts) * (new_tokens - 1)
+    decode_s = max(total_s - prefill_s, 1e-9)
+    return {
+        "policy": "hf_generate",
+        "decode_tokens_per_s": decoded / decode_s,
+        "wall_s": total_s,
+        "prefill_s": prefill_s,
+        "tokens": len(prompts) * new_tokens,
+        "outputs": new.tolist(),
+    }
+
+
+def parse_distribution(text: str, seed: int = 0) -> ExitDistribution:
+    """'0.2,0.25,0.2,0.35' -> an ExitDistribution (P per exit point, then full depth)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise GenerationInputError(f"--exit-dist takes comma-separated probabilities, got {text!r}") from None
+    return ExitDistribution(values, seed=seed)
+
+
+@dataclass
+class BatchResult:
+    batch: int
+    policies: dict[str, dict]
+    hf: dict | None = None
+
+    def oracle_tokens_per_s(self, num_layers: int) -> float | None:
+        """Full depth's tokens/s × L ÷ drex's measured mean exit depth: what those exits allow."""
+        full, drex = self.policies.get("full"), self.policies.get("drex")
+        if not full or not drex or not drex["mean_layers"]:
+            return None
+        return full["decode_tokens_per_s"] * num_layers / drex["mean_layers"]
+
+
+def bench(
+    model: EarlyExitModelForCausalLM,
+    prompts: Sequence[torch.Tensor],
+    batch_sizes: Sequence[int],
+    new_tokens: int,
+    policies: Sequence[str] = POLICIES,
+    exits: Exits = None,
+    repeats: int = 1,
+    hf: bool = True,
+    tokenizer: Any = None,
+    progress: Any = None,
+) -> list[BatchResult]:
+    """Every batch size: a warm-up, then `repeats` interleaved runs of all policies on the batch's
+    prompts (the first `batch` of `prompts`, cycled when there are fewer); the median run per policy
+    (by decode tokens/s) is kept, with every run's tokens/s beside it. Agreement and ROUGE-L are
+    against full depth's outputs of the same run."""
+    unknown = [p for p in policies if p.partition("@")[0] not in POLICIES]
+    if unknown:
+        raise GenerationInputError(f"unknown policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
+    if not prompts:
+        raise GenerationInputError("no prompts to benchmark")
+    out = []
+    for batch in batch_sizes:
+        chosen = [prompts[i % len(prompts)] for i in range(batch)]
+        run_interleaved(model, chosen, policies, min(4, new_tokens), exits)  # warm-up, untimed
+        runs: dict[str, list[dict]] = {p: [] for p in policies}
+        for _ in range(repeats):
+            for policy, stats in run_interleaved(model, chosen, policies, new_tokens, exits).items():
+                runs[policy].append(stats)
+            if progress:
+                progress(1)
+        kept = {}
+        for policy, done in runs.items():
+            median = sorted(done, key=lambda s: s["decode_tokens_per_s"])[len(done) // 2]
+            median["decode_tokens_per_s_runs"] = [s["decode_tokens_per_s"] for s in done]
+            kept[policy] = median
+        full = kept.get("full")
+        for stats in kept.values():
+            if full is not None:
+                stats["agreement_with_full"] = agreement(stats["outputs"], full["outputs"])
+                if tokenizer is not None:
+                    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in stats["outputs"]]
+                    refs = [tokenizer.decode(t, skip_special_tokens=True) for t in full["outputs"]]
+                    stats["rouge_l_vs_full"] = rouge_l(texts, refs)
+        out.append(BatchResult(batch, kept, hf_generate(model, chosen, new_tokens) if hf else None))
+    return out

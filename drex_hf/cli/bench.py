@@ -1,0 +1,210 @@
+"""`drex bench`: every policy on the same prompts in one process — speed, latency, exits, quality.
+
+    drex bench model_cards/smollm2-135m-drex --prompts prompts.txt --batch-sizes 1,8,32 --out runs/bench
+    drex bench --synthetic-config llama-7b --exit-dist 0.2,0.25,0.2,0.35 --device cuda --batch-sizes 8,64,256
+
+A heads folder runs with its real confidences (and its calibration, when it has one); a synthetic
+config is a random-weight model of a named shape whose exits come from `--exit-dist` or
+`--exit-trace` — there only speed means anything, the tokens do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from drex_hf.cli.common import DTYPES, HelpFormatter, int_list, pick_device, pick_dtype
+from drex_hf.errors import ConfigError, GenerationInputError, ModelNotFoundError
+
+
+def add_parser(sub: Any) -> None:
+    from drex_hf.bench.run import POLICIES
+    from drex_hf.bench.synthetic import SHAPES
+
+    parser = sub.add_parser(
+        "bench",
+        help="full / batch_all / batch_majority / drex (and HF generate) side by side on the same prompts",
+        description="Run every policy on the same prompts and seeds in one process (stepped round-robin, each "
+        "timing its own steps), with HF's own generate as the reference, and print one table: decode tokens/s, "
+        "time per output token, speed-ups, exits per layer, involuntary and missed exits, agreement and ROUGE-L "
+        "against full depth, KV-cache memory, and the oracle (full x L / drex's mean exit depth). Writes "
+        "bench.json, bench.md, speed.png and exits.png into --out.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "model", nargs="?", metavar="MODEL_DIR", help="an exit-heads folder (omit with --synthetic-config)"
+    )
+    parser.add_argument(
+        "--synthetic-config",
+        choices=tuple(SHAPES),
+        default=None,
+        help="a random-weight model of this shape instead (exits from --exit-dist or --exit-trace)",
+    )
+    parser.add_argument("--prompts", type=Path, default=None, help="a text file, one prompt per line")
+    parser.add_argument("--num-prompts", type=int, default=None, help="prompts to use (default: the largest batch)")
+    parser.add_argument("--chat", choices=("auto", "on", "off"), default="auto", help="chat template for --prompts")
+    parser.add_argument("--batch-sizes", type=int_list, default=[1, 8, 32], help="batch sizes to run")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per request")
+    parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated; drex@SLACK sets its slack")
+    parser.add_argument("--exit-dist", default=None, help="P(exit) per exit point, then full depth (trace exits)")
+    parser.add_argument("--exit-trace", type=Path, default=None, help="JSON list of per-request exit layers to replay")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved runs per batch; the median run counts")
+    parser.add_argument("--no-hf", action="store_true", help="skip timing HF's own generate")
+    parser.add_argument("--seed", type=int, default=0, help="seed of prompt draws and trace exits")
+    parser.add_argument(
+        "--dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on CUDA, else float32"
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for bench.json and the plots")
+    parser.set_defaults(run=run)
+
+
+def _exits(args: argparse.Namespace, model: Any) -> Any:
+    from drex_hf.bench.run import parse_distribution
+    from drex_hf.generation.exits import ExitReplay, check_trace_row
+
+    if args.exit_dist and args.exit_trace:
+        raise GenerationInputError("--exit-dist and --exit-trace exclude each other: pick one")
+    if args.exit_dist:
+        dist = parse_distribution(args.exit_dist, seed=args.seed)
+        dist.check(len(model.exit_layers))
+        return dist
+    if args.exit_trace:
+        if not args.exit_trace.is_file():
+            raise ModelNotFoundError(f"--exit-trace {args.exit_trace}: no such file")
+        try:
+            data = json.loads(args.exit_trace.read_text())
+        except json.JSONDecodeError as err:
+            raise GenerationInputError(f"--exit-trace {args.exit_trace} is not JSON ({err})") from None
+        rows = data.get("exit_layers", data) if isinstance(data, dict) else data
+        if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
+            raise GenerationInputError(
+                f"--exit-trace {args.exit_trace}: expected a list of per-request exit-layer lists"
+            )
+        for i, row in enumerate(rows):
+            check_trace_row(row, model.exit_layers, model.num_layers, f"--exit-trace row {i}")
+        return ExitReplay.from_output(rows)
+    return None
+
+
+def _prompts(args: argparse.Namespace, model: Any, count: int) -> tuple[list[torch.Tensor], Any]:
+    from drex_hf.bench.run import random_prompts
+
+    if args.synthetic_config:
+        if args.prompts:
+            raise GenerationInputError(
+                "--prompts needs a real model's tokenizer; a synthetic config uses random tokens"
+            )
+        return random_prompts(count, 8, 64, model.arch.vocab_size, args.seed), None
+    from drex_hf.cli.common import tokenizer_for
+
+    tokenizer = tokenizer_for(model)
+    if args.prompts is None:
+        from drex_hf.training.prompts import draw_prompts
+
+        texts = [text for _, text in draw_prompts(["chat", "shakespeare"], count, seed=1000 + args.seed)]
+    else:
+        if not args.prompts.is_file():
+            raise ModelNotFoundError(f"--prompts {args.prompts}: no such file")
+        texts = [line.strip() for line in args.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise GenerationInputError(f"--prompts {args.prompts} holds no prompt (one per line)")
+    use_chat = args.chat == "on" or (args.chat == "auto" and getattr(tokenizer, "chat_template", None))
+    if args.chat == "on" and not getattr(tokenizer, "chat_template", None):
+        raise GenerationInputError("--chat on: this tokenizer has no chat template")
+    out = []
+    for text in texts[:count]:
+        if use_chat:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        else:
+            ids = tokenizer(text)["input_ids"]
+        out.append(torch.tensor(ids, dtype=torch.long).reshape(-1))
+    return out, tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from drex_hf.bench import report
+    from drex_hf.bench.run import POLICIES, bench
+    from drex_hf.generation.engine import device_name
+
+    if bool(args.model) == bool(args.synthetic_config):
+        raise ConfigError("name an exit-heads folder (MODEL_DIR) or --synthetic-config NAME, not both or neither")
+    if args.synthetic_config and not (args.exit_dist or args.exit_trace):
+        raise ConfigError("a synthetic config has untrained heads: give its exits with --exit-dist or --exit-trace")
+    if any(b < 1 for b in args.batch_sizes) or args.max_new_tokens < 1 or args.repeats < 1:
+        raise GenerationInputError("--batch-sizes, --max-new-tokens and --repeats must be positive")
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = [p for p in policies if p.partition("@")[0] not in POLICIES]
+    if unknown or not policies:
+        raise GenerationInputError(
+            f"unknown policy {unknown[0] if unknown else ''!r}; choose from {', '.join(POLICIES)}"
+        )
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    torch.set_grad_enabled(False)
+    if args.synthetic_config:
+        from drex_hf.bench.synthetic import synthetic_model
+
+        model = synthetic_model(args.synthetic_config, dtype, device, seed=args.seed)
+    else:
+        from drex_hf import EarlyExitModelForCausalLM
+        from drex_hf.config import CONFIG_NAME
+
+        if not (Path(args.model) / CONFIG_NAME).is_file():
+            raise ModelNotFoundError(f"{args.model} is not an exit-heads folder (no {CONFIG_NAME})")
+        model = EarlyExitModelForCausalLM.from_pretrained(args.model, dtype=dtype, device=device).eval()
+    exits = _exits(args, model)
+    count = args.num_prompts or max(args.batch_sizes)
+    prompts, tokenizer = _prompts(args, model, count)
+    bar = tqdm(total=len(args.batch_sizes) * args.repeats, desc="bench (batch sizes x repeats)", unit="run")
+    try:
+        results = bench(
+            model,
+            prompts,
+            args.batch_sizes,
+            args.max_new_tokens,
+            policies,
+            exits,
+            args.repeats,
+            hf=not args.no_hf,
+            tokenizer=tokenizer,
+            progress=bar.update,
+        )
+    finally:
+        bar.close()
+    machine = f"{device_name(device)}, {os.cpu_count()} cores, torch {torch.__version__}"
+    if device.type == "cpu":
+        machine += f", {torch.get_num_threads()} threads"
+    source = args.model or f"synthetic {args.synthetic_config} (random weights: only speed means anything)"
+    table = report.render(results, model.num_layers, model.exit_layers, machine)
+    document = {
+        "model": source,
+        "machine": machine,
+        "python": platform.python_version(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "num_layers": model.num_layers,
+        "exit_layers": list(model.exit_layers),
+        "confidence": model.exit_config.confidence,
+        "thresholds": [str(t) for t in model.exit_config.threshold_list()],
+        "exits": None if exits is None else type(exits).__name__,
+        "exit_distribution": list(getattr(exits, "probabilities", []) or []) or None,
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "batches": report.to_json(results, model.num_layers),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(document, indent=1) + "\n")
+    (args.out / "bench.md").write_text(table)
+    written = report.plots(results, model.num_layers, model.exit_layers, args.out)
+    print(table)
+    print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.md'}" + "".join(f", {p}" for p in written))
+    return 0

@@ -1,0 +1,121 @@
+"""`drex bench` (DESIGN.md §6): every policy on the same prompts, the JSON's counts add up, drex never
+forces a token out, a replayed trace is what drex's tokens did, and bad input gets one clear line."""
+
+import json
+
+import pytest
+
+from drex_hf import EarlyExitConfig, EarlyExitModelForCausalLM
+from drex_hf.cli.main import main
+
+POLICIES = ["full", "batch_all", "batch_majority", "drex"]
+
+
+@pytest.fixture
+def heads(tmp_path, tiny_base_dir):
+    config = EarlyExitConfig(exit_layers=[1, 2], confidence="max_prob", thresholds=[0.05, 0.1], head="norm")
+    folder = tmp_path / "heads"
+    EarlyExitModelForCausalLM.from_base(str(tiny_base_dir), config).save_pretrained(folder)
+    return folder
+
+
+def _check_counts(document, batches):
+    assert [b["batch"] for b in document["batches"]] == batches
+    for entry in document["batches"]:
+        assert set(entry["policies"]) == set(POLICIES)
+        for name, s in entry["policies"].items():
+            assert s["tokens"] == sum(s["exits_per_layer"].values()) == sum(len(o) for o in s["outputs"]), name
+            assert (
+                s["decode_tokens_per_s"] > 0 and s["tpot_ms"]["p50"] > 0 and s["tpot_ms"]["p99"] >= s["tpot_ms"]["p50"]
+            )
+            assert len(s["outputs"]) == entry["batch"]
+        assert entry["policies"]["drex"]["involuntary_exits"] == 0
+        assert entry["policies"]["full"]["agreement_with_full"] == 1.0
+        # KV fill keeps the cache of full-depth decoding: every policy holds the same store
+        assert len({s["kv_cache_bytes"] for s in entry["policies"].values()}) == 1
+        drex = entry["policies"]["drex"]
+        assert entry["oracle_tokens_per_s"] == pytest.approx(
+            entry["policies"]["full"]["decode_tokens_per_s"] * document["num_layers"] / drex["mean_layers"]
+        )
+
+
+def test_bench_on_saved_heads_writes_the_table_json_and_plots(heads, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w5 w6 w7\n\nw9 w10\nw11 w12 w13 w14\n")
+    out = tmp_path / "bench"
+    code = main([
+        "bench", str(heads), "--prompts", str(prompts), "--batch-sizes", "1,3", "--max-new-tokens", "5",
+        "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| drex |" in printed and "HF generate" in printed and "oracle" in printed
+    document = json.loads((out / "bench.json").read_text())
+    _check_counts(document, [1, 3])
+    for entry in document["batches"]:
+        assert entry["hf_generate"]["decode_tokens_per_s"] > 0
+        assert 0.0 <= entry["policies"]["drex"]["rouge_l_vs_full"] <= 1.0
+    assert document["exits"] is None and document["thresholds"] == ["0.05", "0.1"]
+    for name in ("bench.md", "speed.png", "exits.png"):
+        assert (out / name).is_file()
+    assert (out / "speed.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_replayed_trace_is_exactly_where_drex_tokens_left(tmp_path):
+    """Synthetic tiny shape, exits replayed from a file: drex's tokens leave where the trace says (token
+    0 is the full-depth prefill's), batch_all misses exits, batch_majority forces some out."""
+    rows = [[0, 2, 1, 3, 0, 2], [3, 0, 0, 1, 2, 3], [1, 1, 2, 0, 3, 3]]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"exit_layers": [[3, *r] for r in rows]}))
+    out = tmp_path / "bench"
+    code = main([
+        "bench", "--synthetic-config", "tiny", "--exit-trace", str(trace), "--batch-sizes", "3",
+        "--max-new-tokens", "7", "--no-hf", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    document = json.loads((out / "bench.json").read_text())
+    _check_counts(document, [3])
+    drex = document["batches"][0]["policies"]["drex"]
+    assert drex["exit_layers"] == [[3, *r] for r in rows]
+    assert document["batches"][0]["policies"]["batch_all"]["missed_exits"] > 0
+    assert document["batches"][0]["hf_generate"] is None
+
+
+def test_an_exit_distribution_gives_every_policy_the_same_draws(tmp_path):
+    out = tmp_path / "bench"
+    args = ["bench", "--synthetic-config", "tiny", "--exit-dist", "0.5,0,0,0.5", "--batch-sizes", "4"]
+    assert main([*args, "--max-new-tokens", "6", "--no-hf", "--repeats", "2", "--out", str(out)]) == 0
+    document = json.loads((out / "bench.json").read_text())
+    _check_counts(document, [4])
+    drex = document["batches"][0]["policies"]["drex"]
+    assert set(drex["exits_per_layer"]) <= {"0", "3"} and len(drex["decode_tokens_per_s_runs"]) == 2
+    assert document["exit_distribution"] == [0.5, 0.0, 0.0, 0.5]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--synthetic-config", "tiny"], "--exit-dist or --exit-trace"),
+        (["--synthetic-config", "tiny", "--exit-dist", "0.5,0.5"], "needs 4"),
+        (["--synthetic-config", "tiny", "--exit-dist", "0.5,0.5,x,0"], "comma-separated probabilities"),
+        (["--synthetic-config", "tiny", "--exit-dist", "1,0,0,0", "--policies", "fastest"], "unknown policy 'fastest'"),
+        (["--synthetic-config", "tiny", "--exit-trace", "missing.json"], "no such file"),
+        ([], "MODEL_DIR"),
+    ],
+)
+def test_bench_refuses_bad_input_with_one_line(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", *args, "--batch-sizes", "1", "--max-new-tokens", "2", "--no-hf"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_bench_refuses_a_trace_of_layers_that_are_not_exits_and_an_empty_prompt_file(heads, tmp_path, capsys):
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps([[3, 5, 1]]))  # the tiny shape has layers 0-3
+    code = main(["bench", "--synthetic-config", "tiny", "--exit-trace", str(trace), "--batch-sizes", "1"])
+    assert code == 2 and "not exit points" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert main(["bench", str(heads), "--prompts", str(empty), "--batch-sizes", "1"]) == 2
+    assert "holds no prompt" in capsys.readouterr().err
