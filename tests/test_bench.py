@@ -119,3 +119,43 @@ def test_bench_refuses_a_trace_of_layers_that_are_not_exits_and_an_empty_prompt_
     empty.write_text("\n  \n")
     assert main(["bench", str(heads), "--prompts", str(empty), "--batch-sizes", "1"]) == 2
     assert "holds no prompt" in capsys.readouterr().err
+
+
+def test_threshold_sweep_restores_the_thresholds_and_draws_the_pareto_plot(heads, tmp_path):
+    out = tmp_path / "sweep"
+    code = main([
+        "bench", str(heads), "--sweep-thresholds", "0,0.3,1.01", "--batch-sizes", "2", "--max-new-tokens", "4",
+        "--policies", "full,batch_all,drex", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    document = json.loads((out / "sweep.json").read_text())
+    points = document["points"]
+    assert [p["threshold"] for p in points] == [0.0, 0.3, 1.01]
+    # threshold 0: every token leaves at the first exit; above 1 none can: drex is full depth, exactly
+    assert points[0]["policies"]["drex"]["mean_layers"] == 2.0
+    assert points[-1]["policies"]["drex"]["mean_layers"] == 4.0
+    assert points[-1]["policies"]["drex"]["agreement_with_full"] == 1.0
+    assert all(p["policies"]["drex"]["involuntary_exits"] == 0 for p in points)
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert EarlyExitModelForCausalLM.from_pretrained(heads).exit_config.threshold_list() == [0.05, 0.1]
+
+
+def test_depth_sweep_builds_distributions_of_the_asked_mean_depth_and_a_heat_map(tmp_path):
+    from drex_hf.bench.sweep import distribution_for_depth
+    from drex_hf.errors import GenerationInputError
+
+    for fraction in (0.5, 0.8, 0.95, 1.0):
+        dist = distribution_for_depth(fraction, [3, 7, 11], 16)
+        assert dist.mean_layers([3, 7, 11], 16) == pytest.approx(fraction * 16)
+    with pytest.raises(GenerationInputError, match="outside what these exits give"):
+        distribution_for_depth(0.3, [3, 7, 11], 16)
+    out = tmp_path / "depths"
+    code = main([
+        "bench", "--synthetic-config", "tiny", "--sweep-depths", "0.5,0.95", "--batch-sizes", "2,4",
+        "--max-new-tokens", "4", "--policies", "full,batch_all,drex", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    cells = json.loads((out / "sweep.json").read_text())["cells"]
+    assert [(c["mean_depth"], c["batch"]) for c in cells] == [(0.5, 2), (0.5, 4), (0.95, 2), (0.95, 4)]
+    assert all(c["drex_vs_batch_all"] > 0 and c["drex_involuntary_exits"] == 0 for c in cells)
+    assert (out / "heatmap.png").is_file()

@@ -56,6 +56,20 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--exit-trace", type=Path, default=None, help="JSON list of per-request exit layers to replay")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved runs per batch; the median run counts")
     parser.add_argument("--no-hf", action="store_true", help="skip timing HF's own generate")
+    parser.add_argument(
+        "--sweep-thresholds",
+        type=float_list,
+        default=None,
+        help="instead of the table: for each threshold (one for every exit), each policy's speed-up and agreement "
+        "with full depth at the largest batch size, drawn as a quality-vs-speed plot (sweep.png)",
+    )
+    parser.add_argument(
+        "--sweep-depths",
+        type=float_list,
+        default=None,
+        help="instead of the table (synthetic configs): mean exit depths as fractions of L, e.g. 0.5,0.65,0.8,0.95; "
+        "drex's gain over batch_all and full at each depth x batch size, drawn as a heat map (heatmap.png)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of prompt draws and trace exits")
     parser.add_argument(
         "--dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on CUDA, else float32"
@@ -63,6 +77,16 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for bench.json and the plots")
     parser.set_defaults(run=run)
+
+
+def float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
 
 
 def _exits(args: argparse.Namespace, model: Any) -> Any:
@@ -138,7 +162,15 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.model) == bool(args.synthetic_config):
         raise ConfigError("name an exit-heads folder (MODEL_DIR) or --synthetic-config NAME, not both or neither")
-    if args.synthetic_config and not (args.exit_dist or args.exit_trace):
+    if args.sweep_thresholds and args.sweep_depths:
+        raise ConfigError("--sweep-thresholds and --sweep-depths are separate runs: pick one")
+    if args.sweep_depths and not args.synthetic_config:
+        raise ConfigError("--sweep-depths draws trace exits: it needs --synthetic-config")
+    if args.sweep_thresholds and args.synthetic_config:
+        raise ConfigError(
+            "--sweep-thresholds needs real heads (a MODEL_DIR): a synthetic config's confidences mean nothing"
+        )
+    if args.synthetic_config and not (args.exit_dist or args.exit_trace or args.sweep_depths):
         raise ConfigError("a synthetic config has untrained heads: give its exits with --exit-dist or --exit-trace")
     if any(b < 1 for b in args.batch_sizes) or args.max_new_tokens < 1 or args.repeats < 1:
         raise GenerationInputError("--batch-sizes, --max-new-tokens and --repeats must be positive")
@@ -165,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
     exits = _exits(args, model)
     count = args.num_prompts or max(args.batch_sizes)
     prompts, tokenizer = _prompts(args, model, count)
+    if args.sweep_thresholds or args.sweep_depths:
+        return _sweep(args, model, prompts, tokenizer, policies)
     bar = tqdm(total=len(args.batch_sizes) * args.repeats, desc="bench (batch sizes x repeats)", unit="run")
     try:
         results = bench(
@@ -207,4 +241,70 @@ def run(args: argparse.Namespace) -> int:
     written = report.plots(results, model.num_layers, model.exit_layers, args.out)
     print(table)
     print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.md'}" + "".join(f", {p}" for p in written))
+    return 0
+
+
+def _sweep(
+    args: argparse.Namespace, model: Any, prompts: list[torch.Tensor], tokenizer: Any, policies: list[str]
+) -> int:
+    from tqdm.auto import tqdm
+
+    from drex_hf.bench import sweep
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.sweep_thresholds:
+        batch = max(args.batch_sizes)
+        chosen = [prompts[i % len(prompts)] for i in range(batch)]
+        with tqdm(total=len(args.sweep_thresholds), desc="threshold sweep", unit="threshold") as bar:
+            points = sweep.threshold_sweep(
+                model, chosen, batch, args.max_new_tokens, args.sweep_thresholds, policies, tokenizer, bar.update
+            )
+        names = [p for p in points[0]["policies"] if p != "full"]
+        lines = [
+            f"Threshold sweep, batch {batch}, {args.max_new_tokens} new tokens "
+            "(speed-up over full / agreement with full):",
+            "",
+            "| threshold | " + " | ".join(names) + " | oracle speed-up |",
+            "|" + " --- |" * (len(names) + 2),
+        ]
+        for p in points:
+            cells = [
+                f"{p['policies'][n]['speedup_vs_full']:.2f}x / {p['policies'][n]['agreement_with_full']:.1%}"
+                for n in names
+            ]
+            oracle = "–" if p["oracle_speedup"] is None else f"{p['oracle_speedup']:.2f}x"
+            lines.append(f"| {p['threshold']:g} | " + " | ".join(cells) + f" | {oracle} |")
+        document, plot = {"kind": "thresholds", "batch": batch, "points": points}, sweep.pareto_plot(points, args.out)
+    else:
+        total = len(args.sweep_depths) * len(args.batch_sizes)
+        with tqdm(total=total, desc="depth sweep", unit="cell") as bar:
+            cells = sweep.depth_sweep(
+                model,
+                prompts,
+                args.batch_sizes,
+                args.max_new_tokens,
+                args.sweep_depths,
+                policies,
+                args.seed,
+                bar.update,
+            )
+        lines = [
+            "drex ÷ batch_all / drex ÷ full, by mean exit depth (rows) and batch size (columns):",
+            "",
+            "| mean depth | " + " | ".join(str(b) for b in args.batch_sizes) + " |",
+            "|" + " --- |" * (len(args.batch_sizes) + 1),
+        ]
+        for depth in args.sweep_depths:
+            row = [c for c in cells if c["mean_depth"] == depth]
+            lines.append(
+                f"| {depth:g} L | "
+                + " | ".join(f"{c['drex_vs_batch_all']:.2f} / {c['drex_vs_full']:.2f}" for c in row)
+                + " |"
+            )
+        document, plot = {"kind": "depths", "cells": cells}, sweep.heatmap_plot(cells, args.out)
+    table = "\n".join(lines) + "\n"
+    (args.out / "sweep.json").write_text(json.dumps(document, indent=1) + "\n")
+    (args.out / "sweep.md").write_text(table)
+    print(table)
+    print(f"wrote {args.out / 'sweep.json'}, {args.out / 'sweep.md'}" + (f", {plot}" if plot else ""))
     return 0
