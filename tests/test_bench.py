@@ -159,3 +159,26 @@ def test_depth_sweep_builds_distributions_of_the_asked_mean_depth_and_a_heat_map
     assert [(c["mean_depth"], c["batch"]) for c in cells] == [(0.5, 2), (0.5, 4), (0.95, 2), (0.95, 4)]
     assert all(c["drex_vs_batch_all"] > 0 and c["drex_involuntary_exits"] == 0 for c in cells)
     assert (out / "heatmap.png").is_file()
+
+
+def test_sla_mode_serves_every_request_and_counts_goodput(tmp_path):
+    """Poisson arrivals into 3 slots: every request finishes, goodput never exceeds throughput, and an
+    SLA no request can miss counts every request."""
+    out = tmp_path / "sla"
+    base = ["bench", "--synthetic-config", "tiny", "--exit-dist", "0.3,0.3,0.1,0.3", "--num-prompts", "7"]
+    code = main([*base, "--batch-sizes", "3", "--max-new-tokens", "5", "--sla-tpot-ms", "1e9", "--out", str(out)])
+    assert code == 0
+    runs = json.loads((out / "sla.json").read_text())["runs"]
+    assert [r["policy"] for r in runs] == POLICIES
+    for r in runs:
+        assert r["requests"] == r["met_sla"] == 7
+        assert r["goodput_requests_per_s"] == pytest.approx(r["throughput_requests_per_s"])
+    assert next(r for r in runs if r["policy"] == "drex")["involuntary_exits"] == 0
+    strict = tmp_path / "strict"
+    assert (
+        main([*base, "--batch-sizes", "3", "--max-new-tokens", "5", "--sla-tpot-ms", "1e-6", "--out", str(strict)]) == 0
+    )
+    assert all(
+        r["met_sla"] == 0 and r["goodput_requests_per_s"] == 0
+        for r in json.loads((strict / "sla.json").read_text())["runs"]
+    )

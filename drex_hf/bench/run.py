@@ -244,3 +244,70 @@ def bench(
                     stats["rouge_l_vs_full"] = rouge_l(texts, refs)
         out.append(BatchResult(batch, kept, hf_generate(model, chosen, new_tokens) if hf else None))
     return out
+
+
+@torch.no_grad()
+def sla_run(
+    model: EarlyExitModelForCausalLM,
+    prompts: Sequence[torch.Tensor],
+    policy: str,
+    new_tokens: int,
+    rate: float,
+    sla_tpot_ms: float,
+    max_batch: int,
+    exits: Exits = None,
+    seed: int = 0,
+) -> dict:
+    """Requests arriving as a Poisson process at `rate` per second (seeded), one per prompt, served by
+    one engine of `max_batch` slots (continuous batching: a request joins when it has arrived and a
+    slot is free). Time is the engine's own clock plus the idle gaps waiting for arrivals. A request
+    meets the SLA when its time per output token is at most `sla_tpot_ms`; goodput = requests meeting
+    it per second of the whole run. drex is given the SLA to schedule by."""
+    if rate <= 0 or sla_tpot_ms <= 0:
+        raise GenerationInputError(f"the request rate and sla_tpot_ms must be positive, got {rate} and {sla_tpot_ms}")
+    name = policy.partition("@")[0]
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    for _ in prompts:
+        t += rng.expovariate(rate)
+        arrivals.append(t)
+    traced = exits is not None and name != "full"
+    engine = DrexEngine(
+        model,
+        max_batch=max_batch,
+        max_len=max(p.shape[0] for p in prompts) + new_tokens,
+        policy=name,
+        settings=DecodeSettings(max_new_tokens=new_tokens),
+        exit_source="trace" if traced else "heads",
+        exit_distribution=exits if traced and isinstance(exits, ExitDistribution) else None,
+        **({"sla_tpot_ms": sla_tpot_ms} if name == "drex" else {}),
+    )
+    idle, waiting, ids = 0.0, list(range(len(prompts))), {}
+    while waiting or engine.requests or engine.prefill_queue:
+        now = engine.stats.wall_s + idle
+        while waiting and arrivals[waiting[0]] <= now and engine.has_free_slot:
+            i = waiting.pop(0)
+            trace = exits.layers[i % len(exits.layers)] if traced and isinstance(exits, ExitReplay) else None
+            ids[i] = engine.add_request(prompts[i], seed=i, trace=trace)
+        if not engine.step():  # nothing to run: wait for the next arrival
+            idle += max(0.0, arrivals[waiting[0]] - now)
+    total = engine.stats.wall_s + idle
+    tpots, met = [], 0
+    for rid in ids.values():
+        times = engine.finished[rid].token_times
+        tpot = (times[-1] - times[0]) * 1e3 / (len(times) - 1) if len(times) > 1 else 0.0
+        tpots.append(tpot)
+        met += tpot <= sla_tpot_ms
+    return {
+        "policy": policy,
+        "requests": len(prompts),
+        "rate": rate,
+        "sla_tpot_ms": sla_tpot_ms,
+        "met_sla": met,
+        "goodput_requests_per_s": met / total if total > 0 else None,
+        "throughput_requests_per_s": len(prompts) / total if total > 0 else None,
+        "tpot_ms": {"p50": percentile(tpots, 50), "p99": percentile(tpots, 99)},
+        "wall_s": total,
+        "decode_tokens_per_s": engine.stats.to_dict()["decode_tokens_per_s"],
+        "involuntary_exits": engine.stats.involuntary_exits,
+    }

@@ -57,6 +57,15 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="interleaved runs per batch; the median run counts")
     parser.add_argument("--no-hf", action="store_true", help="skip timing HF's own generate")
     parser.add_argument(
+        "--sla-tpot-ms",
+        type=float,
+        default=None,
+        help="instead of the table: an SLA run — requests arrive as a Poisson process at --request-rate into an "
+        "engine of the largest batch size; per policy, the requests whose time per output token stays within "
+        "this many ms, per second (goodput)",
+    )
+    parser.add_argument("--request-rate", type=float, default=4.0, help="arrivals per second for --sla-tpot-ms")
+    parser.add_argument(
         "--sweep-thresholds",
         type=float_list,
         default=None,
@@ -199,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
     prompts, tokenizer = _prompts(args, model, count)
     if args.sweep_thresholds or args.sweep_depths:
         return _sweep(args, model, prompts, tokenizer, policies)
+    if args.sla_tpot_ms is not None:
+        return _sla(args, model, prompts, exits, policies)
     bar = tqdm(total=len(args.batch_sizes) * args.repeats, desc="bench (batch sizes x repeats)", unit="run")
     try:
         results = bench(
@@ -307,4 +318,39 @@ def _sweep(
     (args.out / "sweep.md").write_text(table)
     print(table)
     print(f"wrote {args.out / 'sweep.json'}, {args.out / 'sweep.md'}" + (f", {plot}" if plot else ""))
+    return 0
+
+
+def _sla(args: argparse.Namespace, model: Any, prompts: list[torch.Tensor], exits: Any, policies: list[str]) -> int:
+    from tqdm.auto import tqdm
+
+    from drex_hf.bench.run import sla_run
+
+    rows = []
+    for policy in tqdm(policies, desc="SLA runs", unit="policy"):
+        rows.append(
+            sla_run(
+                model, prompts, policy, args.max_new_tokens, args.request_rate, args.sla_tpot_ms,
+                max(args.batch_sizes), exits, args.seed,
+            )
+        )  # fmt: skip
+    lines = [
+        f"SLA run: {len(prompts)} requests arriving at {args.request_rate:g}/s (Poisson), "
+        f"{max(args.batch_sizes)} slots, SLA {args.sla_tpot_ms:g} ms per output token.",
+        "",
+        "| policy | met SLA | goodput req/s | throughput req/s | TPOT p50 / p99 ms | decode tok/s | involuntary |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['policy']} | {r['met_sla']}/{r['requests']} | {r['goodput_requests_per_s']:.2f} | "
+            f"{r['throughput_requests_per_s']:.2f} | {r['tpot_ms']['p50']:.1f} / {r['tpot_ms']['p99']:.1f} | "
+            f"{r['decode_tokens_per_s']:.1f} | {r['involuntary_exits']} |"
+        )
+    table = "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sla.json").write_text(json.dumps({"kind": "sla", "runs": rows}, indent=1) + "\n")
+    (args.out / "sla.md").write_text(table)
+    print(table)
+    print(f"wrote {args.out / 'sla.json'}, {args.out / 'sla.md'}")
     return 0
