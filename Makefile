@@ -26,6 +26,8 @@ test: lint
 
 demo: $(STAMP)
 	$(OFFLINE) $(BIN)/drex demo
+	$(OFFLINE) $(BIN)/drex bench model_cards/smollm2-135m-drex --thresholds guaranteed --batch-sizes 1,8 \
+	    --max-new-tokens 32 --out runs/demo-bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

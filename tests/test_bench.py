@@ -4,6 +4,7 @@ forces a token out, a replayed trace is what drex's tokens did, and bad input ge
 import json
 
 import pytest
+import torch
 
 from drex_hf import EarlyExitConfig, EarlyExitModelForCausalLM
 from drex_hf.cli.main import main
@@ -48,6 +49,7 @@ def test_bench_on_saved_heads_writes_the_table_json_and_plots(heads, tmp_path, c
         "--out", str(out),
     ])  # fmt: skip
     assert code == 0
+    assert torch.is_grad_enabled()  # the command leaves the process as it found it (tests train after it)
     printed = capsys.readouterr().out
     assert "| drex |" in printed and "HF generate" in printed and "oracle" in printed
     document = json.loads((out / "bench.json").read_text())
@@ -182,3 +184,30 @@ def test_sla_mode_serves_every_request_and_counts_goodput(tmp_path):
         r["met_sla"] == 0 and r["goodput_requests_per_s"] == 0
         for r in json.loads((strict / "sla.json").read_text())["runs"]
     )
+
+
+def test_thresholds_choice_for_a_heads_folder(heads, tmp_path, capsys):
+    calibration = {"exit_layers": [1, 2], "confidence": "margin", "guarantee": {"thresholds": [0.2, "inf"]},
+                   "cost_models": {}}  # fmt: skip
+    (heads / "calibration.json").write_text(json.dumps(calibration))
+    base = ["bench", str(heads), "--batch-sizes", "1", "--max-new-tokens", "3", "--no-hf", "--policies", "full,drex"]
+    for choice, expected, measure in [
+        ("guaranteed", ["0.2", "inf"], "margin"),
+        ("trained", ["0.05", "0.1"], "max_prob"),
+        ("0.7", ["0.7", "0.7"], "max_prob"),
+        ("0.3,inf", ["0.3", "inf"], "max_prob"),
+    ]:
+        out = tmp_path / choice
+        assert main([*base, "--thresholds", choice, "--out", str(out)]) == 0, choice
+        document = json.loads((out / "bench.json").read_text())
+        assert document["thresholds"] == expected and document["confidence"] == measure, choice
+    out = tmp_path / "classifier"
+    assert main([*base, "--thresholds", "trained", "--confidence", "classifier", "--out", str(out)]) == 0
+    assert json.loads((out / "bench.json").read_text())["confidence"] == "classifier"
+    capsys.readouterr()
+    assert main(["bench", "--synthetic-config", "tiny", "--exit-dist", "1,0,0,0", "--confidence", "margin"]) == 2
+    assert "--confidence applies to a heads folder" in capsys.readouterr().err
+    assert main([*base, "--thresholds", "0.1,0.2,0.3"]) == 2
+    assert "3 values for 2 exits" in capsys.readouterr().err
+    assert main([*base, "--thresholds", "often"]) == 2
+    assert "calibrated, guaranteed, trained" in capsys.readouterr().err

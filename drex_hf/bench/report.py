@@ -95,9 +95,14 @@ def plots(results: Sequence[BatchResult], num_layers: int, exit_points: Sequence
                 values.append(r.oracle_tokens_per_s(num_layers) or 0.0)
             else:
                 values.append(r.policies[name]["decode_tokens_per_s"])
+        bases = [r.policies["full"]["decode_tokens_per_s"] if "full" in r.policies else 1.0 for r in results]
+        values = [v / base for v, base in zip(values, bases)]
         ax.bar([b + i * width for b in range(len(results))], values, width, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.6)
     ax.set_xticks([b + width * (len(policies) + 1) / 2 for b in range(len(results))], [str(r.batch) for r in results])
-    ax.set(xlabel="batch size", ylabel="decode tokens/s", title="Decode throughput per policy")
+    ax.set(
+        xlabel="batch size", ylabel="decode tokens/s ÷ full depth's", title="Decode throughput relative to full depth"
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "speed.png", dpi=90)

@@ -46,6 +46,19 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="a random-weight model of this shape instead (exits from --exit-dist or --exit-trace)",
     )
+    parser.add_argument(
+        "--thresholds",
+        default="calibrated",
+        help="heads folder: 'calibrated' (this device's calibration entry, as from_pretrained applies it), "
+        "'guaranteed' (the calibration's device-independent thresholds), 'trained' (exit_config.json's), or "
+        "comma-separated values (one, or one per exit)",
+    )
+    parser.add_argument(
+        "--confidence",
+        choices=("max_prob", "margin", "classifier", "saturation"),
+        default=None,
+        help="heads folder: score exits with this measure instead of the one --thresholds comes with",
+    )
     parser.add_argument("--prompts", type=Path, default=None, help="a text file, one prompt per line")
     parser.add_argument("--num-prompts", type=int, default=None, help="prompts to use (default: the largest batch)")
     parser.add_argument("--chat", choices=("auto", "on", "off"), default="auto", help="chat template for --prompts")
@@ -96,6 +109,43 @@ def float_list(text: str) -> list[float]:
     if not values:
         raise argparse.ArgumentTypeError("expected at least one number")
     return values
+
+
+def _number(text: str) -> float | str:
+    text = text.strip()
+    return text if text.lower() in ("inf", "+inf", "infinity") else float(text)
+
+
+def _load_heads(args: argparse.Namespace, dtype: torch.dtype, device: torch.device) -> Any:
+    """The heads folder with the thresholds --thresholds names."""
+    from drex_hf import EarlyExitModelForCausalLM
+    from drex_hf.config import CALIBRATION_NAME, parse_threshold
+
+    choice = args.thresholds
+    calibrated = choice == "calibrated"
+    model = EarlyExitModelForCausalLM.from_pretrained(args.model, dtype=dtype, device=device, calibration=calibrated)
+    if choice in ("calibrated", "trained"):
+        return model.eval()
+    if choice == "guaranteed":
+        path = Path(args.model) / CALIBRATION_NAME
+        if not path.is_file():
+            raise ModelNotFoundError(f"--thresholds guaranteed: {path} does not exist (run drex calibrate)")
+        data = json.loads(path.read_text())
+        values = [parse_threshold(t, "the guaranteed thresholds") for t in data["guarantee"]["thresholds"]]
+        model.exit_config.confidence = data.get("confidence", model.exit_config.confidence)
+    else:
+        try:
+            values = [parse_threshold(_number(t), "--thresholds") for t in choice.split(",")]
+        except (ValueError, ConfigError):
+            raise ConfigError(
+                f"--thresholds {choice!r}: use calibrated, guaranteed, trained or comma-separated numbers"
+            ) from None
+        if len(values) == 1:
+            values = values * len(model.exit_layers)
+        if len(values) != len(model.exit_layers):
+            raise ConfigError(f"--thresholds gives {len(values)} values for {len(model.exit_layers)} exits")
+    model.exit_config.thresholds = values
+    return model.eval()
 
 
 def _exits(args: argparse.Namespace, model: Any) -> Any:
@@ -171,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.model) == bool(args.synthetic_config):
         raise ConfigError("name an exit-heads folder (MODEL_DIR) or --synthetic-config NAME, not both or neither")
+    if args.confidence and args.synthetic_config:
+        raise ConfigError("--confidence applies to a heads folder; a synthetic config's exits come from a trace")
     if args.sweep_thresholds and args.sweep_depths:
         raise ConfigError("--sweep-thresholds and --sweep-depths are separate runs: pick one")
     if args.sweep_depths and not args.synthetic_config:
@@ -191,18 +243,18 @@ def run(args: argparse.Namespace) -> int:
         )
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    torch.set_grad_enabled(False)
     if args.synthetic_config:
         from drex_hf.bench.synthetic import synthetic_model
 
         model = synthetic_model(args.synthetic_config, dtype, device, seed=args.seed)
     else:
-        from drex_hf import EarlyExitModelForCausalLM
         from drex_hf.config import CONFIG_NAME
 
         if not (Path(args.model) / CONFIG_NAME).is_file():
             raise ModelNotFoundError(f"{args.model} is not an exit-heads folder (no {CONFIG_NAME})")
-        model = EarlyExitModelForCausalLM.from_pretrained(args.model, dtype=dtype, device=device).eval()
+        model = _load_heads(args, dtype, device)
+        if args.confidence:
+            model.exit_config.confidence = args.confidence
     exits = _exits(args, model)
     count = args.num_prompts or max(args.batch_sizes)
     prompts, tokenizer = _prompts(args, model, count)
