@@ -23,7 +23,8 @@ import torch
 from drex_hf.errors import GenerationInputError
 from drex_hf.generation.engine import DrexEngine, synchronize
 from drex_hf.generation.exits import ExitDistribution, ExitReplay
-from drex_hf.generation.settings import DecodeSettings
+from drex_hf.generation.scheduler import percentile
+from drex_hf.generation.settings import DecodeSettings, left_padded
 
 if TYPE_CHECKING:
     from drex_hf.modeling import EarlyExitModelForCausalLM
@@ -32,11 +33,54 @@ POLICIES = ("full", "batch_all", "batch_majority", "drex")
 Exits = ExitDistribution | ExitReplay | None  # None: the heads decide (the real thing)
 
 
+def check_policies(policies: Sequence[str]) -> None:
+    """Refuse an empty list or a name that is no policy ("drex@SLACK" is drex)."""
+    unknown = [p for p in policies if p.partition("@")[0] not in POLICIES]
+    if unknown or not policies:
+        raise GenerationInputError(
+            f"unknown policy {unknown[0] if unknown else ''!r}; choose from {', '.join(POLICIES)}"
+        )
+
+
 def random_prompts(count: int, low: int, high: int, vocab: int, seed: int) -> list[torch.Tensor]:
     """`count` prompts of random token ids (3..vocab-1), lengths uniform in [low, high]."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (rng.randint(low, high),), generator=gen) for _ in range(count)]
+
+
+def new_engine(
+    model: EarlyExitModelForCausalLM,
+    policy: str,
+    new_tokens: int,
+    max_batch: int,
+    max_len: int,
+    exits: Exits = None,
+    **engine_kwargs: Any,
+) -> DrexEngine:
+    """An empty engine for `policy` ("drex@SLACK" sets the drex policy's slack) with trace exits when
+    `exits` is given; full depth never takes a trace (its exits are the heads', i.e. none)."""
+    name, _, slack = policy.partition("@")
+    traced = exits is not None and name != "full"
+    engine = DrexEngine(
+        model,
+        max_batch=max_batch,
+        max_len=max_len,
+        policy=name,
+        settings=DecodeSettings(max_new_tokens=new_tokens),
+        exit_source="trace" if traced else "heads",
+        exit_distribution=exits if traced and isinstance(exits, ExitDistribution) else None,
+        **engine_kwargs,
+    )
+    if slack:
+        engine.policy.slack = float(slack)
+    return engine
+
+
+def add(engine: DrexEngine, prompt: torch.Tensor, index: int, exits: Exits = None) -> int:
+    """Queue prompt number `index` with seed `index` and, under a replayed trace, its row of it."""
+    replay = engine.exit_source == "trace" and isinstance(exits, ExitReplay)
+    return engine.add_request(prompt, seed=index, trace=exits.layers[index % len(exits.layers)] if replay else None)
 
 
 def build_engine(
@@ -47,27 +91,10 @@ def build_engine(
     exits: Exits = None,
     **engine_kwargs: Any,
 ) -> tuple[DrexEngine, list[int]]:
-    """An engine with one request per prompt (seed = its index). `policy` may be "drex@SLACK" (the
-    drex policy's slack set). Full depth never takes a trace: its exits are the heads' (none)."""
-    name, _, slack = policy.partition("@")
-    traced = exits is not None and name != "full"
-    engine = DrexEngine(
-        model,
-        max_batch=len(prompts),
-        max_len=max(p.shape[0] for p in prompts) + new_tokens,
-        policy=name,
-        settings=DecodeSettings(max_new_tokens=new_tokens),
-        exit_source="trace" if traced else "heads",
-        exit_distribution=exits if traced and isinstance(exits, ExitDistribution) else None,
-        **engine_kwargs,
-    )
-    if slack:
-        engine.policy.slack = float(slack)
-    ids = []
-    for i, p in enumerate(prompts):
-        trace = exits.layers[i % len(exits.layers)] if traced and isinstance(exits, ExitReplay) else None
-        ids.append(engine.add_request(p, seed=i, trace=trace))
-    return engine, ids
+    """An engine holding one request per prompt (seed = its index); see `new_engine`."""
+    max_len = max(p.shape[0] for p in prompts) + new_tokens
+    engine = new_engine(model, policy, new_tokens, len(prompts), max_len, exits, **engine_kwargs)
+    return engine, [add(engine, p, i, exits) for i, p in enumerate(prompts)]
 
 
 @torch.no_grad()
@@ -86,14 +113,6 @@ def run_interleaved(
         for engine, _ in engines.values():
             busy |= engine.step()
     return {p: summary(engine, ids) for p, (engine, ids) in engines.items()}
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The q-th percentile (0-100) by nearest rank; None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 def summary(engine: DrexEngine, ids: Sequence[int]) -> dict:
@@ -141,15 +160,9 @@ def rouge_l(candidates: Sequence[str], references: Sequence[str]) -> float | Non
 def hf_generate(model: EarlyExitModelForCausalLM, prompts: Sequence[torch.Tensor], new_tokens: int) -> dict:
     """HF's own greedy `generate` on the base model (full depth), left-padded batch: decode tokens/s
     from the difference of a `new_tokens` run and a 1-token run (which is the prefill)."""
-    device = model.heads_device
-    width = max(p.shape[0] for p in prompts)
-    pad = 0
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, p in enumerate(prompts):
-        ids[b, width - p.shape[0] :] = p
-        mask[b, width - p.shape[0] :] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    device, pad = model.heads_device, 0
+    ids, mask = left_padded(list(prompts), pad, device)
+    width = ids.shape[1]
 
     def timed(n: int) -> tuple[float, torch.Tensor]:
         synchronize(device)
@@ -214,9 +227,7 @@ def bench(
     prompts (the first `batch` of `prompts`, cycled when there are fewer); the median run per policy
     (by decode tokens/s) is kept, with every run's tokens/s beside it. Agreement and ROUGE-L are
     against full depth's outputs of the same run."""
-    unknown = [p for p in policies if p.partition("@")[0] not in POLICIES]
-    if unknown:
-        raise GenerationInputError(f"unknown policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
+    check_policies(policies)
     if not prompts:
         raise GenerationInputError("no prompts to benchmark")
     out = []
@@ -271,24 +282,15 @@ def sla_run(
     for _ in prompts:
         t += rng.expovariate(rate)
         arrivals.append(t)
-    traced = exits is not None and name != "full"
-    engine = DrexEngine(
-        model,
-        max_batch=max_batch,
-        max_len=max(p.shape[0] for p in prompts) + new_tokens,
-        policy=name,
-        settings=DecodeSettings(max_new_tokens=new_tokens),
-        exit_source="trace" if traced else "heads",
-        exit_distribution=exits if traced and isinstance(exits, ExitDistribution) else None,
-        **({"sla_tpot_ms": sla_tpot_ms} if name == "drex" else {}),
-    )
+    max_len = max(p.shape[0] for p in prompts) + new_tokens
+    sla = {"sla_tpot_ms": sla_tpot_ms} if name == "drex" else {}
+    engine = new_engine(model, policy, new_tokens, max_batch, max_len, exits, **sla)
     idle, waiting, ids = 0.0, list(range(len(prompts))), {}
     while waiting or engine.requests or engine.prefill_queue:
         now = engine.stats.wall_s + idle
         while waiting and arrivals[waiting[0]] <= now and engine.has_free_slot:
             i = waiting.pop(0)
-            trace = exits.layers[i % len(exits.layers)] if traced and isinstance(exits, ExitReplay) else None
-            ids[i] = engine.add_request(prompts[i], seed=i, trace=trace)
+            ids[i] = add(engine, prompts[i], i, exits)
         if not engine.step():  # nothing to run: wait for the next arrival
             idle += max(0.0, arrivals[waiting[0]] - now)
     total = engine.stats.wall_s + idle

@@ -39,6 +39,7 @@ from drex_hf.calibration.thresholds import (
     split_by_prompt,
 )
 from drex_hf.config import CALIBRATION_NAME, CONFIDENCE_MEASURES, parse_threshold, thresholds_to_json
+from drex_hf.generation.settings import left_padded
 
 PLOT_NAME = "calibration.png"
 OBSERVATIONS_NAME = "calibration_observations.safetensors"
@@ -65,13 +66,8 @@ def observe(
     others: dict[str, list[torch.Tensor]] = {m: [] for m in extra}
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
-        width = max(p.shape[0] for p in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for b, p in enumerate(batch):  # left padding, as generation wants
-            ids[b, width - p.shape[0] :] = p
-            mask[b, width - p.shape[0] :] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = left_padded(batch, pad, device)
+        width = ids.shape[1]
         full = model.base_model.generate(
             ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
         )
@@ -344,14 +340,14 @@ def _exits_for(
         return [c / n for c in counts]
 
     enabled, steps = choose_exits(costs, fractions_for, rows)
-    if full_ms is not None and any(enabled):
-        promised = full_ms / expected_token_ms(costs, fractions_for(enabled), enabled, rows)
-        if promised < min_speedup:
-            steps.append({"enabled": [False] * len(enabled), "reason": f"{promised:.3f}x < {min_speedup}x full depth"})
-            enabled = [False] * len(enabled)
     # the measure is chosen on the learn half alone, so the test half certifies one choice made
     # without it (choosing by the test half's exit fractions would be a selection among four tests)
     learn_ms = expected_token_ms(costs, fractions_for(enabled), enabled, rows)
+    if full_ms is not None and any(enabled) and full_ms / learn_ms < min_speedup:
+        reason = f"{full_ms / learn_ms:.3f}x < {min_speedup}x full depth"
+        steps.append({"enabled": [False] * len(enabled), "reason": reason})
+        enabled = [False] * len(enabled)
+        learn_ms = expected_token_ms(costs, fractions_for(enabled), enabled, rows)
     result = learn_then_test(obs, target, delta, bound=bound, seed=seed, enabled=enabled)
     on = [math.isfinite(t) for t in result.thresholds]
     token_ms = expected_token_ms(costs, result.exit_fractions, on, rows)

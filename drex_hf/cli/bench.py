@@ -185,7 +185,7 @@ def _prompts(args: argparse.Namespace, model: Any, count: int) -> tuple[list[tor
                 "--prompts needs a real model's tokenizer; a synthetic config uses random tokens"
             )
         return random_prompts(count, 8, 64, model.arch.vocab_size, args.seed), None
-    from drex_hf.cli.common import tokenizer_for
+    from drex_hf.cli.common import encode_prompts, tokenizer_for
 
     tokenizer = tokenizer_for(model)
     if args.prompts is None:
@@ -198,17 +198,8 @@ def _prompts(args: argparse.Namespace, model: Any, count: int) -> tuple[list[tor
         texts = [line.strip() for line in args.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not texts:
             raise GenerationInputError(f"--prompts {args.prompts} holds no prompt (one per line)")
-    use_chat = args.chat == "on" or (args.chat == "auto" and getattr(tokenizer, "chat_template", None))
-    if args.chat == "on" and not getattr(tokenizer, "chat_template", None):
-        raise GenerationInputError("--chat on: this tokenizer has no chat template")
-    out = []
-    for text in texts[:count]:
-        if use_chat:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        else:
-            ids = tokenizer(text)["input_ids"]
-        out.append(torch.tensor(ids, dtype=torch.long).reshape(-1))
+    batch = encode_prompts(tokenizer, texts[:count], args.chat, torch.device("cpu"))  # the chat template, once
+    out = [ids[mask.bool()] for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
     return out, tokenizer
 
 
@@ -216,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from drex_hf.bench import report
-    from drex_hf.bench.run import POLICIES, bench
+    from drex_hf.bench.run import bench, check_policies
     from drex_hf.generation.engine import device_name
 
     if bool(args.model) == bool(args.synthetic_config):
@@ -236,11 +227,7 @@ def run(args: argparse.Namespace) -> int:
     if any(b < 1 for b in args.batch_sizes) or args.max_new_tokens < 1 or args.repeats < 1:
         raise GenerationInputError("--batch-sizes, --max-new-tokens and --repeats must be positive")
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = [p for p in policies if p.partition("@")[0] not in POLICIES]
-    if unknown or not policies:
-        raise GenerationInputError(
-            f"unknown policy {unknown[0] if unknown else ''!r}; choose from {', '.join(POLICIES)}"
-        )
+    check_policies(policies)  # before the model loads
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     if args.synthetic_config:

@@ -22,6 +22,7 @@ import json
 import os
 import random
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -344,8 +345,15 @@ def make_policy(
 
 def error_summary(predicted: list[float], measured: list[float]) -> dict[str, float | None]:
     """Median and 95th percentile of |predicted - measured| / measured over steps with a prediction."""
-    errors = sorted(abs(p - m) / m for p, m in zip(predicted, measured) if p is not None and m > 0)
+    errors = [abs(p - m) / m for p, m in zip(predicted, measured) if p is not None and m > 0]
     if not errors:
         return {"median": None, "p95": None}
-    p95 = errors[min(len(errors) - 1, int(round(0.95 * (len(errors) - 1))))]
-    return {"median": statistics.median(errors), "p95": p95}
+    return {"median": statistics.median(errors), "p95": percentile(errors, 95)}
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0-100) by nearest rank; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]

@@ -250,3 +250,16 @@ def split_prompts(
             )
         prompts.append(row[-n:])
     return attention_mask.long(), prompts
+
+
+def left_padded(
+    prompts: list[torch.Tensor], pad: int = 0, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D prompts as one left-padded batch (as HF generation wants): `(input_ids, attention_mask)`."""
+    width = max(p.shape[0] for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - p.shape[0] :] = p
+        mask[b, width - p.shape[0] :] = 1
+    return ids.to(device), mask.to(device)
