@@ -38,6 +38,19 @@ def _check_counts(document, batches):
         assert entry["oracle_tokens_per_s"] == pytest.approx(
             entry["policies"]["full"]["decode_tokens_per_s"] * document["num_layers"] / drex["mean_layers"]
         )
+        # memory: the runner's row state, and a decode peak that at least holds full depth's logits
+        for s in entry["policies"].values():
+            assert s["row_state_bytes"] > 0 and s["peak_decode_bytes"] > 0
+        vocab = document["vocab_size"]
+        assert entry["policies"]["full"]["peak_decode_bytes"] >= entry["batch"] * vocab * 4
+        measured = entry["measured_oracle"]
+        assert measured["full_s"] > 0 and measured["oracle_s"] > 0
+        assert measured["tokens_per_s"] == pytest.approx(
+            entry["policies"]["full"]["decode_tokens_per_s"] * measured["full_s"] / measured["oracle_s"]
+        )
+        assert entry["drex_share_of_measured_oracle"] == pytest.approx(
+            drex["decode_tokens_per_s"] / measured["tokens_per_s"]
+        )
 
 
 def test_bench_on_saved_heads_writes_the_table_json_and_plots(heads, tmp_path, capsys):
@@ -211,3 +224,31 @@ def test_thresholds_choice_for_a_heads_folder(heads, tmp_path, capsys):
     assert "3 values for 2 exits" in capsys.readouterr().err
     assert main([*base, "--thresholds", "often"]) == 2
     assert "calibrated, guaranteed, trained" in capsys.readouterr().err
+
+
+def test_rows_per_segment_counts_the_rows_that_reach_each_segment():
+    from drex_hf.bench.measure import rows_per_segment
+
+    # token 0 is the prefill's; exits after layers 0 and 2 of 4; the second request ends after 2 tokens
+    layers = [[3, 0, 2, 3], [3, 3], [3, 2, 0, 0]]
+    assert rows_per_segment(layers, [0, 2]) == [[3, 2, 1], [2, 1, 0], [2, 1, 1]]
+
+
+def test_decode_peak_grows_with_the_batch_and_the_measured_oracle_runs_the_given_exits():
+    from drex_hf.bench.measure import measured_oracle, peak_decode_bytes
+    from drex_hf.bench.run import build_engine, random_prompts
+    from drex_hf.bench.synthetic import synthetic_model
+    from drex_hf.generation.exits import ExitDistribution
+
+    model = synthetic_model("tiny")
+    dist = ExitDistribution((0.25, 0.25, 0.25, 0.25))
+    peaks = {}
+    for batch in (2, 16):
+        prompts = random_prompts(batch, 3, 6, 256, seed=0)
+        engine, _ = build_engine(model, prompts, "drex", 4, dist)
+        peaks[batch] = peak_decode_bytes(engine)
+        assert all(len(out.tokens) == 4 for out in engine.finished.values())  # it decoded them all
+    assert peaks[16] > peaks[2] >= 2 * 256 * 4
+    prompts = random_prompts(3, 3, 6, 256, seed=1)
+    result = measured_oracle(model, prompts, [[3, 0, 3, 1], [3, 3, 3, 3], [3, 2, 0, 3]])
+    assert result["segments"] == [0, 1, 2] and result["full_s"] > 0 and result["oracle_s"] > 0

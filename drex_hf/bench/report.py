@@ -22,6 +22,10 @@ def _num(value: float | None, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
 
 
+def _mib(value: int | None) -> str:
+    return "–" if value is None else f"{value / 2**20:.3g}"
+
+
 def to_json(results: Sequence[BatchResult], num_layers: int) -> list[dict]:
     out = []
     for r in results:
@@ -30,6 +34,10 @@ def to_json(results: Sequence[BatchResult], num_layers: int) -> list[dict]:
         full, drex = r.policies.get("full"), r.policies.get("drex")
         if oracle and drex:
             entry["drex_share_of_oracle"] = drex["decode_tokens_per_s"] / oracle
+        measured = r.measured_oracle_tokens_per_s()
+        if measured and drex:
+            entry["measured_oracle"] = r.measured_oracle | {"tokens_per_s": measured}
+            entry["drex_share_of_measured_oracle"] = drex["decode_tokens_per_s"] / measured
         if full and r.hf:
             entry["full_vs_hf_generate"] = full["decode_tokens_per_s"] / r.hf["decode_tokens_per_s"]
         out.append(entry)
@@ -41,9 +49,10 @@ def render(results: Sequence[BatchResult], num_layers: int, exit_points: Sequenc
     layers = [*exit_points, num_layers - 1]
     head = (
         "| batch | policy | decode tok/s | × full | × batch_all | × HF generate | TPOT p50 / p99 ms | mean layers | "
-        f"exits at {' / '.join(str(x) for x in layers)} | involuntary | missed | agree w/ full | ROUGE-L | KV MiB |"
+        f"exits at {' / '.join(str(x) for x in layers)} | involuntary | missed | agree w/ full | ROUGE-L | KV MiB | "
+        "row state MiB | decode peak MiB |"
     )
-    lines = [f"Machine: {machine}.", "", head, "|" + " --- |" * 14]
+    lines = [f"Machine: {machine}.", "", head, "|" + " --- |" * 16]
     for r in results:
         hf = r.hf["decode_tokens_per_s"] if r.hf else None
         for name, s in r.policies.items():
@@ -57,18 +66,33 @@ def render(results: Sequence[BatchResult], num_layers: int, exit_points: Sequenc
                 f"{_num(tpot['p50'], '.1f')} / {_num(tpot['p99'], '.1f')} | {s['mean_layers']:.2f} | "
                 f"{' / '.join(str(v) for v in per_layer)} | {s['involuntary_exits']} | {s['missed_exits']} | "
                 f"{_num(s.get('agreement_with_full'), '.1%')} | {_num(s.get('rouge_l_vs_full'), '.3f')} | "
-                f"{s['kv_cache_bytes'] / 2**20:.1f} |"
+                f"{s['kv_cache_bytes'] / 2**20:.1f} | {_mib(s.get('row_state_bytes'))} | "
+                f"{_mib(s.get('peak_decode_bytes'))} |"
             )
         if hf is not None:
-            lines.append(f"| {r.batch} | HF generate (full depth) | {hf:.1f} |" + " |" * 11)
-        oracle = r.oracle_tokens_per_s(num_layers)
-        if oracle is not None:
-            share = r.policies["drex"]["decode_tokens_per_s"] / oracle
-            lines.append(
-                f"| {r.batch} | *oracle* (full × {num_layers} ÷ drex mean layers) | {oracle:.1f} | "
-                f"{oracle / r.policies['full']['decode_tokens_per_s']:.2f} |" + " |" * 9 + f" drex at {share:.0%} |"
-            )
-    lines += ["", "× columns: median over repeats of the ratio within each repeat (all policies ran interleaved)."]
+            lines.append(f"| {r.batch} | HF generate (full depth) | {hf:.1f} |" + " |" * 13)
+        oracles = [
+            (f"*oracle* (full × {num_layers} ÷ drex mean layers)", r.oracle_tokens_per_s(num_layers)),
+            ("*measured oracle* (drex's exits at no exit cost, this machine)", r.measured_oracle_tokens_per_s()),
+        ]
+        for label, value in oracles:
+            if value is not None:
+                share = r.policies["drex"]["decode_tokens_per_s"] / value
+                lines.append(
+                    f"| {r.batch} | {label} | {value:.1f} | "
+                    f"{value / r.policies['full']['decode_tokens_per_s']:.2f} |"
+                    + " |" * 9
+                    + f" drex at {share:.0%} |"
+                    + " |" * 2
+                )
+    lines += [
+        "",
+        "× columns: median over repeats of the ratio within each repeat (all policies ran interleaved). "
+        "Row state: the runner's per-slot tensors besides the KV cache. Decode peak: the most bytes decoding "
+        "allocated above what was live when it began (a separate, untimed run of a few tokens). Measured "
+        "oracle: the same rounds with each segment run on just the rows that reach it and one vocabulary "
+        "projection per token, timed against full depth in alternation (drex_hf/bench/measure.py).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -85,21 +109,23 @@ def plots(results: Sequence[BatchResult], num_layers: int, exit_points: Sequence
     written = []
     policies = list(results[0].policies)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    width = 0.8 / (len(policies) + 2)
-    for i, name in enumerate([*policies, "HF generate", "oracle"]):
+    width = 0.8 / (len(policies) + 3)
+    for i, name in enumerate([*policies, "HF generate", "oracle", "measured oracle"]):
         values = []
         for r in results:
             if name == "HF generate":
                 values.append(r.hf["decode_tokens_per_s"] if r.hf else 0.0)
             elif name == "oracle":
                 values.append(r.oracle_tokens_per_s(num_layers) or 0.0)
+            elif name == "measured oracle":
+                values.append(r.measured_oracle_tokens_per_s() or 0.0)
             else:
                 values.append(r.policies[name]["decode_tokens_per_s"])
         bases = [r.policies["full"]["decode_tokens_per_s"] if "full" in r.policies else 1.0 for r in results]
         values = [v / base for v, base in zip(values, bases)]
         ax.bar([b + i * width for b in range(len(results))], values, width, label=name)
     ax.axhline(1.0, color="black", linewidth=0.6)
-    ax.set_xticks([b + width * (len(policies) + 1) / 2 for b in range(len(results))], [str(r.batch) for r in results])
+    ax.set_xticks([b + width * (len(policies) + 2) / 2 for b in range(len(results))], [str(r.batch) for r in results])
     ax.set(
         xlabel="batch size", ylabel="decode tokens/s ÷ full depth's", title="Decode throughput relative to full depth"
     )

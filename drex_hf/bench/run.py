@@ -7,6 +7,8 @@ users have today. Per policy: decode tokens/s (the prefill, the same full-depth 
 policy, is left out), time per output token p50/p99, exits per layer, involuntary and missed exits,
 agreement with full depth's tokens, ROUGE-L against full depth's text (with a tokenizer and
 `rouge-score`), KV-cache bytes; and the oracle: full × L ÷ the mean exit depth drex measured.
+Then, untimed, each policy's memory (KV cache, row state, peak decode allocations) and the measured
+oracle (drex's exits at no exit cost on this machine): `drex_hf.bench.measure`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from drex_hf.bench.measure import measured_oracle, peak_decode_bytes, row_state_bytes
 from drex_hf.errors import GenerationInputError
 from drex_hf.generation.engine import DrexEngine, synchronize
 from drex_hf.generation.exits import ExitDistribution, ExitReplay
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
     from drex_hf.modeling import EarlyExitModelForCausalLM
 
 POLICIES = ("full", "batch_all", "batch_majority", "drex")
+MEMORY_TOKENS = 8  # tokens of the untimed memory pass: every kind of step occurs within them
 Exits = ExitDistribution | ExitReplay | None  # None: the heads decide (the real thing)
 
 
@@ -202,6 +206,14 @@ class BatchResult:
     batch: int
     policies: dict[str, dict]
     hf: dict | None = None
+    measured_oracle: dict | None = None  # see drex_hf.bench.measure.measured_oracle
+
+    def measured_oracle_tokens_per_s(self) -> float | None:
+        """Full depth's tokens/s × the measured oracle's speed-up (drex's exits at no exit cost)."""
+        full = self.policies.get("full")
+        if not full or not self.measured_oracle or not self.measured_oracle.get("speedup"):
+            return None
+        return full["decode_tokens_per_s"] * self.measured_oracle["speedup"]
 
     def oracle_tokens_per_s(self, num_layers: int) -> float | None:
         """Full depth's tokens/s × L ÷ drex's measured mean exit depth: what those exits allow."""
@@ -222,11 +234,15 @@ def bench(
     hf: bool = True,
     tokenizer: Any = None,
     progress: Any = None,
+    memory: bool = True,
+    oracle: bool = True,
 ) -> list[BatchResult]:
     """Every batch size: a warm-up, then `repeats` interleaved runs of all policies on the batch's
     prompts (the first `batch` of `prompts`, cycled when there are fewer); the median run per policy
     (by decode tokens/s) is kept, with every run's tokens/s beside it. Agreement and ROUGE-L are
-    against full depth's outputs of the same run."""
+    against full depth's outputs of the same run. Then, untimed: with `memory`, each policy's memory
+    on a short run of at most `MEMORY_TOKENS` tokens; with `oracle` (and both full and drex run), the
+    measured oracle on the kept drex run's exits."""
     check_policies(policies)
     if not prompts:
         raise GenerationInputError("no prompts to benchmark")
@@ -253,7 +269,15 @@ def bench(
                     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in stats["outputs"]]
                     refs = [tokenizer.decode(t, skip_special_tokens=True) for t in full["outputs"]]
                     stats["rouge_l_vs_full"] = rouge_l(texts, refs)
-        out.append(BatchResult(batch, kept, hf_generate(model, chosen, new_tokens) if hf else None))
+        result = BatchResult(batch, kept, hf_generate(model, chosen, new_tokens) if hf else None)
+        if memory:
+            for policy, stats in kept.items():
+                engine, _ = build_engine(model, chosen, policy, min(MEMORY_TOKENS, new_tokens), exits)
+                stats["row_state_bytes"] = row_state_bytes(engine)
+                stats["peak_decode_bytes"] = peak_decode_bytes(engine)
+        if oracle and "full" in kept and "drex" in kept:
+            result.measured_oracle = measured_oracle(model, chosen, kept["drex"]["exit_layers"])
+        out.append(result)
     return out
 
 

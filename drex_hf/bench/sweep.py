@@ -43,7 +43,19 @@ def threshold_sweep(
     try:
         for tau in thresholds:
             model.exit_config.thresholds = [float(tau)] * len(model.exit_layers)
-            (result,) = bench(model, prompts, [batch], new_tokens, policies, None, 1, hf=False, tokenizer=tokenizer)
+            (result,) = bench(
+                model,
+                prompts,
+                [batch],
+                new_tokens,
+                policies,
+                None,
+                1,
+                hf=False,
+                tokenizer=tokenizer,
+                memory=False,
+                oracle=False,
+            )
             oracle = result.oracle_tokens_per_s(model.num_layers)
             full = result.policies["full"]["decode_tokens_per_s"]
             points.append(
@@ -105,7 +117,9 @@ def depth_sweep(
     for fraction in fractions:
         dist = distribution_for_depth(fraction, model.exit_layers, model.num_layers)
         dist = ExitDistribution(dist.probabilities, seed=seed)
-        for result in bench(model, prompts, batch_sizes, new_tokens, policies, dist, 1, hf=False):
+        for result in bench(
+            model, prompts, batch_sizes, new_tokens, policies, dist, 1, hf=False, memory=False, oracle=False
+        ):
             cells.append(
                 {
                     "mean_depth": fraction,

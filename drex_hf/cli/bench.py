@@ -33,7 +33,8 @@ def add_parser(sub: Any) -> None:
         description="Run every policy on the same prompts and seeds in one process (stepped round-robin, each "
         "timing its own steps), with HF's own generate as the reference, and print one table: decode tokens/s, "
         "time per output token, speed-ups, exits per layer, involuntary and missed exits, agreement and ROUGE-L "
-        "against full depth, KV-cache memory, and the oracle (full x L / drex's mean exit depth). Writes "
+        "against full depth, memory (KV cache, row state, peak decode allocations), and two oracles: full x L / "
+        "drex's mean exit depth, and drex's exits re-run at no exit cost on this machine. Writes "
         "bench.json, bench.md, speed.png and exits.png into --out.",
         formatter_class=HelpFormatter,
     )
@@ -69,6 +70,16 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--exit-trace", type=Path, default=None, help="JSON list of per-request exit layers to replay")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved runs per batch; the median run counts")
     parser.add_argument("--no-hf", action="store_true", help="skip timing HF's own generate")
+    parser.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip the untimed memory pass per policy (row state and peak decode allocations)",
+    )
+    parser.add_argument(
+        "--no-measured-oracle",
+        action="store_true",
+        help="skip the measured oracle (drex's exits re-run at no exit cost against full depth, untimed in the table)",
+    )
     parser.add_argument(
         "--sla-tpot-ms",
         type=float,
@@ -262,6 +273,8 @@ def run(args: argparse.Namespace) -> int:
             hf=not args.no_hf,
             tokenizer=tokenizer,
             progress=bar.update,
+            memory=not args.no_memory,
+            oracle=not args.no_measured_oracle,
         )
     finally:
         bar.close()
@@ -276,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
         "python": platform.python_version(),
         "dtype": str(dtype).removeprefix("torch."),
         "num_layers": model.num_layers,
+        "vocab_size": model.config.vocab_size,
         "exit_layers": list(model.exit_layers),
         "confidence": model.exit_config.confidence,
         "thresholds": [str(t) for t in model.exit_config.threshold_list()],
