@@ -48,9 +48,14 @@ def _check_counts(document, batches):
         assert measured["tokens_per_s"] == pytest.approx(
             entry["policies"]["full"]["decode_tokens_per_s"] * measured["full_s"] / measured["oracle_s"]
         )
+        # shares: drex's median within-repeat speed-up over full depth ÷ each oracle's speed-up
+        runs = zip(drex["decode_tokens_per_s_runs"], entry["policies"]["full"]["decode_tokens_per_s_runs"])
+        ratios = sorted(d / f for d, f in runs)
+        speedup = ratios[len(ratios) // 2]
         assert entry["drex_share_of_measured_oracle"] == pytest.approx(
-            drex["decode_tokens_per_s"] / measured["tokens_per_s"]
+            speedup * measured["oracle_s"] / measured["full_s"]
         )
+        assert entry["drex_share_of_oracle"] == pytest.approx(speedup * drex["mean_layers"] / document["num_layers"])
 
 
 def test_bench_on_saved_heads_writes_the_table_json_and_plots(heads, tmp_path, capsys):

@@ -17,8 +17,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,7 +58,7 @@ def peak_decode_bytes(engine: DrexEngine) -> int | None:
         return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_profiler(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         engine.run()
     results = getattr(prof.profiler, "kineto_results", None)
     if results is None:
@@ -71,6 +75,32 @@ def peak_decode_bytes(engine: DrexEngine) -> int | None:
         live += nbytes
         peak = max(peak, live)
     return peak
+
+
+# what the profiler's C++ side prints on every start and stop, and its note that blocks allocated
+# before it started have no free event (which is what the running sum wants: they were never added)
+_PROFILER_CHATTER = ("USDT:", "STAGE:", "profiler results will not include the deallocation event")
+
+
+@contextlib.contextmanager
+def _quiet_profiler() -> Iterator[None]:
+    """Hold back the profiler's own lines on the process's stderr (file descriptor 2, where its C++
+    side writes); every other line written meanwhile is passed on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+            rest = [line for line in lines if not any(mark in line for mark in _PROFILER_CHATTER)]
+            if rest:
+                sys.stderr.write("".join(rest))
 
 
 def rows_per_segment(exit_layers: Sequence[Sequence[int]], boundaries: Sequence[int]) -> list[list[int]]:

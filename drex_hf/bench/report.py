@@ -22,6 +22,13 @@ def _num(value: float | None, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
 
 
+def _share(r: BatchResult, oracle_tokens_per_s: float) -> float:
+    """drex's speed-up over full depth (the median within-repeat ratio) ÷ the oracle's: within one
+    run's ratios, so that repeats on a drifting machine do not mix one run's drex with another's full."""
+    speedup = oracle_tokens_per_s / r.policies["full"]["decode_tokens_per_s"]
+    return _ratio(r.policies, "drex", "full") / speedup
+
+
 def _mib(value: int | None) -> str:
     return "–" if value is None else f"{value / 2**20:.3g}"
 
@@ -31,13 +38,13 @@ def to_json(results: Sequence[BatchResult], num_layers: int) -> list[dict]:
     for r in results:
         oracle = r.oracle_tokens_per_s(num_layers)
         entry = {"batch": r.batch, "policies": r.policies, "hf_generate": r.hf, "oracle_tokens_per_s": oracle}
-        full, drex = r.policies.get("full"), r.policies.get("drex")
-        if oracle and drex:
-            entry["drex_share_of_oracle"] = drex["decode_tokens_per_s"] / oracle
+        full = r.policies.get("full")
+        if oracle:
+            entry["drex_share_of_oracle"] = _share(r, oracle)
         measured = r.measured_oracle_tokens_per_s()
-        if measured and drex:
+        if measured:
             entry["measured_oracle"] = r.measured_oracle | {"tokens_per_s": measured}
-            entry["drex_share_of_measured_oracle"] = drex["decode_tokens_per_s"] / measured
+            entry["drex_share_of_measured_oracle"] = _share(r, measured)
         if full and r.hf:
             entry["full_vs_hf_generate"] = full["decode_tokens_per_s"] / r.hf["decode_tokens_per_s"]
         out.append(entry)
@@ -77,7 +84,7 @@ def render(results: Sequence[BatchResult], num_layers: int, exit_points: Sequenc
         ]
         for label, value in oracles:
             if value is not None:
-                share = r.policies["drex"]["decode_tokens_per_s"] / value
+                share = _share(r, value)
                 lines.append(
                     f"| {r.batch} | {label} | {value:.1f} | "
                     f"{value / r.policies['full']['decode_tokens_per_s']:.2f} |"
