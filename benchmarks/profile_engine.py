@@ -7,7 +7,7 @@ For each policy (default full, batch_all, drex) on the same random prompts and t
 wall time, steps, and the time inside each runner method (segment runs, exit checks, KV fill, the
 deferred vocabulary projections, feature keeping, row gathers) and the scheduler's decision, each
 timed with a device synchronisation before and after (which itself slows the run a little: compare
-the shares, not the totals, with `engine.py`'s). For drex also: how many rows each segment step ran
+the shares, not the totals, with `drex bench`'s). For drex also: how many rows each segment step ran
 (own rows and riders) and how many steps each segment took. Writes profile.json.
 """
 
