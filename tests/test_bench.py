@@ -156,6 +156,7 @@ def test_threshold_sweep_restores_the_thresholds_and_draws_the_pareto_plot(heads
     assert points[-1]["policies"]["drex"]["mean_layers"] == 4.0
     assert points[-1]["policies"]["drex"]["agreement_with_full"] == 1.0
     assert all(p["policies"]["drex"]["involuntary_exits"] == 0 for p in points)
+    assert all(p["measured_oracle_speedup"] > 0 for p in points)
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert EarlyExitModelForCausalLM.from_pretrained(heads).exit_config.threshold_list() == [0.05, 0.1]
 

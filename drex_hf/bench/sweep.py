@@ -35,7 +35,8 @@ def threshold_sweep(
     progress: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """For each threshold (one value for every exit point), every policy's speed-up over full depth
-    and its agreement / ROUGE-L with full depth's outputs. The model's thresholds are restored."""
+    and its agreement / ROUGE-L with full depth's outputs, and both oracles' speed-ups (the layer
+    count's and the measured one, `drex_hf.bench.measure`). The model's thresholds are restored."""
     if "full" not in policies:
         raise GenerationInputError("a threshold sweep measures against full depth: include the 'full' policy")
     saved = model.exit_config.thresholds
@@ -54,14 +55,16 @@ def threshold_sweep(
                 hf=False,
                 tokenizer=tokenizer,
                 memory=False,
-                oracle=False,
+                oracle=True,
             )
             oracle = result.oracle_tokens_per_s(model.num_layers)
             full = result.policies["full"]["decode_tokens_per_s"]
+            measured = result.measured_oracle
             points.append(
                 {
                     "threshold": float(tau),
                     "oracle_speedup": None if oracle is None else oracle / full,
+                    "measured_oracle_speedup": measured["speedup"] if measured else None,
                     "policies": {
                         name: {
                             "speedup_vs_full": _ratio(result.policies, name, "full"),
@@ -158,7 +161,14 @@ def pareto_plot(points: list[dict], out: Path) -> Path | None:
         (p["oracle_speedup"], p["policies"]["drex"]["agreement_with_full"]) for p in points if p["oracle_speedup"]
     ]
     if oracle:
-        ax.plot(*zip(*oracle), linestyle=":", color="grey", label="oracle (drex's exits, free)")
+        ax.plot(*zip(*oracle), linestyle=":", color="grey", label="oracle (drex's exits, layer count)")
+    measured = [
+        (p["measured_oracle_speedup"], p["policies"]["drex"]["agreement_with_full"])
+        for p in points
+        if p.get("measured_oracle_speedup")
+    ]
+    if measured:
+        ax.plot(*zip(*measured), linestyle="--", color="grey", label="measured oracle (drex's exits, free, here)")
     ax.axvline(1.0, color="black", linewidth=0.5)
     ax.set(xlabel="speed-up over full depth", ylabel="token agreement with full depth", title="Quality vs speed")
     ax.legend(fontsize=8)

@@ -328,7 +328,7 @@ def _sweep(
             f"Threshold sweep, batch {batch}, {args.max_new_tokens} new tokens "
             "(speed-up over full / agreement with full):",
             "",
-            "| threshold | " + " | ".join(names) + " | oracle speed-up |",
+            "| threshold | " + " | ".join(names) + " | oracle speed-up (layer count / measured) |",
             "|" + " --- |" * (len(names) + 2),
         ]
         for p in points:
@@ -336,7 +336,8 @@ def _sweep(
                 f"{p['policies'][n]['speedup_vs_full']:.2f}x / {p['policies'][n]['agreement_with_full']:.1%}"
                 for n in names
             ]
-            oracle = "–" if p["oracle_speedup"] is None else f"{p['oracle_speedup']:.2f}x"
+            oracles = [p["oracle_speedup"], p.get("measured_oracle_speedup")]
+            oracle = " / ".join("–" if v is None else f"{v:.2f}x" for v in oracles)
             lines.append(f"| {p['threshold']:g} | " + " | ".join(cells) + f" | {oracle} |")
         document, plot = {"kind": "thresholds", "batch": batch, "points": points}, sweep.pareto_plot(points, args.out)
     else:
