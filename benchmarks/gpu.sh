@@ -27,8 +27,9 @@ step decisions "${T_DECIDE:-90}" python3 benchmarks/decisions.py llama-7b --devi
 cp "$WORK/decisions/decisions.json" "$OUT/decisions.json" 2>/dev/null
 step kernels "${T_KERNELS:-130}" python3 benchmarks/kernels.py --out "$WORK/kernels"
 cp "$WORK/kernels/kernels.json" "$OUT/kernels.json" 2>/dev/null
-step bench7b "${T_ENGINE:-200}" python3 -m drex_hf.cli.main bench --synthetic-config llama-7b \
+step bench7b "${T_ENGINE:-300}" python3 -m drex_hf.cli.main bench --synthetic-config llama-7b \
   --exit-dist 0.2,0.25,0.2,0.35 --device cuda --dtype bf16 --batch-sizes 8,64,256 --max-new-tokens 32 --no-hf \
   --out "$WORK/bench7b"
 cp "$WORK/bench7b/bench.md" "$OUT/bench7b.md" 2>/dev/null
+cp "$WORK/bench7b/bench.json" "$OUT/bench7b.json" 2>/dev/null
 ls -la "$OUT"

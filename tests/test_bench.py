@@ -258,3 +258,38 @@ def test_decode_peak_grows_with_the_batch_and_the_measured_oracle_runs_the_given
     prompts = random_prompts(3, 3, 6, 256, seed=1)
     result = measured_oracle(model, prompts, [[3, 0, 3, 1], [3, 3, 3, 3], [3, 2, 0, 3]])
     assert result["segments"] == [0, 1, 2] and result["full_s"] > 0 and result["oracle_s"] > 0
+
+
+def test_measured_oracle_runs_each_segment_on_the_rows_that_reach_it(monkeypatch):
+    """Every timed round runs full depth on the round's rows, and each segment on exactly the rows
+    whose token gets that far (recorded from the runner's calls)."""
+    from drex_hf.bench.measure import measured_oracle, rows_per_segment
+    from drex_hf.bench.run import random_prompts
+    from drex_hf.bench.synthetic import synthetic_model
+    from drex_hf.generation.runner import SegmentRunner
+
+    calls = []
+    original = SegmentRunner.run_segment
+
+    def recording(self, s, rows, riders=(), refill=()):
+        calls.append((len(self.segments), s, len(rows)))
+        return original(self, s, rows, riders, refill)
+
+    monkeypatch.setattr(SegmentRunner, "run_segment", recording)
+    model = synthetic_model("tiny")
+    layers = [[3, 0, 3, 1, 2], [3, 3, 0, 3, 0], [3, 2, 2, 3], [3, 1, 3, 3, 3]]  # the third ends early
+    measured_oracle(model, random_prompts(4, 3, 6, 256, seed=2), layers)
+    full = [rows for segments, _, rows in calls if segments == 1]
+    oracle = [(s, rows) for segments, s, rows in calls if segments == 4]
+    reach = rows_per_segment(layers, [0, 1, 2])
+    assert reach == [[4, 3, 2, 1], [4, 3, 3, 2], [4, 4, 3, 3], [3, 2, 2, 1]]
+    assert full == [4] + [r[0] for r in reach]  # the warm-up, then each round
+    expected = [(s, rows) for r in [reach[0], *reach] for s, rows in enumerate(r) if rows]
+    assert oracle == expected
+
+
+def test_bench_refuses_fewer_than_two_new_tokens(capsys):
+    args = ["bench", "--synthetic-config", "tiny", "--exit-dist", "1,0,0,0", "--batch-sizes", "1"]
+    assert main([*args, "--max-new-tokens", "1", "--no-hf"]) == 2
+    err = capsys.readouterr().err
+    assert "at least 2" in err and err.count("\n") == 1

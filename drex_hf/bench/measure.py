@@ -9,7 +9,9 @@
 * **Measured oracle.** The speed-up drex's own exits would give if exiting cost nothing on this
   machine: the same rounds, each segment run on exactly the rows that reach it (as one contiguous
   block: no exit checks, KV fill, regrouping or bookkeeping) and one vocabulary projection per
-  token, timed round by round in alternation with the same rounds at full depth. Unlike the
+  token, timed round by round in alternation with the same rounds at full depth. Both sides embed
+  the tokens, run the layers, project and pick tokens; neither pays the engine's bookkeeping, so
+  where that is a large share of a step (a host-bound GPU) the ratio overstates what is possible. Unlike the
   layer-count oracle (full × L ÷ mean exit depth) it charges what no exit can skip (the one
   vocabulary projection every token needs) and what rows cost on this machine (a segment on 11 rows
   is not 11/32 of one on 32: `benchmarks/README.md` has the CPU's curve).
@@ -151,16 +153,26 @@ def measured_oracle(
     full, oracle = runner([]), runner(boundaries)
     rounds = rows_per_segment(exit_layers, boundaries)
 
+    tokens = {"full": [0] * n, "oracle": [0] * n}
+
+    # a round on either side: embed each active row's last token (advancing its position), run the
+    # layers, project onto the vocabulary once per token and pick the tokens, as a decode step does;
+    # the engine's own bookkeeping is left out on both sides. The segments read the embedded states
+    # (their outputs are not carried from one segment to the next: the cost is the same)
     def full_round(active: int) -> None:
-        full.positions[:active] += 1
-        full.final_logits(full.run_segment(0, list(range(active))))
+        rows = list(range(active))
+        full.embed(rows, tokens["full"][:active])
+        logits = full.final_logits(full.run_segment(0, rows))
+        tokens["full"][:active] = logits.float().argmax(dim=-1).tolist()
 
     def oracle_round(reach: list[int]) -> None:
-        oracle.positions[: reach[0]] += 1
-        for s, rows in enumerate(reach):
-            if rows:
-                oracle.run_segment(s, list(range(rows)))
-        oracle.final_logits(oracle.hidden[: reach[0]])  # every token's one vocabulary projection
+        rows = list(range(reach[0]))
+        oracle.embed(rows, tokens["oracle"][: reach[0]])
+        for s, count in enumerate(reach):
+            if count:
+                oracle.run_segment(s, rows[:count])
+        logits = oracle.final_logits(oracle.hidden[: reach[0]])  # every token's one vocabulary projection
+        tokens["oracle"][: reach[0]] = logits.float().argmax(dim=-1).tolist()
 
     full_round(n)  # warm-up
     oracle_round(rounds[0] if rounds else [n])

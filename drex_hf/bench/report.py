@@ -86,11 +86,8 @@ def render(results: Sequence[BatchResult], num_layers: int, exit_points: Sequenc
             if value is not None:
                 share = _share(r, value)
                 lines.append(
-                    f"| {r.batch} | {label} | {value:.1f} | "
-                    f"{value / r.policies['full']['decode_tokens_per_s']:.2f} |"
-                    + " |" * 9
-                    + f" drex at {share:.0%} |"
-                    + " |" * 2
+                    f"| {r.batch} | {label}: drex at {share:.0%} | {value:.1f} | "
+                    f"{value / r.policies['full']['decode_tokens_per_s']:.2f} |" + " |" * 12
                 )
     lines += [
         "",

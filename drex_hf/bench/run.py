@@ -275,6 +275,7 @@ def bench(
                 engine, _ = build_engine(model, chosen, policy, min(MEMORY_TOKENS, new_tokens), exits)
                 stats["row_state_bytes"] = row_state_bytes(engine)
                 stats["peak_decode_bytes"] = peak_decode_bytes(engine)
+                del engine  # its KV store, before the next one (or the oracle's two) is allocated
         if oracle and "full" in kept and "drex" in kept:
             result.measured_oracle = measured_oracle(model, chosen, kept["drex"]["exit_layers"])
         out.append(result)

@@ -237,6 +237,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("a synthetic config has untrained heads: give its exits with --exit-dist or --exit-trace")
     if any(b < 1 for b in args.batch_sizes) or args.max_new_tokens < 1 or args.repeats < 1:
         raise GenerationInputError("--batch-sizes, --max-new-tokens and --repeats must be positive")
+    if args.max_new_tokens < 2:
+        raise GenerationInputError(
+            "--max-new-tokens must be at least 2: the first token comes from the prefill, and decode speed is "
+            "measured on the tokens after it"
+        )
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     check_policies(policies)  # before the model loads
     device = pick_device(args.device)
