@@ -5,17 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from drex_hf.bench.run import BatchResult
-
-
-def _ratio(runs: dict, name: str, base: str) -> float | None:
-    """Median over repeats of name's tokens/s over base's in the same repeat (the same stretch of time)."""
-    if base not in runs or name not in runs:
-        return None
-    a = runs[name].get("decode_tokens_per_s_runs", [runs[name]["decode_tokens_per_s"]])
-    b = runs[base].get("decode_tokens_per_s_runs", [runs[base]["decode_tokens_per_s"]])
-    ratios = sorted(x / y for x, y in zip(a, b) if y > 0)
-    return ratios[len(ratios) // 2] if ratios else None
+from drex_hf.bench.run import BatchResult, speedup
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -25,8 +15,8 @@ def _num(value: float | None, fmt: str) -> str:
 def _share(r: BatchResult, oracle_tokens_per_s: float) -> float:
     """drex's speed-up over full depth (the median within-repeat ratio) ÷ the oracle's: within one
     run's ratios, so that repeats on a drifting machine do not mix one run's drex with another's full."""
-    speedup = oracle_tokens_per_s / r.policies["full"]["decode_tokens_per_s"]
-    return _ratio(r.policies, "drex", "full") / speedup
+    oracle = oracle_tokens_per_s / r.policies["full"]["decode_tokens_per_s"]
+    return speedup(r.policies, "drex", "full") / oracle
 
 
 def _mib(value: int | None) -> str:
@@ -65,7 +55,7 @@ def render(results: Sequence[BatchResult], num_layers: int, exit_points: Sequenc
         for name, s in r.policies.items():
             tpot = s["tpot_ms"]
             per_layer = [s["exits_per_layer"].get(str(x), 0) for x in layers]
-            vs_full, vs_all = _ratio(r.policies, name, "full"), _ratio(r.policies, name, "batch_all")
+            vs_full, vs_all = speedup(r.policies, name, "full"), speedup(r.policies, name, "batch_all")
             lines.append(
                 f"| {r.batch} | {name} | {s['decode_tokens_per_s']:.1f} | "
                 f"{_num(vs_full, '.2f')} | {_num(vs_all, '.2f')} | "

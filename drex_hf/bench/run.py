@@ -119,6 +119,17 @@ def run_interleaved(
     return {p: summary(engine, ids) for p, (engine, ids) in engines.items()}
 
 
+def speedup(policies: dict[str, dict], name: str, base: str) -> float | None:
+    """Median over repeats of `name`'s decode tokens/s over `base`'s in the same repeat (the same
+    stretch of time); None when either policy did not run."""
+    if base not in policies or name not in policies:
+        return None
+    a = policies[name].get("decode_tokens_per_s_runs", [policies[name]["decode_tokens_per_s"]])
+    b = policies[base].get("decode_tokens_per_s_runs", [policies[base]["decode_tokens_per_s"]])
+    ratios = sorted(x / y for x, y in zip(a, b) if y > 0)
+    return ratios[len(ratios) // 2] if ratios else None
+
+
 def summary(engine: DrexEngine, ids: Sequence[int]) -> dict:
     """One engine's statistics, outputs, exit layers and token latencies (its own clock)."""
     results = engine.finished

@@ -10,18 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from drex_hf.bench.run import bench
+from drex_hf.bench.run import bench, speedup
 from drex_hf.errors import GenerationInputError
 from drex_hf.generation.exits import ExitDistribution
 
 if TYPE_CHECKING:
     from drex_hf.modeling import EarlyExitModelForCausalLM
-
-
-def _ratio(policies: dict, name: str, base: str) -> float | None:
-    if name not in policies or base not in policies:
-        return None
-    return policies[name]["decode_tokens_per_s"] / policies[base]["decode_tokens_per_s"]
 
 
 def threshold_sweep(
@@ -67,7 +61,7 @@ def threshold_sweep(
                     "measured_oracle_speedup": measured["speedup"] if measured else None,
                     "policies": {
                         name: {
-                            "speedup_vs_full": _ratio(result.policies, name, "full"),
+                            "speedup_vs_full": speedup(result.policies, name, "full"),
                             "agreement_with_full": s.get("agreement_with_full"),
                             "rouge_l_vs_full": s.get("rouge_l_vs_full"),
                             "mean_layers": s["mean_layers"],
@@ -128,8 +122,8 @@ def depth_sweep(
                     "mean_depth": fraction,
                     "distribution": list(dist.probabilities),
                     "batch": result.batch,
-                    "drex_vs_batch_all": _ratio(result.policies, "drex", "batch_all"),
-                    "drex_vs_full": _ratio(result.policies, "drex", "full"),
+                    "drex_vs_batch_all": speedup(result.policies, "drex", "batch_all"),
+                    "drex_vs_full": speedup(result.policies, "drex", "full"),
                     "drex_mean_layers": result.policies["drex"]["mean_layers"],
                     "drex_involuntary_exits": result.policies["drex"]["involuntary_exits"],
                 }
