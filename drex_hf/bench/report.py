@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from drex_hf.bench.run import BatchResult, speedup
+from drex_hf.plotting import pyplot
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -93,12 +94,8 @@ def render(results: Sequence[BatchResult], num_layers: int, exit_points: Sequenc
 def plots(results: Sequence[BatchResult], num_layers: int, exit_points: Sequence[int], out: Path) -> list[Path]:
     """speed.png (decode tokens/s per policy and batch, with HF generate and the oracle) and
     exits.png (where tokens left, per policy, at the largest batch); [] without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
     written = []
     policies = list(results[0].policies)

@@ -13,6 +13,7 @@ import torch
 from drex_hf.bench.run import bench, speedup
 from drex_hf.errors import GenerationInputError
 from drex_hf.generation.exits import ExitDistribution
+from drex_hf.plotting import pyplot
 
 if TYPE_CHECKING:
     from drex_hf.modeling import EarlyExitModelForCausalLM
@@ -135,12 +136,8 @@ def depth_sweep(
 
 def pareto_plot(points: list[dict], out: Path) -> Path | None:
     """Agreement with full depth against speed-up over full depth, a line per policy over thresholds."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 5))
     for name in points[0]["policies"]:
@@ -175,12 +172,8 @@ def pareto_plot(points: list[dict], out: Path) -> Path | None:
 
 def heatmap_plot(cells: list[dict], out: Path) -> Path | None:
     """Two heat maps over mean depth × batch size: drex ÷ batch_all and drex ÷ full."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     depths = sorted({c["mean_depth"] for c in cells})
     batches = sorted({c["batch"] for c in cells})

@@ -40,6 +40,7 @@ from drex_hf.calibration.thresholds import (
 )
 from drex_hf.config import CALIBRATION_NAME, CONFIDENCE_MEASURES, parse_threshold, thresholds_to_json
 from drex_hf.generation.settings import left_padded
+from drex_hf.plotting import pyplot
 
 PLOT_NAME = "calibration.png"
 OBSERVATIONS_NAME = "calibration_observations.safetensors"
@@ -380,12 +381,8 @@ def curves(obs: Observations, grid: int = 21) -> list[dict]:
 def plot(calibration: dict, device: str) -> bytes | None:
     """Agreement vs threshold per exit, exit fractions, and measured vs predicted step time (PNG);
     None when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     import io
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from drex_hf.calibration.thresholds import fit_thresholds
 from drex_hf.heads import margin_confidence, max_prob_confidence, saturation_confidence
+from drex_hf.plotting import pyplot
 from drex_hf.training.features import Features
 from drex_hf.training.recipe import Recipe
 
@@ -300,12 +301,8 @@ def render_evaluation(results: dict[str, Any], recipe: Recipe, has_plot: bool = 
 
 def plot(results: dict[str, Any]) -> bytes | None:
     """PNG: agreement per exit layer (each held-out set), and exit share per exit at each target."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     groups = results["groups"]
     layers = results["exit_layers"]
