@@ -130,23 +130,13 @@ def measured_oracle(
     last = model.num_layers - 1
     boundaries = sorted({layer for row in exit_layers for layer in row[1:] if layer < last})
     n = len(prompts)
-    arch = model.arch
     max_len = max(p.shape[0] for p in prompts) + max(len(row) for row in exit_layers) + 1
-    dtype = next(model.base_model.parameters()).dtype
     device = model.heads_device
+    starts = torch.tensor([p.shape[0] - 1 for p in prompts], device=device)  # each prompt's last position
 
     def runner(bounds: list[int]) -> SegmentRunner:
-        store = RowKVCache(
-            num_layers=arch.num_layers,
-            slots=n,
-            kv_heads=arch.num_kv_heads,
-            head_dim=arch.head_dim,
-            max_len=max_len,
-            dtype=dtype,
-            device=device,
-        )
-        run = SegmentRunner(model, store, bounds)
-        run.positions.copy_(torch.tensor([p.shape[0] - 1 for p in prompts], device=device))
+        run = SegmentRunner(model, RowKVCache.for_model(model, n, max_len), bounds)
+        run.positions.copy_(starts)
         run.hidden.normal_()
         return run
 
@@ -177,7 +167,7 @@ def measured_oracle(
     full_round(n)  # warm-up
     oracle_round(rounds[0] if rounds else [n])
     for run in (full, oracle):
-        run.positions.copy_(torch.tensor([p.shape[0] - 1 for p in prompts], device=device))
+        run.positions.copy_(starts)
     spent = {"full": 0.0, "oracle": 0.0}
     for i, reach in enumerate(rounds):
         order = ["full", "oracle"] if i % 2 == 0 else ["oracle", "full"]

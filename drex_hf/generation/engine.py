@@ -206,19 +206,10 @@ class DrexEngine:
         boundaries = segment_boundaries(model.exit_layers, self.thresholds, self.policy_name, exit_source)
         self.threshold_at = dict(zip(model.exit_layers, self.thresholds))
 
-        dtype = next(model.base_model.parameters()).dtype
         limit = self.arch.position_limit
         if limit is not None and max_len > limit:
             max_len = limit  # learned positions: no slot can hold more than the model knows
-        self.store = RowKVCache(
-            num_layers=self.num_layers,
-            slots=max_batch,
-            kv_heads=self.arch.num_kv_heads,
-            head_dim=self.arch.head_dim,
-            max_len=max_len,
-            dtype=dtype,
-            device=model.heads_device,
-        )
+        self.store = RowKVCache.for_model(model, max_batch, max_len)
         self.runner = SegmentRunner(model, self.store, boundaries)
         self.num_segments = len(self.runner.segments)
         if isinstance(policy, Policy):

@@ -11,7 +11,7 @@ copy otherwise) — or, bound `indexed`, the whole layer store for indexed decod
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import Cache
@@ -19,6 +19,9 @@ from transformers.cache_utils import Cache
 from drex_hf.errors import GenerationInputError
 from drex_hf.generation.attention import IndexedRows
 from drex_hf.kernels import kv_append
+
+if TYPE_CHECKING:
+    from drex_hf.modeling import EarlyExitModelForCausalLM
 
 
 class EngineFullError(GenerationInputError):
@@ -50,6 +53,21 @@ class RowKVCache(Cache):
         self._write_pos: torch.Tensor | None = None
         self._kv_len = 0
         self._indexed: IndexedRows | None = None
+
+    @classmethod
+    def for_model(cls, model: EarlyExitModelForCausalLM, slots: int, max_len: int) -> RowKVCache:
+        """A cache for `model`'s layers and key/value heads, in its base weights' dtype, on the device
+        of its heads."""
+        arch = model.arch
+        return cls(
+            num_layers=arch.num_layers,
+            slots=slots,
+            kv_heads=arch.num_kv_heads,
+            head_dim=arch.head_dim,
+            max_len=max_len,
+            dtype=next(model.base_model.parameters()).dtype,
+            device=model.heads_device,
+        )
 
     # ------------------------------------------------------------------ slots
     def allocate(self) -> int:
