@@ -28,7 +28,7 @@ from drex_hf.bench.synthetic import SHAPES, synthetic_model
 from drex_hf.calibration.costs import CostTable, profile_runner
 from drex_hf.generation.engine import device_name
 from drex_hf.generation.exits import ExitDistribution
-from drex_hf.generation.profile import _time_ms
+from drex_hf.generation.profile import _time_ms, segment_plan
 
 DISTRIBUTION = (0.2, 0.25, 0.2, 0.35)
 
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
     probe = engine_for(model, prompts, args.max_new_tokens, None)  # an engine only to profile on
     rows = sorted({r for r in (1, 2, 4, 8, 16, 32, 64) if r <= args.batch} | {args.batch})
-    timer = profile_runner(probe.runner, args.context)
-    costs = CostTable.measure(timer, len(probe.runner.segments), rows, regroup=True, project=True)
+    timer = profile_runner(probe.executor, args.context)
+    costs = CostTable.measure(timer, len(probe.executor.segments), rows, regroup=True, project=True)
     cost = costs.cost_model(args.context, device)
     del probe
 
@@ -69,24 +69,35 @@ def main(argv: list[str] | None = None) -> int:
     error = clean.stats.prediction_error()
 
     timed = engine_for(model, prompts, args.max_new_tokens, cost)
-    runner, policy = timed.runner, timed.policy
+    executor, policy = timed.executor, timed.policy
     cases = []
     plan = policy.plan
 
+    def step_ms(s: int, rows: list[int], riders: list[int], view) -> float:  # noqa: ANN001
+        """A whole step of segment s on `rows` (+ `riders`), at the rows' own positions."""
+        slots = sorted([*rows, *riders])
+        at = {slot: r.position + (s == 0) for slot, r in timed.requests.items()}  # segment 0 starts a token
+        step = segment_plan(executor, s, slots, 0)
+        step.positions = [at.get(slot, 0) for slot in slots]
+        step.kv_len = max(step.positions) + 1
+        step.writes = [slot if slot in rows else timed.store.scratch for slot in slots]
+        step.riders = [int(slot not in rows) for slot in slots]
+        return _time_ms(lambda: executor.execute(step), 3, executor.device, "median")
+
     def watched(view, s):  # noqa: ANN001, ANN202
-        rows_, riders_, ms = plan(view, s)
+        chosen = plan(view, s)
         riders = view.riders_for(s, list(view.buffers[s]))
         if riders:
             buffer = list(view.buffers[s])
             split_pred = policy.predict(view, s, buffer, [])
             ride_pred = cost.predict(s, len(buffer) + len(riders), True, view.context)
-            split = _time_ms(lambda: runner.run_segment(s, buffer), 3, runner.device, "median")
-            ride = _time_ms(lambda: runner.run_segment(s, buffer, riders), 3, runner.device, "median")
+            split = step_ms(s, buffer, [], view)
+            ride = step_ms(s, buffer, riders, view)
             cases.append(
                 {"segment": s, "rows": len(buffer), "riders": len(riders), "split_pred": split_pred,
                  "ride_pred": ride_pred, "split_ms": split, "ride_ms": ride}
             )  # fmt: skip
-        return rows_, riders_, ms
+        return chosen
 
     policy.plan = watched
     timed.run()

@@ -262,8 +262,10 @@ def decoder_layer_ms(rows: int, shape: dict, dtype: torch.dtype, device: torch.d
     rotary = arch.position_embeddings(hidden, positions)
     mask = build_attention_mask(positions, context, dtype=dtype)
 
+    slots = torch.arange(rows, device=device)
+
     def run() -> torch.Tensor:
-        store.bind(list(range(rows)), positions)
+        store.bind(slots, positions, kv_len=context, span=(0, rows))
         return arch.run_layer(
             0, hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary, cache=store
         )

@@ -437,6 +437,7 @@ class EarlyExitModelForCausalLM(nn.Module):
         cost_model: Any = None,
         sla_tpot_ms: float | None = None,
         quorum: float = 0.5,
+        graphs: bool | None = None,
         generation_config: Any = None,
         streamer: Any = None,
         return_dict_in_generate: bool | None = None,
@@ -452,7 +453,8 @@ class EarlyExitModelForCausalLM(nn.Module):
                 baselines `batch_all` and `batch_majority` (whose outputs depend on the batch).
             thresholds: override the config's thresholds for this call (one value or one per exit).
             seed: sampling seed; an int gives request i the seed `seed + i`, a list one per request.
-                Each request samples from its own generator, so neighbours never change its tokens.
+                Each request's draws depend on its seed and token number only, so neighbours never
+                change its tokens.
                 Default: drawn from torch's global RNG (so `torch.manual_seed` makes runs repeatable).
             exit_trace: take exit decisions from a trace instead of the heads: a `[batch, tokens]`
                 tensor (or nested list) of exit layers to replay, e.g. `exit_layers` of an earlier
@@ -461,6 +463,8 @@ class EarlyExitModelForCausalLM(nn.Module):
                 quickly at start-up.
             sla_tpot_ms: drex: the time per output token no request should exceed.
             quorum: batch_majority's fraction q of confident rows that makes the batch exit.
+            graphs: run the engine's programs as CUDA graphs (default: on for CUDA; capture takes a
+                few seconds at start-up, so reuse a `DrexEngine` when generating many batches).
             kwargs: `max_new_tokens`, `max_length`, `do_sample`, `temperature`, `top_k`, `top_p`,
                 `eos_token_id`, `pad_token_id`, as in HF.
 
@@ -519,6 +523,7 @@ class EarlyExitModelForCausalLM(nn.Module):
             cost_model=self._cached_cost_model(cost_model, policy, len(prompts), thresholds, exit_trace is not None),
             sla_tpot_ms=sla_tpot_ms,
             quorum=quorum,
+            graphs=graphs,
         )
         if policy == "drex" and cost_model is None:
             self._cost_models[self._cost_key(thresholds, len(prompts), exit_trace is not None)] = engine.cost

@@ -63,6 +63,58 @@ def make_tiny(kind: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
+def taken_exits(exit_layers) -> set[int]:
+    rows = exit_layers.tolist() if isinstance(exit_layers, torch.Tensor) else exit_layers
+    return {layer for row in rows for layer in row[1:] if layer >= 0}  # token 0 is the prefill's
+
+
+def checked_exits(model, thresholds) -> set[int]:
+    """The exit points a token can leave at (finite threshold), and full depth."""
+    return {e for e, t in zip(model.exit_layers, thresholds) if t != float("inf")} | {model.num_layers - 1}
+
+
+def assert_every_exit_taken(exit_layers, model, thresholds=None) -> None:
+    """Each checked exit point of `model` and full depth were taken by at least one decoded token (rows
+    of exit layers): a batch-independence check covered them all."""
+    wanted = checked_exits(model, thresholds if thresholds is not None else model.exit_config.threshold_list())
+    used = taken_exits(exit_layers)
+    assert used >= wanted, f"exit points never taken: {sorted(wanted - used)} (taken: {sorted(used)})"
+
+
+# quantiles of each exit's probe confidences to place its threshold at (the first exit, the second, ...)
+QUANTILES = [(0.7, 0.4, 0.2), (0.6, 0.45, 0.3), (0.8, 0.5, 0.25), (0.6, 0.6, 0.6), (0.7, 0.7, 0.7),
+             (0.6, 0.7, 0.8), (0.5, 0.6, 0.8), (0.8, 0.8, 0.8), (0.5, 0.7, 0.9), (0.4, 0.5, 0.6),
+             (0.75, 0.6, 0.45), (0.85, 0.7, 0.5), (0.4, 0.3, 0.2), (0.9, 0.8, 0.7)]  # fmt: skip
+
+
+def covering_thresholds(model, prompts, runs, unchecked=()):
+    """Thresholds under which the reference decoder's tokens leave at every checked exit point and at
+    full depth in each of `runs` ((DecodeSettings, seeds) pairs): each placed midway in a wide gap
+    between confidences a probe run saw (so ~1e-6 of float noise cannot flip a decision), searched over
+    a ladder of quantiles. `unchecked`: exit indices kept at +inf. Returns (thresholds, references)."""
+    import math
+
+    from drex_hf.generation.reference import generate_reference
+
+    ones = [1.0] * len(model.exit_layers)
+    probes = [r for settings, seeds in runs for r in generate_reference(model, prompts, settings, ones, seeds)]
+    values = [
+        sorted(v for r in probes for checks in r.checks for layer, v in checks if layer == e) for e in model.exit_layers
+    ]
+    for quantiles in QUANTILES:
+        thresholds = []
+        for j, seen in enumerate(values):
+            i = min(len(seen) - 2, int(quantiles[j % len(quantiles)] * len(seen)))
+            gaps = [(seen[k + 1] - seen[k], k) for k in range(max(0, i - 3), min(len(seen) - 1, i + 4))]
+            _, k = max(gaps)
+            thresholds.append(math.inf if j in unchecked else (seen[k] + seen[k + 1]) / 2)
+        references = [generate_reference(model, prompts, settings, thresholds, seeds) for settings, seeds in runs]
+        wanted = checked_exits(model, thresholds)
+        if all(taken_exits([r.exit_layers for r in refs]) >= wanted for refs in references):
+            return thresholds, references
+    raise AssertionError("no threshold ladder step sends tokens out at every exit point: use more tokens or prompts")
+
+
 def padded_batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompts of the given lengths (tokens 3..98, pad 0)."""
     gen = torch.Generator().manual_seed(seed)

@@ -262,20 +262,21 @@ def test_decode_peak_grows_with_the_batch_and_the_measured_oracle_runs_the_given
 
 def test_measured_oracle_runs_each_segment_on_the_rows_that_reach_it(monkeypatch):
     """Every timed round runs full depth on the round's rows, and each segment on exactly the rows
-    whose token gets that far (recorded from the runner's calls)."""
+    whose token gets that far (recorded from the executor's segment programs)."""
     from drex_hf.bench.measure import measured_oracle, rows_per_segment
     from drex_hf.bench.run import random_prompts
     from drex_hf.bench.synthetic import synthetic_model
-    from drex_hf.generation.runner import SegmentRunner
+    from drex_hf.generation.executor import StepExecutor
 
     calls = []
-    original = SegmentRunner.run_segment
+    original = StepExecutor.segment
 
-    def recording(self, s, rows, riders=(), refill=()):
-        calls.append((len(self.segments), s, len(rows)))
-        return original(self, s, rows, riders, refill)
+    def recording(self, s, bucket, kv_len, span, check=True):
+        assert span == (0, bucket) and not check  # one contiguous block from slot 0, no exit check
+        calls.append((len(self.segments), s, bucket))
+        return original(self, s, bucket, kv_len, span, check)
 
-    monkeypatch.setattr(SegmentRunner, "run_segment", recording)
+    monkeypatch.setattr(StepExecutor, "segment", recording)
     model = synthetic_model("tiny")
     layers = [[3, 0, 3, 1, 2], [3, 3, 0, 3, 0], [3, 2, 2, 3], [3, 1, 3, 3, 3]]  # the third ends early
     measured_oracle(model, random_prompts(4, 3, 6, 256, seed=2), layers)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import ARCHS, make_tiny, padded_batch
+from conftest import ARCHS, assert_every_exit_taken, covering_thresholds, make_tiny, padded_batch
 
 from drex_hf import EarlyExitConfig, EarlyExitModelForCausalLM
 from drex_hf.errors import ConfigError, GenerationInputError
@@ -76,8 +76,8 @@ def test_threshold_zero_exits_every_token_at_the_first_exit_and_fills_kv_by_proj
     decoder = ReferenceDecoder(model, settings, [0.0, math.inf])
     kv = RequestKV(model.num_layers)
     with torch.no_grad():
-        first = decoder.pick(decoder.prefill(prompt, kv), None)
-        token, layer, _ = decoder.decode_token(first, prompt.shape[0], kv, None)
+        first = decoder.pick(decoder.prefill(prompt, kv), 0, 0)
+        token, layer, _ = decoder.decode_token(first, prompt.shape[0], kv, 0, 1)
         seq = torch.cat([prompt, torch.tensor([first])]).unsqueeze(0)
         hidden = model.base_model(seq, output_hidden_states=True).hidden_states[2][:, -1:]  # after layer 1
         assert token == int(model.heads[0].logits(hidden)[0, -1].argmax()) and layer == 1
@@ -112,23 +112,25 @@ def test_batch_independence_greedy(kind, confidence):
         for head in model.heads:
             torch.nn.init.normal_(head.classifier.fc2.weight, std=2.0)
     ids, mask = padded_batch(LENGTHS)
-    model.exit_config.thresholds = _spread_thresholds(model, ids, mask)
+    prompts = [ids[b, mask[b].bool()] for b in range(len(LENGTHS))]
+    model.exit_config.thresholds, _ = covering_thresholds(model, prompts, [(DecodeSettings(max_new_tokens=10), None)])
     batch = model.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None, return_dict_in_generate=True)
     for b, n in enumerate(LENGTHS):
         alone = model.generate(ids[b : b + 1, -n:], max_new_tokens=10, eos_token_id=None, return_dict_in_generate=True)
         assert torch.equal(batch.sequences[b, ids.shape[1] :], alone.sequences[0, n:])
         assert torch.equal(batch.exit_layers[b], alone.exit_layers[0])
-    used = set(batch.exit_layers[:, 1:].flatten().tolist())
-    assert len(used) >= 2, f"thresholds should make tokens exit at several layers, got {used}"
+    assert_every_exit_taken(batch.exit_layers, model)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_batch_independence_seeded_sampling(kind):
     model = _wrap(kind)
     ids, mask = padded_batch(LENGTHS)
-    model.exit_config.thresholds = _spread_thresholds(model, ids, mask)
     kwargs = dict(max_new_tokens=10, do_sample=True, top_k=50, top_p=0.95, temperature=2.0, eos_token_id=None)
     seeds = [11, 22, 33]
+    prompts = [ids[b, mask[b].bool()] for b in range(len(LENGTHS))]
+    sampled = DecodeSettings(max_new_tokens=10, do_sample=True, top_k=50, top_p=0.95, temperature=2.0)
+    model.exit_config.thresholds, _ = covering_thresholds(model, prompts, [(sampled, seeds)])
     batch = model.generate(ids, attention_mask=mask, seed=seeds, return_dict_in_generate=True, **kwargs)
     again = model.generate(ids, attention_mask=mask, seed=seeds, return_dict_in_generate=True, **kwargs)
     assert torch.equal(batch.sequences, again.sequences)
@@ -138,21 +140,37 @@ def test_batch_independence_seeded_sampling(kind):
         assert torch.equal(batch.exit_layers[b], alone.exit_layers[0])
     other = model.generate(ids, attention_mask=mask, seed=[44, 55, 66], **kwargs)
     assert not torch.equal(other, batch.sequences)  # the seed matters: sampling is really random
+    assert_every_exit_taken(batch.exit_layers, model)
 
 
-@pytest.mark.parametrize("confidence", ["max_prob", "saturation"])
+@pytest.mark.parametrize("confidence", ["max_prob", "saturation", "classifier"])
 def test_zero_involuntary_exits_and_no_missed_exits(confidence):
-    """A token leaves at the first exit whose confidence passes, never earlier and never later."""
+    """Through the rebatching engine, with the confidences its own verdicts brought back: a token
+    leaves at the first exit whose confidence passes, never earlier and never later."""
+    from drex_hf.generation.engine import DrexEngine
+
     model = _wrap("qwen2", confidence=confidence, exit_layers=(0, 1, 2))
+    if confidence == "classifier":
+        torch.manual_seed(1)
+        for head in model.heads:
+            torch.nn.init.normal_(head.classifier.fc2.weight, std=2.0)
     ids, mask = padded_batch(LENGTHS)
-    thresholds = _spread_thresholds(model, ids, mask)
     settings = DecodeSettings(max_new_tokens=12)
     prompts = [ids[b, mask[b].bool()] for b in range(len(LENGTHS))]
-    results = generate_reference(model, prompts, settings, thresholds)
+    thresholds, (results,) = covering_thresholds(model, prompts, [(settings, None)])
+    engine = DrexEngine(model, max_batch=3, max_len=24, settings=settings, thresholds=thresholds, record_checks=True)
+    with torch.no_grad():
+        for prompt in prompts:
+            engine.add_request(prompt)
+        outputs = engine.run()
+    assert engine.stats.involuntary_exits == 0 and engine.stats.missed_exits == 0
     by_layer = dict(zip(model.exit_layers, thresholds))
     exits = 0
-    for result in results:
-        for layer, checks in zip(result.exit_layers[1:], result.checks[1:]):
+    for rid, reference in enumerate(results):
+        got = outputs[rid]
+        assert (got.tokens, got.exit_layers) == (reference.tokens, reference.exit_layers)
+        for layer, checks, ref_checks in zip(got.exit_layers[1:], got.checks[1:], reference.checks[1:]):
+            assert [c[0] for c in checks] == [c[0] for c in ref_checks]  # the same exits checked as alone
             passed = [check_layer for check_layer, value in checks if value >= by_layer[check_layer]]
             if layer == model.num_layers - 1:
                 assert passed == [] and len(checks) == len(thresholds)
@@ -160,6 +178,7 @@ def test_zero_involuntary_exits_and_no_missed_exits(confidence):
                 exits += 1
                 assert passed == [layer] and checks[-1][0] == layer  # passed here, nowhere before
     assert exits > 0
+    assert_every_exit_taken([r.exit_layers for r in outputs.values()], model, thresholds)
 
     # The first decoded token's confidences equal those of a teacher-forced forward pass (the cache
     # is still all full depth then): the checks above are made on correctly computed confidences.
@@ -226,7 +245,7 @@ def test_sampling_uses_hf_default_top_k():
     merged = merge_generation_config(model.base_model, None, {"do_sample": True, "max_new_tokens": 3})
     settings = settings_from_config(merged, 5)
     assert settings.top_k == 50 and settings.do_sample  # HF's default when nothing sets top_k
-    assert [type(w).__name__ for w in settings.warpers()] == ["TopKLogitsWarper"]
+    assert [type(w).__name__ for w in settings.warpers()] == ["TopK"]
 
 
 def test_assigning_generation_config_reaches_the_base():

@@ -30,18 +30,17 @@ from typing import TYPE_CHECKING
 import torch
 
 from drex_hf.generation.engine import DrexEngine, synchronize
+from drex_hf.generation.executor import StepExecutor
 from drex_hf.generation.kv_store import RowKVCache
-from drex_hf.generation.runner import SegmentRunner
+from drex_hf.generation.plan import StepPlan, bucket_of, row_buckets
 
 if TYPE_CHECKING:
     from drex_hf.modeling import EarlyExitModelForCausalLM
 
 
 def row_state_bytes(engine: DrexEngine) -> int:
-    """Bytes of the per-slot tensors the engine's runner keeps besides the KV cache."""
-    runner = engine.runner
-    kept = [runner.hidden, runner.exit_hidden, runner.features, runner.positions, runner.previous]
-    return sum(t.nbytes for t in kept if t is not None)
+    """Bytes of the per-slot tensors the engine's executor keeps besides the KV cache."""
+    return engine.executor.nbytes()
 
 
 def peak_decode_bytes(engine: DrexEngine) -> int | None:
@@ -77,6 +76,33 @@ def peak_decode_bytes(engine: DrexEngine) -> int | None:
         live += nbytes
         peak = max(peak, live)
     return peak
+
+
+def gpu_busy_share(engine: DrexEngine) -> dict | None:
+    """Decode the engine's queued requests (the prefill untimed) under torch.profiler: wall time
+    against the summed time of the GPU's kernels — a host-bound decode leaves the GPU idle between
+    launches. None off CUDA."""
+    device = torch.device(engine.model.heads_device)
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    while engine.prefill_queue:
+        engine.step()
+    synchronize(device)
+    with _quiet_profiler(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        engine.run()
+        synchronize(device)
+        wall = time.perf_counter() - start
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    kernels = sum(e.self_device_time_total for e in events) / 1e6
+    return {
+        "wall_s": wall,
+        "gpu_kernels_s": kernels,
+        "busy": kernels / wall if wall > 0 else None,
+        "kernel_launches": sum(e.count for e in events),
+    }
 
 
 # what the profiler's C++ side prints on every start and stop, and its note that blocks allocated
@@ -123,62 +149,88 @@ def measured_oracle(
     model: EarlyExitModelForCausalLM,
     prompts: Sequence[torch.Tensor],
     exit_layers: Sequence[Sequence[int]],
+    graphs: bool | None = None,
 ) -> dict:
     """Time drex's exits at no exit cost against full depth, round by round (see the module
     docstring). `exit_layers`: per request, the layer each token left at (a `drex` run's). Returns
-    both totals in seconds and their ratio, the measured oracle speed-up over full depth."""
+    both totals in seconds and their ratio, the measured oracle speed-up over full depth.
+
+    `graphs` (default: on for CUDA): both sides run their programs as CUDA graphs at row buckets, as
+    the engine does there — a segment's captured program then includes its exit check, whose cost
+    inside a graph is small; eagerly, each segment runs on exactly its rows with no check at all."""
     last = model.num_layers - 1
     boundaries = sorted({layer for row in exit_layers for layer in row[1:] if layer < last})
     n = len(prompts)
     max_len = max(p.shape[0] for p in prompts) + max(len(row) for row in exit_layers) + 1
-    device = model.heads_device
-    starts = torch.tensor([p.shape[0] - 1 for p in prompts], device=device)  # each prompt's last position
+    starts = [p.shape[0] - 1 for p in prompts]  # each prompt's last position
+    device = torch.device(model.heads_device)
+    graphs = device.type == "cuda" if graphs is None else graphs
 
-    def runner(bounds: list[int]) -> SegmentRunner:
-        run = SegmentRunner(model, RowKVCache.for_model(model, n, max_len), bounds)
-        run.positions.copy_(starts)
+    # one key/value store for both sides: they run the same positions in alternation, and what a side's
+    # tokens are does not matter to its time (so a long context costs the store once, not twice)
+    store = RowKVCache.for_model(model, n, max_len)
+
+    def executor(bounds: list[int]) -> StepExecutor:
+        buckets = row_buckets(n, graphs)
+        run = StepExecutor(model, store, bounds, buckets=buckets, static=graphs)
         run.hidden.normal_()
+        if graphs:
+            from drex_hf.generation.engine import _key_bucket
+            from drex_hf.generation.graphs import GraphCache
+
+            run.write_plan(StepPlan(segment=None), (run.rows,) * 3)
+            run.upload()
+            keys = [k for k in run.program_keys() if k[0] != "fill"]
+            cache = GraphCache(device)
+            cache.capture(keys, run.program, _key_bucket)
+            run.graphs = cache
         return run
 
-    full, oracle = runner([]), runner(boundaries)
+    sides = {"full": executor([]), "oracle": executor(boundaries)}
     rounds = rows_per_segment(exit_layers, boundaries)
+    positions = {name: list(starts) for name in sides}
 
-    tokens = {"full": [0] * n, "oracle": [0] * n}
-
-    # a round on either side: embed each active row's last token (advancing its position), run the
-    # layers, project onto the vocabulary once per token and pick the tokens, as a decode step does;
-    # the engine's own bookkeeping is left out on both sides. The segments read the embedded states
-    # (their outputs are not carried from one segment to the next: the cost is the same)
-    def full_round(active: int) -> None:
+    # a round on either side, as a decode step does it: one upload, segment 0 embeds each active row's
+    # last token (advancing its position), each segment runs on the rows that reach it, as one
+    # contiguous block with no exit check, one vocabulary projection per token picks the tokens, one
+    # read-back; the engine's own bookkeeping is left out on both sides. The segments read the
+    # embedded states (their outputs are carried from one segment to the next; exited rows' are not)
+    def round_on(name: str, reach: list[int]) -> None:
+        run, at = sides[name], positions[name]
+        active = reach[0]
+        for i in range(active):
+            at[i] += 1
         rows = list(range(active))
-        full.embed(rows, tokens["full"][:active])
-        logits = full.final_logits(full.run_segment(0, rows))
-        tokens["full"][:active] = logits.float().argmax(dim=-1).tolist()
-
-    def oracle_round(reach: list[int]) -> None:
-        rows = list(range(reach[0]))
-        oracle.embed(rows, tokens["oracle"][: reach[0]])
+        plan = StepPlan(segment=0, slots=rows, writes=rows, positions=at[:active], riders=[0] * active)
+        plan.project_slots, plan.project_index, plan.project_seeds = rows, [0] * active, [0] * active
+        run.write_plan(plan, (bucket_of(run.buckets, active), 0, bucket_of(run.buckets, active)))
+        run.upload()
         for s, count in enumerate(reach):
-            if count:
-                oracle.run_segment(s, rows[:count])
-        logits = oracle.final_logits(oracle.hidden[: reach[0]])  # every token's one vocabulary projection
-        tokens["oracle"][: reach[0]] = logits.float().argmax(dim=-1).tolist()
+            if count and graphs:
+                run.run_program(("segment", s, bucket_of(run.buckets, count)))
+            elif count:
+                run.segment(s, count, max(at[:count]) + 1, (0, count), check=False)
+        run.run_program(("project", bucket_of(run.buckets, active)))
+        run.read()
 
-    full_round(n)  # warm-up
-    oracle_round(rounds[0] if rounds else [n])
-    for run in (full, oracle):
-        run.positions.copy_(starts)
+    full_reach = [[r[0]] for r in rounds]
+    round_on("full", full_reach[0] if rounds else [n])  # warm-up
+    round_on("oracle", rounds[0] if rounds else [n])
+    positions = {name: list(starts) for name in sides}
     spent = {"full": 0.0, "oracle": 0.0}
     for i, reach in enumerate(rounds):
         order = ["full", "oracle"] if i % 2 == 0 else ["oracle", "full"]
         for name in order:
             synchronize(device)
             start = time.perf_counter()
-            if name == "full":
-                full_round(reach[0])
-            else:
-                oracle_round(reach)
+            round_on(name, full_reach[i] if name == "full" else reach)
             synchronize(device)
             spent[name] += time.perf_counter() - start
     speedup = spent["full"] / spent["oracle"] if spent["oracle"] > 0 else None
-    return {"full_s": spent["full"], "oracle_s": spent["oracle"], "speedup": speedup, "segments": boundaries}
+    return {
+        "full_s": spent["full"],
+        "oracle_s": spent["oracle"],
+        "speedup": speedup,
+        "segments": boundaries,
+        "graphs": graphs,
+    }

@@ -193,56 +193,60 @@ def choose_exits(
     return enabled, steps
 
 
-def profile_runner(runner, context: int, repeats: int = 5, statistic: str = "median") -> Timer:  # noqa: ANN001
-    """A timer over a real engine's runner (a `SegmentRunner`): the median (or fastest) of `repeats`
-    synchronised runs after a warm-up, on the runner's still-empty slots, with every row's keys/values
-    at `context` positions. The median predicts what a step will take; the minimum, what it can take."""
-    from drex_hf.generation.profile import _time_ms
+def profile_runner(executor, context: int, repeats: int = 5, statistic: str = "median") -> Timer:  # noqa: ANN001
+    """A timer over a real engine's `StepExecutor`: the median (or fastest) of `repeats` synchronised
+    runs after a warm-up, on the executor's still-empty slots, with every row's keys/values at
+    `context` positions. "layers" is a segment's layers alone (the last segment: with the final norm
+    and the vocabulary projection), "check" its exit check alone, "fill" and "project" those whole
+    steps. The median predicts what a step will take; the minimum, what it can take."""
+    from drex_hf.generation.plan import StepPlan, bucket_of
+    from drex_hf.generation.profile import _time_ms, segment_plan
 
-    device = torch.device(runner.device)
-    last = len(runner.segments) - 1
+    device = executor.device
+    store = executor.store
 
-    def at(positions: int) -> None:
-        if positions > runner.store.max_len:
-            raise ValueError(f"cannot time at {positions} cached positions: the store holds {runner.store.max_len}")
-        runner.positions.fill_(max(0, positions - 1))
+    def position_at(positions: int | None) -> int:
+        positions = min(context, store.max_len) if positions is None else positions
+        if positions > store.max_len:
+            raise ValueError(f"cannot time at {positions} cached positions: the store holds {store.max_len}")
+        return max(0, positions - 1)
 
-    at(min(context, runner.store.max_len))
+    def time_ms(fn: Callable[[], object]) -> float:
+        return _time_ms(fn, repeats, device, statistic)
 
     @torch.no_grad()
     def timer(kind: str, index: int, n: int, positions: int | None = None) -> float:
-        if positions is not None:
-            at(positions)
-            try:
-                return timer(kind, index, n)
-            finally:
-                at(min(context, runner.store.max_len))
+        position = position_at(positions)
         rows = list(range(n))
         if kind == "layers":
-
-            def run() -> None:
-                x = runner.run_segment(index, rows)
-                if index == last:
-                    runner.final_logits(x)
-
-            return _time_ms(run, repeats, device, statistic)
+            plan = segment_plan(executor, index, rows, position)
+            return time_ms(lambda: executor.run_unchecked(plan))
         if kind == "scattered":  # n rows on three slots in four: the gathered path
-            spread = [i for i in range(runner.store.slots) if i % 4 != 3][:n]
-            return _time_ms(lambda: runner.run_segment(index, spread), repeats, device, statistic)
+            spread = [i for i in range(store.slots) if i % 4 != 3][:n]
+            plan = segment_plan(executor, index, spread, position)
+            return time_ms(lambda: executor.run_unchecked(plan))
         if kind == "project":
-            return _time_ms(lambda: runner.project(rows), repeats, device, statistic)
+            plan = StepPlan(segment=None, project_slots=rows, project_index=[0] * n, project_seeds=[0] * n)
+            return time_ms(lambda: executor.execute(plan))
+        if kind == "fill":
+            first = executor.boundaries[index] + 1
+            plan = StepPlan(segment=None, fill_slots=rows, fill_positions=[position] * n, fill_first=[first] * n)
+            plan.fill_from = first
+            return time_ms(lambda: executor.execute(plan))
+        bucket = bucket_of(executor.buckets, n)
+        executor.write_plan(segment_plan(executor, index, rows, position), (bucket, 0, 0))
+        executor.upload()
+        x = executor.hidden[:bucket].clone()
         if kind == "check":
-            x = runner.hidden[:n].clone()
-            return _time_ms(lambda: runner.check(index, rows, x), repeats, device, statistic)
+            view = executor.views(bucket)
+            return time_ms(lambda: executor.check(index, view, x))
         if kind.startswith("check:"):  # another confidence measure's check on the same rows
             from drex_hf.heads import exit_confidence
 
-            measure, x = kind.split(":", 1)[1], runner.hidden[:n].clone()
+            measure = kind.split(":", 1)[1]
             previous = x.clone()  # saturation compares with the previous exit's states: same shape, same cost
-            head = runner.heads[index]
-            return _time_ms(lambda: exit_confidence(measure, head, x, previous), repeats, device, statistic)
-        if kind == "fill":
-            return _time_ms(lambda: runner.fill(rows, runner.boundaries[index]), repeats, device, statistic)
+            head = executor.heads[index]
+            return time_ms(lambda: exit_confidence(measure, head, x, previous))
         raise ValueError(f"unknown timing kind {kind!r}")
 
     return timer
@@ -251,22 +255,25 @@ def profile_runner(runner, context: int, repeats: int = 5, statistic: str = "med
 @torch.no_grad()
 def boundary_factor(whole, segmented, rows: int, context: int, repeats: int = 9) -> float:  # noqa: ANN001
     """A full-depth step as one segment ÷ the same layers run segment by segment (the segment
-    boundaries' own cost, with no checks), both on `rows` rows at `context` positions, timed in
-    alternation so that the machine's drift falls on both alike (medians of `repeats`)."""
+    boundaries' own cost, with no checks), both executors on `rows` rows at `context` positions,
+    timed in alternation so that the machine's drift falls on both alike (medians of `repeats`)."""
     from drex_hf.generation.engine import synchronize
+    from drex_hf.generation.profile import segment_plan
 
-    device = torch.device(whole.device)
     slots = list(range(rows))
-    for runner in (whole, segmented):
-        runner.positions.fill_(max(0, min(context, runner.store.max_len) - 1))
 
-    def run(runner) -> float:  # noqa: ANN001
-        synchronize(device)
+    def plans(executor) -> list:  # noqa: ANN001
+        position = max(0, min(context, executor.store.max_len) - 1)
+        return [segment_plan(executor, s, slots, position) for s in range(len(executor.segments))]
+
+    steps = {id(whole): plans(whole), id(segmented): plans(segmented)}
+
+    def run(executor) -> float:  # noqa: ANN001
+        synchronize(executor.device)
         start = time.perf_counter()
-        for s in range(len(runner.segments)):
-            x = runner.run_segment(s, slots)
-        runner.final_logits(x)
-        synchronize(device)
+        for plan in steps[id(executor)]:
+            executor.run_unchecked(plan)
+        synchronize(executor.device)
         return time.perf_counter() - start
 
     run(whole), run(segmented)  # warm-up

@@ -1,10 +1,17 @@
-"""`DrexEngine`: continuous-batching early-exit decoding (DESIGN.md §5).
+"""`DrexEngine`: continuous-batching early-exit decoding; the host plans, the device executes.
 
 `add_request()` takes a slot in the `RowKVCache`; `step()` runs either a batched full-depth prefill
-of the newly added requests or one scheduler decision (one segment on a set of rows, then the exit
-check, token emission and buffer moves); `run()` steps until every request has finished. Tokens are
-picked per request (greedy, or sampled with the request's own generator), so no neighbour and no
-scheduling decision changes a request's output. `generate()` is a static batch run through here.
+of the newly added requests or one decision of the policy, in three named moves:
+
+    decision = policy.pick(view)          # plain Python over row states: which buffer, which rows
+    plan = self._plan(decision)           # those rows as slots and positions (+ fills, projections)
+    verdict = self.executor.execute(plan) # the device: one upload, its programs, one read-back
+    self._apply(plan, verdict)            # tokens emitted, rows moved between buffers, statistics
+
+Row states live here only, as plain Python (waiting for segment s; exited, awaiting KV fill or the
+vocabulary projection; finished); the executor never sees a request and the policy never sees a
+tensor. Tokens are picked on the device from per-request counter-based draws, so no neighbour and
+no scheduling decision changes a request's output. `generate()` is a static batch run through here.
 """
 
 from __future__ import annotations
@@ -20,19 +27,22 @@ import torch
 
 from drex_hf import kernels
 from drex_hf.errors import GenerationInputError
+from drex_hf.generation.executor import LOGIT_MEASURES, StepExecutor
 from drex_hf.generation.exits import ExitDistribution, RequestExits, check_trace_row
 from drex_hf.generation.kv_store import RowKVCache
-from drex_hf.generation.runner import SegmentRunner
+from drex_hf.generation.plan import StepPlan, Verdict, bucket_of, row_buckets
+from drex_hf.generation.sampling import as_seed
 from drex_hf.generation.scheduler import (
     CostModel,
     Decision,
+    DrexPolicy,
     Policy,
     RandomPolicy,
     SchedulerView,
     error_summary,
     make_policy,
 )
-from drex_hf.generation.settings import DecodeSettings, pick_token
+from drex_hf.generation.settings import DecodeSettings
 
 if TYPE_CHECKING:
     from drex_hf.modeling import EarlyExitModelForCausalLM
@@ -52,12 +62,16 @@ class RequestOutput:
     # when each token was emitted, in seconds of this engine's own stepping (other engines stepped in
     # between, as benchmarks interleave them, do not count): token latencies without their noise
     token_times: list[float] = field(default_factory=list)
+    # with `record_checks`: per token, (exit layer, confidence) of every exit check the engine made for it
+    checks: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 @dataclass
 class EngineStats:
     """What a run did. `layer_rows` counts decoder layers × rows executed for decoded tokens (riders
-    included); `min_layer_rows` is the sum of the decoded tokens' exit depths."""
+    included, padding not: that is `padded_layer_rows`); `min_layer_rows` is the sum of the decoded
+    tokens' exit depths. `uploads`/`reads` are the executor's host-device copies (one of each per
+    step, one read per prefill); `decisions` is filled when the engine records them."""
 
     policy: str
     cost_source: str
@@ -67,9 +81,10 @@ class EngineStats:
     involuntary_exits: int = 0
     missed_exits: int = 0
     ride_along_rows: int = 0
-    ride_fill_rows: int = 0  # riders whose ride wrote their KV fill (no separate product needed)
     layer_rows: int = 0
+    padded_layer_rows: int = 0
     min_layer_rows: int = 0
+    wasted_rows: int = 0  # rows started on a next token before their deferred token turned out to end them
     steps: int = 0
     prefill_steps: int = 0
     wall_s: float = 0.0
@@ -78,6 +93,8 @@ class EngineStats:
     measured_ms: list[float] = field(default_factory=list)
     step_segments: list[int] = field(default_factory=list)
     kv_cache_bytes: int = 0
+    graphs: dict[str, float | int] | None = None
+    decisions: list[dict] | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -93,7 +110,7 @@ class EngineStats:
         return error_summary(self.predicted_ms, self.measured_ms)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "policy": self.policy,
             "cost_source": self.cost_source,
             "tokens": self.tokens,
@@ -102,9 +119,10 @@ class EngineStats:
             "involuntary_exits": self.involuntary_exits,
             "missed_exits": self.missed_exits,
             "ride_along_rows": self.ride_along_rows,
-            "ride_fill_rows": self.ride_fill_rows,
             "layer_rows": self.layer_rows,
+            "padded_layer_rows": self.padded_layer_rows,
             "min_layer_rows": self.min_layer_rows,
+            "wasted_rows": self.wasted_rows,
             "steps": self.steps,
             "prefill_steps": self.prefill_steps,
             "wall_s": self.wall_s,
@@ -114,17 +132,26 @@ class EngineStats:
             "prediction_error": self.prediction_error(),
             "kv_cache_bytes": self.kv_cache_bytes,
         }
+        if self.graphs is not None:
+            out["graphs"] = self.graphs
+        if self.decisions is not None:
+            out["decisions"] = self.decisions
+        return out
 
 
 @dataclass
 class _Request:
+    """One request's row state, on the host."""
+
     output: RequestOutput
     prompt: torch.Tensor
     max_new_tokens: int
-    generator: torch.Generator | None
+    seed: int  # as the device holds it (`sampling.as_seed`)
     exits: RequestExits | None
     callback: TokenCallback | None
     slot: int
+    position: int = 0  # where the token being computed writes its keys/values
+    draw: int = 0  # the token being computed is this request's token number `draw` (its sampling counter)
     segment: int = 0  # the buffer it waits in
     done_through: int = -1  # see SchedulerView
     fill_from: int | None = None  # exit layer whose skipped layers still need KV fill
@@ -133,6 +160,23 @@ class _Request:
     pending_layer: int | None = None  # exited here; its token's vocabulary projection is deferred
     token_start: float = 0.0
     steps_waiting: int = 0
+    checks: list[tuple[int, float]] | None = None  # this token's checks so far (record_checks)
+
+    def last_is_pending(self) -> bool:
+        """Whether the deferred token is this request's last: the row only awaits its projection."""
+        return self.pending_layer is not None and len(self.output.tokens) + 1 >= self.max_new_tokens
+
+
+@dataclass
+class _Step:
+    """One step as planned: the plan the device runs and, in the plan's row order, the requests
+    behind it (None for riders), the ones whose tokens it projects, and those it started."""
+
+    decision: Decision | None
+    plan: StepPlan
+    running: list[_Request | None] = field(default_factory=list)
+    projected: list[_Request] = field(default_factory=list)
+    final: int = 0  # how many of `projected` (the first ones) are the final segment's own rows
 
 
 class DrexEngine:
@@ -152,7 +196,17 @@ class DrexEngine:
         quorum: batch_majority's q.
         defer_projection: with a confidence that needs no logits (`classifier`, `saturation`), keep
             exited rows' head features and project them to the vocabulary together, at the next
-            final-segment step or when the row's next token starts (same tokens, fewer lm_head calls).
+            final-segment step or when the row's next token starts (same tokens, fewer lm_head
+            calls); off, every exit's tokens are projected in a step of their own right after it.
+        graphs: capture every program as a CUDA graph at start-up (default: on for CUDA).
+        static_shapes: programs whose shapes depend on their row bucket and the store's capacity only
+            (default: on for CUDA and with graphs; on the CPU off: eager programs may attend only up
+            to the longest row and read contiguous rows as views).
+        buckets: the row counts programs run at (default: `plan.row_buckets`).
+        record_decisions: keep every step's decision (segment, rows, riders, bucket, predicted and
+            measured ms, the policy's reason) in `stats.decisions`.
+        record_checks: keep each token's exit checks — (exit layer, confidence) as the verdict brought
+            them back — in `RequestOutput.checks`.
     """
 
     def __init__(
@@ -170,6 +224,12 @@ class DrexEngine:
         sla_tpot_ms: float | None = None,
         quorum: float = 0.5,
         defer_projection: bool = True,
+        graphs: bool | None = None,
+        static_shapes: bool | None = None,
+        buckets: Sequence[int] | None = None,
+        record_decisions: bool = False,
+        record_checks: bool = False,
+        progress: bool = False,
     ) -> None:
         model.arch.check_attention_implementation()
         self.defer_projection = defer_projection
@@ -186,9 +246,16 @@ class DrexEngine:
             raise GenerationInputError(f"sla_tpot_ms applies to policy 'drex', not {policy!r}")
         if exit_source == "trace" and policy == "full":
             raise GenerationInputError("policy 'full' never exits: a trace does not apply to it")
+        device = torch.device(model.heads_device)
+        if graphs is None:
+            graphs = device.type == "cuda"
+        if graphs and device.type != "cuda":
+            raise GenerationInputError(f"graphs=True captures CUDA graphs: the model is on {device}, not a CUDA device")
+        static = (graphs or device.type == "cuda") if static_shapes is None else static_shapes
+        if graphs and not static:
+            raise GenerationInputError("graphs=True needs static_shapes (a graph replays fixed shapes)")
         self.model, self.arch = model, model.arch
         self.settings = settings or DecodeSettings(max_new_tokens=32)
-        self.warpers = self.settings.warpers()
         self.eos = set(self.settings.eos_token_ids)
         self.exit_source = exit_source
         if exit_distribution is not None:
@@ -210,8 +277,23 @@ class DrexEngine:
         if limit is not None and max_len > limit:
             max_len = limit  # learned positions: no slot can hold more than the model knows
         self.store = RowKVCache.for_model(model, max_batch, max_len)
-        self.runner = SegmentRunner(model, self.store, boundaries)
-        self.num_segments = len(self.runner.segments)
+        self.buckets = self._buckets(buckets, max_batch, static)
+        self.executor = StepExecutor(
+            model,
+            self.store,
+            boundaries,
+            buckets=self.buckets,
+            static=static,
+            do_sample=self.settings.do_sample,
+            warpers=self.settings.warpers(),
+        )
+        self.segments = self.executor.segments
+        self.num_segments = len(self.segments)
+        self.graph_report = None
+        if graphs:
+            from drex_hf.generation.graphs import GraphCache
+
+            self.capture_graphs(GraphCache(device), progress)
         if isinstance(policy, Policy):
             if policy.num_segments != self.num_segments:
                 raise GenerationInputError(
@@ -222,33 +304,76 @@ class DrexEngine:
         else:
             self.cost = self._cost_model(cost_model, policy)
             self.policy = make_policy(policy, self.num_segments, self.cost, sla_tpot_ms=sla_tpot_ms, quorum=quorum)
+        if isinstance(self.policy, DrexPolicy) and self.graph_report is not None:
+            self.policy.ride = False  # see capture_graphs
         self.buffers: list[list[int]] = [[] for _ in range(self.num_segments)]
         self.requests: dict[int, _Request] = {}  # running, by slot
         self.prefill_queue: list[_Request] = []
         self.finished: dict[int, RequestOutput] = {}
         self.next_id = 0
+        self._project_next: list[_Request] = []  # defer_projection off: exits awaiting their own step
         self.stats = EngineStats(self.policy_name, self.cost.source if self.cost else "none")
+        self.stats.graphs = self.graph_report
+        self.stats.decisions = [] if record_decisions else None
+        self.record_checks = record_checks
         self._step_start = time.perf_counter()
         self.stats.kv_cache_bytes = self.store.nbytes()
 
     # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _buckets(given: Sequence[int] | None, max_batch: int, static: bool) -> list[int]:
+        if given is None:
+            return row_buckets(max_batch, static)
+        buckets = sorted({int(b) for b in given})
+        if not buckets or buckets[0] < 1 or buckets[-1] < max_batch:
+            raise GenerationInputError(
+                f"buckets must be positive row counts, the largest at least max_batch={max_batch}; got {list(given)}"
+            )
+        return buckets
+
+    def capture_graphs(self, cache: Any, progress: bool = False) -> dict[str, float | int]:
+        """Capture every program of the executor into `cache` (a `graphs.GraphCache`: CUDA graphs,
+        warm-up first, largest bucket first), with a progress bar; from then on steps replay them.
+        Riders are switched off: their programs are not captured (a graph reads rows in place through
+        indexed attention, so a contiguous batch is worth nothing there)."""
+        from tqdm.auto import tqdm
+
+        executor = self.executor
+        if not executor.static:
+            raise GenerationInputError("graphs need static_shapes (a graph replays fixed shapes)")
+        keys = executor.program_keys()
+        executor.write_plan(StepPlan(segment=None), (executor.rows,) * 3)  # every row at the scratch slot
+        executor.upload()
+        with torch.no_grad(), tqdm(total=len(keys), desc="capturing CUDA graphs", disable=not progress) as bar:
+            report = cache.capture(keys, executor.program, _key_bucket, bar.update)
+        executor.graphs = cache
+        self.graph_report = report
+        if hasattr(self, "stats"):
+            self.stats.graphs = report
+        if isinstance(getattr(self, "policy", None), DrexPolicy):
+            self.policy.ride = False
+        return report
+
     @torch.no_grad()
     def _cost_model(self, given: CostModel | str | None, policy: str) -> CostModel | None:
         if isinstance(given, CostModel):
             if len(given.a_ms) != self.num_segments:
                 raise GenerationInputError(
                     f"the cost model has constants for {len(given.a_ms)} segments; this engine runs "
-                    f"{self.num_segments} ({self.runner.describe()['segments']})"
+                    f"{self.num_segments} ({self.describe()['segments']})"
                 )
             return given
-        segments = self.runner.describe()["segments"]
+        segments = self.describe()["segments"]
         if given is not None:
             return CostModel.from_file(given, device_name(self.model.heads_device), segments)
         if policy != "drex":
             return None
         from drex_hf.generation.profile import measure_cost_model
 
-        return measure_cost_model(self.runner)
+        return measure_cost_model(self.executor)
+
+    def describe(self) -> dict[str, Any]:
+        return {"segments": [[seg.start, seg.stop - 1] for seg in self.segments], "kv_fill": "project"}
 
     # ------------------------------------------------------------------ requests
     @property
@@ -276,7 +401,7 @@ class DrexEngine:
             raise GenerationInputError(f"a prompt is one sequence of token ids (1-D), got shape {tuple(ids.shape)}")
         if ids.numel() and (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool):
             raise GenerationInputError(f"a prompt holds integer token ids, got dtype {ids.dtype}")
-        ids = ids.to(device=self.model.heads_device, dtype=torch.long)
+        ids = ids.to(dtype=torch.long)
         max_new = self.settings.max_new_tokens if max_new_tokens is None else max_new_tokens
         if isinstance(max_new, bool) or not isinstance(max_new, numbers.Integral):
             raise GenerationInputError(f"max_new_tokens must be a positive integer, got {max_new!r}")
@@ -306,50 +431,48 @@ class DrexEngine:
         slot = self.store.allocate()
         rid = self.next_id
         self.next_id += 1
-        generator = None
-        if self.settings.do_sample:
-            generator = torch.Generator(device=self.model.heads_device)
-            generator.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,))))
         exits = None
         if self.exit_source == "trace":
             dist = None
             if self.distribution is not None and trace is None:
                 dist = (self.distribution.probabilities, self.distribution.seed + (rid if seed is None else int(seed)))
             exits = RequestExits(self.model.exit_layers, self.num_layers, trace, dist)
+        if seed is None:  # sampling without a seed: drawn from torch's global RNG (torch.manual_seed repeats it)
+            seed = int(torch.randint(0, 2**62, (1,))) if self.settings.do_sample else 0
         out = RequestOutput(rid, int(ids.numel()))
-        self.prefill_queue.append(_Request(out, ids, max_new, generator, exits, callback, slot))
+        self.prefill_queue.append(_Request(out, ids, max_new, as_seed(seed), exits, callback, slot))
         return rid
 
     # ------------------------------------------------------------------ stepping
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> bool:
         """Run one prefill or one scheduler decision; False when there was nothing to do."""
         if self.prefill_queue:
-            start = self._step_start = time.perf_counter()
             self._prefill()
-            synchronize(self.model.heads_device)
-            self.stats.prefill_steps += 1
-            self.stats.prefill_s += time.perf_counter() - start
-            self.stats.wall_s += time.perf_counter() - start
             return True
         if not self.requests:
             return False
         start = self._step_start = time.perf_counter()
-        decision = self.policy.pick(self._view(start))
-        self._check_decision(decision)
-        extra_ms = self._overhead_ms(decision)
-        self._execute(decision)
-        synchronize(self.model.heads_device)
-        elapsed = time.perf_counter() - start
-        self.stats.wall_s += elapsed
-        self.stats.steps += 1
-        predicted = decision.predicted_ms
-        if predicted is not None:
-            predicted += extra_ms
-        self.stats.predicted_ms.append(predicted)
-        self.stats.measured_ms.append(elapsed * 1e3)
-        self.stats.step_segments.append(decision.segment)
+        if self._project_next:
+            step = self._plan_projections()
+        else:
+            decision = self.policy.pick(self._view(start))
+            self._check_decision(decision)
+            step = self._plan(decision)
+        verdict = self.executor.execute(step.plan)
+        self._apply(step, verdict)
+        self._account(step, start)
         return True
+
+    def reset_stats(self) -> None:
+        """Start counting afresh (and forget finished requests), keeping the store, the captured
+        graphs and the cost model: benchmarks reuse one engine for their warm-up and their runs."""
+        if self.requests or self.prefill_queue:
+            raise RuntimeError("reset_stats() while requests are running")
+        keep = self.stats
+        self.stats = EngineStats(keep.policy, keep.cost_source, kv_cache_bytes=keep.kv_cache_bytes, graphs=keep.graphs)
+        self.stats.decisions = [] if keep.decisions is not None else None
+        self.finished = {}
 
     def run(self) -> dict[int, RequestOutput]:
         """Step until every request has finished; returns the finished requests by id."""
@@ -357,7 +480,23 @@ class DrexEngine:
             pass
         return self.finished
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ prefill
+    def _prefill(self) -> None:
+        """One batched full-depth pass over the queued prompts; each gets its first token."""
+        start = self._step_start = time.perf_counter()
+        batch, self.prefill_queue = self.prefill_queue, []
+        tokens = self.executor.prefill([r.slot for r in batch], [r.prompt for r in batch], [r.seed for r in batch])
+        now = time.perf_counter()
+        for req, token in zip(batch, tokens):
+            self.requests[req.slot] = req
+            req.position = req.output.prompt_length - 1
+            req.token_start = now
+            self._emit(req, token, self.num_layers - 1, now)
+        self.stats.prefill_steps += 1
+        self.stats.prefill_s += time.perf_counter() - start
+        self.stats.wall_s += time.perf_counter() - start
+
+    # ------------------------------------------------------------------ plan
     def _view(self, now: float) -> SchedulerView:
         done = [-1] * self.store.slots
         ages, waits = {}, {}
@@ -366,8 +505,8 @@ class DrexEngine:
             done[slot] = req.done_through
             ages[slot] = (now - req.token_start) * 1e3
             waits[slot] = req.steps_waiting
-            context = max(context, req.output.prompt_length + len(req.output.tokens))
-        return SchedulerView([list(b) for b in self.buffers], ages, waits, done, context)
+            context = max(context, req.position + 2)
+        return SchedulerView([list(b) for b in self.buffers], ages, waits, done, context, self.buckets)
 
     def _check_decision(self, d: Decision) -> None:
         """Refuse an illegal decision (a bug in a policy) before it can corrupt state."""
@@ -382,189 +521,186 @@ class DrexEngine:
             if not legal or (req is not None and (req.done_through >= d.segment or slot in buffer)):
                 raise RuntimeError(f"policy {self.policy_name} let slot {slot} ride segment {d.segment} illegally")
 
-    def _prefill(self) -> None:
-        batch, self.prefill_queue = self.prefill_queue, []
-        logits = self.runner.prefill([r.slot for r in batch], [r.prompt for r in batch])
-        now = time.perf_counter()
-        for req, row in zip(batch, logits):
-            self.requests[req.slot] = req
-            req.token_start = now
-            self._emit(req, self._pick(row, req), self.num_layers - 1, now)
-
-    def _overhead_ms(self, d: Decision) -> float:
-        """Predicted work of this step besides its segment: the first segment starts tokens (KV fill of
-        those that exited early, their deferred projections); the last completes deferred projections."""
-        if self.cost is None:
-            return 0.0
-        if d.segment == 0:
-            reqs = [self.requests[slot] for slot in d.rows if slot in self.requests]
-            filling = [r.fill_from for r in reqs if r.fill_from is not None]
-            first = min((self._segment_of(layer) for layer in filling), default=None)
-            projected = sum(r.pending_layer is not None for r in reqs)
-            return self.cost.overhead_ms(first, len(filling), projected)
-        if d.segment == self.num_segments - 1:
-            pending = sum(self.requests[slot].pending_layer is not None for slot in self.buffers[0])
-            return self.cost.overhead_ms(projected=pending)
-        return 0.0
-
-    def _execute(self, d: Decision) -> None:
-        s, rows = d.segment, list(d.rows)
-        chosen = set(rows)
+    def _plan(self, d: Decision) -> _Step:
+        """The decision as a plan: segment 0 first projects the chosen rows' deferred tokens (their
+        next tokens embed them), fills the keys/values their last tokens skipped and starts their next
+        tokens; the final segment projects its rows together with every deferred token waiting."""
+        s = d.segment
+        chosen = set(d.rows)
         for buffer in self.buffers:
             for slot in buffer:
                 self.requests[slot].steps_waiting += slot not in chosen
         self.buffers[s] = [slot for slot in self.buffers[s] if slot not in chosen]
+        rows = [self.requests[slot] for slot in d.rows]
+        step = _Step(d, StepPlan(segment=s))
         if s == 0:
-            # tokens whose vocabulary projection was deferred are needed now; some may end their request
-            self._project([self.requests[slot] for slot in rows])
-            rows = [slot for slot in rows if slot in self.requests]
-            if not rows:
-                return
-            self._start_tokens([self.requests[slot] for slot in rows])
-        reqs = [self.requests[slot] for slot in rows]
-        segment = self.runner.segments[s]
-        refill = []
-        for slot in d.riders:
-            rider = self.requests.get(slot)
-            if rider is not None and rider.fill_from is not None and rider.fill_from + 1 == segment.start:
-                refill.append(slot)
-                last = segment.stop - 1  # the ride writes this segment's fill; the rest may follow
-                rider.fill_from = None if last == self.num_layers - 1 else last
-                rider.done_through = s  # its keys/values here are final now: it may not ride s again
-        self.stats.ride_fill_rows += len(refill)
-        x = self.runner.run_segment(s, rows, list(d.riders), refill)
-        self.stats.ride_along_rows += len(d.riders)
-        self.stats.layer_rows += len(self.runner.segments[s]) * (len(rows) + len(d.riders))
-        for req in reqs:
-            req.steps_waiting = 0
-            req.done_through = s
+            self._plan_project(step, [r for r in rows if r.pending_layer is not None], first=True)
+            rows = [r for r in rows if not r.last_is_pending()]
+            self._plan_fill(step, [r for r in rows if r.fill_from is not None])
+            for req in rows:
+                self._start_token(req)
+        self._plan_run(step, rows, self._riders(d))
         if s == self.num_segments - 1:
-            pending = [self.requests[slot] for slot in self.buffers[0] if self.requests[slot].pending_layer is not None]
-            logits = self._project(pending, final=x)  # one lm_head product for both
-            self._finish_tokens(reqs, logits, [self.num_layers - 1] * len(reqs), queued=False)
+            waiting = [self.requests[slot] for slot in self.buffers[0]]
+            step.final = len(rows)
+            self._plan_project(step, rows + [r for r in waiting if r.pending_layer is not None], first=False)
+        return step
+
+    def _plan_projections(self) -> _Step:
+        """A step that only projects the tokens of rows that just exited (defer_projection off)."""
+        rows, self._project_next = self._project_next, []
+        step = _Step(None, StepPlan(segment=None))
+        self._plan_project(step, [r for r in rows if r.slot in self.requests and r.pending_layer is not None], False)
+        return step
+
+    def _plan_project(self, step: _Step, rows: list[_Request], first: bool) -> None:
+        plan = step.plan
+        plan.project_slots = [r.slot for r in rows]
+        plan.project_index = [r.draw for r in rows]
+        plan.project_seeds = [r.seed for r in rows]
+        plan.project_first = first
+        step.projected = rows
+
+    def _plan_fill(self, step: _Step, rows: list[_Request]) -> None:
+        """KV fill, before the rows' next tokens start: the layers after each one's exit, at the
+        position its exited token took."""
+        if not rows:
             return
-        layer = self.runner.boundaries[s]
-        own, logits = self._confident(s, layer, rows, x)
-        if d.exit_rule == "own":
+        plan = step.plan
+        plan.fill_slots = [r.slot for r in rows]
+        plan.fill_positions = [r.position for r in rows]
+        plan.fill_first = [r.fill_from + 1 for r in rows]
+        plan.fill_from = min(plan.fill_first)
+        for req in rows:
+            req.fill_from = None
+
+    def _start_token(self, req: _Request) -> None:
+        req.position += 1
+        req.draw += 1
+        req.passed_at = None
+        req.done_through = -1
+        if req.exits is not None:
+            req.trace_layer = req.exits.next_layer()
+
+    def _riders(self, d: Decision) -> list[tuple[int, int]]:
+        """(slot, position) of each rider. A ride's keys/values are never kept: whatever it writes at
+        a rider's position is rewritten before that row's next token reads it (by the KV fill of an
+        exited row, by a waiting row's own run of the segment), so a skipped layer's keys/values
+        have one way of being computed, the folded product."""
+        return [(slot, getattr(self.requests.get(slot), "position", 0)) for slot in d.riders]
+
+    def _plan_run(self, step: _Step, rows: list[_Request], riders: list[tuple[int, int]]) -> None:
+        """The segment's rows and riders in slot order; riders write their state to the scratch slot."""
+        if not rows:
+            return
+        scratch = self.store.scratch
+        entries = sorted(
+            [(r.slot, r.slot, r.position, 0, r.draw, r.seed, r) for r in rows]
+            + [(slot, scratch, position, 1, 0, 0, None) for slot, position in riders],
+            key=lambda e: e[0],
+        )
+        plan = step.plan
+        plan.slots = [e[0] for e in entries]
+        plan.writes = [e[1] for e in entries]
+        plan.positions = [e[2] for e in entries]
+        plan.riders = [e[3] for e in entries]
+        plan.token_index = [e[4] for e in entries]
+        plan.seeds = [e[5] for e in entries]
+        plan.kv_len = max(plan.positions) + 1
+        lo, hi = plan.slots[0], plan.slots[-1] + 1
+        plan.span = (lo, hi) if hi - lo == len(entries) else None
+        step.running = [e[6] for e in entries]
+
+    # ------------------------------------------------------------------ apply the verdict
+    def _apply(self, step: _Step, verdict: Verdict) -> None:
+        """Emit the projected tokens, then apply the exit check to the segment's rows."""
+        if step.projected:
+            self._emit_projected(step, verdict.projected.tolist())
+        s = step.plan.segment
+        if s is None or s == self.num_segments - 1 or not step.running:
+            return
+        rows = [(i, r) for i, r in enumerate(step.running) if r is not None]
+        live = [(i, r) for i, r in rows if self.requests.get(r.slot) is r]  # a deferred token may have ended one
+        self.stats.wasted_rows += len(rows) - len(live)
+        layer = self.boundaries[s]
+        confidence = verdict.confidence.tolist()
+        own = [self._confident(r, layer, confidence[i]) for i, r in live]
+        rule = step.decision.exit_rule
+        if rule == "own":
             leave = own
-        elif d.exit_rule == "all":
-            leave = [all(own)] * len(rows)
-        elif d.exit_rule == "majority":
-            leave = [sum(own) >= d.quorum * len(own)] * len(rows)
+        elif rule == "all":
+            leave = [all(own)] * len(own)
+        elif rule == "majority":
+            leave = [sum(own) >= step.decision.quorum * len(own)] * len(own)
         else:
-            raise RuntimeError(f"unknown exit rule {d.exit_rule!r}")
-        for req, mine, goes in zip(reqs, own, leave):
+            raise RuntimeError(f"unknown exit rule {rule!r}")
+        tokens = verdict.tokens.tolist() if verdict.tokens is not None else None
+        if self.record_checks:
+            for i, req in live:
+                req.checks = [*(req.checks or []), (layer, confidence[i])]
+        for (i, req), mine, goes in zip(live, own, leave):
             if mine and req.passed_at is None:
                 req.passed_at = layer
             if goes and not mine:
                 req.output.involuntary += 1
                 self.stats.involuntary_exits += 1
-        out = [i for i, goes in enumerate(leave) if goes]
-        stay = [i for i, goes in enumerate(leave) if not goes]
-        if stay:
-            index = torch.tensor(stay, device=x.device)
-            self.runner.keep([rows[i] for i in stay], x.index_select(0, index), exited=False)
-            for i in stay:
-                reqs[i].segment = s + 1
-                self.buffers[s + 1].append(rows[i])
-        if out:
-            index = torch.tensor(out, device=x.device)
-            out_logits = None if logits is None else logits.index_select(0, index)
-            self._exit_rows([reqs[i] for i in out], s, layer, x.index_select(0, index), out_logits)
-
-    def _exit_rows(
-        self, reqs: list[_Request], s: int, layer: int, x: torch.Tensor, logits: torch.Tensor | None
-    ) -> None:
-        """Rows leaving at exit point `s`: keep their hidden states for KV fill, then emit their tokens,
-        or — when the confidence needed no logits — keep the head's features and defer the vocabulary
-        projection until the token is needed, so one lm_head product serves many exits."""
-        self.runner.keep([r.slot for r in reqs], x, exited=True)
-        if logits is not None:  # the confidence needed them already
-            self._finish_tokens(reqs, logits, [layer] * len(reqs), queued=False)
-            return
-        # a request's last token is emitted now: deferring it would keep its slot busy for nothing
-        final = [i for i, r in enumerate(reqs) if len(r.output.tokens) + 1 >= r.max_new_tokens]
-        if not self.defer_projection or len(final) == len(reqs):
-            self._finish_tokens(reqs, self.runner.head_logits(s, x), [layer] * len(reqs), queued=False)
-            return
-        if final:
-            at = torch.tensor(final, device=x.device)
-            logits = self.runner.head_logits(s, x.index_select(0, at))
-            self._finish_tokens([reqs[i] for i in final], logits, [layer] * len(final), queued=False)
-            rest = [i for i in range(len(reqs)) if i not in set(final)]
-            reqs = [reqs[i] for i in rest]
-            x = x.index_select(0, torch.tensor(rest, device=x.device))
-        self.runner.keep_features(s, [r.slot for r in reqs], x)
-        for req in reqs:
-            req.pending_layer = layer
-            req.fill_from = layer
-            req.segment = 0
             req.steps_waiting = 0
-            req.done_through = s
-            self.buffers[0].append(req.slot)
+            if goes:
+                self._exit(req, s, layer, None if tokens is None else tokens[i])
+            else:
+                req.segment = s + 1
+                req.done_through = s
+                self.buffers[s + 1].append(req.slot)
 
-    def _project(self, pending: list[_Request], final: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Emit the deferred tokens of `pending` (those that have one); with `final` (hidden states
-        after the last layer) the same lm_head product also gives, and returns, their logits."""
-        pending = [r for r in pending if r.pending_layer is not None]
-        if not pending:
-            return None if final is None else self.runner.final_logits(final)
-        slots = [r.slot for r in pending]
-        logits = self.runner.project(slots, final)
-        if final is not None:
-            logits, final_logits = logits[len(final) :], logits[: len(final)]
-        layers = [r.pending_layer for r in pending]
-        for req in pending:
-            req.pending_layer = None
-        self._finish_tokens(pending, logits, layers, queued=True)
-        return final_logits if final is not None else None
-
-    def _confident(
-        self, s: int, layer: int, rows: list[int], x: torch.Tensor
-    ) -> tuple[list[bool], torch.Tensor | None]:
-        """Each row's own verdict at this exit point (its confidence against the threshold, or its
-        trace), and the logits if the confidence measure computed them."""
-        confidence, logits = self.runner.check(s, rows, x)
+    def _confident(self, req: _Request, layer: int, confidence: float) -> bool:
+        """The row's own verdict at this exit point: its confidence against the threshold (compared
+        in float64, as the reference decoder does), or its trace."""
         if self.exit_source == "trace":
-            return [self.requests[slot].trace_layer <= layer for slot in rows], logits
-        return (confidence >= self.threshold_at[layer]).reshape(-1).tolist(), logits
+            return req.trace_layer <= layer
+        return confidence >= self.threshold_at[layer]
 
-    def _start_tokens(self, reqs: list[_Request]) -> None:
-        """KV fill for rows that exited early (one product for all), then embed their next tokens."""
-        filled = [r for r in reqs if r.fill_from is not None]
-        if filled:
-            self.runner.fill([r.slot for r in filled], [r.fill_from for r in filled])
-        for req in filled:
-            req.fill_from = None
-        self.runner.embed([r.slot for r in reqs], [r.output.tokens[-1] for r in reqs])
-        for req in reqs:
-            req.passed_at = None
-            req.done_through = -1
-            if req.exits is not None:
-                req.trace_layer = req.exits.next_layer()
+    def _exit(self, req: _Request, s: int, layer: int, token: int | None) -> None:
+        """A row leaving at exit point s: its token now when the check picked it from the exit's
+        logits, else its exit-head features wait in its slot for a deferred projection."""
+        if token is not None:
+            self._finish_token(req, token, layer, queued=False)
+            return
+        req.pending_layer = layer
+        req.fill_from = layer
+        req.segment = 0
+        req.done_through = s
+        self.buffers[0].append(req.slot)
+        if not self.defer_projection:
+            self._project_next.append(req)
 
-    def _finish_tokens(self, reqs: list[_Request], logits: torch.Tensor, layers: list[int], *, queued: bool) -> None:
-        """Pick and emit one token per row; `queued`: the rows already wait in the first buffer."""
-        now = time.perf_counter()
-        if self.settings.do_sample:
-            tokens = [self._pick(row, req) for row, req in zip(logits, reqs)]
-        else:
-            tokens = logits.float().argmax(dim=-1).tolist()
-        last = self.num_layers - 1
-        for req, token, layer in zip(reqs, tokens, layers):
-            self.stats.decoded_tokens += 1
-            self.stats.min_layer_rows += layer + 1
-            if req.passed_at is not None and req.passed_at < layer:
-                req.output.missed += 1
-                self.stats.missed_exits += 1
-            if not queued:  # a deferred row's fill_from was set at its exit, and a ride may have advanced it
-                req.fill_from = None if layer == last else layer
-            self._emit(req, token, layer, now, queued)
+    def _emit_projected(self, step: _Step, tokens: list[int]) -> None:
+        for i, (req, token) in enumerate(zip(step.projected, tokens)):
+            if self.requests.get(req.slot) is not req:
+                continue
+            if i < step.final:
+                self._finish_token(req, token, self.num_layers - 1, queued=False)
+            else:
+                layer, req.pending_layer = req.pending_layer, None
+                self._finish_token(req, token, layer, queued=True)
+
+    def _finish_token(self, req: _Request, token: int, layer: int, *, queued: bool) -> None:
+        """Account and emit one token; `queued`: the row already waits in the first buffer."""
+        self.stats.decoded_tokens += 1
+        self.stats.min_layer_rows += layer + 1
+        if req.passed_at is not None and req.passed_at < layer:
+            req.output.missed += 1
+            self.stats.missed_exits += 1
+        if not queued:  # a deferred row's fill_from was set at its exit
+            req.fill_from = None if layer == self.num_layers - 1 else layer
+        self._emit(req, token, layer, time.perf_counter(), queued)
 
     def _emit(self, req: _Request, token: int, layer: int, now: float, queued: bool = False) -> None:
         out = req.output
         out.tokens.append(int(token))
         out.exit_layers.append(layer)
+        if self.record_checks:
+            out.checks.append(req.checks or [])
+            req.checks = None
         out.token_times.append(self.stats.wall_s + time.perf_counter() - self._step_start)
         self.stats.tokens += 1
         self.stats.exits_per_layer[layer] = self.stats.exits_per_layer.get(layer, 0) + 1
@@ -584,14 +720,64 @@ class DrexEngine:
         req.segment = 0
         req.steps_waiting = 0
         # keys/values past the exit are filled before the next token starts: until then the slot may ride
-        req.done_through = self.num_segments - 1 if req.fill_from is None else self._segment_of(layer)
+        req.done_through = self.num_segments - 1 if req.fill_from is None else self.boundaries.index(layer)
         self.buffers[0].append(req.slot)
 
-    def _segment_of(self, exit_layer: int) -> int:
-        return self.runner.boundaries.index(exit_layer)
+    # ------------------------------------------------------------------ statistics
+    @property
+    def boundaries(self) -> list[int]:
+        return self.executor.boundaries
 
-    def _pick(self, logits: torch.Tensor, req: _Request) -> int:
-        return pick_token(logits, self.settings, self.warpers, req.generator)
+    def _account(self, step: _Step, start: float) -> None:
+        elapsed = time.perf_counter() - start
+        plan, d = step.plan, step.decision
+        self.stats.wall_s += elapsed
+        self.stats.steps += 1
+        if plan.segment is not None and plan.slots:
+            depth = len(self.segments[plan.segment])
+            n = len(plan.slots)
+            self.stats.layer_rows += depth * n
+            self.stats.padded_layer_rows += depth * (bucket_of(self.buckets, n) - n)
+            self.stats.ride_along_rows += sum(plan.riders)
+        predicted = None
+        if d is not None and d.predicted_ms is not None:
+            predicted = d.predicted_ms + self._overhead_ms(step)
+        self.stats.predicted_ms.append(predicted)
+        self.stats.measured_ms.append(elapsed * 1e3)
+        self.stats.step_segments.append(-1 if plan.segment is None else plan.segment)
+        if self.stats.decisions is not None:
+            self.stats.decisions.append(
+                {
+                    "step": self.stats.steps,
+                    "segment": plan.segment,
+                    "rows": len(plan.slots) - sum(plan.riders),
+                    "riders": sum(plan.riders),
+                    "bucket": bucket_of(self.buckets, len(plan.slots)),
+                    "fills": len(plan.fill_slots),
+                    "projections": len(plan.project_slots),
+                    "waiting": [len(b) for b in self.buffers],
+                    "predicted_ms": predicted,
+                    "measured_ms": elapsed * 1e3,
+                    "reason": d.reason if d is not None else "deferred projections",
+                }
+            )
+
+    def _overhead_ms(self, step: _Step) -> float:
+        """Predicted work of this step besides its segment: the KV fill of the tokens it starts (one
+        product from the shallowest exit point among them) and the vocabulary projections it makes
+        beside the final segment's own rows."""
+        if self.cost is None:
+            return 0.0
+        plan = step.plan
+        first = None
+        if plan.fill_slots:
+            first = self.boundaries.index(plan.fill_from - 1)
+        return self.cost.overhead_ms(first, len(plan.fill_slots), len(plan.project_slots) - step.final)
+
+
+def _key_bucket(key: tuple) -> int:
+    """The row bucket of an executor program key (graphs are captured largest first)."""
+    return key[2] if key[0] == "segment" else key[1]
 
 
 def segment_boundaries(
@@ -621,4 +807,4 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-__all__ = ["DrexEngine", "EngineStats", "RequestOutput", "RandomPolicy"]
+__all__ = ["DrexEngine", "EngineStats", "RequestOutput", "RandomPolicy", "LOGIT_MEASURES"]

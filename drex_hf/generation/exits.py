@@ -3,13 +3,16 @@
 `heads`: the exit head's confidence against its threshold (the real thing, the default).
 `trace`: the exit layer is replayed from a recorded run (`ExitReplay`, e.g. `exit_layers` of an
 earlier `generate`) or drawn per token from a stated distribution over the exit points
-(`ExitDistribution`), seeded per request so a request's exits never depend on its neighbours.
+(`ExitDistribution`), seeded per request so a request's exits never depend on its neighbours (token
+i's exit is a function of the request's seed and i: the counter-based draw of `sampling`).
 With a trace the engine still pays every real cost (segments, confidence checks, the exiting rows'
 vocabulary projection, KV fill); only the decision is taken from the trace.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from drex_hf.errors import GenerationInputError
+from drex_hf.generation.sampling import host_uniform
 
 
 @dataclass(frozen=True)
@@ -92,16 +96,17 @@ class RequestExits:
         self.points = [*exit_layers, num_layers - 1]
         self.replay = replay
         self.index = 0  # token 0 is the prefill's
-        self.generator: torch.Generator | None = None
+        self.seed: int | None = None
         if dist is not None:
             probabilities, seed = dist
-            self.probabilities = torch.tensor(probabilities, dtype=torch.float64)
-            self.generator = torch.Generator().manual_seed(int(seed))
+            self.seed = int(seed)
+            self.cumulative = list(itertools.accumulate(probabilities))
 
     def next_layer(self) -> int:
         self.index += 1
-        if self.generator is not None:
-            return self.points[int(torch.multinomial(self.probabilities, 1, generator=self.generator))]
+        if self.seed is not None:  # token i's exit: the counter-based draw (seed, i), inverted on the host
+            u = host_uniform(self.seed, self.index) * self.cumulative[-1]
+            return self.points[min(bisect.bisect_right(self.cumulative, u), len(self.points) - 1)]
         if self.replay is None or self.index >= len(self.replay) or self.replay[self.index] < 0:
             return self.points[-1]
         return int(self.replay[self.index])

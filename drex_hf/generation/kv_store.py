@@ -1,12 +1,14 @@
 """`RowKVCache`: static per-request slots for keys/values, plugged into transformers' attention.
 
-One allocation per model: keys and values `[layers, slots, kv_heads, max_len, head_dim]` in the
-model's dtype, zero-initialised (masked keys must stay finite); `keys(l)` is layer l's
-`[slots, kv_heads, max_len, head_dim]` view. Before a segment runs, `bind()` names the slots in the
-call and each one's query positions; the decoder layers' own attention then calls `update()`, which
-writes the new keys/values at each row's own positions (`kv_append`) and returns the rows'
-keys/values up to the longest one (a view when the rows are a contiguous run of slots, a gathered
-copy otherwise) — or, bound `indexed`, the whole layer store for indexed decode attention.
+One allocation per model: keys and values `[layers, slots + 1, kv_heads, max_len, head_dim]` in the
+model's dtype, zero-initialised (masked keys must stay finite); the extra slot is scratch, where
+padding rows of a bucketed step write (never handed to a request). `keys(l)` is layer l's view.
+Before a segment runs, `bind()` names the slots in the call, each one's query positions and the
+key/value length to attend over — all known on the host, so binding reads nothing back from the
+device; the decoder layers' own attention then calls `update()`, which writes the new keys/values at
+each row's own positions (`kv_append`) and returns the rows' keys/values up to that length (views
+when the rows are a contiguous run of slots, a gathered copy otherwise) — or, bound `indexed`, the
+whole layer store for indexed decode attention.
 """
 
 from __future__ import annotations
@@ -43,11 +45,14 @@ class RowKVCache(Cache):
         super().__init__(layers=[])
         if slots < 1 or max_len < 1:
             raise GenerationInputError(f"RowKVCache needs slots >= 1 and max_len >= 1, got {slots} and {max_len}")
-        shape = (num_layers, slots, kv_heads, max_len, head_dim)
+        shape = (num_layers, slots + 1, kv_heads, max_len, head_dim)  # + the scratch slot
         self.key_store = torch.zeros(shape, dtype=dtype, device=device)
         self.value_store = torch.zeros(shape, dtype=dtype, device=device)
         self.num_layers, self.slots, self.max_len = num_layers, slots, max_len
+        self.scratch = slots  # where padding rows write; never allocated
         self._free = list(range(slots))
+        self._arange = torch.arange(slots + 1, device=device)
+        self._layer_index = torch.arange(num_layers, device=device)
         self._rows: torch.Tensor | slice = slice(0, 0)
         self._write_rows: torch.Tensor | None = None
         self._write_pos: torch.Tensor | None = None
@@ -99,23 +104,30 @@ class RowKVCache(Cache):
         return self.key_store.nbytes + self.value_store.nbytes
 
     # ------------------------------------------------------------------ the attention interface
-    def bind(self, slots: list[int], positions: torch.Tensor, *, indexed: bool = False) -> None:
-        """Rows of the next layer calls: `slots` (sorted ascending) and their query positions `[n, q]`.
-
-        `indexed` (one query per row): `update()` returns the whole layer store and the attention
-        reads each row in place through `indexed_rows()`, instead of a gathered window."""
-        lo, hi = slots[0], slots[-1] + 1
-        device = self.key_store.device
-        self._kv_len = int(positions.max()) + 1
+    def bind(
+        self,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        *,
+        kv_len: int,
+        span: tuple[int, int] | None = None,
+        lengths: torch.Tensor | None = None,
+        indexed: bool = False,
+    ) -> None:
+        """Rows of the next layer calls: `slots [n]` and their query positions `[n, q]`, attending
+        over the first `kv_len` positions. `span` (lo, hi): the slots are exactly lo..hi-1, read as
+        views. `indexed` (one query per row, `lengths [n]` = position + 1): `update()` returns the
+        whole layer store and the attention reads each row in place through `indexed_rows()`."""
+        self._kv_len = kv_len
         self._write_pos = positions
         self._indexed = None
-        if not indexed and hi - lo == len(slots):  # a contiguous run of slots: views, no gathered copy
-            self._rows = slice(lo, hi)
-            self._write_rows = torch.arange(len(slots), device=device)
+        if span is not None and not indexed:
+            self._rows = slice(*span)
+            self._write_rows = self._arange[: span[1] - span[0]]
             return
-        self._rows = self._write_rows = torch.tensor(slots, device=device)
+        self._rows = self._write_rows = slots
         if indexed:
-            self._indexed = IndexedRows(self._rows, positions[:, -1] + 1, self._kv_len)
+            self._indexed = IndexedRows(slots, lengths, kv_len)
 
     def indexed_rows(self) -> IndexedRows | None:
         """The bound rows' slots and lengths, when bound `indexed`."""
@@ -138,12 +150,22 @@ class RowKVCache(Cache):
         return window_k.index_select(0, self._rows), window_v.index_select(0, self._rows)
 
     def write(
-        self, layers: range, slots: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+        self,
+        layers: range,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        first_layer: torch.Tensor,
     ) -> None:
-        """KV fill: keys/values `[n, len(layers), kv_heads, head_dim]` for one position per slot, all layers at once."""
+        """KV fill: keys/values `[n, len(layers), kv_heads, head_dim]` for one position per slot, kept
+        only for the layers at or after each row's `first_layer` (the others are written back as they
+        were: one indexed read and write for all rows, whatever their first layers)."""
         block = slice(layers.start, layers.stop)
-        self.key_store[block, slots, :, positions] = keys.to(self.key_store.dtype)
-        self.value_store[block, slots, :, positions] = values.to(self.value_store.dtype)
+        keep = (self._layer_index[block].unsqueeze(0) >= first_layer.unsqueeze(1))[:, :, None, None]
+        for store, new in ((self.key_store, keys), (self.value_store, values)):
+            old = store[block, slots, :, positions]
+            store[block, slots, :, positions] = torch.where(keep, new.to(store.dtype), old)
 
     @property
     def kv_len(self) -> int:

@@ -1,9 +1,11 @@
-"""Quick start-up measurement of the scheduler's cost constants on the current device.
+"""Start-up measurement of the scheduler's cost constants: the executor's own steps, timed.
 
-When no calibration file is given, the engine times each segment (with its exit check, or the
-final norm and lm_head) on 1, 2, 4, ... all slots, and on three slots in four, contiguous vs
-scattered (the regrouping cost: a gathered copy of keys/values); it keeps the table and fits
-`T_s(n) = a_s + b_s·n`. It runs on the still-empty slots, so it writes nothing a request will read.
+When no calibration file is given, the engine times whole steps as they will run — the plan upload,
+the programs (CUDA graphs where captured) and the verdict read — for each segment on 1, 2, 4, ... all
+slots (at row buckets, the buckets themselves), the last segment with its rows' vocabulary
+projection, and on three slots in four, contiguous vs scattered (the regrouping cost of eager
+programs: a gathered copy of keys/values). It keeps the table and fits `T_s(n) = a_s + b_s·n`. It
+runs on the still-empty slots, so it writes nothing a request will read.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from drex_hf.generation.runner import SegmentRunner
+from drex_hf.generation.executor import StepExecutor
+from drex_hf.generation.plan import StepPlan
 from drex_hf.generation.scheduler import CostModel
 
 
@@ -35,24 +38,38 @@ def _time_ms(fn: Callable[[], object], repeats: int, device: torch.device, stati
     return statistics.median(times) if statistic == "median" else min(times)
 
 
+def segment_plan(executor: StepExecutor, s: int, slots: list[int], position: int) -> StepPlan:
+    """A step of segment s on `slots`, every row at `position` (the last segment projects its rows)."""
+    plan = StepPlan(
+        segment=s,
+        slots=list(slots),
+        writes=list(slots),
+        positions=[position] * len(slots),
+        riders=[0] * len(slots),
+        token_index=[0] * len(slots),
+        seeds=[0] * len(slots),
+        kv_len=position + 1,
+    )
+    lo, hi = min(slots), max(slots) + 1
+    plan.span = (lo, hi) if hi - lo == len(slots) else None
+    if s == len(executor.segments) - 1:
+        plan.project_slots = list(slots)
+        plan.project_index = [0] * len(slots)
+        plan.project_seeds = [0] * len(slots)
+    return plan
+
+
 @torch.no_grad()
-def segment_time_ms(runner: SegmentRunner, s: int, rows: list[int], repeats: int = 3) -> float:
-    """Fastest milliseconds of one step of segment `s` on `rows`: the layers, then the exit check
-    (or, for the last segment, the final norm and lm_head)."""
-    last = s == len(runner.segments) - 1
-
-    def once() -> None:
-        x = runner.run_segment(s, rows)
-        if last:
-            runner.final_logits(x)
-        else:
-            runner.check(s, rows, x)
-
-    return _time_ms(once, repeats, torch.device(runner.device))
+def step_time_ms(executor: StepExecutor, s: int, slots: list[int], position: int, repeats: int = 3) -> float:
+    """Fastest milliseconds of one whole step of segment s on `slots` (upload, programs, read-back)."""
+    plan = segment_plan(executor, s, slots, position)
+    return _time_ms(lambda: executor.execute(plan), repeats, executor.device)
 
 
-def row_counts(slots: int) -> list[int]:
-    """1, 2, 4, ... up to `slots`, and `slots` itself."""
+def row_counts(slots: int, buckets: list[int] | None = None) -> list[int]:
+    """1, 2, 4, ... up to `slots`, and `slots` itself; at row buckets (graphs), the buckets."""
+    if buckets is not None and len(buckets) < slots:
+        return [b for b in buckets if b <= slots] or [slots]
     counts, n = [], 1
     while n < slots:
         counts.append(n)
@@ -71,34 +88,42 @@ def fit_line(rows: list[int], times: list[float]) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def measure_cost_model(runner: SegmentRunner, context: int = 128, repeats: int = 3) -> CostModel:
-    """Time every segment at 1, 2, 4, ... all slots (keys/values at `context` positions) on the
-    engine's empty slots, and the regrouping cost (three slots in four, scattered vs contiguous)."""
-    slots = runner.store.slots
-    context = max(1, min(context, runner.store.max_len))
-    saved = runner.positions.clone()
-    runner.positions.fill_(context - 1)
-    rows = row_counts(slots)
+def measure_cost_model(executor: StepExecutor, context: int = 128, repeats: int = 3) -> CostModel:
+    """Time a step of every segment at 1, 2, 4, ... all slots (or at every bucket) with keys/values
+    at `context` positions, on the executor's empty slots, and the regrouping cost of eager programs
+    (three slots in four, scattered vs contiguous)."""
+    slots = executor.store.slots
+    position = max(1, min(context, executor.store.max_len)) - 1
+    bucketed = executor.static
+    rows = row_counts(slots, executor.buckets if bucketed else None)
     a, b, regroup, table = [], [], [], []
-    try:
-        for s in range(len(runner.segments)):
-            times = [segment_time_ms(runner, s, list(range(n)), repeats) for n in rows]
-            table.append(times)
-            line = fit_line(rows, times)
-            a.append(line[0])
-            b.append(line[1])
-            if slots >= 4:
-                # three rows in four, as after an exit point: scattered (gathered copies) vs contiguous
-                scattered = [i for i in range(slots) if i % 4 != 3]
-                together = segment_time_ms(runner, s, list(range(len(scattered))), repeats)
-                apart = segment_time_ms(runner, s, scattered, repeats)
-                regroup.append(max(0.0, (apart - together) / len(scattered)))
-            else:
-                regroup.append(0.0)
-    finally:
-        runner.positions.copy_(saved)
+    for s in range(len(executor.segments)):
+        times = [step_time_ms(executor, s, list(range(n)), position, repeats) for n in rows]
+        table.append(times)
+        line = fit_line(rows, times)
+        a.append(line[0])
+        b.append(line[1])
+        if slots >= 4 and not bucketed:
+            # three rows in four, as after an exit point: scattered (gathered copies) vs contiguous
+            scattered = [i for i in range(slots) if i % 4 != 3]
+            together = step_time_ms(executor, s, list(range(len(scattered))), position, repeats)
+            apart = step_time_ms(executor, s, scattered, position, repeats)
+            regroup.append(max(0.0, (apart - together) / len(scattered)))
+        else:
+            regroup.append(0.0)
     from drex_hf.generation.engine import device_name
 
-    device = device_name(runner.device)
-    source = f"measured at start-up on {device}"
-    return CostModel(a, b, regroup, context, source=source, device=device, rows=rows, table_ms=table)
+    device = device_name(executor.device)
+    how = "CUDA graphs" if executor.graphs is not None else "eager programs"
+    source = f"measured at start-up on {device} ({how})"
+    return CostModel(
+        a,
+        b,
+        regroup,
+        position + 1,
+        source=source,
+        device=device,
+        rows=rows,
+        table_ms=table,
+        buckets=list(executor.buckets) if bucketed else None,
+    )

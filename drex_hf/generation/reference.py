@@ -4,7 +4,9 @@ Prefill runs the prompt at full depth. Each later token runs segment by segment;
 point the head's confidence is compared with that exit's threshold, and the first exit that passes
 emits the token. The skipped layers' keys/values are then filled by projection (each skipped
 layer's input norm and k/v projections applied to the exit hidden state, rotary at the token's
-position), so later tokens attend to a complete cache. The rebatching engine is tested against it.
+position), so later tokens attend to a complete cache. Sampled tokens come from the same
+counter-based draw as the engine's (the request's seed and the token's number). The rebatching
+engine is tested against it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from drex_hf.arch import build_attention_mask
-from drex_hf.generation.settings import DecodeSettings, pick_token
+from drex_hf.generation.sampling import as_seed, pick_tokens
+from drex_hf.generation.settings import DecodeSettings
 from drex_hf.heads import exit_confidence
 
 if TYPE_CHECKING:
@@ -98,9 +101,12 @@ class ReferenceDecoder:
             keys, values = self.arch.kv_projection(index, hidden, rotary)
             kv.append(index, keys, values)
 
-    def pick(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
-        """Greedy argmax, or a sample through HF's warpers with this request's generator."""
-        return pick_token(logits, self.settings, self.warpers, generator)
+    def pick(self, logits: torch.Tensor, seed: int, index: int) -> int:
+        """Greedy argmax, or a sample through HF's warpers with this request's draw number `index`."""
+        device = logits.device
+        seeds = torch.tensor([as_seed(seed)], device=device)
+        counters = torch.tensor([index], device=device)
+        return int(pick_tokens(logits.reshape(1, -1), self.settings.do_sample, self.warpers, seeds, counters)[0])
 
     def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.arch.lm_head(self.arch.final_norm(hidden))
@@ -115,9 +121,10 @@ class ReferenceDecoder:
         return self.final_logits(hidden[:, -1])
 
     def decode_token(
-        self, token: int, position: int, kv: RequestKV, generator: torch.Generator | None
+        self, token: int, position: int, kv: RequestKV, seed: int, index: int
     ) -> tuple[int, int, list[tuple[int, float]]]:
-        """One decode step: returns (next token, layer it left at, the exit checks made)."""
+        """One decode step, the request's token number `index`: returns (next token, layer it left
+        at, the exit checks made)."""
         device = self.model.heads_device
         ids = torch.tensor([[token]], device=device)
         positions = torch.tensor([[position]], device=device)
@@ -138,20 +145,18 @@ class ReferenceDecoder:
                     if logits is None:
                         logits = head.logits(hidden)
                     self.fill_skipped(hidden, start, rotary, kv)
-                    return self.pick(logits[:, -1], generator), layer, checks
+                    return self.pick(logits[:, -1], seed, index), layer, checks
             previous = hidden
         hidden = self.run_layers(hidden, range(start, self.num_layers), positions, rotary, kv)
-        return self.pick(self.final_logits(hidden[:, -1]), generator), self.num_layers - 1, checks
+        return self.pick(self.final_logits(hidden[:, -1]), seed, index), self.num_layers - 1, checks
 
     # ------------------------------------------------------------------ one request
-    def decode(
-        self, prompt: torch.Tensor, generator: torch.Generator | None = None, streamer: Any = None
-    ) -> RequestResult:
+    def decode(self, prompt: torch.Tensor, seed: int = 0, streamer: Any = None) -> RequestResult:
         kv = RequestKV(self.num_layers)
         result = RequestResult()
         if streamer is not None:
             streamer.put(prompt.unsqueeze(0).cpu())
-        token = self.pick(self.prefill(prompt, kv), generator)
+        token = self.pick(self.prefill(prompt, kv), seed, 0)
         layer, checks = self.num_layers - 1, []
         eos = set(self.settings.eos_token_ids)
         while True:
@@ -163,7 +168,7 @@ class ReferenceDecoder:
             if token in eos or len(result.tokens) >= self.settings.max_new_tokens:
                 break
             position = prompt.shape[0] + len(result.tokens) - 1
-            token, layer, checks = self.decode_token(token, position, kv, generator)
+            token, layer, checks = self.decode_token(token, position, kv, seed, len(result.tokens))
         if streamer is not None:
             streamer.end()
         return result
@@ -178,13 +183,8 @@ def generate_reference(
     seeds: list[int] | None = None,
     streamer: Any = None,
 ) -> list[RequestResult]:
-    """Decode each prompt alone with the reference decoder; `seeds` give each its own generator."""
+    """Decode each prompt alone with the reference decoder; `seeds` give each its own draws."""
     decoder = ReferenceDecoder(model, settings, thresholds)
-    results = []
-    for i, prompt in enumerate(prompts):
-        generator = None
-        if settings.do_sample:
-            generator = torch.Generator(device=prompt.device)
-            generator.manual_seed(int(seeds[i]))
-        results.append(decoder.decode(prompt, generator, streamer))
-    return results
+    return [
+        decoder.decode(prompt, int(seeds[i]) if seeds is not None else 0, streamer) for i, prompt in enumerate(prompts)
+    ]

@@ -39,6 +39,7 @@ class Decision:
     exit_rule: str = "own"  # own | all | majority | none
     quorum: float = 0.5
     predicted_ms: float | None = None
+    reason: str = ""  # why the policy chose this (recorded with `record_decisions`)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class SchedulerView:
     steps_waiting: dict[int, int]
     done_through: list[int]
     context: int = 1
+    buckets: list[int] | None = None  # the row counts programs run at (None: any count)
 
     def riders_for(self, s: int, rows: list[int]) -> list[int] | None:
         """Slots filling the gaps between `rows`, if every one of them may ride through `s`."""
@@ -98,6 +100,7 @@ class CostModel:
     fill_ms: list[list[float]] | None = None  # [exit point][row count]: KV fill of all layers after it
     project_ms: list[float] | None = None  # [row count]: deferred vocabulary projections
     context_ms: list[float] | None = None  # [segment]: ms per row per cached position beyond context_ref
+    buckets: list[int] | None = None  # programs run padded to these row counts: n rows cost their bucket
 
     def overhead_ms(self, fill_exit: int | None = None, fill_rows: int = 0, projected: int = 0) -> float:
         """Work a step does besides its segment: the KV fill of the tokens it starts (one product from
@@ -105,15 +108,16 @@ class CostModel:
         model has no such tables (the start-up measurement)."""
         total = 0.0
         if self.fill_ms and fill_exit is not None and fill_rows:
-            total += interpolate(self.rows, self.fill_ms[fill_exit], fill_rows)
+            total += interpolate(self.rows, self.fill_ms[fill_exit], self.padded(fill_rows))
         if self.project_ms and projected:
-            total += interpolate(self.rows, self.project_ms, projected)
+            total += interpolate(self.rows, self.project_ms, self.padded(projected))
         return total
 
     def segment_ms(self, s: int, n: int, context: int | None = None) -> float:
         """Segment s on n rows at `context` cached positions (the reference context when None): the
         table (or line) at the reference, plus `context_ms[s]·n` per position beyond it (attention's
         share, measured at a longer context), never below half the reference time."""
+        n = self.padded(n)
         if self.table_ms is None or not self.rows:
             base = self.a_ms[s] + self.b_ms[s] * n
         else:
@@ -121,6 +125,14 @@ class CostModel:
         if context is None or not self.context_ms:
             return base
         return max(0.5 * base, base + self.context_ms[s] * n * (context - self.context_ref))
+
+    def padded(self, n: int) -> int:
+        """The rows a step of n rows really runs: its bucket, when programs run at buckets."""
+        if not self.buckets or n <= 0:
+            return n
+        from drex_hf.generation.plan import bucket_of
+
+        return bucket_of(self.buckets, min(n, self.buckets[-1]))
 
     def regroup(self, s: int, n: int, context: int) -> float:
         return self.regroup_ms[s] * n * context / max(self.context_ref, 1)
@@ -144,6 +156,7 @@ class CostModel:
             "fill_ms": self.fill_ms,
             "project_ms": self.project_ms,
             "context_ms": self.context_ms,
+            "buckets": self.buckets,
         }
 
     @classmethod
@@ -181,6 +194,7 @@ class CostModel:
                 fill_ms=[[float(v) for v in row] for row in entry["fill_ms"]] if entry.get("fill_ms") else None,
                 project_ms=[float(v) for v in entry["project_ms"]] if entry.get("project_ms") else None,
                 context_ms=[float(v) for v in entry["context_ms"]] if entry.get("context_ms") else None,
+                buckets=[int(v) for v in entry["buckets"]] if entry.get("buckets") else None,
             )
         except (KeyError, TypeError, ValueError) as err:
             raise GenerationInputError(f"{path}: malformed cost constants for {device!r} ({err})") from None
@@ -211,7 +225,7 @@ class FullPolicy(Policy):
 
     def pick(self, view: SchedulerView) -> Decision:
         rows = list(view.buffers[0])
-        return Decision(0, tuple(rows), (), "none", predicted_ms=self.predict(view, 0, rows, []))
+        return Decision(0, tuple(rows), (), "none", predicted_ms=self.predict(view, 0, rows, []), reason="every row")
 
 
 class BatchPolicy(Policy):
@@ -224,7 +238,8 @@ class BatchPolicy(Policy):
     def pick(self, view: SchedulerView) -> Decision:
         s = max(i for i, b in enumerate(view.buffers) if b)
         rows = list(view.buffers[s])
-        return Decision(s, tuple(rows), (), self.exit_rule, self.quorum, self.predict(view, s, rows, []))
+        predicted = self.predict(view, s, rows, [])
+        return Decision(s, tuple(rows), (), self.exit_rule, self.quorum, predicted, reason="the deepest group")
 
 
 class BatchAllPolicy(BatchPolicy):
@@ -256,44 +271,54 @@ class DrexPolicy(Policy):
     slack: float = 0.75
     ride_tolerance: float = 0.05
     max_wait_steps: int | None = None
+    ride: bool = True  # may exited rows ride along to keep a batch contiguous (off with CUDA graphs)
     name: str = field(default="drex", init=False)
     exit_rule: str = field(default="own", init=False)
 
-    def plan(self, view: SchedulerView, s: int) -> tuple[list[int], list[int], float]:
-        """Rows, riders and predicted ms for running buffer s: split (gathered) or ride along."""
+    def plan(self, view: SchedulerView, s: int) -> tuple[list[int], list[int], float, str]:
+        """Rows, riders, predicted ms and how, for running buffer s: split (gathered), ride along,
+        or — when programs run at row buckets — only the rows that fill the bucket below, if its step
+        and a later one for the rest cost less than padding all of them up to the next bucket."""
         rows = list(view.buffers[s])
         n = len(rows)
         split_ms = self.predict(view, s, rows, [])
-        riders = view.riders_for(s, rows)
+        riders = view.riders_for(s, rows) if self.ride else None
         if riders:
             ride_ms = self.cost.predict(s, n + len(riders), True, view.context)
             # near a tie, ride: riders that exited earlier get their KV fill from the ride (a product the
             # split pays later, outside T_s), and a contiguous batch reads its keys/values in place
             if ride_ms <= split_ms * (1.0 + self.ride_tolerance):
-                return rows, riders, ride_ms
-        return rows, [], split_ms
+                return rows, riders, ride_ms, "ride"
+        below = [b for b in (view.buckets or ()) if b < n]
+        if below and self.cost.padded(n) > n:
+            first = self.predict(view, s, rows[: below[-1]], [])
+            rest = self.predict(view, s, rows[below[-1] :], [])
+            if first + rest < split_ms:
+                return rows[: below[-1]], [], first, "rebucket"
+        return rows, [], split_ms, "split"
 
     def pick(self, view: SchedulerView) -> Decision:
         waiting = [s for s, b in enumerate(view.buffers) if b]
         plans = {s: self.plan(view, s) for s in waiting}
-        urgent = self._urgent(view, plans)
+        urgent, why = self._urgent(view, plans)
         if urgent is not None:
             s = urgent
         else:
             eff = {s: self.cost.b_ms[s] * len(plans[s][0]) / max(plans[s][2], 1e-9) for s in waiting}
             best = max(eff.values())
             s = max(x for x in waiting if eff[x] >= (1.0 - self.slack) * best)
-        rows, riders, ms = plans[s]
-        return Decision(s, tuple(rows), tuple(riders), "own", predicted_ms=ms)
+            why = "deepest" if s == max(waiting) else "more efficient"
+        rows, riders, ms, how = plans[s]
+        return Decision(s, tuple(rows), tuple(riders), "own", predicted_ms=ms, reason=f"{why}, {how}")
 
-    def _urgent(self, view: SchedulerView, plans: dict) -> int | None:
+    def _urgent(self, view: SchedulerView, plans: dict) -> tuple[int | None, str]:
         """The buffer of the row closest to breaking the SLA (or waiting too many steps), if any."""
         limit = self.max_wait_steps if self.max_wait_steps is not None else 4 * self.num_segments
         stalled = [s for s in plans if any(view.steps_waiting.get(r, 0) >= limit for r in view.buffers[s])]
         if stalled:
-            return max(stalled)
+            return max(stalled), "stalled"
         if self.sla_tpot_ms is None:
-            return None
+            return None, ""
         worst, where = None, None
         for s in plans:
             later = range(s, self.num_segments)
@@ -302,7 +327,7 @@ class DrexPolicy(Policy):
                 slack = self.sla_tpot_ms - view.token_age_ms.get(row, 0.0) - remaining
                 if slack < 0.5 * self.sla_tpot_ms and (worst is None or slack < worst):
                     worst, where = slack, s
-        return where
+        return where, "sla"
 
 
 class RandomPolicy(Policy):
@@ -321,7 +346,7 @@ class RandomPolicy(Policy):
         eligible = [slot for slot, done in enumerate(view.done_through) if done < s and slot not in rows]
         eligible = [slot for slot in eligible if slot not in buffer]
         riders = self.rng.sample(eligible, self.rng.randint(0, len(eligible))) if eligible else []
-        return Decision(s, tuple(rows), tuple(riders), "own")
+        return Decision(s, tuple(rows), tuple(riders), "own", reason="random")
 
 
 def make_policy(

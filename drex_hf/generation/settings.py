@@ -39,22 +39,19 @@ class DecodeSettings:
     pad_token_id: int = 0
 
     def warpers(self) -> list[Any]:
-        """HF's own logits warpers, in HF's order (temperature, top-k, top-p)."""
-        from transformers.generation.logits_process import (
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
+        """The logits warpers in HF's order (temperature, top-k, top-p), with HF's semantics
+        (`drex_hf.generation.sampling`); none for greedy decoding."""
+        from drex_hf.generation.sampling import Temperature, TopK, TopP
 
         if not self.do_sample:
             return []
         out: list[Any] = []
         if self.temperature != 1.0:
-            out.append(TemperatureLogitsWarper(float(self.temperature)))
+            out.append(Temperature(self.temperature))
         if self.top_k:
-            out.append(TopKLogitsWarper(int(self.top_k)))
+            out.append(TopK(self.top_k))
         if self.top_p is not None and self.top_p < 1.0:
-            out.append(TopPLogitsWarper(float(self.top_p)))
+            out.append(TopP(self.top_p))
         return out
 
 
@@ -96,16 +93,6 @@ UNSUPPORTED_AT_DEFAULT = {
     "output_hidden_states": False,
     "remove_invalid_values": False,
 }
-
-
-def pick_token(logits: torch.Tensor, settings: DecodeSettings, warpers: list[Any], generator: Any) -> int:
-    """Greedy argmax, or a sample through HF's warpers (`settings.warpers()`) with the request's generator."""
-    scores = logits.float().reshape(1, -1)
-    if not settings.do_sample:
-        return int(scores.argmax(dim=-1))
-    for warper in warpers:
-        scores = warper(None, scores)
-    return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator))
 
 
 def merge_generation_config(base_model: Any, generation_config: Any, overrides: dict[str, Any]) -> Any:

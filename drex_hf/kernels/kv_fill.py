@@ -230,8 +230,10 @@ def kv_fill_project_reference(
     *,
     layers_from: int,
 ) -> None:
-    """One `linear` over the stacked weights of layers `layers_from..`, rotary, one indexed write per
-    distinct first layer."""
+    """One `linear` over the stacked weights of layers `layers_from..`, rotary, then one indexed read
+    and write of those layers at the rows' slots and positions that keeps each row's new keys/values
+    from its first layer on (what it did not skip is written back unchanged). Nothing here reads
+    the device's data on the host, so it is safe inside a captured program."""
     n, width = hidden.shape
     layers, _, kv_heads, _, head_dim = key_store.shape
     w = weight[layers_from:].reshape(-1, width)
@@ -240,14 +242,12 @@ def kv_fill_project_reference(
     kv = kv.view(n, layers - layers_from, 2, kv_heads, head_dim)
     keys, values = kv[:, :, 0], kv[:, :, 1]
     if rotary is not None:
-        cos, sin = (part.to(keys.dtype)[:, None, None, :] for part in rotary)
+        cos, sin = (part.to(keys.dtype).view(n, 1, 1, head_dim) for part in rotary)
         lo, hi = keys[..., : head_dim // 2], keys[..., head_dim // 2 :]
         keys = keys * cos + torch.cat([-hi, lo], dim=-1) * sin
-    for start in sorted(set(first_layer.tolist())):
-        if start >= layers:
-            continue
-        rows = (first_layer == start).nonzero().squeeze(1)
-        block = slice(start, layers)
-        skip = start - layers_from
-        key_store[block, slots[rows], :, positions[rows]] = keys[rows, skip:].to(key_store.dtype)
-        value_store[block, slots[rows], :, positions[rows]] = values[rows, skip:].to(value_store.dtype)
+    depth = torch.arange(layers_from, layers, device=hidden.device)
+    keep = (depth >= first_layer.unsqueeze(1)).view(n, layers - layers_from, 1, 1)
+    block = slice(layers_from, layers)
+    for store, new in ((key_store, keys), (value_store, values)):
+        old = store[block, slots, :, positions]  # [n, layers, kv_heads, head_dim]
+        store[block, slots, :, positions] = torch.where(keep, new.to(store.dtype), old)

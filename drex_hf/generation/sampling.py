@@ -1,0 +1,128 @@
+"""Token picking without host state: greedy argmax, or a sample from counter-based randomness.
+
+A request's uniform for its token i is a hash of (its seed, i): nothing is carried from one draw to
+the next, so the draw is the same whatever the batch, whatever the order steps ran in, on the CPU
+and on a GPU, and inside a captured CUDA graph (all of it is integer arithmetic on the device).
+Sampling warps the scores as HF's logits warpers do (temperature, top-k, top-p: the same results,
+written without host-side scalars so that they can be captured), then inverts the float64
+cumulative distribution at the uniform — for all rows at once. The reference decoder draws the same way, so
+it stays the oracle. `host_uniform` is the same hash in plain Python, for host-side draws (trace
+exits).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+# A 32-bit integer hash (xorshift-multiply, constants from Wellons' hash prospector, both < 2**31 so
+# that every product of a 32-bit value fits in a signed 64-bit integer: no overflow on any device).
+_SHIFTS = (15, 12, 15)
+_MULTIPLIERS = (0x2C1B3C6D, 0x297A2D39)
+_GOLDEN = 0x9E3779B9
+
+
+def _mix(x: Any) -> Any:
+    """The hash on int64 tensors or Python ints holding values in [0, 2**32)."""
+    x = x ^ (x >> _SHIFTS[0])
+    x = (x * _MULTIPLIERS[0]) & MASK32
+    x = x ^ (x >> _SHIFTS[1])
+    x = (x * _MULTIPLIERS[1]) & MASK32
+    return x ^ (x >> _SHIFTS[2])
+
+
+def _bits(seed: Any, counter: Any) -> tuple[Any, Any]:
+    """Two independent 32-bit words from (seed, counter); works on tensors and on Python ints."""
+    lo, hi = seed & MASK32, (seed >> 32) & MASK32
+    key = _mix(lo ^ _mix(hi ^ _GOLDEN))
+    first = _mix(key ^ _mix((counter & MASK32) ^ _GOLDEN))
+    return first, _mix(first ^ key ^ _GOLDEN)
+
+
+def as_seed(seed: int) -> int:
+    """Any integer seed as the signed 64-bit value the device holds (its low 64 bits)."""
+    seed = int(seed) % 2**64
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """A float64 uniform in [0, 1) per row, 53 random bits, from int64 `seeds` and `counters`."""
+    first, second = _bits(seeds, counters)
+    return ((first >> 5) * 2**26 + (second >> 6)).double() * 2.0**-53
+
+
+def host_uniform(seed: int, counter: int) -> float:
+    """The uniform `uniforms` gives for (seed, counter), computed in plain Python."""
+    first, second = _bits(as_seed(seed), int(counter))
+    return ((first >> 5) * 2**26 + (second >> 6)) * 2.0**-53
+
+
+def sample_rows(scores: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One token per row of warped `scores [n, vocab]` (float32, -inf where excluded), drawn by
+    inverting each row's cumulative distribution at its uniform: the first token whose cumulative
+    probability exceeds it, so a token of probability 0 is never drawn."""
+    cdf = torch.softmax(scores, dim=-1).double().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    point = torch.minimum(uniforms(seeds, counters).unsqueeze(1) * total, torch.nextafter(total, total.new_zeros(())))
+    return torch.searchsorted(cdf, point, right=True).squeeze(1)
+
+
+class Temperature:
+    """HF's `TemperatureLogitsWarper`: scores / temperature."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = float(temperature)
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores / self.temperature
+
+
+class TopK:
+    """HF's `TopKLogitsWarper`: scores below the k-th largest of their row become -inf."""
+
+    def __init__(self, top_k: int, min_tokens_to_keep: int = 1) -> None:
+        self.top_k = max(int(top_k), min_tokens_to_keep)
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        k = min(self.top_k, scores.shape[-1])
+        kth = torch.topk(scores, k)[0][..., -1:]
+        return scores.masked_fill(scores < kth, -math.inf)
+
+
+class TopP:
+    """HF's `TopPLogitsWarper`: the smallest set of most likely tokens whose probability reaches
+    top_p is kept (at least `min_tokens_to_keep`), the rest become -inf. HF marks the kept tail by
+    assigning a Python 0 into the mask (a tensor made from host data); here a comparison does it."""
+
+    def __init__(self, top_p: float, min_tokens_to_keep: int = 1) -> None:
+        self.top_p = float(top_p)
+        self.min_tokens_to_keep = int(min_tokens_to_keep)
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        sorted_logits, sorted_indices = torch.sort(scores, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        vocab = scores.shape[-1]
+        tail = torch.arange(vocab, device=scores.device) >= vocab - self.min_tokens_to_keep
+        remove_sorted = (cumulative <= (1 - self.top_p)) & ~tail
+        remove = remove_sorted.scatter(1, sorted_indices, remove_sorted)
+        return scores.masked_fill(remove, -math.inf)
+
+
+def pick_tokens(
+    logits: torch.Tensor,
+    do_sample: bool,
+    warpers: list[Any],
+    seeds: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Tokens `[n]` (int64, on the logits' device) for `logits [n, vocab]`: greedy argmax, or a sample
+    through the warpers (`DecodeSettings.warpers()`) with each row's (seed, token index) draw."""
+    scores = logits.float()
+    if not do_sample:
+        return scores.argmax(dim=-1)
+    for warper in warpers:
+        scores = warper(scores)
+    return sample_rows(scores, seeds, counters)
