@@ -4,11 +4,15 @@
     python benchmarks/profile_engine.py moderate --batch 32 --out runs/profile-moderate
 
 For each policy (default full, batch_all, drex) on the same random prompts and trace exits: decode
-wall time, steps, and the time inside each runner method (segment runs, exit checks, KV fill, the
-deferred vocabulary projections, feature keeping, row gathers) and the scheduler's decision, each
-timed with a device synchronisation before and after (which itself slows the run a little: compare
-the shares, not the totals, with `drex bench`'s). For drex also: how many rows each segment step ran
-(own rows and riders) and how many steps each segment took. Writes profile.json.
+wall time, steps, and the time inside each piece of a step — the host's plan and its application of
+the verdict, the scheduler's decision, spelling the plan into the staging buffer, the upload, the
+executor's programs (KV fill, segment layers, exit check, vocabulary projection) and the verdict
+read — each timed with a device synchronisation before and after (which itself slows the run a
+little: compare the shares, not the totals, with `drex bench`'s; a piece called inside another is
+subtracted from it). For drex also: how many rows each segment step ran (own rows and riders) and
+how many steps each segment took, and every decision the engine made (segment, rows, riders,
+bucket, fills, projections, buffer sizes, predicted and measured ms, the policy's reason), so a
+surprising step count can be explained. Writes profile.json.
 """
 
 from __future__ import annotations
@@ -22,76 +26,68 @@ from pathlib import Path
 
 import torch
 
+from drex_hf.bench.measure import gpu_busy_share
 from drex_hf.bench.run import build_engine, random_prompts
 from drex_hf.bench.synthetic import SHAPES, synthetic_model
 from drex_hf.generation.engine import device_name, synchronize
 from drex_hf.generation.exits import ExitDistribution
 
-RUNNER_METHODS = ("run_segment", "check", "fill", "project", "keep_features", "keep", "final_logits", "_gather")
+EXECUTOR_METHODS = ("write_plan", "upload", "fill", "segment", "check", "project", "read")
+ENGINE_METHODS = ("_plan", "_apply")
 
 
-def build(model, prompts, policy, tokens, distribution):  # noqa: ANN001, ANN201
-    return build_engine(model, prompts, policy, tokens, distribution)[0]
+def build(model, prompts, policy, tokens, distribution, **kwargs):  # noqa: ANN001, ANN003, ANN201
+    return build_engine(model, prompts, policy, tokens, distribution, **kwargs)[0]
 
 
 def gpu_busy(model, prompts, policy, tokens, distribution) -> dict:  # noqa: ANN001
     """Decode under torch.profiler, no timers: wall time against the summed time of the GPU's kernels
     (a host-bound run leaves the GPU idle between launches)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    engine = build(model, prompts, policy, tokens, distribution)
-    while engine.prefill_queue:
-        engine.step()
-    synchronize(model.heads_device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
-        engine.run()
-        synchronize(model.heads_device)
-        wall = time.perf_counter() - start
-    kernels_us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
-    launches = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
-    return {"policy": policy, "wall_s": wall, "gpu_kernels_s": kernels_us / 1e6, "kernel_launches": launches}
+    return {"policy": policy} | gpu_busy_share(build(model, prompts, policy, tokens, distribution))
 
 
 def profiled(model, prompts, policy, tokens, distribution) -> dict:  # noqa: ANN001
-    engine = build(model, prompts, policy, tokens, distribution)
+    engine = build(model, prompts, policy, tokens, distribution, record_decisions=True)
     while engine.prefill_queue:
         engine.step()
     device = model.heads_device
     spent: dict[str, float] = collections.defaultdict(float)
     calls: dict[str, int] = collections.defaultdict(int)
-    depth = [0]  # only the outermost timed call counts (run_segment calls _gather inside)
+    inner_time = [0.0]  # time spent in timed pieces called inside the one running now
 
     def wrap(owner, name: str, label: str) -> None:  # noqa: ANN001
         inner = getattr(owner, name)
 
         def timed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            if depth[0]:
-                return inner(*args, **kwargs)
-            depth[0] += 1
+            outer, inner_time[0] = inner_time[0], 0.0
             synchronize(device)
             start = time.perf_counter()
             try:
                 return inner(*args, **kwargs)
             finally:
                 synchronize(device)
-                spent[label] += time.perf_counter() - start
+                took = time.perf_counter() - start
+                spent[label] += took - inner_time[0]  # its own time: nested pieces count for themselves
                 calls[label] += 1
-                depth[0] -= 1
+                inner_time[0] = outer + took
 
         setattr(owner, name, timed)
 
-    for name in RUNNER_METHODS:
-        wrap(engine.runner, name, name)
+    for name in EXECUTOR_METHODS:
+        wrap(engine.executor, name, name)
+    for name in ENGINE_METHODS:
+        wrap(engine, name, name.strip("_"))
     wrap(engine.policy, "pick", "scheduler")
     shapes: list[tuple[int, int, int]] = []
-    run_segment = engine.runner.run_segment
+    execute = engine.executor.execute
 
-    def counted(s, rows, riders=(), refill=()):  # noqa: ANN001, ANN202
-        shapes.append((s, len(rows), len(riders)))
-        return run_segment(s, rows, riders, refill)
+    def counted(plan):  # noqa: ANN001, ANN202
+        if plan.segment is not None:  # (a segment-0 step may only project tokens that end requests)
+            riders = sum(plan.riders)
+            shapes.append((plan.segment, len(plan.slots) - riders, riders))
+        return execute(plan)
 
-    engine.runner.run_segment = counted
+    engine.executor.execute = counted
     start = time.perf_counter()
     engine.run()
     synchronize(device)
@@ -112,6 +108,9 @@ def profiled(model, prompts, policy, tokens, distribution) -> dict:  # noqa: ANN
         "mean_riders_per_step": {
             s: sum(r for t, _, r in shapes if t == s) / max(per_segment[s], 1) for s in sorted(per_segment)
         },
+        # every decision with its reason, rows, bucket and predicted vs measured ms: what explains a step count
+        "decisions": engine.stats.decisions,
+        "cost_source": engine.stats.cost_source,
     }
     return result
 

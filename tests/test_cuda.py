@@ -43,12 +43,13 @@ def test_exits_and_seeded_sampling_on_cuda_in_bfloat16():
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "mistral"])
-def test_engine_with_compiled_triton_kernels_equals_the_reference_decoder(kind, monkeypatch):
-    """On CUDA the dispatcher picks Triton by itself: the engine's rows, KV writes, KV fill,
-    confidences and indexed decode attention all run compiled kernels, with the reference's tokens."""
-    from test_engine import EXITS, LENGTHS, _assert_same_as_reference, _engine_run, _prompts, _thresholds
+def test_engine_with_graphs_and_compiled_triton_kernels_equals_the_reference_decoder(kind, monkeypatch):
+    """On CUDA the dispatcher picks Triton by itself and the engine captures its programs as CUDA
+    graphs: rows, KV writes, KV fill, confidences and indexed decode attention all run compiled
+    kernels inside replayed graphs, with the reference's tokens, at every exit point."""
+    from conftest import assert_every_exit_taken, covering_thresholds
+    from test_engine import EXITS, LENGTHS, _assert_same_as_reference, _engine_run, _prompts
 
-    from drex_hf.generation.reference import generate_reference
     from drex_hf.generation.scheduler import CostModel
     from drex_hf.generation.settings import DecodeSettings
     from drex_hf.kernels import dispatch
@@ -60,10 +61,56 @@ def test_engine_with_compiled_triton_kernels_equals_the_reference_decoder(kind, 
     model = EarlyExitModelForCausalLM.from_base(make_tiny(kind), config, device="cuda")
     _, _, prompts = _prompts(LENGTHS[8])
     prompts = [p.cuda() for p in prompts]
-    thresholds = _thresholds(model, prompts)
     settings = DecodeSettings(max_new_tokens=12)
-    reference = generate_reference(model, prompts, settings, thresholds)
-    results, _ = _engine_run(model, prompts, settings, thresholds, cost_model=CostModel.constant(4))
+    thresholds, (reference,) = covering_thresholds(model, prompts, [(settings, None)])
+    results, stats = _engine_run(model, prompts, settings, thresholds, cost_model=CostModel.constant(4))
     _assert_same_as_reference(results, reference)
     assert dispatch.broken() == {}
-    assert {layer for r in results for layer in r.exit_layers[1:]} & set(EXITS)
+    assert stats.graphs is not None and stats.graphs["graphs"] > 0
+    assert_every_exit_taken([r.exit_layers for r in results], model, thresholds)
+
+
+def _bf16_model():
+    base = make_tiny("llama").to(device="cuda", dtype=torch.bfloat16)
+    config = EarlyExitConfig(exit_layers=[0, 1, 2], thresholds=math.inf, head="norm")
+    return EarlyExitModelForCausalLM.from_base(base, config)
+
+
+@pytest.mark.parametrize("buckets", [(8,), None])  # one bucket for every step; the default buckets
+def test_a_rows_tokens_and_exits_do_not_depend_on_its_batch_in_bfloat16_with_graphs(buckets):
+    """The same requests in three batch compositions (alone, among the others in order, reversed among
+    new neighbours) give each request the same tokens and exit layers, bf16, CUDA graphs. With one
+    bucket every program runs at one shape whatever the batch; with the default buckets a request
+    alone runs at bucket 1 and in a batch at larger ones (a GEMM's result may depend on its rows there,
+    which a wrong token here would show)."""
+    from conftest import covering_thresholds
+    from test_engine import LENGTHS, _prompts
+
+    from drex_hf.generation.engine import DrexEngine
+    from drex_hf.generation.settings import DecodeSettings
+
+    model = _bf16_model()
+    _, _, prompts = _prompts(LENGTHS[8])
+    _, _, others = _prompts(LENGTHS[8], seed=5)
+    prompts, others = [p.cuda() for p in prompts], [p.cuda() for p in others]
+    settings = DecodeSettings(max_new_tokens=16)
+    thresholds, _ = covering_thresholds(model, prompts, [(settings, None)])
+
+    def run(batch, seeds):
+        engine = DrexEngine(
+            model, max_batch=8, max_len=40, settings=settings, thresholds=thresholds, buckets=buckets,
+            cost_model=None,
+        )  # fmt: skip
+        ids = [engine.add_request(p, seed=s) for p, s in zip(batch, seeds)]
+        with torch.no_grad():
+            out = engine.run()
+        assert engine.stats.graphs is not None
+        return [(out[i].tokens, out[i].exit_layers) for i in ids]
+
+    together = run(prompts, range(8))
+    mixed = run([*reversed(prompts[:4]), *others[:4]], [3, 2, 1, 0, 10, 11, 12, 13])
+    assert mixed[:4] == list(reversed(together[:4]))
+    for i in (0, 5):
+        assert run([prompts[i]], [i]) == [together[i]]
+    layers = {layer for _, exits in together for layer in exits[1:]}
+    assert layers >= {0, 1, 2, 3}, layers

@@ -38,6 +38,10 @@ def to_json(results: Sequence[BatchResult], num_layers: int) -> list[dict]:
             entry["drex_share_of_measured_oracle"] = _share(r, measured)
         if full and r.hf:
             entry["full_vs_hf_generate"] = full["decode_tokens_per_s"] / r.hf["decode_tokens_per_s"]
+        if r.hf_static is not None:
+            entry["hf_generate_static"] = r.hf_static
+            if full and r.hf_static.get("decode_tokens_per_s"):
+                entry["full_vs_hf_static"] = full["decode_tokens_per_s"] / r.hf_static["decode_tokens_per_s"]
         out.append(entry)
     return out
 
@@ -48,9 +52,9 @@ def render(results: Sequence[BatchResult], num_layers: int, exit_points: Sequenc
     head = (
         "| batch | policy | decode tok/s | × full | × batch_all | × HF generate | TPOT p50 / p99 ms | mean layers | "
         f"exits at {' / '.join(str(x) for x in layers)} | involuntary | missed | agree w/ full | ROUGE-L | KV MiB | "
-        "row state MiB | decode peak MiB |"
+        "row state MiB | decode peak MiB | GPU busy |"
     )
-    lines = [f"Machine: {machine}.", "", head, "|" + " --- |" * 16]
+    lines = [f"Machine: {machine}.", "", head, "|" + " --- |" * 17]
     for r in results:
         hf = r.hf["decode_tokens_per_s"] if r.hf else None
         for name, s in r.policies.items():
@@ -65,10 +69,20 @@ def render(results: Sequence[BatchResult], num_layers: int, exit_points: Sequenc
                 f"{' / '.join(str(v) for v in per_layer)} | {s['involuntary_exits']} | {s['missed_exits']} | "
                 f"{_num(s.get('agreement_with_full'), '.1%')} | {_num(s.get('rouge_l_vs_full'), '.3f')} | "
                 f"{s['kv_cache_bytes'] / 2**20:.1f} | {_mib(s.get('row_state_bytes'))} | "
-                f"{_mib(s.get('peak_decode_bytes'))} |"
+                f"{_mib(s.get('peak_decode_bytes'))} | {_num((s.get('gpu_busy') or {}).get('busy'), '.0%')} |"
             )
         if hf is not None:
-            lines.append(f"| {r.batch} | HF generate (full depth) | {hf:.1f} |" + " |" * 13)
+            lines.append(f"| {r.batch} | HF generate (full depth) | {hf:.1f} |" + " |" * 14)
+        if r.hf_static is not None:
+            static = r.hf_static.get("decode_tokens_per_s")
+            label = "HF generate, static cache + torch.compile"
+            if static is None:
+                lines.append(f"| {r.batch} | {label}: failed ({r.hf_static.get('error')}) | – |" + " |" * 14)
+            else:
+                full_ratio = r.policies["full"]["decode_tokens_per_s"] / static if "full" in r.policies else None
+                lines.append(
+                    f"| {r.batch} | {label} (full ÷ it: {_num(full_ratio, '.2f')}) | {static:.1f} |" + " |" * 14
+                )
         oracles = [
             (f"*oracle* (full × {num_layers} ÷ drex mean layers)", r.oracle_tokens_per_s(num_layers)),
             ("*measured oracle* (drex's exits at no exit cost, this machine)", r.measured_oracle_tokens_per_s()),
@@ -78,15 +92,16 @@ def render(results: Sequence[BatchResult], num_layers: int, exit_points: Sequenc
                 share = _share(r, value)
                 lines.append(
                     f"| {r.batch} | {label}: drex at {share:.0%} | {value:.1f} | "
-                    f"{value / r.policies['full']['decode_tokens_per_s']:.2f} |" + " |" * 12
+                    f"{value / r.policies['full']['decode_tokens_per_s']:.2f} |" + " |" * 13
                 )
     lines += [
         "",
         "× columns: median over repeats of the ratio within each repeat (all policies ran interleaved). "
-        "Row state: the runner's per-slot tensors besides the KV cache. Decode peak: the most bytes decoding "
+        "Row state: the executor's per-slot tensors besides the KV cache. Decode peak: the most bytes decoding "
         "allocated above what was live when it began (a separate, untimed run of a few tokens). Measured "
         "oracle: the same rounds with each segment run on just the rows that reach it and one vocabulary "
-        "projection per token, timed against full depth in alternation (drex_hf/bench/measure.py).",
+        "projection per token, timed against full depth in alternation (drex_hf/bench/measure.py). GPU busy: the "
+        "GPU's kernel time over decode wall time under torch.profiler (CUDA, --gpu-busy).",
     ]
     return "\n".join(lines) + "\n"
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from drex_hf.bench.measure import measured_oracle, peak_decode_bytes, row_state_bytes
+from drex_hf.bench.measure import gpu_busy_share, measured_oracle, peak_decode_bytes, row_state_bytes
 from drex_hf.errors import GenerationInputError
 from drex_hf.generation.engine import DrexEngine, synchronize
 from drex_hf.generation.exits import ExitDistribution, ExitReplay
@@ -38,8 +38,8 @@ Exits = ExitDistribution | ExitReplay | None  # None: the heads decide (the real
 
 
 def check_policies(policies: Sequence[str]) -> None:
-    """Refuse an empty list or a name that is no policy ("drex@SLACK" is drex)."""
-    unknown = [p for p in policies if p.partition("@")[0] not in POLICIES]
+    """Refuse an empty list or a name that is no policy ("drex@SLACK" and "full:eager" are policies)."""
+    unknown = [p for p in policies if p.partition(":")[0].partition("@")[0] not in POLICIES]
     if unknown or not policies:
         raise GenerationInputError(
             f"unknown policy {unknown[0] if unknown else ''!r}; choose from {', '.join(POLICIES)}"
@@ -53,6 +53,16 @@ def random_prompts(count: int, low: int, high: int, vocab: int, seed: int) -> li
     return [torch.randint(3, vocab, (rng.randint(low, high),), generator=gen) for _ in range(count)]
 
 
+def parse_policy(policy: str) -> tuple[str, str, bool]:
+    """ "drex@0.5:eager" -> ("drex", "0.5", True): the policy, drex's slack (or ""), and whether its
+    engine runs its programs eagerly (no CUDA graphs) where graphs would be on."""
+    spec, _, mode = policy.partition(":")
+    name, _, slack = spec.partition("@")
+    if mode not in ("", "eager"):
+        raise GenerationInputError(f"unknown engine mode {mode!r} in policy {policy!r}; the one mode is ':eager'")
+    return name, slack, mode == "eager"
+
+
 def new_engine(
     model: EarlyExitModelForCausalLM,
     policy: str,
@@ -62,9 +72,12 @@ def new_engine(
     exits: Exits = None,
     **engine_kwargs: Any,
 ) -> DrexEngine:
-    """An empty engine for `policy` ("drex@SLACK" sets the drex policy's slack) with trace exits when
-    `exits` is given; full depth never takes a trace (its exits are the heads', i.e. none)."""
-    name, _, slack = policy.partition("@")
+    """An empty engine for `policy` ("drex@SLACK" sets the drex policy's slack, ":eager" turns CUDA
+    graphs off) with trace exits when `exits` is given; full depth never takes a trace (its exits are
+    the heads', i.e. none)."""
+    name, slack, eager = parse_policy(policy)
+    if eager:
+        engine_kwargs["graphs"] = False
     traced = exits is not None and name != "full"
     engine = DrexEngine(
         model,
@@ -81,10 +94,13 @@ def new_engine(
     return engine
 
 
-def add(engine: DrexEngine, prompt: torch.Tensor, index: int, exits: Exits = None) -> int:
+def add(
+    engine: DrexEngine, prompt: torch.Tensor, index: int, exits: Exits = None, new_tokens: int | None = None
+) -> int:
     """Queue prompt number `index` with seed `index` and, under a replayed trace, its row of it."""
     replay = engine.exit_source == "trace" and isinstance(exits, ExitReplay)
-    return engine.add_request(prompt, seed=index, trace=exits.layers[index % len(exits.layers)] if replay else None)
+    trace = exits.layers[index % len(exits.layers)] if replay else None
+    return engine.add_request(prompt, seed=index, trace=trace, max_new_tokens=new_tokens)
 
 
 def build_engine(
@@ -103,20 +119,21 @@ def build_engine(
 
 @torch.no_grad()
 def run_interleaved(
-    model: EarlyExitModelForCausalLM,
-    prompts: Sequence[torch.Tensor],
-    policies: Sequence[str],
-    new_tokens: int,
-    exits: Exits = None,
+    engines: dict[str, DrexEngine], prompts: Sequence[torch.Tensor], new_tokens: int, exits: Exits = None
 ) -> dict[str, dict]:
-    """Every policy's engine on the same prompts, stepped round-robin; returns each one's summary."""
-    engines = {p: build_engine(model, prompts, p, new_tokens, exits) for p in policies}
+    """The same prompts through every engine (their statistics reset first), stepped round-robin;
+    returns each one's summary. Engines are reused from run to run: a CUDA engine captures its
+    graphs and measures its costs once."""
+    ids = {}
+    for policy, engine in engines.items():
+        engine.reset_stats()
+        ids[policy] = [add(engine, p, i, exits, new_tokens) for i, p in enumerate(prompts)]
     busy = True
     while busy:
         busy = False
-        for engine, _ in engines.values():
+        for engine in engines.values():
             busy |= engine.step()
-    return {p: summary(engine, ids) for p, (engine, ids) in engines.items()}
+    return {p: summary(engine, ids[p]) for p, engine in engines.items()}
 
 
 def speedup(policies: dict[str, dict], name: str, base: str) -> float | None:
@@ -203,6 +220,61 @@ def hf_generate(model: EarlyExitModelForCausalLM, prompts: Sequence[torch.Tensor
     }
 
 
+class _Stamps:
+    """A logits processor that only notes when each token's logits were ready (device synchronised)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        synchronize(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
+@torch.no_grad()
+def hf_generate_static(
+    model: EarlyExitModelForCausalLM, prompts: Sequence[torch.Tensor], new_tokens: int, compile: bool = True
+) -> dict:
+    """HF's fastest full-depth path: `generate(cache_implementation="static")` with the forward under
+    `torch.compile(mode="reduce-overhead")` (CUDA graphs of its own). Two untimed runs compile and
+    record; the third is timed token by token (a logits processor notes when each token's logits
+    are ready), decode = the tokens after the first. A failure to compile is reported, not raised."""
+    from transformers import LogitsProcessorList
+
+    device, pad = model.heads_device, 0
+    base = model.base_model
+    ids, mask = left_padded(list(prompts), pad, device)
+    stamps = _Stamps(device)
+    kwargs = dict(
+        attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        pad_token_id=pad, cache_implementation="static", logits_processor=LogitsProcessorList([stamps]),
+    )  # fmt: skip
+    original = base.forward
+    name = "hf_generate_static" + ("_compiled" if compile else "")
+    try:
+        if compile:
+            base.forward = torch.compile(original, mode="reduce-overhead", fullgraph=True)
+        start = time.perf_counter()
+        for _ in range(2):
+            base.generate(ids, **kwargs)
+        prepare_s = time.perf_counter() - start
+        stamps.times.clear()
+        out = base.generate(ids, **kwargs)
+    except Exception as error:  # an HF/torch version that cannot compile this model: say so in the table
+        return {"policy": name, "error": f"{type(error).__name__}: {str(error)[:300]}"}
+    finally:
+        base.forward = original
+    decode_s = max(stamps.times[-1] - stamps.times[0], 1e-9)
+    return {
+        "policy": name,
+        "decode_tokens_per_s": len(prompts) * (new_tokens - 1) / decode_s,
+        "compile_and_warmup_s": prepare_s,
+        "tokens": len(prompts) * new_tokens,
+        "outputs": out[:, ids.shape[1] :].tolist(),
+    }
+
+
 def parse_distribution(text: str, seed: int = 0) -> ExitDistribution:
     """'0.2,0.25,0.2,0.35' -> an ExitDistribution (P per exit point, then full depth)."""
     try:
@@ -218,6 +290,7 @@ class BatchResult:
     policies: dict[str, dict]
     hf: dict | None = None
     measured_oracle: dict | None = None  # see drex_hf.bench.measure.measured_oracle
+    hf_static: dict | None = None  # HF's static cache + torch.compile (CUDA)
 
     def measured_oracle_tokens_per_s(self) -> float | None:
         """Full depth's tokens/s × the measured oracle's speed-up (drex's exits at no exit cost)."""
@@ -234,6 +307,26 @@ class BatchResult:
         return full["decode_tokens_per_s"] * num_layers / drex["mean_layers"]
 
 
+def _measure_engine(
+    engine: DrexEngine, prompts: Sequence[torch.Tensor], exits: Exits, new_tokens: int, memory: bool, busy: bool
+) -> dict:
+    """Untimed extras on an engine after its timed runs: memory (row state, peak decode allocations of
+    a short run) and, on CUDA, the share of decode wall time the GPU's kernels were busy."""
+    out: dict = {}
+    if memory:
+        engine.reset_stats()
+        for i, p in enumerate(prompts):
+            add(engine, p, i, exits, min(MEMORY_TOKENS, new_tokens))
+        out["row_state_bytes"] = row_state_bytes(engine)
+        out["peak_decode_bytes"] = peak_decode_bytes(engine)
+    if busy:
+        engine.reset_stats()
+        for i, p in enumerate(prompts):
+            add(engine, p, i, exits, new_tokens)
+        out["gpu_busy"] = gpu_busy_share(engine)
+    return out
+
+
 def bench(
     model: EarlyExitModelForCausalLM,
     prompts: Sequence[torch.Tensor],
@@ -247,31 +340,47 @@ def bench(
     progress: Any = None,
     memory: bool = True,
     oracle: bool = True,
+    hf_static: bool = False,
+    sequential: bool = False,
+    gpu_busy: bool = False,
+    **engine_kwargs: Any,
 ) -> list[BatchResult]:
-    """Every batch size: a warm-up, then `repeats` interleaved runs of all policies on the batch's
-    prompts (the first `batch` of `prompts`, cycled when there are fewer); the median run per policy
-    (by decode tokens/s) is kept, with every run's tokens/s beside it. Agreement and ROUGE-L are
-    against full depth's outputs of the same run. Then, untimed: with `memory`, each policy's memory
-    on a short run of at most `MEMORY_TOKENS` tokens; with `oracle` (and both full and drex run), the
-    measured oracle on the kept drex run's exits."""
+    """Every batch size: one engine per policy (built once: a CUDA engine captures its graphs and
+    measures its costs there), a warm-up, then `repeats` interleaved runs of all policies on the
+    batch's prompts (the first `batch` of `prompts`, cycled when there are fewer); the median run per
+    policy (by decode tokens/s) is kept, with every run's tokens/s beside it. `sequential`: one
+    policy's engine at a time (for shapes whose key/value stores do not fit side by side), each
+    with its warm-up and repeats. Agreement and ROUGE-L are against full depth's outputs of the same
+    run. Then, untimed, on each engine: with `memory`, its memory on a short run of at most
+    `MEMORY_TOKENS` tokens; with `gpu_busy` (CUDA), the share of time its kernels kept the GPU busy;
+    with `oracle` (and both full and drex run), the measured oracle on the kept drex run's exits.
+    `hf_static` adds HF's static-cache generate under torch.compile beside HF's eager one."""
     check_policies(policies)
     if not prompts:
         raise GenerationInputError("no prompts to benchmark")
     out = []
     for batch in batch_sizes:
         chosen = [prompts[i % len(prompts)] for i in range(batch)]
-        run_interleaved(model, chosen, policies, min(4, new_tokens), exits)  # warm-up, untimed
+        max_len = max(p.shape[0] for p in chosen) + new_tokens
         runs: dict[str, list[dict]] = {p: [] for p in policies}
-        for _ in range(repeats):
-            for policy, stats in run_interleaved(model, chosen, policies, new_tokens, exits).items():
-                runs[policy].append(stats)
-            if progress:
-                progress(1)
+        extras: dict[str, dict] = {}
+        groups = [[p] for p in policies] if sequential else [list(policies)]
+        for group in groups:
+            engines = {p: new_engine(model, p, new_tokens, batch, max_len, exits, **engine_kwargs) for p in group}
+            run_interleaved(engines, chosen, min(4, new_tokens), exits)  # warm-up, untimed
+            for _ in range(repeats):
+                for policy, stats in run_interleaved(engines, chosen, new_tokens, exits).items():
+                    runs[policy].append(stats)
+                if progress:
+                    progress(1 / len(groups))
+            for policy, engine in engines.items():
+                extras[policy] = _measure_engine(engine, chosen, exits, new_tokens, memory, gpu_busy)
+            del engines  # their key/value stores, before the next group's (or the oracle's) are allocated
         kept = {}
         for policy, done in runs.items():
             median = sorted(done, key=lambda s: s["decode_tokens_per_s"])[len(done) // 2]
             median["decode_tokens_per_s_runs"] = [s["decode_tokens_per_s"] for s in done]
-            kept[policy] = median
+            kept[policy] = median | extras[policy]
         full = kept.get("full")
         for stats in kept.values():
             if full is not None:
@@ -281,12 +390,8 @@ def bench(
                     refs = [tokenizer.decode(t, skip_special_tokens=True) for t in full["outputs"]]
                     stats["rouge_l_vs_full"] = rouge_l(texts, refs)
         result = BatchResult(batch, kept, hf_generate(model, chosen, new_tokens) if hf else None)
-        if memory:
-            for policy, stats in kept.items():
-                engine, _ = build_engine(model, chosen, policy, min(MEMORY_TOKENS, new_tokens), exits)
-                stats["row_state_bytes"] = row_state_bytes(engine)
-                stats["peak_decode_bytes"] = peak_decode_bytes(engine)
-                del engine  # its KV store, before the next one (or the oracle's two) is allocated
+        if hf_static:
+            result.hf_static = hf_generate_static(model, chosen, new_tokens)
         if oracle and "full" in kept and "drex" in kept:
             result.measured_oracle = measured_oracle(model, chosen, kept["drex"]["exit_layers"])
         out.append(result)

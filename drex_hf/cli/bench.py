@@ -65,11 +65,48 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--chat", choices=("auto", "on", "off"), default="auto", help="chat template for --prompts")
     parser.add_argument("--batch-sizes", type=int_list, default=[1, 8, 32], help="batch sizes to run")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per request")
-    parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated; drex@SLACK sets its slack")
+    parser.add_argument(
+        "--policies",
+        default=",".join(POLICIES),
+        help="comma-separated; drex@SLACK sets its slack, NAME:eager runs that engine without CUDA graphs "
+        "(e.g. full,full:eager to compare them)",
+    )
     parser.add_argument("--exit-dist", default=None, help="P(exit) per exit point, then full depth (trace exits)")
     parser.add_argument("--exit-trace", type=Path, default=None, help="JSON list of per-request exit layers to replay")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved runs per batch; the median run counts")
     parser.add_argument("--no-hf", action="store_true", help="skip timing HF's own generate")
+    parser.add_argument(
+        "--hf-compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time HF's fastest path: generate(cache_implementation='static') with torch.compile "
+        "(mode='reduce-overhead'); default: on for CUDA unless --no-hf",
+    )
+    parser.add_argument(
+        "--graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the engines' programs as CUDA graphs, captured at start-up (default: on for CUDA)",
+    )
+    parser.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="synthetic configs: every prompt this many tokens long (default: 8-64 random tokens), so long "
+        "contexts, where keys/values dominate a step, are measured",
+    )
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="one policy's engine at a time instead of all interleaved (for key/value stores too large to "
+        "hold side by side, e.g. a 7B shape at a long context)",
+    )
+    parser.add_argument(
+        "--gpu-busy",
+        action="store_true",
+        help="CUDA: also decode each policy once under torch.profiler and report the share of wall time "
+        "the GPU's kernels were busy",
+    )
     parser.add_argument(
         "--no-memory",
         action="store_true",
@@ -195,8 +232,12 @@ def _prompts(args: argparse.Namespace, model: Any, count: int) -> tuple[list[tor
             raise GenerationInputError(
                 "--prompts needs a real model's tokenizer; a synthetic config uses random tokens"
             )
-        return random_prompts(count, 8, 64, model.arch.vocab_size, args.seed), None
+        low, high = (args.context, args.context) if args.context else (8, 64)
+        return random_prompts(count, low, high, model.arch.vocab_size, args.seed), None
     from drex_hf.cli.common import encode_prompts, tokenizer_for
+
+    if args.context:
+        raise GenerationInputError("--context sets synthetic prompts' length; a heads folder's prompts are real text")
 
     tokenizer = tokenizer_for(model)
     if args.prompts is None:
@@ -237,6 +278,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("a synthetic config has untrained heads: give its exits with --exit-dist or --exit-trace")
     if any(b < 1 for b in args.batch_sizes) or args.max_new_tokens < 1 or args.repeats < 1:
         raise GenerationInputError("--batch-sizes, --max-new-tokens and --repeats must be positive")
+    if args.context is not None and args.context < 1:
+        raise GenerationInputError(f"--context must be a positive number of tokens, got {args.context}")
     if args.max_new_tokens < 2:
         raise GenerationInputError(
             "--max-new-tokens must be at least 2: the first token comes from the prefill, and decode speed is "
@@ -245,6 +288,8 @@ def run(args: argparse.Namespace) -> int:
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     check_policies(policies)  # before the model loads
     device = pick_device(args.device)
+    if args.graphs and device.type != "cuda":
+        raise GenerationInputError(f"--graphs captures CUDA graphs: it needs a CUDA device, not {device}")
     dtype = pick_dtype(args.dtype, device)
     if args.synthetic_config:
         from drex_hf.bench.synthetic import synthetic_model
@@ -280,6 +325,10 @@ def run(args: argparse.Namespace) -> int:
             progress=bar.update,
             memory=not args.no_memory,
             oracle=not args.no_measured_oracle,
+            hf_static=not args.no_hf and (args.hf_compile if args.hf_compile is not None else device.type == "cuda"),
+            sequential=args.sequential,
+            gpu_busy=args.gpu_busy and device.type == "cuda",
+            **({} if args.graphs is None else {"graphs": args.graphs}),
         )
     finally:
         bar.close()
@@ -301,6 +350,8 @@ def run(args: argparse.Namespace) -> int:
         "exits": None if exits is None else type(exits).__name__,
         "exit_distribution": list(getattr(exits, "probabilities", []) or []) or None,
         "max_new_tokens": args.max_new_tokens,
+        "context": args.context,
+        "graphs": args.graphs if args.graphs is not None else device.type == "cuda",
         "repeats": args.repeats,
         "batches": report.to_json(results, model.num_layers),
     }

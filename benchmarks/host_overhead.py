@@ -1,0 +1,255 @@
+"""What the host spends per decode round, per policy: ops dispatched, transfers, waits and microseconds.
+
+    python benchmarks/host_overhead.py                       # tiny shape, batch 8 and 32, CPU
+    python benchmarks/host_overhead.py --device cuda --dtype bf16 --out runs/host-overhead-gpu
+
+On the `tiny` synthetic shape compute is close to nothing, so a round costs what the host spends on
+it. For each policy, on the same random prompts and trace exits (20/25/20/35 % by default), after the
+prefill:
+
+* **ops** dispatched per round (a `TorchDispatchMode` sees every aten op), split into those inside the
+  decoder layers (forward hooks mark them) and those outside: the engine's own work, exit checks and
+  vocabulary projections included;
+* **uploads** (tensors made from Python data, copies from host buffers or across devices), **reads**
+  (`.item()`, `.tolist()`, `.numpy()` of a device tensor, copies into host buffers) and **waits** (the
+  reads plus explicit synchronisations), per round and per step — on a GPU each is a transfer or a
+  stall; an engine that names its host staging buffers (`engine.executor.host_buffers`) has copies
+  into and out of them counted as its uploads and reads;
+* **host µs per round**: a separate, uncounted decode of the same requests, timed (median of
+  `--repeats`, the policies interleaved).
+
+A round is one token for every row (drex runs several steps per round). Writes host_overhead.json
+and host_overhead.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from drex_hf.bench.run import build_engine, random_prompts
+from drex_hf.bench.synthetic import SHAPES, synthetic_model
+from drex_hf.generation.engine import device_name, synchronize
+from drex_hf.generation.exits import ExitDistribution
+
+MADE_FROM_DATA = {"aten.lift_fresh.default", "aten.lift_fresh_copy.default", "aten.lift.default"}
+SCALAR_READS = {"aten._local_scalar_dense.default", "aten.item.default", "aten.equal.default"}
+
+
+class HostCounter(TorchDispatchMode):
+    """Counts every dispatched op, inside or outside the decoder layers, and the transfers among them."""
+
+    def __init__(self, host_buffers: set[int]) -> None:
+        super().__init__()
+        self.host = host_buffers
+        self.inside = 0
+        self.ops_inside = 0
+        self.ops_outside: collections.Counter[str] = collections.Counter()
+        self.uploads = 0
+        self.reads = 0
+
+    def _is_host(self, t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.host
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        name = str(func)
+        if self.inside:
+            self.ops_inside += 1
+        else:
+            self.ops_outside[name] += 1
+        if name in MADE_FROM_DATA:
+            self.uploads += 1
+        elif name in SCALAR_READS:
+            self.reads += 1
+        elif name in ("aten.copy_.default", "aten._to_copy.default"):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            target = kwargs.get("device")
+            if name == "aten.copy_.default" and len(tensors) >= 2:
+                dst, src = tensors[0], tensors[1]
+                if self._is_host(src) or (src.device.type == "cpu" and dst.device.type != "cpu"):
+                    self.uploads += 1
+                elif self._is_host(dst) or (dst.device.type == "cpu" and src.device.type != "cpu"):
+                    self.reads += 1
+            elif target is not None and tensors and torch.device(target) != tensors[0].device:
+                if tensors[0].device.type == "cpu":
+                    self.uploads += 1
+                else:
+                    self.reads += 1
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def counting(model: Any, host_buffers: set[int]) -> Iterator[tuple[HostCounter, dict[str, int]]]:
+    """A `HostCounter` active for the block, with the decoder layers marked and `.tolist()`/`.numpy()`
+    reads of non-host tensors and explicit synchronisations counted (those dispatch no op)."""
+    mode = HostCounter(host_buffers)
+    extra = {"reads": 0, "syncs": 0}
+    hooks = []
+    for layer in model.arch.layers:
+        hooks.append(layer.register_forward_pre_hook(lambda *_: setattr(mode, "inside", mode.inside + 1)))
+        hooks.append(layer.register_forward_hook(lambda *_: setattr(mode, "inside", mode.inside - 1)))
+    patched = {}
+    for method in ("tolist", "numpy"):
+        original = getattr(torch.Tensor, method)
+        patched[method] = original
+
+        def counted(self, *a, _original=original, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+            if self.untyped_storage().data_ptr() not in host_buffers:
+                extra["reads"] += 1
+            return _original(self, *a, **k)
+
+        setattr(torch.Tensor, method, counted)
+    sync_original = torch.cuda.synchronize
+    event_original = torch.cuda.Event.synchronize
+
+    def sync(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        extra["syncs"] += 1
+        return sync_original(*a, **k)
+
+    def event_sync(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        extra["syncs"] += 1
+        return event_original(self, *a, **k)
+
+    torch.cuda.synchronize = sync
+    torch.cuda.Event.synchronize = event_sync
+    try:
+        with mode:
+            yield mode, extra
+    finally:
+        for method, original in patched.items():
+            setattr(torch.Tensor, method, original)
+        torch.cuda.synchronize = sync_original
+        torch.cuda.Event.synchronize = event_original
+        for hook in hooks:
+            hook.remove()
+
+
+def host_buffers_of(engine: Any) -> set[int]:
+    executor = getattr(engine, "executor", None)
+    return set(getattr(executor, "host_buffers", ()))
+
+
+def prefilled(model: Any, prompts: list, policy: str, tokens: int, dist: ExitDistribution, **kwargs: Any) -> Any:
+    engine, _ = build_engine(model, prompts, policy, tokens, dist, **kwargs)
+    while engine.prefill_queue:
+        engine.step()
+    synchronize(model.heads_device)
+    return engine
+
+
+@torch.no_grad()
+def count_policy(model: Any, prompts: list, policy: str, tokens: int, dist: ExitDistribution, **kwargs: Any) -> dict:
+    engine = prefilled(model, prompts, policy, tokens, dist, **kwargs)
+    steps0 = engine.stats.steps
+    with counting(model, host_buffers_of(engine)) as (mode, extra):
+        engine.run()
+        synchronize(model.heads_device)
+    steps = engine.stats.steps - steps0
+    rounds = tokens - 1  # the prefill gives each row its first token
+    outside = sum(mode.ops_outside.values())
+    reads = mode.reads + extra["reads"]
+    return {
+        "policy": policy,
+        "rows": len(prompts),
+        "rounds": rounds,
+        "steps": steps,
+        "steps_per_round": steps / rounds,
+        "ops_outside_per_round": outside / rounds,
+        "ops_inside_per_round": mode.ops_inside / rounds,
+        "uploads_per_round": mode.uploads / rounds,
+        "reads_per_round": reads / rounds,
+        "waits_per_round": (reads + extra["syncs"]) / rounds,
+        "copies_per_step": (mode.uploads + reads) / max(steps, 1),
+        "top_ops_outside": dict(mode.ops_outside.most_common(12)),
+    }
+
+
+@torch.no_grad()
+def time_policies(
+    model: Any, prompts: list, policies: list[str], tokens: int, dist: ExitDistribution, repeats: int, **kwargs: Any
+) -> dict[str, float]:
+    """Host µs per round of an uncounted decode, median of `repeats`, the policies interleaved."""
+    times: dict[str, list[float]] = {p: [] for p in policies}
+    for _ in range(repeats):
+        for policy in policies:
+            engine = prefilled(model, prompts, policy, tokens, dist, **kwargs)
+            start = time.perf_counter()
+            engine.run()
+            synchronize(model.heads_device)
+            times[policy].append((time.perf_counter() - start) / (tokens - 1) * 1e6)
+    return {p: statistics.median(t) for p, t in times.items()}
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| rows | policy | steps / round | ops outside layers / round | ops inside / round | uploads / round "
+        "| reads / round | waits / round | copies / step | host µs / round | × full (ops outside) | × full (µs) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['rows']} | {r['policy']} | {r['steps_per_round']:.2f} | {r['ops_outside_per_round']:.1f} "
+            f"| {r['ops_inside_per_round']:.1f} | {r['uploads_per_round']:.2f} | {r['reads_per_round']:.2f} "
+            f"| {r['waits_per_round']:.2f} | {r['copies_per_step']:.2f} | {r['host_us_per_round']:.0f} "
+            f"| {r['ops_outside_vs_full']:.2f} | {r['host_us_vs_full']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES), help="synthetic shape (default: tiny)")
+    parser.add_argument("--batch-sizes", default="8,32", help="comma-separated rows (default: 8,32)")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="tokens per request (default: 16)")
+    parser.add_argument("--policies", default="full,batch_all,drex", help="default: full,batch_all,drex")
+    parser.add_argument("--exit-dist", default="0.2,0.25,0.2,0.35", help="trace exits (default: 0.2,0.25,0.2,0.35)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed decodes per policy, median (default: 5)")
+    parser.add_argument("--device", default="cpu", help="default: cpu")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="default: fp32")
+    parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="CUDA graphs (default: on for CUDA, where the engine supports them)")  # fmt: skip
+    parser.add_argument("--out", default="runs/host-overhead", help="output folder (default: runs/host-overhead)")
+    args = parser.parse_args(argv)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    model = synthetic_model(args.shape, dtype, args.device)
+    dist = ExitDistribution(tuple(float(v) for v in args.exit_dist.split(",")), seed=0)
+    policies = args.policies.split(",")
+    kwargs = {} if args.graphs is None else {"graphs": args.graphs}
+    results = []
+    for rows in (int(v) for v in args.batch_sizes.split(",")):
+        prompts = random_prompts(rows, 8, 16, SHAPES[args.shape].vocab, seed=0)
+        counted = [count_policy(model, prompts, p, args.max_new_tokens, dist, **kwargs) for p in policies]
+        micros = time_policies(model, prompts, policies, args.max_new_tokens, dist, args.repeats, **kwargs)
+        full = next((r for r in counted if r["policy"] == "full"), counted[0])
+        for r in counted:
+            r["host_us_per_round"] = micros[r["policy"]]
+            r["ops_outside_vs_full"] = r["ops_outside_per_round"] / full["ops_outside_per_round"]
+            r["host_us_vs_full"] = micros[r["policy"]] / micros[full["policy"]]
+            results.append(r)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    header = (
+        f"{args.shape} shape, {args.dtype}, {device_name(model.heads_device)}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; trace exits {args.exit_dist}; {args.max_new_tokens} new tokens"
+    )
+    (out / "host_overhead.json").write_text(json.dumps({"setup": header, "results": results}, indent=1))
+    text = f"{header}\n\n{table(results)}\n"
+    (out / "host_overhead.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
