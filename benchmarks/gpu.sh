@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# One GPU session's checks in one call (device time is scarce: one start, then everything in order of
-# what matters most). Each step has its own time limit; the whole log goes to $OUT/log.txt and each
-# step's JSON result to $OUT (at most 8 files come back from the device machine).
+# Every GPU check of the fast-decode-path issue in one call, in order of what matters most, within
+# ~8 minutes of a 15-minute device budget (start-up included). Each step has its own time limit; the
+# whole log goes to $OUT/log.txt and each step's results to $OUT (at most 8 files come back).
 #   OUT=runs/gpu-out bash benchmarks/gpu.sh
+#
+# 1. tests/test_cuda.py: CUDA graphs + Triton kernels equal the reference decoder; a row's tokens and
+#    exit layers across batch compositions in bf16 (one bucket, and the default buckets).
+# 2. Llama-7B shapes (random weights), bf16, trace exits 20/25/20/35, 32 new tokens, prompts of 128
+#    tokens, batch 64 and 256: full with graphs vs full eager vs HF eager vs HF static cache +
+#    torch.compile; drex and batch_all (with graphs); the measured oracle; GPU busy per policy.
+# 3. The same at batch 64 with 2048-token prompts (one engine at a time: a 7B store of 64 x 2080
+#    positions is 70 GB), no HF compile.
+# 4. Host overhead on the tiny shape, graphs on and off (ops, copies, µs per round).
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRITON_INTERPRET=0
 OUT=${OUT:-runs/gpu-out}
@@ -13,23 +22,22 @@ step() {
   local name=$1 limit=$2
   shift 2
   echo "== $name: $* ($(date +%T))"
-  timeout "$limit" "$@" 2>&1 | grep -v '^\s*$' | tail -n 40
+  timeout "$limit" "$@" 2>&1 | grep -v '^\s*$' | tail -n 60
   echo "== $name: exit ${PIPESTATUS[0]} ($(date +%T))"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+BENCH=(python3 -m drex_hf.cli.main bench --synthetic-config llama-7b --exit-dist 0.2,0.25,0.2,0.35 --device cuda
+  --dtype bf16 --max-new-tokens 32 --policies full,full:eager,batch_all,drex --gpu-busy --no-memory)
 step cuda_tests "${T_TESTS:-90}" python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py
-step calibration "${T_CALIB:-70}" python3 benchmarks/device_calibration.py profile model_cards/smollm2-135m-drex \
-  --base-config runs/gpu/smollm2-config.json --out "$WORK/calib"
-cp "$WORK/calib/calibration.json" "$OUT/calibration.json" 2>/dev/null
-step decisions "${T_DECIDE:-90}" python3 benchmarks/decisions.py llama-7b --device cuda --dtype bf16 --batch 64 \
-  --max-new-tokens 32 --out "$WORK/decisions"
-cp "$WORK/decisions/decisions.json" "$OUT/decisions.json" 2>/dev/null
-step kernels "${T_KERNELS:-130}" python3 benchmarks/kernels.py --out "$WORK/kernels"
-cp "$WORK/kernels/kernels.json" "$OUT/kernels.json" 2>/dev/null
-step bench7b "${T_ENGINE:-300}" python3 -m drex_hf.cli.main bench --synthetic-config llama-7b \
-  --exit-dist 0.2,0.25,0.2,0.35 --device cuda --dtype bf16 --batch-sizes 8,64,256 --max-new-tokens 32 --no-hf \
-  --out "$WORK/bench7b"
-cp "$WORK/bench7b/bench.md" "$OUT/bench7b.md" 2>/dev/null
-cp "$WORK/bench7b/bench.json" "$OUT/bench7b.json" 2>/dev/null
+step bench7b_ctx128 "${T_SHORT:-200}" "${BENCH[@]}" --batch-sizes 64,256 --context 128 --out "$WORK/ctx128"
+cp "$WORK/ctx128/bench.md" "$OUT/bench7b-ctx128.md" 2>/dev/null
+cp "$WORK/ctx128/bench.json" "$OUT/bench7b-ctx128.json" 2>/dev/null
+step bench7b_ctx2048 "${T_LONG:-140}" "${BENCH[@]}" --batch-sizes 64 --context 2048 --sequential --no-hf-compile \
+  --out "$WORK/ctx2048"
+cp "$WORK/ctx2048/bench.md" "$OUT/bench7b-ctx2048.md" 2>/dev/null
+cp "$WORK/ctx2048/bench.json" "$OUT/bench7b-ctx2048.json" 2>/dev/null
+step host_overhead "${T_HOST:-40}" python3 benchmarks/host_overhead.py --device cuda --dtype bf16 --repeats 3 \
+  --policies full,full:eager,drex,drex:eager --out "$WORK/host"
+cp "$WORK/host/host_overhead.md" "$OUT/host_overhead-gpu.md" 2>/dev/null
 ls -la "$OUT"

@@ -266,7 +266,7 @@ def test_measured_oracle_runs_each_segment_on_the_rows_that_reach_it(monkeypatch
     from drex_hf.bench.measure import measured_oracle, rows_per_segment
     from drex_hf.bench.run import random_prompts
     from drex_hf.bench.synthetic import synthetic_model
-    from drex_hf.generation.executor import StepExecutor
+    from drex_hf.generation.runner import StepExecutor
 
     calls = []
     original = StepExecutor.segment
@@ -294,3 +294,39 @@ def test_bench_refuses_fewer_than_two_new_tokens(capsys):
     assert main([*args, "--max-new-tokens", "1", "--no-hf"]) == 2
     err = capsys.readouterr().err
     assert "at least 2" in err and err.count("\n") == 1
+
+
+def test_context_sequential_engines_and_eager_variants_in_one_table(tmp_path):
+    """--context gives every prompt that many tokens; --sequential runs one engine at a time, each reused
+    for its warm-up and repeats; a NAME:eager policy is its own row (on the CPU it equals NAME's tokens)."""
+    out = tmp_path / "bench"
+    args = ["bench", "--synthetic-config", "tiny", "--exit-dist", "0.25,0.25,0.25,0.25", "--batch-sizes", "3",
+            "--max-new-tokens", "5", "--context", "20", "--sequential", "--repeats", "2", "--no-hf",
+            "--policies", "full,full:eager,drex", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    document = json.loads((out / "bench.json").read_text())
+    assert document["context"] == 20 and document["graphs"] is False
+    (entry,) = document["batches"]
+    policies = entry["policies"]
+    assert set(policies) == {"full", "full:eager", "drex"}
+    assert policies["full:eager"]["outputs"] == policies["full"]["outputs"]
+    for s in policies.values():
+        assert len(s["decode_tokens_per_s_runs"]) == 2 and s["decoded_tokens"] == 3 * 4  # one run's, not two
+    # prompts of 20 tokens: the store holds 20 + 5 positions per slot, plus the scratch slot
+    model_layers, kv_heads, head_dim = 4, 2, 16
+    assert policies["full"]["kv_cache_bytes"] == 2 * model_layers * (3 + 1) * kv_heads * 25 * head_dim * 4
+    assert policies["drex"]["involuntary_exits"] == 0
+
+
+def test_hf_static_cache_generate_gives_hf_eagers_tokens():
+    """HF's static-cache generate (uncompiled here: the CPU) is timed token by token and decodes what HF's
+    eager generate does; a failure to compile would be reported in the table, not raised."""
+    from drex_hf.bench.run import hf_generate, hf_generate_static, random_prompts
+    from drex_hf.bench.synthetic import synthetic_model
+
+    model = synthetic_model("tiny")
+    prompts = random_prompts(3, 4, 9, 256, seed=3)
+    eager = hf_generate(model, prompts, 6)
+    static = hf_generate_static(model, prompts, 6, compile=False)
+    assert "error" not in static, static.get("error")
+    assert static["outputs"] == eager["outputs"] and static["decode_tokens_per_s"] > 0

@@ -361,8 +361,8 @@ def test_kv_fill_equals_each_layers_own_projection(kind, folded):
 
 
 # ---------------------------------------------------------------- the scheduler, without tensors
-def _view(buffers, done, ages=None, waits=None):
-    return SchedulerView(buffers, ages or {}, waits or {}, done, context=128)
+def _view(buffers, done, ages=None, waits=None, buckets=None):
+    return SchedulerView(buffers, ages or {}, waits or {}, done, context=128, buckets=buckets)
 
 
 def test_drex_rides_along_when_regrouping_costs_more_than_the_extra_rows():
@@ -551,3 +551,43 @@ def test_batch_independence_with_triton_kernels_under_the_interpreter(kind, batc
     assert dispatch.broken() == {}
     assert calls, "decode segments did not attend through the indexed kernel"
     assert_every_exit_taken([r.exit_layers for r in results], model, thresholds)  # and so KV fill ran
+
+
+def test_at_row_buckets_drex_weighs_padding_against_running_the_bucket_below():
+    """Programs run at 1, 2, 4, 8 rows: 5 waiting rows pay for 8. Where a step costs in proportion to
+    its rows, 4 now and 1 later (4 + 1 ms) beats 8 ms; where it is flat, padding up to 8 is cheaper."""
+    rows = [1, 2, 4, 8]
+    waiting = _view([[], [0, 1, 2, 3, 4]], [0] * 8, buckets=rows)
+    proportional = CostModel([0.0] * 2, [1.0] * 2, [0.0] * 2, rows=rows, table_ms=[[1, 2, 4, 8]] * 2, buckets=rows)
+    flat = CostModel([5.0] * 2, [0.1] * 2, [0.0] * 2, rows=rows, table_ms=[[5, 5, 5, 6]] * 2, buckets=rows)
+    assert proportional.segment_ms(1, 5) == 8.0 and proportional.segment_ms(1, 4) == 4.0  # a step costs its bucket
+    split = DrexPolicy(2, proportional, ride=False).pick(waiting)
+    assert split.rows == (0, 1, 2, 3) and split.predicted_ms == 4.0 and "rebucket" in split.reason
+    padded = DrexPolicy(2, flat, ride=False).pick(waiting)
+    assert padded.rows == (0, 1, 2, 3, 4) and padded.predicted_ms == 6.0 and "split" in padded.reason
+
+
+def test_every_decision_is_recorded_with_its_bucket_padding_and_reason():
+    model = _model("llama", "classifier")
+    _, _, prompts = _prompts(LENGTHS[8][:5])
+    settings = DecodeSettings(max_new_tokens=8)
+    dist = ExitDistribution((0.25, 0.25, 0.25, 0.25), seed=4)
+    engine = DrexEngine(
+        model, max_batch=5, max_len=24, settings=settings, exit_source="trace", exit_distribution=dist,
+        static_shapes=True, buckets=(1, 2, 4, 8), record_decisions=True, cost_model=CostModel.constant(4),
+    )  # fmt: skip
+    with torch.no_grad():
+        for p in prompts:
+            engine.add_request(p)
+        engine.run()
+    decisions = engine.stats.decisions
+    assert len(decisions) == engine.stats.steps > 0
+    padding = 0
+    for d in decisions:
+        assert d["reason"] and d["measured_ms"] > 0 and d["predicted_ms"] is not None
+        run = d["rows"] + d["riders"]
+        assert d["bucket"] == (0 if run == 0 else min(b for b in (1, 2, 4, 8) if b >= run))
+        padding += (d["bucket"] - run) * len(engine.segments[d["segment"]])
+    assert engine.stats.padded_layer_rows == padding > 0
+    assert {d["segment"] for d in decisions} == {0, 1, 2, 3}
+    assert engine.stats.to_dict()["decisions"] == decisions

@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from drex_hf.generation.engine import DrexEngine, synchronize
-from drex_hf.generation.executor import StepExecutor
 from drex_hf.generation.kv_store import RowKVCache
 from drex_hf.generation.plan import StepPlan, bucket_of, row_buckets
+from drex_hf.generation.runner import StepExecutor
 
 if TYPE_CHECKING:
     from drex_hf.modeling import EarlyExitModelForCausalLM

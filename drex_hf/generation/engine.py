@@ -27,10 +27,10 @@ import torch
 
 from drex_hf import kernels
 from drex_hf.errors import GenerationInputError
-from drex_hf.generation.executor import LOGIT_MEASURES, StepExecutor
 from drex_hf.generation.exits import ExitDistribution, RequestExits, check_trace_row
 from drex_hf.generation.kv_store import RowKVCache
 from drex_hf.generation.plan import StepPlan, Verdict, bucket_of, row_buckets
+from drex_hf.generation.runner import LOGIT_MEASURES, StepExecutor
 from drex_hf.generation.sampling import as_seed
 from drex_hf.generation.scheduler import (
     CostModel,

@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from drex_hf.generation.executor import StepExecutor
 from drex_hf.generation.plan import StepPlan
+from drex_hf.generation.runner import StepExecutor
 from drex_hf.generation.scheduler import CostModel
 
 
