@@ -8,8 +8,9 @@ it. For each policy, on the same random prompts and trace exits (20/25/20/35 % b
 prefill:
 
 * **ops** dispatched per round (a `TorchDispatchMode` sees every aten op), split into those inside the
-  decoder layers (forward hooks mark them) and those outside: the engine's own work, exit checks and
-  vocabulary projections included;
+  decoder layers (forward hooks mark them) and those outside; of the latter, those inside the heads
+  (the exit heads' norms, adapters and confidence classifiers, the final norm, the lm_head: exit
+  checks and vocabulary projections) are also counted apart from the engine's own;
 * **uploads** (tensors made from Python data, copies from host buffers or across devices), **reads**
   (`.item()`, `.tolist()`, `.numpy()` of a device tensor, copies into host buffers) and **waits** (the
   reads plus explicit synchronisations), per round and per step — on a GPU each is a transfer or a
@@ -54,7 +55,9 @@ class HostCounter(TorchDispatchMode):
         super().__init__()
         self.host = host_buffers
         self.inside = 0
+        self.in_heads = 0
         self.ops_inside = 0
+        self.ops_in_heads = 0
         self.ops_outside: collections.Counter[str] = collections.Counter()
         self.uploads = 0
         self.reads = 0
@@ -69,6 +72,7 @@ class HostCounter(TorchDispatchMode):
             self.ops_inside += 1
         else:
             self.ops_outside[name] += 1
+            self.ops_in_heads += self.in_heads > 0
         if name in MADE_FROM_DATA:
             self.uploads += 1
         elif name in SCALAR_READS:
@@ -100,6 +104,11 @@ def counting(model: Any, host_buffers: set[int]) -> Iterator[tuple[HostCounter, 
     for layer in model.arch.layers:
         hooks.append(layer.register_forward_pre_hook(lambda *_: setattr(mode, "inside", mode.inside + 1)))
         hooks.append(layer.register_forward_hook(lambda *_: setattr(mode, "inside", mode.inside - 1)))
+    parts = [model.arch.final_norm, model.arch.lm_head]
+    parts += [m for head in model.heads for m in (head.norm, head.adapter, head.classifier) if m is not None]
+    for part in {id(m): m for m in parts}.values():
+        hooks.append(part.register_forward_pre_hook(lambda *_: setattr(mode, "in_heads", mode.in_heads + 1)))
+        hooks.append(part.register_forward_hook(lambda *_: setattr(mode, "in_heads", mode.in_heads - 1)))
     patched = {}
     for method in ("tolist", "numpy"):
         original = getattr(torch.Tensor, method)
@@ -167,6 +176,8 @@ def count_policy(model: Any, prompts: list, policy: str, tokens: int, dist: Exit
         "steps": steps,
         "steps_per_round": steps / rounds,
         "ops_outside_per_round": outside / rounds,
+        "ops_in_heads_per_round": mode.ops_in_heads / rounds,
+        "ops_engine_per_round": (outside - mode.ops_in_heads) / rounds,
         "ops_inside_per_round": mode.ops_inside / rounds,
         "uploads_per_round": mode.uploads / rounds,
         "reads_per_round": reads / rounds,
@@ -194,13 +205,15 @@ def time_policies(
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| rows | policy | steps / round | ops outside layers / round | ops inside / round | uploads / round "
-        "| reads / round | waits / round | copies / step | host µs / round | × full (ops outside) | × full (µs) |",
+        "| rows | policy | steps / round | ops outside layers / round (heads + engine) | ops inside / round "
+        "| uploads / round | reads / round | waits / round | copies / step | host µs / round | × full (ops outside) "
+        "| × full (µs) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         lines.append(
             f"| {r['rows']} | {r['policy']} | {r['steps_per_round']:.2f} | {r['ops_outside_per_round']:.1f} "
+            f"({r['ops_in_heads_per_round']:.1f} + {r['ops_engine_per_round']:.1f}) "
             f"| {r['ops_inside_per_round']:.1f} | {r['uploads_per_round']:.2f} | {r['reads_per_round']:.2f} "
             f"| {r['waits_per_round']:.2f} | {r['copies_per_step']:.2f} | {r['host_us_per_round']:.0f} "
             f"| {r['ops_outside_vs_full']:.2f} | {r['host_us_vs_full']:.2f} |"

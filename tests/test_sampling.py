@@ -58,3 +58,10 @@ def test_a_rows_token_is_the_same_alone_and_in_any_batch():
         assert int(alone[0]) == int(batch[i])
     assert torch.equal(pick_tokens(logits, False, []), logits.argmax(-1))
     assert len(set(batch.tolist())) > 2  # really sampled, not one token everywhere
+
+
+def test_host_draws_many_at_once_equal_one_at_a_time():
+    from drex_hf.generation.sampling import host_uniforms
+
+    seeds, counters = [0, 7, -3, 2**63 + 5, 12345678901234], [1, 2, 3, 4, 2**31 + 9]
+    assert host_uniforms(seeds, counters).tolist() == [host_uniform(s, c) for s, c in zip(seeds, counters)]

@@ -27,7 +27,7 @@ import torch
 
 from drex_hf import kernels
 from drex_hf.errors import GenerationInputError
-from drex_hf.generation.exits import ExitDistribution, RequestExits, check_trace_row
+from drex_hf.generation.exits import ExitDistribution, RequestExits, check_trace_row, next_layers
 from drex_hf.generation.kv_store import RowKVCache
 from drex_hf.generation.plan import StepPlan, Verdict, bucket_of, row_buckets
 from drex_hf.generation.runner import LOGIT_MEASURES, StepExecutor
@@ -159,7 +159,7 @@ class _Request:
     passed_at: int | None = None  # first exit point this token was confident at (batch policies)
     pending_layer: int | None = None  # exited here; its token's vocabulary projection is deferred
     token_start: float = 0.0
-    steps_waiting: int = 0
+    waiting_since: int = 0  # the engine's step count when it last ran or joined a buffer
     checks: list[tuple[int, float]] | None = None  # this token's checks so far (record_checks)
 
     def last_is_pending(self) -> bool:
@@ -498,15 +498,18 @@ class DrexEngine:
 
     # ------------------------------------------------------------------ plan
     def _view(self, now: float) -> SchedulerView:
-        done = [-1] * self.store.slots
-        ages, waits = {}, {}
-        context = 1
-        for slot, req in self.requests.items():
-            done[slot] = req.done_through
-            ages[slot] = (now - req.token_start) * 1e3
-            waits[slot] = req.steps_waiting
-            context = max(context, req.position + 2)
-        return SchedulerView([list(b) for b in self.buffers], ages, waits, done, context, self.buckets)
+        """What the policy sees: the buffers (read-only), and per slot — read on demand, most policies
+        look at few — its done-through segment, its token's age and the steps it has waited."""
+        requests, steps = self.requests, self.stats.steps
+        context = max((req.position for req in requests.values()), default=0) + 2
+        return SchedulerView(
+            self.buffers,
+            _PerSlot(requests, lambda r: (now - r.token_start) * 1e3, self.store.slots, 0.0),
+            _PerSlot(requests, lambda r: steps - r.waiting_since, self.store.slots, 0),
+            _PerSlot(requests, lambda r: r.done_through, self.store.slots, -1),
+            context,
+            self.buckets,
+        )
 
     def _check_decision(self, d: Decision) -> None:
         """Refuse an illegal decision (a bug in a policy) before it can corrupt state."""
@@ -527,9 +530,6 @@ class DrexEngine:
         tokens; the final segment projects its rows together with every deferred token waiting."""
         s = d.segment
         chosen = set(d.rows)
-        for buffer in self.buffers:
-            for slot in buffer:
-                self.requests[slot].steps_waiting += slot not in chosen
         self.buffers[s] = [slot for slot in self.buffers[s] if slot not in chosen]
         rows = [self.requests[slot] for slot in d.rows]
         step = _Step(d, StepPlan(segment=s))
@@ -537,8 +537,7 @@ class DrexEngine:
             self._plan_project(step, [r for r in rows if r.pending_layer is not None], first=True)
             rows = [r for r in rows if not r.last_is_pending()]
             self._plan_fill(step, [r for r in rows if r.fill_from is not None])
-            for req in rows:
-                self._start_token(req)
+            self._start_tokens(rows)
         self._plan_run(step, rows, self._riders(d))
         if s == self.num_segments - 1:
             waiting = [self.requests[slot] for slot in self.buffers[0]]
@@ -574,13 +573,16 @@ class DrexEngine:
         for req in rows:
             req.fill_from = None
 
-    def _start_token(self, req: _Request) -> None:
-        req.position += 1
-        req.draw += 1
-        req.passed_at = None
-        req.done_through = -1
-        if req.exits is not None:
-            req.trace_layer = req.exits.next_layer()
+    def _start_tokens(self, rows: list[_Request]) -> None:
+        """The rows' next tokens start: one position on, the next draw, and (a trace) their exits."""
+        for req in rows:
+            req.position += 1
+            req.draw += 1
+            req.passed_at = None
+            req.done_through = -1
+        traced = [r for r in rows if r.exits is not None]
+        for req, layer in zip(traced, next_layers([r.exits for r in traced]) if traced else []):
+            req.trace_layer = layer
 
     def _riders(self, d: Decision) -> list[tuple[int, int]]:
         """(slot, position) of each rider. A ride's keys/values are never kept: whatever it writes at
@@ -590,26 +592,32 @@ class DrexEngine:
         return [(slot, getattr(self.requests.get(slot), "position", 0)) for slot in d.riders]
 
     def _plan_run(self, step: _Step, rows: list[_Request], riders: list[tuple[int, int]]) -> None:
-        """The segment's rows and riders in slot order; riders write their state to the scratch slot."""
+        """The segment's rows, then its riders (which write their state to the scratch slot); in slot
+        order when they are one contiguous run of slots and the programs are eager (read as views)."""
         if not rows:
             return
-        scratch = self.store.scratch
-        entries = sorted(
-            [(r.slot, r.slot, r.position, 0, r.draw, r.seed, r) for r in rows]
-            + [(slot, scratch, position, 1, 0, 0, None) for slot, position in riders],
-            key=lambda e: e[0],
-        )
+        running: list[_Request | None] = [*rows, *([None] * len(riders))]
+        slots = [r.slot for r in rows] + [slot for slot, _ in riders]
+        lo, hi = min(slots), max(slots) + 1
+        span = (lo, hi) if hi - lo == len(slots) and not self.executor.static else None
+        if span is not None and riders:
+            order = sorted(range(len(slots)), key=slots.__getitem__)
+            slots, running = [slots[i] for i in order], [running[i] for i in order]
+        elif span is not None:
+            rows = sorted(rows, key=lambda r: r.slot)
+            slots, running = [r.slot for r in rows], rows
+        at = dict(riders)
         plan = step.plan
-        plan.slots = [e[0] for e in entries]
-        plan.writes = [e[1] for e in entries]
-        plan.positions = [e[2] for e in entries]
-        plan.riders = [e[3] for e in entries]
-        plan.token_index = [e[4] for e in entries]
-        plan.seeds = [e[5] for e in entries]
+        plan.slots = slots
+        plan.writes = [slot if r is not None else self.store.scratch for slot, r in zip(slots, running)]
+        plan.positions = [r.position if r is not None else at[slot] for slot, r in zip(slots, running)]
+        plan.riders = [int(r is None) for r in running]
+        if self.settings.do_sample:  # each row's draw for a token its exit's logits pick
+            plan.token_index = [r.draw if r is not None else 0 for r in running]
+            plan.seeds = [r.seed if r is not None else 0 for r in running]
         plan.kv_len = max(plan.positions) + 1
-        lo, hi = plan.slots[0], plan.slots[-1] + 1
-        plan.span = (lo, hi) if hi - lo == len(entries) else None
-        step.running = [e[6] for e in entries]
+        plan.span = span
+        step.running = running
 
     # ------------------------------------------------------------------ apply the verdict
     def _apply(self, step: _Step, verdict: Verdict) -> None:
@@ -624,7 +632,11 @@ class DrexEngine:
         self.stats.wasted_rows += len(rows) - len(live)
         layer = self.boundaries[s]
         confidence = verdict.confidence.tolist()
-        own = [self._confident(r, layer, confidence[i]) for i, r in live]
+        if self.exit_source == "trace":
+            own = [r.trace_layer <= layer for _, r in live]
+        else:  # compared in float64, as the reference decoder does
+            threshold = self.threshold_at[layer]
+            own = [confidence[i] >= threshold for i, _ in live]
         rule = step.decision.exit_rule
         if rule == "own":
             leave = own
@@ -638,26 +650,20 @@ class DrexEngine:
         if self.record_checks:
             for i, req in live:
                 req.checks = [*(req.checks or []), (layer, confidence[i])]
+        since, stay = self.stats.steps + 1, self.buffers[s + 1]  # this step counts as run
         for (i, req), mine, goes in zip(live, own, leave):
             if mine and req.passed_at is None:
                 req.passed_at = layer
             if goes and not mine:
                 req.output.involuntary += 1
                 self.stats.involuntary_exits += 1
-            req.steps_waiting = 0
+            req.waiting_since = since
             if goes:
                 self._exit(req, s, layer, None if tokens is None else tokens[i])
             else:
                 req.segment = s + 1
                 req.done_through = s
-                self.buffers[s + 1].append(req.slot)
-
-    def _confident(self, req: _Request, layer: int, confidence: float) -> bool:
-        """The row's own verdict at this exit point: its confidence against the threshold (compared
-        in float64, as the reference decoder does), or its trace."""
-        if self.exit_source == "trace":
-            return req.trace_layer <= layer
-        return confidence >= self.threshold_at[layer]
+                stay.append(req.slot)
 
     def _exit(self, req: _Request, s: int, layer: int, token: int | None) -> None:
         """A row leaving at exit point s: its token now when the check picked it from the exit's
@@ -718,7 +724,7 @@ class DrexEngine:
         if queued:
             return
         req.segment = 0
-        req.steps_waiting = 0
+        req.waiting_since = self.stats.steps + 1
         # keys/values past the exit are filled before the next token starts: until then the slot may ride
         req.done_through = self.num_segments - 1 if req.fill_from is None else self.boundaries.index(layer)
         self.buffers[0].append(req.slot)
@@ -773,6 +779,28 @@ class DrexEngine:
         if plan.fill_slots:
             first = self.boundaries.index(plan.fill_from - 1)
         return self.cost.overhead_ms(first, len(plan.fill_slots), len(plan.project_slots) - step.final)
+
+
+class _PerSlot:
+    """A read-only per-slot field of the running requests, computed when read (`default` for a slot
+    that holds none): indexable by slot, iterable over all slots, and `.get()` like a dict."""
+
+    def __init__(self, requests: dict[int, _Request], read: Callable[[_Request], Any], slots: int, default: Any):
+        self.requests, self.read, self.slots, self.default = requests, read, slots, default
+
+    def __getitem__(self, slot: int) -> Any:
+        req = self.requests.get(slot)
+        return self.default if req is None else self.read(req)
+
+    def get(self, slot: int, default: Any = None) -> Any:
+        req = self.requests.get(slot)
+        return (self.default if default is None else default) if req is None else self.read(req)
+
+    def __len__(self) -> int:
+        return self.slots
+
+    def __iter__(self) -> Any:
+        return (self[slot] for slot in range(self.slots))
 
 
 def _key_bucket(key: tuple) -> int:

@@ -11,16 +11,16 @@ vocabulary projection, KV fill); only the decision is taken from the trace.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from drex_hf.errors import GenerationInputError
-from drex_hf.generation.sampling import host_uniform
+from drex_hf.generation.sampling import host_uniforms
 
 
 @dataclass(frozen=True)
@@ -100,13 +100,33 @@ class RequestExits:
         if dist is not None:
             probabilities, seed = dist
             self.seed = int(seed)
-            self.cumulative = list(itertools.accumulate(probabilities))
+            self.cumulative = tuple(itertools.accumulate(probabilities))
 
     def next_layer(self) -> int:
-        self.index += 1
-        if self.seed is not None:  # token i's exit: the counter-based draw (seed, i), inverted on the host
-            u = host_uniform(self.seed, self.index) * self.cumulative[-1]
-            return self.points[min(bisect.bisect_right(self.cumulative, u), len(self.points) - 1)]
+        """The next decoded token's exit layer."""
+        return next_layers([self])[0]
+
+    def _replayed(self) -> int:
         if self.replay is None or self.index >= len(self.replay) or self.replay[self.index] < 0:
             return self.points[-1]
         return int(self.replay[self.index])
+
+
+def next_layers(requests: list[RequestExits]) -> list[int]:
+    """Each request's next decoded token's exit layer: replayed, or drawn from its distribution — token
+    i's exit is the counter-based draw (seed, i), inverted on the host, for all the drawn ones at once."""
+    for r in requests:
+        r.index += 1
+    out = [r._replayed() if r.seed is None else -1 for r in requests]
+    drawn = [i for i, r in enumerate(requests) if r.seed is not None]
+    if not drawn:
+        return out
+    u = host_uniforms([requests[i].seed for i in drawn], [requests[i].index for i in drawn])
+    groups: dict[tuple, list[int]] = {}  # requests drawing from the same distribution, inverted together
+    for j, i in enumerate(drawn):
+        groups.setdefault((requests[i].cumulative, tuple(requests[i].points)), []).append(j)
+    for (cumulative, points), members in groups.items():
+        at = np.searchsorted(np.asarray(cumulative), u[members] * cumulative[-1], side="right")
+        for j, k in zip(members, np.minimum(at, len(points) - 1).tolist()):
+            out[drawn[j]] = points[k]
+    return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -58,6 +59,12 @@ def host_uniform(seed: int, counter: int) -> float:
     """The uniform `uniforms` gives for (seed, counter), computed in plain Python."""
     first, second = _bits(as_seed(seed), int(counter))
     return ((first >> 5) * 2**26 + (second >> 6)) * 2.0**-53
+
+
+def host_uniforms(seeds: list[int], counters: list[int]) -> np.ndarray:
+    """`host_uniform` for many (seed, counter) pairs at once, on the host (numpy int64 arithmetic)."""
+    first, second = _bits(np.array([as_seed(s) for s in seeds], dtype=np.int64), np.array(counters, dtype=np.int64))
+    return ((first >> 5) * 2**26 + (second >> 6)).astype(np.float64) * 2.0**-53
 
 
 def sample_rows(scores: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from drex_hf.errors import GenerationInputError
 
@@ -44,14 +45,17 @@ class Decision:
 
 @dataclass
 class SchedulerView:
-    """What a policy may look at. `done_through[slot]`: the last segment whose layers already hold
-    this slot's keys/values at its current position (-1 when none or free); a slot may ride through
-    segment s when done_through < s and it is not itself waiting for s."""
+    """What a policy may look at (read-only: a policy copies what it keeps). Each buffer lists its slots
+    in the order they joined it (the first has waited longest). Per slot, indexable and
+    with `.get()`: `token_age_ms` (how long its current token has taken), `steps_waiting` (steps it
+    has waited in its buffer), `done_through` (the last segment whose layers already hold this slot's
+    keys/values at its current position, -1 when none or free); a slot may ride through segment s when
+    done_through < s and it is not itself waiting for s."""
 
     buffers: list[list[int]]
-    token_age_ms: dict[int, float]
-    steps_waiting: dict[int, int]
-    done_through: list[int]
+    token_age_ms: Any
+    steps_waiting: Any
+    done_through: Any
     context: int = 1
     buckets: list[int] | None = None  # the row counts programs run at (None: any count)
 
@@ -211,9 +215,12 @@ class Policy:
     def predict(self, view: SchedulerView, s: int, rows: list[int], riders: list[int]) -> float | None:
         if self.cost is None:
             return None
-        run = sorted([*rows, *riders])
-        contiguous = run[-1] - run[0] + 1 == len(run)
-        return self.cost.predict(s, len(run), contiguous, view.context)
+        n = len(rows) + len(riders)
+        lo, hi = min(rows), max(rows)
+        if riders:
+            lo, hi = min(lo, min(riders)), max(hi, max(riders))
+        contiguous = hi - lo + 1 == n  # the slots are distinct
+        return self.cost.predict(s, n, contiguous, view.context)
 
     def pick(self, view: SchedulerView) -> Decision:
         raise NotImplementedError
@@ -315,7 +322,8 @@ class DrexPolicy(Policy):
     def _urgent(self, view: SchedulerView, plans: dict) -> tuple[int | None, str]:
         """The buffer of the row closest to breaking the SLA (or waiting too many steps), if any."""
         limit = self.max_wait_steps if self.max_wait_steps is not None else 4 * self.num_segments
-        stalled = [s for s in plans if any(view.steps_waiting.get(r, 0) >= limit for r in view.buffers[s])]
+        # a buffer lists its slots in the order they joined it: its first has waited longest
+        stalled = [s for s in plans if view.buffers[s] and view.steps_waiting.get(view.buffers[s][0], 0) >= limit]
         if stalled:
             return max(stalled), "stalled"
         if self.sla_tpot_ms is None:
