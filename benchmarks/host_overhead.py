@@ -16,8 +16,9 @@ prefill:
   reads plus explicit synchronisations), per round and per step — on a GPU each is a transfer or a
   stall; an engine that names its host staging buffers (`engine.executor.host_buffers`) has copies
   into and out of them counted as its uploads and reads;
-* **host µs per round**: a separate, uncounted decode of the same requests, timed (median of
-  `--repeats`, the policies interleaved).
+* **host µs per round**: uncounted decodes of the same requests by the same engines, timed (median
+  of `--repeats`, the policies interleaved; each policy's engine — its cost model, so its schedule —
+  is built once, for the counted decode and the timed ones).
 
 A round is one token for every row (drex runs several steps per round). Writes host_overhead.json
 and host_overhead.md.
@@ -39,7 +40,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from drex_hf.bench.run import build_engine, random_prompts
+from drex_hf.bench.run import add, new_engine, random_prompts
 from drex_hf.bench.synthetic import SHAPES, synthetic_model
 from drex_hf.generation.engine import device_name, synchronize
 from drex_hf.generation.exits import ExitDistribution
@@ -150,17 +151,22 @@ def host_buffers_of(engine: Any) -> set[int]:
     return set(getattr(executor, "host_buffers", ()))
 
 
-def prefilled(model: Any, prompts: list, policy: str, tokens: int, dist: ExitDistribution, **kwargs: Any) -> Any:
-    engine, _ = build_engine(model, prompts, policy, tokens, dist, **kwargs)
+def prefilled(engine: Any, prompts: list, tokens: int, dist: ExitDistribution) -> Any:
+    """The engine holding the prompts again (its statistics reset), their prefill done."""
+    if hasattr(engine, "reset_stats"):
+        engine.reset_stats()
+    for i, prompt in enumerate(prompts):
+        add(engine, prompt, i, dist, tokens)
     while engine.prefill_queue:
         engine.step()
-    synchronize(model.heads_device)
+    synchronize(engine.model.heads_device)
     return engine
 
 
 @torch.no_grad()
-def count_policy(model: Any, prompts: list, policy: str, tokens: int, dist: ExitDistribution, **kwargs: Any) -> dict:
-    engine = prefilled(model, prompts, policy, tokens, dist, **kwargs)
+def count_policy(engine: Any, policy: str, prompts: list, tokens: int, dist: ExitDistribution) -> dict:
+    engine = prefilled(engine, prompts, tokens, dist)
+    model = engine.model
     steps0 = engine.stats.steps
     with counting(model, host_buffers_of(engine)) as (mode, extra):
         engine.run()
@@ -188,17 +194,15 @@ def count_policy(model: Any, prompts: list, policy: str, tokens: int, dist: Exit
 
 
 @torch.no_grad()
-def time_policies(
-    model: Any, prompts: list, policies: list[str], tokens: int, dist: ExitDistribution, repeats: int, **kwargs: Any
-) -> dict[str, float]:
+def time_policies(engines: dict, prompts: list, tokens: int, dist: ExitDistribution, repeats: int) -> dict[str, float]:
     """Host µs per round of an uncounted decode, median of `repeats`, the policies interleaved."""
-    times: dict[str, list[float]] = {p: [] for p in policies}
+    times: dict[str, list[float]] = {p: [] for p in engines}
     for _ in range(repeats):
-        for policy in policies:
-            engine = prefilled(model, prompts, policy, tokens, dist, **kwargs)
+        for policy, engine in engines.items():
+            prefilled(engine, prompts, tokens, dist)
             start = time.perf_counter()
             engine.run()
-            synchronize(model.heads_device)
+            synchronize(engine.model.heads_device)
             times[policy].append((time.perf_counter() - start) / (tokens - 1) * 1e6)
     return {p: statistics.median(t) for p, t in times.items()}
 
@@ -243,8 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for rows in (int(v) for v in args.batch_sizes.split(",")):
         prompts = random_prompts(rows, 8, 16, SHAPES[args.shape].vocab, seed=0)
-        counted = [count_policy(model, prompts, p, args.max_new_tokens, dist, **kwargs) for p in policies]
-        micros = time_policies(model, prompts, policies, args.max_new_tokens, dist, args.repeats, **kwargs)
+        max_len = max(p.shape[0] for p in prompts) + args.max_new_tokens
+        # one engine per policy, for the counted decode and the timed ones: the same cost model, the same schedule
+        engines = {p: new_engine(model, p, args.max_new_tokens, rows, max_len, dist, **kwargs) for p in policies}
+        counted = [count_policy(engines[p], p, prompts, args.max_new_tokens, dist) for p in policies]
+        micros = time_policies(engines, prompts, args.max_new_tokens, dist, args.repeats)
+        del engines
         full = next((r for r in counted if r["policy"] == "full"), counted[0])
         for r in counted:
             r["host_us_per_round"] = micros[r["policy"]]

@@ -385,12 +385,13 @@ def test_drex_runs_deepest_first_unless_a_shallower_buffer_is_far_more_efficient
     cost = CostModel([10.0] * 3, [1.0] * 3, [0.0] * 3)
     done = [-1] * 16
     assert DrexPolicy(3, cost).pick(_view([[0, 1, 2, 3, 4], [5, 6, 7, 8], []], done)).segment == 1
-    assert DrexPolicy(3, cost).pick(_view([list(range(15)), [], [15]], done)).segment == 0
+    assert DrexPolicy(3, cost).pick(_view([list(range(15)), [], [15]], done)).segment == 2  # deepest-first
+    assert DrexPolicy(3, cost, slack=0.75).pick(_view([list(range(15)), [], [15]], done)).segment == 0
     # ... but a row that has waited too long, or is about to break the SLA, goes first
     waits = {15: 12}
-    assert DrexPolicy(3, cost).pick(_view([list(range(15)), [], [15]], done, waits=waits)).segment == 2
+    assert DrexPolicy(3, cost, slack=0.75).pick(_view([list(range(15)), [], [15]], done, waits=waits)).segment == 2
     ages = {15: 40.0}
-    sla = DrexPolicy(3, cost, sla_tpot_ms=50.0)
+    sla = DrexPolicy(3, cost, sla_tpot_ms=50.0, slack=0.75)
     assert sla.pick(_view([list(range(15)), [], [15]], done, ages=ages)).segment == 2
 
 
