@@ -343,7 +343,7 @@ def test_kv_fill_equals_each_layers_own_projection(kind, folded):
     executor.hidden[:3] = x  # an exited row's hidden state stays in its slot until its fill
     positions, exits = [2, 5, 7], [0, 1, 0]
     first = [e + 1 for e in exits]
-    plan = StepPlan(segment=None, fill_slots=[0, 1, 2], fill_positions=positions, fill_first=first, fill_from=1)
+    plan = StepPlan(segment=None, fill_slots=[0, 1, 2], fill_positions=positions, fill_first=first, fill_layers_from=1)
     with torch.no_grad():
         executor.execute(plan)
         rotary = arch.position_embeddings(x.unsqueeze(1), torch.tensor(positions).unsqueeze(1))

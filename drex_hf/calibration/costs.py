@@ -231,7 +231,7 @@ def profile_runner(executor, context: int, repeats: int = 5, statistic: str = "m
         if kind == "fill":
             first = executor.boundaries[index] + 1
             plan = StepPlan(segment=None, fill_slots=rows, fill_positions=[position] * n, fill_first=[first] * n)
-            plan.fill_from = first
+            plan.fill_layers_from = first
             return time_ms(lambda: executor.execute(plan))
         bucket = bucket_of(executor.buckets, n)
         executor.write_plan(segment_plan(executor, index, rows, position), (bucket, 0, 0))

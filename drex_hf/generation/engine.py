@@ -30,7 +30,7 @@ from drex_hf.errors import GenerationInputError
 from drex_hf.generation.exits import ExitDistribution, RequestExits, check_trace_row, next_layers
 from drex_hf.generation.kv_store import RowKVCache
 from drex_hf.generation.plan import StepPlan, Verdict, bucket_of, row_buckets
-from drex_hf.generation.runner import LOGIT_MEASURES, StepExecutor
+from drex_hf.generation.runner import StepExecutor
 from drex_hf.generation.sampling import as_seed
 from drex_hf.generation.scheduler import (
     CostModel,
@@ -152,7 +152,6 @@ class _Request:
     slot: int
     position: int = 0  # where the token being computed writes its keys/values
     draw: int = 0  # the token being computed is this request's token number `draw` (its sampling counter)
-    segment: int = 0  # the buffer it waits in
     done_through: int = -1  # see SchedulerView
     fill_from: int | None = None  # exit layer whose skipped layers still need KV fill
     trace_layer: int = -1  # this token's exit layer under a trace
@@ -569,7 +568,7 @@ class DrexEngine:
         plan.fill_slots = [r.slot for r in rows]
         plan.fill_positions = [r.position for r in rows]
         plan.fill_first = [r.fill_from + 1 for r in rows]
-        plan.fill_from = min(plan.fill_first)
+        plan.fill_layers_from = min(plan.fill_first)
         for req in rows:
             req.fill_from = None
 
@@ -661,7 +660,6 @@ class DrexEngine:
             if goes:
                 self._exit(req, s, layer, None if tokens is None else tokens[i])
             else:
-                req.segment = s + 1
                 req.done_through = s
                 stay.append(req.slot)
 
@@ -673,7 +671,6 @@ class DrexEngine:
             return
         req.pending_layer = layer
         req.fill_from = layer
-        req.segment = 0
         req.done_through = s
         self.buffers[0].append(req.slot)
         if not self.defer_projection:
@@ -723,7 +720,6 @@ class DrexEngine:
         req.token_start = now
         if queued:
             return
-        req.segment = 0
         req.waiting_since = self.stats.steps + 1
         # keys/values past the exit are filled before the next token starts: until then the slot may ride
         req.done_through = self.num_segments - 1 if req.fill_from is None else self.boundaries.index(layer)
@@ -777,7 +773,7 @@ class DrexEngine:
         plan = step.plan
         first = None
         if plan.fill_slots:
-            first = self.boundaries.index(plan.fill_from - 1)
+            first = self.boundaries.index(plan.fill_layers_from - 1)
         return self.cost.overhead_ms(first, len(plan.fill_slots), len(plan.project_slots) - step.final)
 
 
@@ -835,4 +831,4 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-__all__ = ["DrexEngine", "EngineStats", "RequestOutput", "RandomPolicy", "LOGIT_MEASURES"]
+__all__ = ["DrexEngine", "EngineStats", "RequestOutput", "RandomPolicy"]

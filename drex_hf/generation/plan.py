@@ -46,14 +46,15 @@ def bucket_of(buckets: list[int], n: int) -> int:
 class StepPlan:
     """One step, in columns (one entry per row, in this order; padding is added by the executor).
 
-    * run: `segment` (None: no segment runs) on `slots` — sorted, riders included — each writing its
-      state to `writes` (its own slot, or the scratch slot for riders, whose results are discarded),
-      at `positions`; `riders` marks them; `token_index`/`seeds` are each row's draw for a token
-      picked at this exit. `kv_len` (eager programs) is the longest row + 1; `span` the slot range
-      when the rows are one contiguous run of slots (eager programs read it as views).
+    * run: `segment` (None: no segment runs) on `slots` — riders included; in slot order when `span`
+      is set — each writing its state to `writes` (its own slot, or the scratch slot for riders,
+      whose results are discarded), at `positions`; `riders` marks them; `token_index`/`seeds` are
+      each row's draw for a token picked at this exit (sampling only). `kv_len` (eager programs) is
+      the longest row + 1; `span` the slot range when the rows are one contiguous run of slots
+      (eager programs read it as views).
     * fill: rows whose previous token left at an exit: their keys/values of layers `fill_first` ..
-      L-1 at `fill_positions`, from the hidden state still in their slot; `fill_from` is the smallest
-      first layer (the one product covers layers from it).
+      L-1 at `fill_positions`, from the hidden state still in their slot; `fill_layers_from` is the
+      smallest first layer (the one product covers layers from it).
     * project: features of `project_slots` onto the vocabulary, tokens drawn with
       `project_index`/`project_seeds`; before the segment when `project_first` (the segment embeds
       those tokens), after it otherwise (the final segment's rows are among them).
@@ -71,7 +72,7 @@ class StepPlan:
     fill_slots: list[int] = field(default_factory=list)
     fill_positions: list[int] = field(default_factory=list)
     fill_first: list[int] = field(default_factory=list)
-    fill_from: int = 0
+    fill_layers_from: int = 0
     project_slots: list[int] = field(default_factory=list)
     project_index: list[int] = field(default_factory=list)
     project_seeds: list[int] = field(default_factory=list)

@@ -224,7 +224,7 @@ class StepExecutor:
         if project and plan.project_first:
             self.run_program(("project", project))
         if fill:
-            self.run_program(("fill", fill, plan.fill_from))
+            self.run_program(("fill", fill, plan.fill_layers_from))
         if run:
             self.run_program(("segment", plan.segment, run), plan.kv_len, plan.span)
         if project and not plan.project_first:
