@@ -206,6 +206,7 @@ class DrexEngine:
             measured ms, the policy's reason) in `stats.decisions`.
         record_checks: keep each token's exit checks — (exit layer, confidence) as the verdict brought
             them back — in `RequestOutput.checks`.
+        progress: the graph capture's progress bar (default: shown on a terminal).
     """
 
     def __init__(
@@ -228,7 +229,7 @@ class DrexEngine:
         buckets: Sequence[int] | None = None,
         record_decisions: bool = False,
         record_checks: bool = False,
-        progress: bool = False,
+        progress: bool | None = None,
     ) -> None:
         model.arch.check_attention_implementation()
         self.defer_projection = defer_projection
@@ -330,7 +331,7 @@ class DrexEngine:
             )
         return buckets
 
-    def capture_graphs(self, cache: Any, progress: bool = False) -> dict[str, float | int]:
+    def capture_graphs(self, cache: Any, progress: bool | None = None) -> dict[str, float | int]:
         """Capture every program of the executor into `cache` (a `graphs.GraphCache`: CUDA graphs,
         warm-up first, largest bucket first), with a progress bar; from then on steps replay them.
         Riders are switched off: their programs are not captured (a graph reads rows in place through
@@ -343,7 +344,8 @@ class DrexEngine:
         keys = executor.program_keys()
         executor.write_plan(StepPlan(segment=None), (executor.rows,) * 3)  # every row at the scratch slot
         executor.upload()
-        with torch.no_grad(), tqdm(total=len(keys), desc="capturing CUDA graphs", disable=not progress) as bar:
+        bar = tqdm(total=len(keys), desc="capturing CUDA graphs", disable=None if progress is None else not progress)
+        with torch.no_grad(), bar:
             report = cache.capture(keys, executor.program, _key_bucket, bar.update)
         executor.graphs = cache
         self.graph_report = report
