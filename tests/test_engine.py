@@ -592,3 +592,29 @@ def test_every_decision_is_recorded_with_its_bucket_padding_and_reason():
     assert engine.stats.padded_layer_rows == padding > 0
     assert {d["segment"] for d in decisions} == {0, 1, 2, 3}
     assert engine.stats.to_dict()["decisions"] == decisions
+
+
+def test_a_prefill_into_scattered_free_slots_with_triton_kernels_equals_the_reference(monkeypatch):
+    """Requests that join while others decode are prefilled together into whatever slots are free
+    (here 0 and 2 of 4): the kernels then get a scattered slot list, read through its strides."""
+    from drex_hf.kernels import dispatch
+
+    monkeypatch.setenv("DREX_KERNELS", "triton")
+    dispatch.reset()
+    assert dispatch.backend("cpu") == "triton"
+    model = _model("llama")
+    _, _, prompts = _prompts([5, 9, 3, 7, 6, 4])
+    settings = DecodeSettings(max_new_tokens=6)
+    engine = DrexEngine(model, max_batch=4, max_len=20, settings=settings, thresholds=[math.inf] * 3)
+    with torch.no_grad():
+        ids = [engine.add_request(p, max_new_tokens=n) for p, n in zip(prompts[:4], (2, 6, 2, 6))]
+        while len(engine.finished) < 2:
+            engine.step()
+        assert sorted(engine.finished) == [ids[0], ids[2]] and engine.store.free_slots == 2
+        ids += [engine.add_request(p) for p in prompts[4:]]  # one prefill, slots 0 and 2
+        results = engine.run()
+    assert dispatch.broken() == {}
+    lengths = (2, 6, 2, 6, 6, 6)
+    for rid, prompt, n in zip(ids, prompts, lengths):
+        (want,) = generate_reference(model, [prompt], DecodeSettings(max_new_tokens=n), [math.inf] * 3)
+        assert results[rid].tokens == want.tokens, rid

@@ -614,3 +614,48 @@ def test_bad_input_is_refused_naming_the_argument(case):
     with pytest.raises(KernelInputError, match=message):
         call()
     assert dispatch.broken() == {}  # refused before dispatch, not a Triton failure
+
+
+def _strided(values):
+    """An int64 index vector as a non-contiguous view (every second element of a wider tensor), as a
+    column of a row-major table is: the kernels read index vectors densely and must not see strides."""
+    wide = torch.zeros(2 * len(values), dtype=torch.long)
+    wide[::2] = torch.tensor(values)
+    view = wide[::2]
+    assert not view.is_contiguous()
+    return view
+
+
+def test_every_kernel_takes_non_contiguous_index_vectors():
+    src = randn((7, 24), torch.float32, seed=40)
+    index = _strided([5, 0, 3])
+    assert torch.equal(run(gather_rows, src, index), src[[5, 0, 3]])
+    dst = src.clone()
+    run(scatter_rows, dst, index, src[:3].clone())
+    expected = src.clone()
+    expected[[5, 0, 3]] = src[:3]
+    assert torch.equal(dst, expected)
+
+    keys, values = randn((6, 2, 10, 8), torch.float32, 41), randn((6, 2, 10, 8), torch.float32, 42)
+    new_k, new_v = randn((3, 2, 1, 8), torch.float32, 43), randn((3, 2, 1, 8), torch.float32, 44)
+    positions = torch.tensor([[4], [1], [7]])
+    want = keys.clone(), values.clone()
+    kv_append_reference(*want, torch.tensor([5, 0, 3]), positions, new_k, new_v)
+    run(kv_append, keys, values, index, positions, new_k, new_v)
+    assert torch.equal(keys, want[0]) and torch.equal(values, want[1])
+
+    query = randn((3, 4, 8), torch.float32, 45)
+    lengths = _strided([8, 2, 10])
+    got = run(indexed_decode_attention, query, keys, values, index, lengths)
+    ref = indexed_decode_attention_reference(query, keys, values, torch.tensor([5, 0, 3]), torch.tensor([8, 2, 10]))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+    store_k, store_v = randn((3, 6, 2, 9, 8), torch.float32, 46), randn((3, 6, 2, 9, 8), torch.float32, 47)
+    hidden, weight = randn((3, 16), torch.float32, 48), randn((3, 2 * 2 * 8, 16), torch.float32, 49) / 4
+    dense = [torch.tensor(v) for v in ([5, 0, 3], [2, 8, 4], [1, 2, 1])]
+    want = store_k.clone(), store_v.clone()
+    kv_fill_project_reference(hidden, weight, None, *want, *dense, None, layers_from=1)
+    run(kv_fill_project, hidden, weight, None, store_k, store_v, index, _strided([2, 8, 4]), _strided([1, 2, 1]), None,
+        layers_from=1)  # fmt: skip
+    torch.testing.assert_close(store_k, want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(store_v, want[1], rtol=1e-5, atol=1e-5)

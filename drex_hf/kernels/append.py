@@ -99,6 +99,7 @@ def kv_append(
         return
 
     def run_triton() -> None:
+        rows = slots.contiguous()  # the kernel reads index vectors densely (a no-op when they already are)
         block_d = next_power_of_2(head_dim)
         block_h = min(next_power_of_2(heads), max(1, 4096 // block_d))
         grid = (n * queries, -(-heads // block_h))
@@ -107,7 +108,7 @@ def kv_append(
             values,
             key_cache,
             value_cache,
-            slots,
+            rows,
             positions,
             queries,
             heads,

@@ -208,6 +208,7 @@ def indexed_decode_attention(
         max_length = int(lengths.max())
 
     def run_triton() -> torch.Tensor:
+        rows, lens = slots.contiguous(), lengths.contiguous()  # read densely by the kernel
         out = torch.empty_like(query, memory_format=torch.contiguous_format)
         group = q_heads // kv_heads
         count = splits or _splits(n, kv_heads, max_length, device)
@@ -227,8 +228,8 @@ def indexed_decode_attention(
             query,
             key_cache,
             value_cache,
-            slots,
-            lengths,
+            rows,
+            lens,
             out,
             part_acc,
             part_max,

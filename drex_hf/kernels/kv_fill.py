@@ -172,6 +172,7 @@ def kv_fill_project(
 
     def run_triton() -> None:
         cos, sin = rotary if rotary is not None else (hidden, hidden)  # unused without rotary
+        rows, at, first = slots.contiguous(), positions.contiguous(), first_layer.contiguous()  # read densely
         exact = hidden.dtype == torch.float32 or _triton.INTERPRET
         # weights are re-read once per block of rows; one block size for every row count, so that a
         # decode never compiles a new variant mid-run (the wasted rows of a small block cost no bandwidth)
@@ -185,9 +186,9 @@ def kv_fill_project(
             sin,
             key_store,
             value_store,
-            slots,
-            positions,
-            first_layer,
+            rows,
+            at,
+            first,
             n,
             width,
             kv_heads,

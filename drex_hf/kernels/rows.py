@@ -42,6 +42,9 @@ def _copy_rows_kernel(
 
 
 def _launch(src: torch.Tensor, src_index, dst: torch.Tensor, dst_index, rows: int) -> None:
+    # the kernel reads index vectors densely (a no-op when they already are)
+    src_index = None if src_index is None else src_index.contiguous()
+    dst_index = None if dst_index is None else dst_index.contiguous()
     width = src.shape[1]
     block = min(next_power_of_2(width), 1024)
     grid = (rows, -(-width // block))
