@@ -7,8 +7,8 @@
 # 1. tests/test_cuda.py: CUDA graphs + Triton kernels equal the reference decoder; a row's tokens and
 #    exit layers across batch compositions in bf16 (one bucket, and the default buckets).
 # 2. Llama-7B shapes (random weights), bf16, trace exits 20/25/20/35, 32 new tokens, prompts of 128
-#    tokens, batch 64 and 256: full with graphs vs full eager vs HF eager vs HF static cache +
-#    torch.compile; drex and batch_all (with graphs); the measured oracle; GPU busy per policy.
+#    tokens, batch 64 and 256: full with graphs vs full eager vs HF eager vs HF static cache (with
+#    transformers' own torch.compile); drex and batch_all (with graphs); the measured oracle; GPU busy.
 # 3. The same at batch 64 with 2048-token prompts (one engine at a time: a 7B store of 64 x 2080
 #    positions is 70 GB), no HF compile.
 # 4. Host overhead on the tiny shape, graphs on and off (ops, copies, µs per round).

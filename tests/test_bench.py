@@ -319,14 +319,51 @@ def test_context_sequential_engines_and_eager_variants_in_one_table(tmp_path):
 
 
 def test_hf_static_cache_generate_gives_hf_eagers_tokens():
-    """HF's static-cache generate (uncompiled here: the CPU) is timed token by token and decodes what HF's
-    eager generate does; a failure to compile would be reported in the table, not raised."""
+    """HF's static-cache generate (uncompiled here: transformers compiles it on CUDA only) decodes what
+    HF's eager generate does; a failure would be reported in the table, not raised."""
     from drex_hf.bench.run import hf_generate, hf_generate_static, random_prompts
     from drex_hf.bench.synthetic import synthetic_model
 
     model = synthetic_model("tiny")
     prompts = random_prompts(3, 4, 9, 256, seed=3)
     eager = hf_generate(model, prompts, 6)
-    static = hf_generate_static(model, prompts, 6, compile=False)
+    static = hf_generate_static(model, prompts, 6)
     assert "error" not in static, static.get("error")
     assert static["outputs"] == eager["outputs"] and static["decode_tokens_per_s"] > 0
+
+
+def test_measured_oracle_with_graphs_replays_check_free_segments_at_buckets(monkeypatch):
+    """The CUDA branch of the measured oracle, run on the CPU with a recorder that replays a program by
+    running it again: both sides capture their programs, and each round replays each segment's layers
+    (no exit check) at the bucket of the rows that reach it, then one projection."""
+    from drex_hf.bench.measure import measured_oracle
+    from drex_hf.bench.run import random_prompts
+    from drex_hf.bench.synthetic import synthetic_model
+    from drex_hf.generation import graphs
+
+    replayed = []
+
+    class Recorder:
+        def warm_up(self, programs):
+            for program in programs.values():
+                program()
+
+        def record(self, key, program):
+            return lambda: (replayed.append(key), program())
+
+        def finish(self):
+            pass
+
+        def memory(self):
+            return 0
+
+    real = graphs.GraphCache
+    monkeypatch.setattr(graphs, "GraphCache", lambda device: real(device, recorder=Recorder()))
+    model = synthetic_model("tiny")
+    layers = [[3, 0, 3, 1, 2], [3, 3, 0, 3, 0], [3, 2, 2, 3, 3]]
+    result = measured_oracle(model, random_prompts(3, 3, 6, 256, seed=2), layers, graphs=True)
+    assert result["graphs"] is True and result["full_s"] > 0 and result["oracle_s"] > 0
+    kinds = {key[0] for key in replayed}
+    assert kinds == {"layers", "project"}  # check-free segments and the projection, nothing else
+    # rows reaching the segments in the first round: 3, 2, 2, 1, at buckets 3, 2, 2, 1 (the buckets: 1, 2, 3)
+    assert ("layers", 3, 1) in replayed and ("layers", 1, 2) in replayed and ("layers", 0, 3) in replayed

@@ -1,6 +1,7 @@
 """The same guarantees on a CUDA device (skipped on machines without one)."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -8,7 +9,15 @@ from conftest import make_tiny, padded_batch
 
 from drex_hf import EarlyExitConfig, EarlyExitModelForCausalLM
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    # conftest.py turns Triton's interpreter on for the CPU kernel tests; on a GPU it would copy every
+    # kernel argument to the host, which no CUDA graph capture survives
+    pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") == "1" and torch.cuda.is_available(),
+        reason="the Triton interpreter is on: run `TRITON_INTERPRET=0 pytest tests/test_cuda.py` (as gpu.sh does)",
+    ),
+]
 
 
 @pytest.fixture(autouse=True)

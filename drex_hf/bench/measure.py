@@ -156,8 +156,8 @@ def measured_oracle(
     both totals in seconds and their ratio, the measured oracle speed-up over full depth.
 
     `graphs` (default: on for CUDA): both sides run their programs as CUDA graphs at row buckets, as
-    the engine does there — a segment's captured program then includes its exit check, whose cost
-    inside a graph is small; eagerly, each segment runs on exactly its rows with no check at all."""
+    the engine does there (each segment's layers without its exit check, padded to the bucket);
+    eagerly, each segment runs on exactly its rows."""
     last = model.num_layers - 1
     boundaries = sorted({layer for row in exit_layers for layer in row[1:] if layer < last})
     n = len(prompts)
@@ -180,7 +180,7 @@ def measured_oracle(
 
             run.write_plan(StepPlan(segment=None), (run.rows,) * 3)
             run.upload()
-            keys = [k for k in run.program_keys() if k[0] != "fill"]
+            keys = [("layers", *k[1:]) if k[0] == "segment" else k for k in run.program_keys() if k[0] != "fill"]
             cache = GraphCache(device)
             cache.capture(keys, run.program, _key_bucket)
             run.graphs = cache
@@ -207,7 +207,7 @@ def measured_oracle(
         run.upload()
         for s, count in enumerate(reach):
             if count and graphs:
-                run.run_program(("segment", s, bucket_of(run.buckets, count)))
+                run.run_program(("layers", s, bucket_of(run.buckets, count)))
             elif count:
                 run.segment(s, count, max(at[:count]) + 1, (0, count), check=False)
         run.run_program(("project", bucket_of(run.buckets, active)))

@@ -75,7 +75,7 @@ def render(results: Sequence[BatchResult], num_layers: int, exit_points: Sequenc
             lines.append(f"| {r.batch} | HF generate (full depth) | {hf:.1f} |" + " |" * 14)
         if r.hf_static is not None:
             static = r.hf_static.get("decode_tokens_per_s")
-            label = "HF generate, static cache + torch.compile"
+            label = "HF generate, static cache" + (" + its torch.compile" if r.hf_static.get("compiled") else "")
             if static is None:
                 lines.append(f"| {r.batch} | {label}: failed ({r.hf_static.get('error')}) | – |" + " |" * 14)
             else:

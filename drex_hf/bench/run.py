@@ -221,55 +221,55 @@ def hf_generate(model: EarlyExitModelForCausalLM, prompts: Sequence[torch.Tensor
 
 
 class _Stamps:
-    """A logits processor that only notes when each token's logits were ready (device synchronised)."""
+    """A logits processor that notes when the first and the last token's logits were ready (the device
+    synchronised then only: a sync per token would take away the overlap HF's own loop has)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.times = device, []
+    def __init__(self, device: torch.device, tokens: int) -> None:
+        self.device, self.tokens, self.calls, self.times = device, tokens, 0, []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        synchronize(self.device)
-        self.times.append(time.perf_counter())
+        if self.calls in (0, self.tokens - 1):
+            synchronize(self.device)
+            self.times.append(time.perf_counter())
+        self.calls += 1
         return scores
 
 
 @torch.no_grad()
-def hf_generate_static(
-    model: EarlyExitModelForCausalLM, prompts: Sequence[torch.Tensor], new_tokens: int, compile: bool = True
-) -> dict:
-    """HF's fastest full-depth path: `generate(cache_implementation="static")` with the forward under
-    `torch.compile(mode="reduce-overhead")` (CUDA graphs of its own). Two untimed runs compile and
-    record; the third is timed token by token (a logits processor notes when each token's logits
-    are ready), decode = the tokens after the first. A failure to compile is reported, not raised."""
+def hf_generate_static(model: EarlyExitModelForCausalLM, prompts: Sequence[torch.Tensor], new_tokens: int) -> dict:
+    """HF's fastest full-depth path: `generate(cache_implementation="static")`, which on CUDA compiles
+    the decode step itself (transformers' automatic `torch.compile(mode="reduce-overhead")` of a
+    static-cache forward: CUDA graphs of its own). Two untimed runs compile and record; the third is
+    timed from the first token's logits to the last's (decode = the tokens after the first). A
+    failure is reported in the result, not raised."""
     from transformers import LogitsProcessorList
 
     device, pad = model.heads_device, 0
     base = model.base_model
     ids, mask = left_padded(list(prompts), pad, device)
-    stamps = _Stamps(device)
-    kwargs = dict(
-        attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-        pad_token_id=pad, cache_implementation="static", logits_processor=LogitsProcessorList([stamps]),
-    )  # fmt: skip
-    original = base.forward
-    name = "hf_generate_static" + ("_compiled" if compile else "")
+
+    def run() -> tuple[torch.Tensor, _Stamps]:
+        stamps = _Stamps(device, new_tokens)
+        out = base.generate(
+            ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            pad_token_id=pad, cache_implementation="static", logits_processor=LogitsProcessorList([stamps]),
+        )  # fmt: skip
+        return out, stamps
+
     try:
-        if compile:
-            base.forward = torch.compile(original, mode="reduce-overhead", fullgraph=True)
         start = time.perf_counter()
         for _ in range(2):
-            base.generate(ids, **kwargs)
+            run()
         prepare_s = time.perf_counter() - start
-        stamps.times.clear()
-        out = base.generate(ids, **kwargs)
-    except Exception as error:  # an HF/torch version that cannot compile this model: say so in the table
-        return {"policy": name, "error": f"{type(error).__name__}: {str(error)[:300]}"}
-    finally:
-        base.forward = original
+        out, stamps = run()
+    except Exception as error:  # an HF/torch version that cannot run this path: say so in the table
+        return {"policy": "hf_generate_static", "error": f"{type(error).__name__}: {str(error)[:300]}"}
     decode_s = max(stamps.times[-1] - stamps.times[0], 1e-9)
     return {
-        "policy": name,
+        "policy": "hf_generate_static",
         "decode_tokens_per_s": len(prompts) * (new_tokens - 1) / decode_s,
         "compile_and_warmup_s": prepare_s,
+        "compiled": getattr(base, "_compiled_call", None) is not None,  # transformers' own compile ran
         "tokens": len(prompts) * new_tokens,
         "outputs": out[:, ids.shape[1] :].tolist(),
     }
@@ -327,6 +327,35 @@ def _measure_engine(
     return out
 
 
+def _run_group(
+    model: EarlyExitModelForCausalLM,
+    group: Sequence[str],
+    prompts: Sequence[torch.Tensor],
+    new_tokens: int,
+    max_len: int,
+    exits: Exits,
+    repeats: int,
+    runs: dict[str, list[dict]],
+    extras: dict[str, dict],
+    memory: bool,
+    busy: bool,
+    progress: Any,
+    share: float,
+    engine_kwargs: dict,
+) -> None:
+    """One engine per policy of `group`, their warm-up, `repeats` interleaved runs (into `runs`) and
+    the untimed extras (into `extras`); the engines, and their key/value stores, are gone on return."""
+    engines = {p: new_engine(model, p, new_tokens, len(prompts), max_len, exits, **engine_kwargs) for p in group}
+    run_interleaved(engines, prompts, min(4, new_tokens), exits)  # warm-up, untimed
+    for _ in range(repeats):
+        for policy, stats in run_interleaved(engines, prompts, new_tokens, exits).items():
+            runs[policy].append(stats)
+        if progress:
+            progress(share)
+    for policy in group:
+        extras[policy] = _measure_engine(engines[policy], prompts, exits, new_tokens, memory, busy)
+
+
 def bench(
     model: EarlyExitModelForCausalLM,
     prompts: Sequence[torch.Tensor],
@@ -354,7 +383,8 @@ def bench(
     run. Then, untimed, on each engine: with `memory`, its memory on a short run of at most
     `MEMORY_TOKENS` tokens; with `gpu_busy` (CUDA), the share of time its kernels kept the GPU busy;
     with `oracle` (and both full and drex run), the measured oracle on the kept drex run's exits.
-    `hf_static` adds HF's static-cache generate under torch.compile beside HF's eager one."""
+    `hf_static` adds HF's static-cache generate (compiled by transformers itself on CUDA) beside HF's
+    eager one."""
     check_policies(policies)
     if not prompts:
         raise GenerationInputError("no prompts to benchmark")
@@ -366,16 +396,8 @@ def bench(
         extras: dict[str, dict] = {}
         groups = [[p] for p in policies] if sequential else [list(policies)]
         for group in groups:
-            engines = {p: new_engine(model, p, new_tokens, batch, max_len, exits, **engine_kwargs) for p in group}
-            run_interleaved(engines, chosen, min(4, new_tokens), exits)  # warm-up, untimed
-            for _ in range(repeats):
-                for policy, stats in run_interleaved(engines, chosen, new_tokens, exits).items():
-                    runs[policy].append(stats)
-                if progress:
-                    progress(1 / len(groups))
-            for policy, engine in engines.items():
-                extras[policy] = _measure_engine(engine, chosen, exits, new_tokens, memory, gpu_busy)
-            del engines  # their key/value stores, before the next group's (or the oracle's) are allocated
+            _run_group(model, group, chosen, new_tokens, max_len, exits, repeats, runs, extras, memory, gpu_busy,
+                       progress, 1 / len(groups), engine_kwargs)  # fmt: skip
         kept = {}
         for policy, done in runs.items():
             median = sorted(done, key=lambda s: s["decode_tokens_per_s"])[len(done) // 2]

@@ -79,8 +79,8 @@ def add_parser(sub: Any) -> None:
         "--hf-compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="also time HF's fastest path: generate(cache_implementation='static') with torch.compile "
-        "(mode='reduce-overhead'); default: on for CUDA unless --no-hf",
+        help="also time HF's fastest path: generate(cache_implementation='static'), which transformers "
+        "compiles itself on CUDA (torch.compile, mode='reduce-overhead'); default: on for CUDA unless --no-hf",
     )
     parser.add_argument(
         "--graphs",

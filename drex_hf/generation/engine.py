@@ -803,7 +803,7 @@ class _PerSlot:
 
 def _key_bucket(key: tuple) -> int:
     """The row bucket of an executor program key (graphs are captured largest first)."""
-    return key[2] if key[0] == "segment" else key[1]
+    return key[2] if key[0] in ("segment", "layers") else key[1]
 
 
 def segment_boundaries(

@@ -30,18 +30,19 @@ class CudaRecorder:
         self.pool = torch.cuda.graph_pool_handle()
 
     def warm_up(self, programs: dict[tuple, Program]) -> None:
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # the second pass runs with every kernel compiled
-                for program in programs.values():
-                    program()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # the second pass runs with every kernel compiled
+                    for program in programs.values():
+                        program()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            torch.cuda.synchronize(self.device)
 
     def record(self, key: tuple, program: Program) -> Program:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.device(self.device), torch.cuda.graph(graph, pool=self.pool):
             program()
         return graph.replay
 
@@ -49,6 +50,10 @@ class CudaRecorder:
         torch.cuda.synchronize(self.device)
 
     def memory(self) -> int:
+        """Reserved memory with the allocator's free cached blocks returned first (a capture does
+        that too), so that a difference is what the graphs' pool holds."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
         return torch.cuda.memory_reserved(self.device)
 
 

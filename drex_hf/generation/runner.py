@@ -127,6 +127,8 @@ class StepExecutor:
         self._plan_np = self.host_plan.numpy()
         self._verdict_np = self.host_verdict.numpy()
         self._done = torch.cuda.Event() if self.device.type == "cuda" else None
+        self._uploaded = torch.cuda.Event() if self.device.type == "cuda" else None
+        self._in_flight = False
         self._column = {name: i * rows for i, name in enumerate(COLUMNS)}
         # every bucket's views, made here once (a step makes none, and none is made in inference mode)
         self._views = {bucket: self._make_views(bucket) for bucket in self.buckets}
@@ -176,6 +178,9 @@ class StepExecutor:
         that read and write the scratch slot only."""
         run, fill, project = buckets
         scratch = self.store.scratch
+        if self._in_flight:  # an upload with no read since (a step's read waits for its upload, same stream)
+            self._uploaded.synchronize()  # before the pinned buffer it copies from is written again
+            self._in_flight = False
         if run:
             self._put("slot", plan.slots, scratch, run)
             self._put("write", plan.writes, scratch, run)
@@ -198,6 +203,9 @@ class StepExecutor:
     def upload(self) -> None:
         """The step's one host-to-device copy: the whole plan buffer."""
         self.plan.copy_(self.host_plan, non_blocking=True)
+        if self._uploaded is not None:
+            self._uploaded.record()
+            self._in_flight = True
         self.transfers["uploads"] += 1
 
     def read(self) -> np.ndarray:
@@ -206,6 +214,7 @@ class StepExecutor:
         if self._done is not None:
             self._done.record()
             self._done.synchronize()
+            self._in_flight = False
         self.transfers["reads"] += 1
         return self._verdict_np
 
@@ -258,15 +267,16 @@ class StepExecutor:
         self.program(key, kv_len, span)()
 
     def program(self, key: tuple, kv_len: int = 0, span: tuple[int, int] | None = None) -> Callable[[], None]:
-        """The program for `key` as a function of nothing: ("segment", s, bucket),
-        ("fill", bucket, first layer of the product) or ("project", bucket). Static programs attend
-        over the store's whole capacity; eager ones over `kv_len`, reading `span` as views."""
+        """The program for `key` as a function of nothing: ("segment", s, bucket), ("layers", s,
+        bucket) (the segment without its exit check: the measured oracle's), ("fill", bucket, first
+        layer of the product) or ("project", bucket). Static programs attend over the store's whole
+        capacity; eager ones over `kv_len`, reading `span` as views."""
         kind, *args = key
         if self.static:
             kv_len, span = self.store.max_len, None
-        if kind == "segment":
+        if kind in ("segment", "layers"):
             s, bucket = args
-            return lambda: self.segment(s, bucket, kv_len, span)
+            return lambda: self.segment(s, bucket, kv_len, span, check=kind == "segment")
         if kind == "fill":
             return lambda: self.fill(*args)
         if kind == "project":
