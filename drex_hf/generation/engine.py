@@ -737,12 +737,13 @@ class DrexEngine:
         plan, d = step.plan, step.decision
         self.stats.wall_s += elapsed
         self.stats.steps += 1
-        if plan.segment is not None and plan.slots:
+        n, riders = len(plan.slots), sum(plan.riders)
+        bucket = bucket_of(self.buckets, n)
+        if plan.segment is not None and n:
             depth = len(self.segments[plan.segment])
-            n = len(plan.slots)
             self.stats.layer_rows += depth * n
-            self.stats.padded_layer_rows += depth * (bucket_of(self.buckets, n) - n)
-            self.stats.ride_along_rows += sum(plan.riders)
+            self.stats.padded_layer_rows += depth * (bucket - n)
+            self.stats.ride_along_rows += riders
         predicted = None
         if d is not None and d.predicted_ms is not None:
             predicted = d.predicted_ms + self._overhead_ms(step)
@@ -754,9 +755,9 @@ class DrexEngine:
                 {
                     "step": self.stats.steps,
                     "segment": plan.segment,
-                    "rows": len(plan.slots) - sum(plan.riders),
-                    "riders": sum(plan.riders),
-                    "bucket": bucket_of(self.buckets, len(plan.slots)),
+                    "rows": n - riders,
+                    "riders": riders,
+                    "bucket": bucket,
                     "fills": len(plan.fill_slots),
                     "projections": len(plan.project_slots),
                     "waiting": [len(b) for b in self.buffers],

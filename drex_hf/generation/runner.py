@@ -249,16 +249,15 @@ class StepExecutor:
         )
 
     def run_unchecked(self, plan: StepPlan) -> None:
-        """The plan's segment without its exit check, then (the final segment) its projection,
-        eagerly, with no read-back: what a segment's layers cost on their own (calibration)."""
+        """The plan's segment without its exit check, then (the final segment) its projection, with
+        no read-back: what a segment's layers cost on their own (calibration)."""
         run = bucket_of(self.buckets, len(plan.slots))
         project = bucket_of(self.buckets, len(plan.project_slots))
         self.write_plan(plan, (run, 0, project))
         self.upload()
-        kv_len, span = (self.store.max_len, None) if self.static else (plan.kv_len, plan.span)
-        self.segment(plan.segment, run, kv_len, span, check=False)
+        self.run_program(("layers", plan.segment, run), plan.kv_len, plan.span)
         if project:
-            self.project(project)
+            self.run_program(("project", project))
 
     def run_program(self, key: tuple, kv_len: int = 0, span: tuple[int, int] | None = None) -> None:
         """Replay `key`'s graph when one was captured, else run the program eagerly."""
