@@ -15,13 +15,16 @@ import json
 import logging
 import os
 import re
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from drex_hf.errors import BaseModelMismatchError, ModelNotFoundError
+from drex_hf.errors import BaseModelMismatchError, ModelNotFoundError, WeightsFileError
 from drex_hf.fileio import sha256_file, staged_folder
 
 logger = logging.getLogger(__name__)
@@ -71,11 +74,12 @@ def convert_gguf(gguf_path: str | os.PathLike, cache_root: str | os.PathLike | N
     The folder is named by the file's sha256 and written atomically (a temporary folder renamed
     into place), so an interrupted conversion leaves nothing that a later call would trust.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise ModelNotFoundError(f"GGUF file not found: {gguf_path}")
+    _check_gguf_header(gguf_path)
     sha = sha256_file(gguf_path)
     models_dir = Path(cache_root) if cache_root is not None else drex_home() / "models"
     target = models_dir / f"{gguf_path.stem}-{sha[:16]}"
@@ -86,10 +90,14 @@ def convert_gguf(gguf_path: str | os.PathLike, cache_root: str | os.PathLike | N
         raise ModelNotFoundError(
             f"{target} exists but has no {SOURCE_MARKER}: it is not a finished conversion; remove it and retry"
         )
-    logger.info("converting %s into a plain HF folder at %s (once, about 20 s)", gguf_path, target)
     folder, name = str(gguf_path.parent), gguf_path.name
+    with _reading_gguf(gguf_path):  # its metadata only: a corrupt file fails here, before the log line
+        AutoConfig.from_pretrained(folder, gguf_file=name)
+    logger.info("converting %s into a plain HF folder at %s (once, about 20 s)", gguf_path, target)
     with staged_folder(target, order=()) as tmp:
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        with _reading_gguf(gguf_path):
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         # A GGUF-loaded model is marked as quantised and refuses save_pretrained: rebuild it plainly.
         config = copy.deepcopy(loaded.config)
         if hasattr(config, "quantization_config"):
@@ -98,10 +106,36 @@ def convert_gguf(gguf_path: str | os.PathLike, cache_root: str | os.PathLike | N
         plain.load_state_dict(loaded.state_dict())
         plain.generation_config = loaded.generation_config
         plain.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         marker = {"gguf_file": str(gguf_path), "gguf_sha256": sha, "size": gguf_path.stat().st_size}
         (tmp / SOURCE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return target, sha, True
+
+
+# What transformers' GGUF reader raises on a file it cannot parse (truncated, corrupt, unsupported).
+GGUF_READ_ERRORS = (struct.error, ValueError, KeyError, IndexError, EOFError, OverflowError, NotImplementedError)
+
+
+def _check_gguf_header(path: Path) -> None:
+    """Refuse, before anything is written, a file without the GGUF header (magic, version, counts)."""
+    with open(path, "rb") as handle:
+        head = handle.read(24)
+    if head[:4] != b"GGUF":
+        raise WeightsFileError(f"{path} is not a GGUF file: it does not start with the GGUF magic b'GGUF'")
+    if len(head) < 24:
+        raise WeightsFileError(f"{path} is not a GGUF file: {len(head)} bytes, shorter than a GGUF header (24)")
+    version = struct.unpack_from("<I", head, 4)[0]
+    if version not in (2, 3):
+        raise WeightsFileError(f"{path} is not a readable GGUF file: GGUF version {version} (drex_hf reads 2 and 3)")
+
+
+@contextmanager
+def _reading_gguf(path: Path) -> Iterator[None]:
+    """Turn a parse failure of the GGUF reader into one error naming the file (not its traceback)."""
+    try:
+        yield
+    except GGUF_READ_ERRORS as err:
+        raise WeightsFileError(f"{path} is not a readable GGUF model: {_first_line(err)}") from None
 
 
 def resolve_base_path(name_or_path: str | os.PathLike, gguf_sha256: str | None = None) -> BaseSource:
