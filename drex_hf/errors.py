@@ -3,7 +3,7 @@
 Every error a user can cause by what they pass in (a config, a folder, a prompt, a policy) is a
 `DrexError`, so the CLI can turn it into one line and exit code 2, and so callers can catch our
 errors without catching torch's. Each subclass also derives from the builtin a Python user would
-expect (`ValueError`, `FileNotFoundError`).
+expect (`ValueError`, `FileNotFoundError`); an argument of the wrong type is also a `TypeError`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,17 @@ class ModelNotFoundError(DrexError, FileNotFoundError):
     """A model folder, file or hub id could not be resolved."""
 
 
+class ConfigTypeError(ConfigError, TypeError):
+    """A config of the wrong type: `from_base(base, {...})` or `None` where an `EarlyExitConfig` goes."""
+
+
 class GenerationInputError(DrexError, ValueError):
-    """Bad arguments to `generate()`: empty prompt, prompt too long, unknown policy, ..."""
+    """Bad arguments to `generate()`, the engine or a model's loading arguments (`device`, `dtype`):
+    empty prompt, prompt too long, unknown policy, a seed outside 64 bits, ..."""
+
+
+class GenerationTypeError(GenerationInputError, TypeError):
+    """An argument of the wrong type: `max_new_tokens="4"`, `seed="x"`, `cost_model=123`, ..."""
 
 
 class KernelInputError(DrexError, ValueError):

@@ -20,12 +20,14 @@ import numpy as np
 import torch
 
 from drex_hf.errors import GenerationInputError
-from drex_hf.generation.sampling import host_uniforms
+from drex_hf.generation.sampling import check_seed, host_uniforms
 
 
 @dataclass(frozen=True)
 class ExitDistribution:
-    """P(token leaves at exit point j) for each exit point in order, then P(full depth); sums to 1."""
+    """P(token leaves at exit point j) for each exit point in order, then P(full depth); sums to 1.
+
+    `seed` (an integer in [0, 2**64)) plus the request's seed (or id) seeds each request's draws."""
 
     probabilities: tuple[float, ...]
     seed: int = 0
@@ -37,6 +39,7 @@ class ExitDistribution:
                 f"an exit distribution needs non-negative probabilities summing to 1, got {list(self.probabilities)}"
             )
         object.__setattr__(self, "probabilities", probs)
+        object.__setattr__(self, "seed", check_seed(self.seed, "ExitDistribution seed"))
 
     def check(self, num_exits: int) -> None:
         if len(self.probabilities) != num_exits + 1:

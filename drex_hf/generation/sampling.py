@@ -7,16 +7,19 @@ Sampling warps the scores as HF's logits warpers do (temperature, top-k, top-p: 
 written without host-side scalars so that they can be captured), then inverts the float64
 cumulative distribution at the uniform — for all rows at once. The reference decoder draws the same way, so
 it stays the oracle. `host_uniform` is the same hash in plain Python, for host-side draws (trace
-exits).
+exits). A seed is an integer in [0, 2**64): the 64 bits the device holds (`check_seed`).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import numpy as np
 import torch
+
+from drex_hf.errors import GenerationInputError, GenerationTypeError
 
 MASK32 = 0xFFFFFFFF
 # A 32-bit integer hash (xorshift-multiply, constants from Wellons' hash prospector, both < 2**31 so
@@ -43,8 +46,25 @@ def _bits(seed: Any, counter: Any) -> tuple[Any, Any]:
     return first, _mix(first ^ key ^ _GOLDEN)
 
 
+SEED_LIMIT = 2**64  # seeds are integers in [0, SEED_LIMIT): exactly the values 64 bits hold
+
+
+def check_seed(seed: Any, what: str = "seed") -> int:
+    """A seed given by the user as a Python int in [0, 2**64); numpy integers are accepted.
+
+    Larger or negative seeds are refused rather than wrapped: two different seeds must never give
+    the same draws."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise GenerationTypeError(f"{what} must be an integer, got {seed!r}")
+    seed = int(seed)
+    if not 0 <= seed < SEED_LIMIT:
+        raise GenerationInputError(f"{what} {seed} is out of range: seeds are integers in [0, 2**64)")
+    return seed
+
+
 def as_seed(seed: int) -> int:
-    """Any integer seed as the signed 64-bit value the device holds (its low 64 bits)."""
+    """An integer seed as the signed 64-bit value the device holds (its low 64 bits: derived seeds
+    such as an exit distribution's seed + request id may pass 2**64 and wrap)."""
     seed = int(seed) % 2**64
     return seed - 2**64 if seed >= 2**63 else seed
 
