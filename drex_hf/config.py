@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+import numpy as np
 
 from drex_hf.errors import ConfigError, ModelNotFoundError
 
@@ -25,10 +28,17 @@ KV_FILL_METHODS = ("project",)
 
 
 def parse_threshold(value: Any, where: str = "threshold") -> float:
-    """Accept a float in [0, 1] or +inf (also spelled "inf" / "Infinity" / None in JSON)."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "infinity")):
+    """Accept a number in [0, 1] (numpy scalars too) or +inf, also spelled "inf" / "Infinity".
+
+    None is refused, not read as "never exit": `generate(thresholds=None)` means "the config's",
+    and the same word must not mean the opposite here."""
+    if value is None:
+        raise ConfigError(
+            f"{where}=None is not a threshold: give a number in [0, 1], or float('inf') (\"inf\" in JSON) to never exit"
+        )
+    if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "infinity"):
         return math.inf
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise ConfigError(f"{where}: threshold must be a number in [0, 1] or inf, got {value!r}")
     value = float(value)
     if value == math.inf:
@@ -50,7 +60,8 @@ class EarlyExitConfig:
             residual adapter of rank `adapter_rank`, shared lm_head).
         confidence: `classifier` (tiny MLP on the hidden state), `saturation` (cosine between this
             exit's hidden state and the previous exit's), `max_prob` or `margin` (need full logits).
-        thresholds: one value for every exit, or one per exit; in [0, 1], or inf to never exit.
+        thresholds: one value for every exit, or one per exit; in [0, 1], or `float("inf")` ("inf")
+            to never exit. None is refused (in `generate()`, `thresholds=None` means the config's).
         kv_fill: how keys/values of skipped layers are made for exited tokens (`project`).
         classifier_hidden: width of the confidence classifier's hidden layer.
         base_model: hub id or path of the base model the heads belong to.
@@ -92,7 +103,7 @@ class EarlyExitConfig:
         if not layers:
             raise ConfigError("exit_layers is empty: give at least one intermediate decoder layer")
         for value in layers:
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
                 raise ConfigError(f"exit_layers must hold integers, got {value!r} in {layers}")
             if value < 0:
                 raise ConfigError(f"exit layer {value} is out of range: layers are 0-based")
@@ -100,7 +111,7 @@ class EarlyExitConfig:
             raise ConfigError(f"exit_layers has duplicates: {layers}")
         if layers != sorted(layers):
             raise ConfigError(f"exit_layers must be sorted in increasing order, got {layers}")
-        self.exit_layers = layers
+        self.exit_layers = [int(v) for v in layers]  # numpy integers become plain ints (JSON, hashing)
 
         _check_choice("head", self.head, HEAD_TYPES)
         _check_choice("confidence", self.confidence, CONFIDENCE_MEASURES)
@@ -110,7 +121,7 @@ class EarlyExitConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
-        if isinstance(self.thresholds, (list, tuple)):
+        if isinstance(self.thresholds, (list, tuple, np.ndarray)):
             if len(self.thresholds) != len(layers):
                 raise ConfigError(
                     f"thresholds has {len(self.thresholds)} values but there are {len(layers)} exit "

@@ -28,7 +28,9 @@ from drex_hf.config import CALIBRATION_NAME, CONFIDENCE_MEASURES, CONFIG_NAME, E
 from drex_hf.errors import (
     BaseModelMismatchError,
     ConfigError,
+    ConfigTypeError,
     GenerationInputError,
+    GenerationTypeError,
     ModelNotFoundError,
     WeightsFileError,
 )
@@ -79,6 +81,7 @@ class EarlyExitModelForCausalLM(nn.Module):
 
     def __init__(self, base_model: nn.Module, config: EarlyExitConfig, base_source: BaseSource | None = None) -> None:
         super().__init__()
+        _check_config(config)
         arch = get_adapter(base_model)
         if config.base_num_layers is None:  # new heads: from now on the config describes this base
             config.base_model_type = arch.config.model_type
@@ -145,6 +148,9 @@ class EarlyExitModelForCausalLM(nn.Module):
         `AutoModelForCausalLM.from_pretrained`. `config` is copied; its base fields are filled from
         the base.
         """
+        _check_config(config)
+        _check_device(device)
+        _check_dtype(load_kwargs)
         config = copy.deepcopy(config)
         model, source = _resolve_base(base, revision, None, load_kwargs)
         config.base_model = source.name or config.base_model
@@ -175,6 +181,8 @@ class EarlyExitModelForCausalLM(nn.Module):
         device's entry when there is one (exits that do not pay here are off), else the guaranteed
         thresholds with cost constants measured at start-up.
         """
+        _check_device(device)
+        _check_dtype(load_kwargs)
         folder = Path(path).expanduser()
         if not folder.is_dir():
             raise ModelNotFoundError(f"exit-heads folder not found: {path}")
@@ -348,6 +356,10 @@ class EarlyExitModelForCausalLM(nn.Module):
         from drex_hf.generation.settings import check_token_batch
 
         input_ids, attention_mask = check_token_batch(input_ids, attention_mask, self.arch.input_vocab_size)
+        if attention_mask is None:
+            self._check_positions([input_ids.shape[1]] * input_ids.shape[0])
+        else:  # positions come from the mask: left padding takes none
+            self._check_positions(attention_mask.bool().sum(dim=1).tolist())
         return self._forward_with_exits(input_ids, attention_mask, labels)
 
     def exit_states(
@@ -451,8 +463,11 @@ class EarlyExitModelForCausalLM(nn.Module):
         Args:
             policy: `drex` (per-token exits with rebatching), `full` (full depth), or the batch-wide
                 baselines `batch_all` and `batch_majority` (whose outputs depend on the batch).
-            thresholds: override the config's thresholds for this call (one value or one per exit).
-            seed: sampling seed; an int gives request i the seed `seed + i`, a list one per request.
+            thresholds: override the config's thresholds for this call (one value or one per exit;
+                `float("inf")` never exits); None (the default) keeps the config's.
+            seed: sampling seed, an integer in [0, 2**64) (numpy integers too; larger or negative
+                seeds are refused, never wrapped); an int gives request i the seed `seed + i`, a list
+                one per request.
                 Each request's draws depend on its seed and token number only, so neighbours never
                 change its tokens.
                 Default: drawn from torch's global RNG (so `torch.manual_seed` makes runs repeatable).
@@ -490,7 +505,7 @@ class EarlyExitModelForCausalLM(nn.Module):
         settings = settings_from_config(gen_config, input_ids.shape[1])
         attention_mask = infer_attention_mask(input_ids, settings, attention_mask)
         attention_mask, prompts = split_prompts(input_ids, attention_mask)
-        self._check_lengths(prompts, settings.max_new_tokens)
+        self._check_positions([p.shape[0] for p in prompts], settings.max_new_tokens)
         if streamer is not None and len(prompts) > 1:
             raise GenerationInputError(f"streamer supports a batch of 1 prompt, got {len(prompts)}")
         if return_dict_in_generate is None:
@@ -588,15 +603,20 @@ class EarlyExitModelForCausalLM(nn.Module):
         probe._validate()
         return probe.threshold_list()
 
-    def _check_lengths(self, prompts: list[torch.Tensor], max_new_tokens: int) -> None:
+    def _check_positions(self, token_counts: list[int], max_new_tokens: int | None = None) -> None:
+        """Refuse rows that need more positions than learned position embeddings have (GPT-2): a row
+        of n tokens needs n, or n + max_new_tokens - 1 when generating (the last new token is never
+        fed back). Rotary models have no hard limit."""
         limit = self.arch.position_limit
         if limit is None:
             return
-        for b, prompt in enumerate(prompts):
-            needed = prompt.shape[0] + max_new_tokens - 1  # the last new token is never fed back
+        for b, count in enumerate(token_counts):
+            needed = count if max_new_tokens is None else count + max_new_tokens - 1
             if needed > limit:
+                if max_new_tokens is None:
+                    raise GenerationInputError(f"prompt {b} has {count} tokens but the model has {limit} positions")
                 raise GenerationInputError(
-                    f"prompt {b} has {prompt.shape[0]} tokens; with max_new_tokens={max_new_tokens} it needs "
+                    f"prompt {b} has {count} tokens; with max_new_tokens={max_new_tokens} it needs "
                     f"{needed} positions but the model has {limit}"
                 )
 
@@ -640,6 +660,43 @@ def _resolve_base(
     return load_base(base, revision, gguf_sha256=gguf_sha256, **load_kwargs)
 
 
+def _check_config(config: Any) -> None:
+    if not isinstance(config, EarlyExitConfig):
+        hint = ": build one with EarlyExitConfig(**config)" if isinstance(config, dict) else ""
+        raise ConfigTypeError(f"config must be an EarlyExitConfig, got {type(config).__name__} {config!r}{hint}")
+
+
+def _check_device(device: Any) -> None:
+    """Refuse a `device=` torch cannot parse, or CUDA where there is none, before anything loads."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise GenerationInputError(
+            f"device={device!r} is not a device torch knows (e.g. 'cpu', 'cuda', 'cuda:1')"
+        ) from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GenerationInputError(f"device={device!r}: CUDA is not available on this machine")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise GenerationInputError(
+                f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+
+
+def _check_dtype(load_kwargs: dict[str, Any]) -> None:
+    """A `dtype` / `torch_dtype` loading argument must be a torch dtype, its name, or "auto"."""
+    for name in ("dtype", "torch_dtype"):
+        value = load_kwargs.get(name)
+        if value is None or isinstance(value, (torch.dtype, dict)):  # a dict: per sub-model, HF checks it
+            continue
+        if not (isinstance(value, str) and (value == "auto" or isinstance(getattr(torch, value, None), torch.dtype))):
+            raise GenerationInputError(
+                f"{name}={value!r} is not a torch dtype; give e.g. torch.float32, torch.bfloat16, 'float16' or 'auto'"
+            )
+
+
 def _place(model: EarlyExitModelForCausalLM, device: str | torch.device | None) -> EarlyExitModelForCausalLM:
     if device is not None:
         model.to(device)
@@ -672,14 +729,23 @@ def _full_depth_layers(new: torch.Tensor, eos_ids: tuple[int, ...], last_layer: 
 
 
 def _request_seeds(seed: int | list[int] | None, count: int) -> list[int]:
+    """One seed per request, each an integer in [0, 2**64) (`sampling.check_seed`)."""
+    from drex_hf.generation.sampling import SEED_LIMIT, check_seed
+
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)))
     if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
-        return [int(seed) + i for i in range(count)]
+        first = check_seed(seed)
+        if first + count > SEED_LIMIT:
+            raise GenerationInputError(
+                f"seed={first} gives prompt {count - 1} the seed {first} + {count - 1}, which is 2**64 or more: "
+                f"with {count} prompts an int seed must be at most 2**64 - {count} (or give one seed per prompt)"
+            )
+        return [first + i for i in range(count)]
     if not isinstance(seed, (list, tuple)) or not all(
         isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seed
     ):
-        raise GenerationInputError(f"seed must be an integer or a list of integers, one per prompt; got {seed!r}")
+        raise GenerationTypeError(f"seed must be an integer or a list of integers, one per prompt; got {seed!r}")
     if len(seed) != count:
         raise GenerationInputError(f"seed has {len(seed)} values for {count} prompts")
-    return [int(s) for s in seed]
+    return [check_seed(s) for s in seed]

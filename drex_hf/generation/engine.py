@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from drex_hf import kernels
-from drex_hf.errors import GenerationInputError
+from drex_hf.errors import GenerationInputError, GenerationTypeError
 from drex_hf.generation.exits import ExitDistribution, RequestExits, check_trace_row, next_layers
 from drex_hf.generation.kv_store import RowKVCache
 from drex_hf.generation.plan import StepPlan, Verdict, bucket_of, row_buckets
 from drex_hf.generation.runner import StepExecutor
-from drex_hf.generation.sampling import as_seed
+from drex_hf.generation.sampling import as_seed, check_seed
 from drex_hf.generation.scheduler import (
     CostModel,
     Decision,
@@ -241,6 +242,11 @@ class DrexEngine:
             raise GenerationInputError(f"unknown exit source {exit_source!r}; choose 'heads' or 'trace'")
         if sla_tpot_ms is not None and not sla_tpot_ms > 0:
             raise GenerationInputError(f"sla_tpot_ms must be positive, got {sla_tpot_ms}")
+        if cost_model is not None and not isinstance(cost_model, (CostModel, str, os.PathLike)):
+            raise GenerationTypeError(
+                f"cost_model must be a CostModel or the path of a calibration file, got "
+                f"{type(cost_model).__name__} {cost_model!r}"
+            )
         kernels.dispatch.requested()  # a bad DREX_KERNELS fails here, before any work
         if sla_tpot_ms is not None and policy != "drex":
             raise GenerationInputError(f"sla_tpot_ms applies to policy 'drex', not {policy!r}")
@@ -256,6 +262,7 @@ class DrexEngine:
             raise GenerationInputError("graphs=True needs static_shapes (a graph replays fixed shapes)")
         self.model, self.arch = model, model.arch
         self.settings = settings or DecodeSettings(max_new_tokens=32)
+        check_special_tokens(self.settings, self.arch.vocab_size)
         self.eos = set(self.settings.eos_token_ids)
         self.exit_source = exit_source
         if exit_distribution is not None:
@@ -403,6 +410,7 @@ class DrexEngine:
         if ids.numel() and (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool):
             raise GenerationInputError(f"a prompt holds integer token ids, got dtype {ids.dtype}")
         ids = ids.to(dtype=torch.long)
+        seed = None if seed is None else check_seed(seed)
         max_new = self.settings.max_new_tokens if max_new_tokens is None else max_new_tokens
         if isinstance(max_new, bool) or not isinstance(max_new, numbers.Integral):
             raise GenerationInputError(f"max_new_tokens must be a positive integer, got {max_new!r}")
@@ -817,6 +825,15 @@ def segment_boundaries(
     if exit_source == "trace":
         return list(exit_layers)
     return [e for e, t in zip(exit_layers, thresholds) if t != math.inf]
+
+
+def check_special_tokens(settings: DecodeSettings, vocab_size: int) -> None:
+    """Refuse eos / pad ids the model cannot emit: an eos outside the vocabulary would never end a
+    row, a pad outside it would fill the output with ids no tokenizer decodes."""
+    named = [("eos_token_id", e) for e in settings.eos_token_ids] + [("pad_token_id", settings.pad_token_id)]
+    for name, value in named:
+        if not 0 <= value < vocab_size:
+            raise GenerationInputError(f"{name} {value} is outside the model's vocabulary 0..{vocab_size - 1}")
 
 
 def device_name(device: torch.device | str) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from drex_hf.errors import GenerationInputError
+from drex_hf.errors import GenerationInputError, GenerationTypeError
 
 SUPPORTED_GENERATE_KWARGS = (
     "max_new_tokens",
@@ -105,6 +105,7 @@ def merge_generation_config(base_model: Any, generation_config: Any, overrides: 
             f"generate() got unsupported argument(s) {unknown}; drex_hf supports "
             f"{', '.join(SUPPORTED_GENERATE_KWARGS)}, generation_config, streamer, policy, thresholds, seed"
         )
+    _check_kwarg_types(overrides)
     from transformers import GenerationConfig
 
     if generation_config is not None and not isinstance(generation_config, GenerationConfig):
@@ -170,14 +171,31 @@ def settings_from_config(config: Any, prompt_length: int) -> DecodeSettings:
 
 def _integer(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise GenerationInputError(f"{name} must be an integer, got {value!r}")
+        raise GenerationTypeError(f"{name} must be an integer, got {value!r}")
     return int(value)
 
 
 def _number(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise GenerationInputError(f"{name} must be a number, got {value!r}")
+        raise GenerationTypeError(f"{name} must be a number, got {value!r}")
     return float(value)
+
+
+def _check_kwarg_types(overrides: dict[str, Any]) -> None:
+    """Types of `generate()`'s keyword arguments, checked before HF validates the values (its
+    message for `max_new_tokens="4"` names neither the argument nor the value)."""
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        if name in ("max_new_tokens", "max_length", "top_k", "pad_token_id"):
+            _integer(value, name)
+        elif name in ("temperature", "top_p"):
+            _number(value, name)
+        elif name == "eos_token_id":
+            ids = value.tolist() if isinstance(value, torch.Tensor) else value
+            ids = ids if isinstance(ids, (list, tuple)) else [ids]
+            if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids):
+                raise GenerationTypeError(f"{name} must be an integer or a list of integers, got {value!r}")
 
 
 def check_token_batch(input_ids: Any, attention_mask: Any, vocab_size: int) -> tuple[torch.Tensor, Any]:
