@@ -48,3 +48,7 @@ class GenerationTypeError(GenerationInputError, TypeError):
 
 class KernelInputError(DrexError, ValueError):
     """A kernel was given tensors of the wrong shape, dtype, device or index range."""
+
+
+class OutputLocationError(DrexError, PermissionError):
+    """A folder (or hub repository) to write cannot be written: read-only, or the hub is offline."""

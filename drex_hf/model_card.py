@@ -3,15 +3,49 @@
 Front matter follows the HF hub's model-card metadata (base_model, library_name, tags, datasets).
 The body states the config; evaluation and calibration tables are added by the training and
 calibration steps when they have measured something, and say so plainly when they have not.
+A README.md in the folder that we did not write (no `library_name: drex_hf` in its front matter) is
+the user's own: it is kept, and our card goes beside it as README.drex_hf.md.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from drex_hf.config import EarlyExitConfig
+
+CARD_NAME = "README.md"
+ASIDE_CARD_NAME = "README.drex_hf.md"  # our card, beside a README.md of the user's own
+CALIBRATION_BEGIN, CALIBRATION_END = "<!-- drex calibrate: begin -->", "<!-- drex calibrate: end -->"
+
+
+def is_drex_card(text: str) -> bool:
+    """Whether `text` is a model card drex_hf wrote: YAML front matter with `library_name: drex_hf`."""
+    if not text.startswith("---\n"):
+        return False
+    front = text[4:].split("\n---", 1)[0]
+    try:
+        meta = yaml.safe_load(front)
+    except yaml.YAMLError:
+        return False
+    return isinstance(meta, dict) and meta.get("library_name") == "drex_hf"
+
+
+def card_name(folder: Path) -> str:
+    """Where our card goes in `folder`: README.md, unless the folder has a README.md of the user's own."""
+    readme = folder / CARD_NAME
+    if readme.is_file() and not is_drex_card(readme.read_text(encoding="utf-8", errors="replace")):
+        return ASIDE_CARD_NAME
+    return CARD_NAME
+
+
+def calibration_section(card: str) -> str | None:
+    """The `drex calibrate` section of a card (markers included), if it has one."""
+    if CALIBRATION_BEGIN not in card or CALIBRATION_END not in card:
+        return None
+    return CALIBRATION_BEGIN + card.split(CALIBRATION_BEGIN, 1)[1].split(CALIBRATION_END, 1)[0] + CALIBRATION_END
 
 
 def render_model_card(

@@ -1,8 +1,9 @@
 """`EarlyExitModelForCausalLM`: a HF causal LM with exit heads, saved and loaded like a peft adapter.
 
 The wrapper holds the (frozen) base model, the `EarlyExitConfig` and one `ExitHead` per exit point.
-`save_pretrained` writes only the heads (`exit_config.json`, `exit_heads.safetensors`, `README.md`);
-`from_pretrained` resolves the base from the config and checks its sizes. `forward` can return
+`save_pretrained` writes only the heads (`exit_config.json`, `exit_heads.safetensors`, `README.md`)
+and `push_to_hub` uploads only those; `from_pretrained` takes a folder or a hub id, resolves the base
+from the config and checks its sizes. `forward` can return
 every exit's logits and confidences in one pass (training, calibration); `generate` decodes with
 per-token early exit. Unknown attributes are forwarded to the base model.
 """
@@ -24,7 +25,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from drex_hf.arch import ArchAdapter, build_attention_mask, get_adapter
-from drex_hf.config import CALIBRATION_NAME, CONFIDENCE_MEASURES, CONFIG_NAME, EarlyExitConfig, parse_threshold
+from drex_hf.config import CALIBRATION_NAME, CONFIG_NAME, EarlyExitConfig, parse_threshold
 from drex_hf.errors import (
     BaseModelMismatchError,
     ConfigError,
@@ -171,7 +172,8 @@ class EarlyExitModelForCausalLM(nn.Module):
         calibration: bool = True,
         **load_kwargs: Any,
     ) -> EarlyExitModelForCausalLM:
-        """Load exit heads saved by `save_pretrained` and the base model they belong to.
+        """Load exit heads saved by `save_pretrained` (a folder, or a hub id `org/name` resolved
+        through the HF cache, offline when HF_HUB_OFFLINE is set) and the base model they belong to.
 
         The base comes from `base_model` when given (a model, folder or hub id), else from
         `exit_config.json` (with its revision, and for heads made on a converted GGUF, that exact
@@ -179,13 +181,22 @@ class EarlyExitModelForCausalLM(nn.Module):
         heads' config is refused. With `calibration` (default) a `calibration.json` beside the heads
         (from `drex calibrate`) sets the thresholds and the drex scheduler's cost constants: this
         device's entry when there is one (exits that do not pay here are off), else the guaranteed
-        thresholds with cost constants measured at start-up.
+        thresholds with cost constants measured at start-up. A calibration made for other heads
+        (its recorded heads sha256 differs) or malformed is refused; see
+        `drex_hf.calibration.files.read_calibration`.
         """
+        from drex_hf.hub import heads_folder, is_hub_id
+
         _check_device(device)
         _check_dtype(load_kwargs)
         folder = Path(path).expanduser()
         if not folder.is_dir():
-            raise ModelNotFoundError(f"exit-heads folder not found: {path}")
+            if folder.exists() or not is_hub_id(os.fspath(path)):
+                raise ModelNotFoundError(f"exit-heads folder not found: {path}")
+            from drex_hf.lora import LORA_WEIGHTS_NAME
+
+            # the repository's main revision; what loading reads, not the calibration's plot or observations
+            folder = heads_folder(os.fspath(path), [*SAVED_FILES, LORA_WEIGHTS_NAME, CALIBRATION_NAME])
         missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / name).is_file()]
         if missing:
             raise ModelNotFoundError(
@@ -193,6 +204,13 @@ class EarlyExitModelForCausalLM(nn.Module):
             )
         config = EarlyExitConfig.from_json_file(folder / CONFIG_NAME)
         state = _read_heads_file(folder / WEIGHTS_NAME, config.weights_sha256)
+        _check_heads_file_fits(folder, config)
+        calibrated = None
+        if calibration and (folder / CALIBRATION_NAME).is_file():  # checked before the base is loaded
+            from drex_hf.calibration.files import read_calibration
+
+            heads_sha256 = config.weights_sha256 or sha256_file(folder / WEIGHTS_NAME)  # the former was checked
+            calibrated = read_calibration(folder / CALIBRATION_NAME, config.exit_layers, heads_sha256)
         if base_model is None:
             if not config.base_model:
                 raise ConfigError(f"{folder / CONFIG_NAME} names no base_model; pass base_model=...")
@@ -226,34 +244,22 @@ class EarlyExitModelForCausalLM(nn.Module):
                 )
             load_lora(wrapper, lora_path, lora)
         wrapper = _place(wrapper, device)
-        if calibration and (folder / CALIBRATION_NAME).is_file():
-            wrapper._apply_calibration(folder / CALIBRATION_NAME)
+        if calibrated is not None:
+            wrapper._apply_calibration(folder / CALIBRATION_NAME, calibrated)
         return wrapper
 
-    def _apply_calibration(self, path: Path) -> None:
-        """Thresholds (and cost constants for this device) from a `drex calibrate` file."""
+    def _apply_calibration(self, path: Path, data: dict[str, Any]) -> None:
+        """Thresholds (and cost constants for this device) from a `drex calibrate` file, checked by
+        `read_calibration` against these heads."""
         from drex_hf.generation.engine import device_name
 
-        try:
-            data = json.loads(path.read_text())
-            entries = data.get("cost_models", {})
-            guaranteed = data["guarantee"]["thresholds"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise ConfigError(
-                f"{path} is not a calibration file drex can read ({err}); run drex calibrate again"
-            ) from None
-        if data.get("exit_layers") != list(self.exit_layers):
-            raise ConfigError(
-                f"{path} was made for exit layers {data.get('exit_layers')}, these heads exit at {self.exit_layers}"
-            )
+        entries = data.get("cost_models", {})
         device = device_name(self.heads_device)
         entry = entries.get(device)
-        chosen = entry["thresholds"] if entry else guaranteed
+        chosen = entry["thresholds"] if entry else data["guarantee"]["thresholds"]
         self.exit_config.thresholds = [parse_threshold(t, f"{path.name} thresholds") for t in chosen]
         measure = entry.get("confidence") if entry else data.get("confidence")
         if measure is not None:  # the measure the thresholds were tested for (the device's fastest)
-            if measure not in CONFIDENCE_MEASURES:
-                raise ConfigError(f"{path} names an unknown confidence measure {measure!r}")
             self.exit_config.confidence = measure
         self.calibration_path = path if entry else None
         if entry is None:
@@ -286,35 +292,111 @@ class EarlyExitModelForCausalLM(nn.Module):
         *,
         card: str | None = None,
         extra_files: dict[str, bytes] | None = None,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
     ) -> None:
         """Write exactly exit_config.json, exit_heads.safetensors and README.md; never base weights.
 
         The files are written into a temporary folder beside the target and moved into place
         only when all three are complete; over an existing folder the config moves last, and it
-        records the weights' sha256, so a save interrupted halfway is detected at load.
-        Other files in an existing folder are left alone. A LoRA on the backbone (joint training)
-        is saved as lora_adapter.safetensors. `card` replaces the generated README.md (training
-        writes one with its evaluation); `extra_files` (name -> bytes, e.g. eval_results.json) are
-        published with the rest.
+        records the weights' sha256, so a save interrupted halfway is detected at load. A folder
+        that cannot be written is refused (naming it) and left as it was.
+        Other files in an existing folder are left alone, except a calibration made for other heads
+        (calibration.json, its plot and observations: see `drex_hf.calibration.files.stale_files`),
+        which is removed once the new heads are in place, and a README.md that drex_hf did not
+        write, which is kept, our card then going beside it as README.drex_hf.md (a warning says so).
+        A LoRA on the backbone (joint training) is saved as lora_adapter.safetensors. `card`
+        replaces the generated card (training writes one with its evaluation); `extra_files`
+        (name -> bytes, e.g. eval_results.json) are published with the rest.
+
+        With `push_to_hub`, the files this save wrote (and a calibration kept for these heads) are
+        then uploaded to `repo_id` (default: the folder's name), as `push_to_hub` does.
         """
+        from drex_hf.hub import check_can_upload
+
+        if push_to_hub:
+            repo_id = repo_id or Path(save_directory).expanduser().resolve().name
+            check_can_upload(repo_id)  # before any work: an upload that cannot happen saves nothing
+        target = Path(save_directory).expanduser()
+        names = self._save_files(target, card, extra_files)
+        if push_to_hub:
+            from drex_hf.hub import upload_files
+
+            upload_files(target, names, repo_id, commit_message=commit_message, private=private, token=token)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+    ) -> Any:
+        """Upload the heads' own files (what `save_pretrained` writes), never the base model's, to the
+        hub repository `repo_id` (created if needed), as peft does for adapters; returns the commit.
+
+        The heads name their base model (`exit_config.json`'s base_model): one given as a local path
+        cannot be found by whoever loads the repository, who then passes `base_model=...`. To publish
+        a calibration too, calibrate a saved folder and use `save_pretrained(folder, push_to_hub=True)`.
+        """
+        import tempfile
+
+        from drex_hf.hub import check_can_upload, is_hub_id, upload_files
+
+        check_can_upload(repo_id)
+        base = self.exit_config.base_model
+        if base and not is_hub_id(base):
+            logger.warning(
+                "the heads pushed to %s name their base model by a local path (%s): who loads them from the hub "
+                "must pass base_model=...",
+                repo_id, base,
+            )  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="drex-push-") as tmp:
+            folder = Path(tmp) / "heads"
+            names = self._save_files(folder, None, None)
+            return upload_files(
+                folder,
+                names,
+                repo_id,
+                commit_message=commit_message,
+                private=private,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+            )
+
+    def _save_files(self, target: Path, card: str | None, extra_files: dict[str, bytes] | None) -> list[str]:
+        """`save_pretrained`'s work; returns the names of the heads' files now in `target`."""
         from safetensors.torch import save_file
 
-        from drex_hf.model_card import render_model_card
+        from drex_hf.calibration.files import CALIBRATION_FILES, stale_files
+        from drex_hf.lora import LORA_WEIGHTS_NAME, has_lora, lora_tensors
+        from drex_hf.model_card import calibration_section, card_name, render_model_card
 
-        target = Path(save_directory).expanduser()
         if target.exists() and not target.is_dir():
             raise ModelNotFoundError(f"cannot save into {target}: it exists and is not a folder")
-        from drex_hf.lora import LORA_WEIGHTS_NAME, has_lora, lora_tensors
-
+        card_file = card_name(target)
+        if card_file != CARD_NAME:
+            logger.warning(
+                "%s has a README.md that drex_hf did not write: it is kept, and the heads' model card is written "
+                "beside it as %s",
+                target, card_file,
+            )  # fmt: skip
+        old_weights = target / WEIGHTS_NAME
+        old_sha256 = sha256_file(old_weights) if old_weights.is_file() else None
+        old_card = target / card_file
+        old_card = old_card.read_text(encoding="utf-8", errors="replace") if old_card.is_file() else ""
         lora = has_lora(self)
-        order = (
-            (WEIGHTS_NAME, LORA_WEIGHTS_NAME, CARD_NAME, CONFIG_NAME)
-            if lora
-            else (WEIGHTS_NAME, CARD_NAME, CONFIG_NAME)
-        )
+        order = (WEIGHTS_NAME, LORA_WEIGHTS_NAME) if lora else (WEIGHTS_NAME,)
+        order = (*order, card_file, CONFIG_NAME)
         with staged_folder(target, order=order) as tmp:
             tensors = {f"heads.{k}": v.detach().to("cpu").contiguous() for k, v in self.heads.state_dict().items()}
-            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "drex_hf": "exit_heads"})
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=_heads_file_metadata(self.exit_config))
             config = copy.deepcopy(self.exit_config)
             config.weights_sha256 = sha256_file(tmp / WEIGHTS_NAME)
             if lora:
@@ -322,12 +404,28 @@ class EarlyExitModelForCausalLM(nn.Module):
                 config.extra["lora"] = dict(config.extra.get("lora", {}), sha256=sha256_file(tmp / LORA_WEIGHTS_NAME))
             else:
                 config.extra.pop("lora", None)
-            (tmp / CARD_NAME).write_text(card if card is not None else render_model_card(config), encoding="utf-8")
+            stale = stale_files(target, config.weights_sha256, old_sha256) if target.is_dir() else []
+            text = card if card is not None else render_model_card(config)
+            section = calibration_section(old_card)
+            if section and not stale and (target / CALIBRATION_FILES[0]).is_file():  # the calibration stays
+                text = text.rstrip("\n") + "\n\n" + section + "\n"
+            (tmp / card_file).write_text(text, encoding="utf-8")
             (tmp / CONFIG_NAME).write_text(config.to_json_string(), encoding="utf-8")
             for name, content in (extra_files or {}).items():
                 (tmp / name).write_bytes(content)
+            written = sorted(os.listdir(tmp))
+        for name in stale:  # after the new heads are in place: a failed save leaves the folder as it was
+            (target / name).unlink(missing_ok=True)
+        if stale:
+            logger.warning(
+                "removed %s from %s: made for other heads than the ones saved now (calibration.json does not record "
+                "their sha256); run `drex calibrate` again",
+                ", ".join(stale), target,
+            )  # fmt: skip
         self.exit_config.weights_sha256 = config.weights_sha256
         self.exit_config.extra = config.extra
+        kept = [name for name in CALIBRATION_FILES if name not in stale and (target / name).is_file()]
+        return [*written, *kept]
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -701,6 +799,43 @@ def _place(model: EarlyExitModelForCausalLM, device: str | torch.device | None) 
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def _heads_file_metadata(config: EarlyExitConfig) -> dict[str, str]:
+    """What the weights file records about the heads it holds, so that an edited config is caught at
+    load (the config records the file's sha256, but nothing covers the config itself). One metadata
+    key: safetensors writes several in a random order, and the same heads must give the same bytes
+    (the sha256 that ties a calibration to them)."""
+    record = {"kind": "exit_heads", "exit_layers": list(config.exit_layers), "head": config.head}
+    return {"drex_hf": json.dumps(record, sort_keys=True)}
+
+
+def _check_heads_file_fits(folder: Path, config: EarlyExitConfig) -> None:
+    """Refuse a config whose exit layers or head type differ from those the weights file was saved
+    with. Files saved before the weights recorded them are checked by their tensors' names only."""
+    from safetensors import safe_open
+
+    weights, config_path = folder / WEIGHTS_NAME, folder / CONFIG_NAME
+    with safe_open(str(weights), "pt") as handle:
+        metadata = handle.metadata() or {}
+    try:
+        record = json.loads(metadata.get("drex_hf", "{}"))
+    except json.JSONDecodeError:  # older files: "exit_heads"
+        record = {}
+    record = record if isinstance(record, dict) else {}
+    saved = record.get("exit_layers")
+    if saved is not None and saved != list(config.exit_layers):
+        raise WeightsFileError(
+            f"{config_path} says exit_layers {list(config.exit_layers)}, but {weights} holds heads for exit "
+            f"layers {saved}: the config was edited after saving; set exit_layers back to {saved}, or train "
+            f"heads for {list(config.exit_layers)}"
+        )
+    saved_head = record.get("head")
+    if saved_head is not None and saved_head != config.head:
+        raise WeightsFileError(
+            f"{config_path} says head {config.head!r}, but {weights} holds {saved_head!r} heads: the config was "
+            f"edited after saving; set head back to {saved_head!r}"
+        )
 
 
 def _read_heads_file(path: Path, expected_sha256: str | None) -> dict[str, torch.Tensor]:

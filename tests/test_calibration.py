@@ -236,6 +236,7 @@ import logging  # noqa: E402
 from drex_hf import EarlyExitConfig, EarlyExitModelForCausalLM  # noqa: E402
 from drex_hf.cli.main import main  # noqa: E402
 from drex_hf.errors import ConfigError  # noqa: E402
+from drex_hf.fileio import sha256_file  # noqa: E402
 from drex_hf.generation.engine import device_name  # noqa: E402
 
 
@@ -261,6 +262,7 @@ def test_calibrate_writes_the_file_and_plot_and_from_pretrained_uses_them(heads_
     out = capsys.readouterr().out
     assert "test agreement" in out and "wrote" in out
     data = json.loads((heads / "calibration.json").read_text())
+    assert data["heads_sha256"] == sha256_file(heads / "exit_heads.safetensors")  # tied to these heads
     assert (heads / "calibration.png").read_bytes()[:4] == b"\x89PNG"
     card = (heads / "README.md").read_text()
     assert card.count("## Calibration (`drex calibrate`)") == 1 and "calibration.png" in card

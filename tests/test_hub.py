@@ -8,7 +8,7 @@ import torch
 from conftest import make_tiny
 
 from drex_hf import EarlyExitConfig, EarlyExitModelForCausalLM
-from drex_hf.errors import BaseModelMismatchError, ModelNotFoundError
+from drex_hf.errors import BaseModelMismatchError, ConfigError, ModelNotFoundError
 from drex_hf.hub import SMOLLM2_ID, SOURCE_MARKER, load_base, packaged_gguf
 
 
@@ -95,3 +95,120 @@ def test_smollm2_gguf_resolves_offline_converts_once_and_reuses_the_cache(smollm
     # A model whose sizes differ from SmolLM2's is refused too.
     with pytest.raises(BaseModelMismatchError, match="layers 30"):
         EarlyExitModelForCausalLM.from_pretrained(tmp_path / "heads", base_model=make_tiny("llama"))
+
+
+# ---------------------------------------------------------------- heads on the hub: push and load by id
+class _FakeHub:
+    """Stands in for the hub's HfApi: records the repos created and the files of each commit."""
+
+    def __init__(self, monkeypatch):
+        from huggingface_hub import HfApi, RepoUrl
+
+        self.repos, self.commits = [], []
+        hub = self
+
+        def create_repo(api, repo_id, **kwargs):
+            hub.repos.append((repo_id, kwargs))
+            return RepoUrl(f"https://huggingface.co/{repo_id}") if "/" in repo_id else None
+
+        def create_commit(api, repo_id, operations, **kwargs):
+            files = {}
+            for op in operations:
+                source = op.path_or_fileobj
+                files[op.path_in_repo] = source if isinstance(source, bytes) else open(source, "rb").read()
+            hub.commits.append((repo_id, files, kwargs))
+            return "commit-info"
+
+        def refuse(api, *args, **kwargs):
+            raise AssertionError("only create_commit with the heads' own files may upload")
+
+        monkeypatch.setattr(HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(HfApi, "create_commit", create_commit)
+        monkeypatch.setattr(HfApi, "upload_folder", refuse)
+        monkeypatch.setattr(HfApi, "upload_file", refuse)
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """As if the hub were reachable (conftest sets HF_HUB_OFFLINE=1); the fake hub stops any traffic."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return _FakeHub(monkeypatch)
+
+
+def _tiny_heads(tiny_base_dir):
+    return EarlyExitModelForCausalLM.from_base(str(tiny_base_dir), EarlyExitConfig(exit_layers=[0, 2]))
+
+
+def test_push_to_hub_uploads_the_heads_files_only(tiny_base_dir, online):
+    from safetensors.torch import load
+
+    model = _tiny_heads(tiny_base_dir)
+    assert model.push_to_hub("me/tiny-heads", commit_message="first heads", private=True) == "commit-info"
+    assert [repo for repo, _ in online.repos] == ["me/tiny-heads"] and online.repos[0][1]["private"] is True
+    [(repo, files, kwargs)] = online.commits
+    assert repo == "me/tiny-heads" and kwargs["commit_message"] == "first heads"
+    assert sorted(files) == ["README.md", "exit_config.json", "exit_heads.safetensors"]
+    assert set(load(files["exit_heads.safetensors"])) == {f"heads.{k}" for k in model.heads.state_dict()}
+    assert json.loads(files["exit_config.json"])["exit_layers"] == [0, 2]
+
+
+def test_save_pretrained_with_push_to_hub_uploads_what_it_saved(tiny_base_dir, tmp_path, online):
+    folder = tmp_path / "tiny-heads"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("my notes, not for the hub")
+    _tiny_heads(tiny_base_dir).save_pretrained(folder, push_to_hub=True, extra_files={"eval_results.json": b"{}"})
+    [(repo, files, _)] = online.commits
+    assert repo == "tiny-heads"  # as in transformers: the folder's name when no repo_id is given
+    assert sorted(files) == ["README.md", "eval_results.json", "exit_config.json", "exit_heads.safetensors"]
+    assert files["exit_config.json"] == (folder / "exit_config.json").read_bytes()
+    _tiny_heads(tiny_base_dir).save_pretrained(folder, push_to_hub=True, repo_id="me/other")
+    assert online.commits[-1][0] == "me/other"
+
+
+def test_push_to_hub_offline_is_refused_in_one_line(tiny_base_dir, tmp_path):
+    from drex_hf.errors import DrexError
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    with pytest.raises(DrexError, match="HF_HUB_OFFLINE") as err:
+        _tiny_heads(tiny_base_dir).push_to_hub("me/tiny-heads")
+    assert "me/tiny-heads" in str(err.value)
+    with pytest.raises(DrexError, match="HF_HUB_OFFLINE"):
+        _tiny_heads(tiny_base_dir).save_pretrained(tmp_path / "h", push_to_hub=True)
+    assert not (tmp_path / "h").exists()  # refused before any work
+
+
+def _cache_heads_repo(cache, repo_id, folder, revision="0123456789abcdef0123456789abcdef01234567"):
+    """`folder`'s files laid out as the HF cache holds a downloaded repo (snapshots/<rev>, refs/main)."""
+    import shutil
+
+    root = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = root / "snapshots" / revision
+    shutil.copytree(folder, snapshot)
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def test_from_pretrained_loads_a_heads_repo_from_the_hf_cache_offline(tiny_base_dir, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    model = _tiny_heads(tiny_base_dir)
+    with torch.no_grad():
+        model.heads[0].classifier.fc2.bias.fill_(0.25)
+    model.save_pretrained(tmp_path / "saved")
+    snapshot = _cache_heads_repo(cache, "me/tiny-heads", tmp_path / "saved")
+    loaded = EarlyExitModelForCausalLM.from_pretrained("me/tiny-heads")
+    assert loaded.exit_layers == [0, 2] and loaded.base_source.path == str(tiny_base_dir)
+    assert float(loaded.heads[0].classifier.fc2.bias.detach()) == 0.25
+    (snapshot / "calibration.json").write_text("[]")  # the snapshot's calibration is read like a folder's
+    with pytest.raises(ConfigError, match="calibration.json"):
+        EarlyExitModelForCausalLM.from_pretrained("me/tiny-heads")
+    with pytest.raises(ModelNotFoundError, match=r"'me/no-such-heads'.*HF_HUB_OFFLINE"):
+        EarlyExitModelForCausalLM.from_pretrained("me/no-such-heads")

@@ -7,7 +7,8 @@
 3. On the learn half of the prompts, switch off the exits that cost more than they save.
 4. Learn-then-Test thresholds for the exits left on (learn half fits, test half certifies).
 5. Write `calibration.json` (thresholds, the guarantee, the cost constants keyed by device, fit errors,
-   sample sizes, the command) and a plot beside the heads.
+   sample sizes, the command, the sha256 of the heads' weights file it was made for) and a plot
+   beside the heads.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from drex_hf.calibration.costs import (
     prediction_errors,
     profile_runner,
 )
+from drex_hf.calibration.files import HEADS_SHA_KEY, OBSERVATIONS_NAME, PLOT_NAME, recorded_heads_sha256
 from drex_hf.calibration.thresholds import (
     CalibrationDataError,
     Observations,
@@ -39,11 +41,10 @@ from drex_hf.calibration.thresholds import (
     split_by_prompt,
 )
 from drex_hf.config import CALIBRATION_NAME, CONFIDENCE_MEASURES, parse_threshold, thresholds_to_json
+from drex_hf.errors import ConfigError
 from drex_hf.generation.settings import left_padded
+from drex_hf.model_card import CALIBRATION_BEGIN, CALIBRATION_END, card_name
 from drex_hf.plotting import pyplot
-
-PLOT_NAME = "calibration.png"
-OBSERVATIONS_NAME = "calibration_observations.safetensors"
 
 
 @torch.no_grad()
@@ -277,6 +278,7 @@ def calibrate(
         "timing": f"median of {repeats} synchronised runs after a warm-up, {context} cached positions "
         f"({long_context} for the per-position cost; the fit is checked at {holdout_context} too)",
         "exit_layers": exits,
+        HEADS_SHA_KEY: model.exit_config.weights_sha256,  # the heads as loaded (their file was checked)
         "confidence": model.exit_config.confidence,
         "observations": {
             "prompts": len(prompts) if observations is None else int(obs.prompt.unique().numel()),
@@ -444,7 +446,7 @@ def shown_thresholds(values: list) -> str:
     return ", ".join("inf" if t == math.inf else f"{t:.3f}" for t in map(parse_threshold, values))
 
 
-CARD_BEGIN, CARD_END = "<!-- drex calibrate: begin -->", "<!-- drex calibrate: end -->"
+CARD_BEGIN, CARD_END = CALIBRATION_BEGIN, CALIBRATION_END
 
 
 def card_section(calibration: dict) -> str:
@@ -494,30 +496,47 @@ def with_card_section(card: str, calibration: dict) -> str:
 
 
 def save(calibration: dict, folder: Path, plot: bytes | None) -> None:
-    """Write calibration.json (keeping other devices' entries already there), the plot, and the
-    card's calibration section beside the heads; all appear together or not at all."""
-    from drex_hf.fileio import staged_folder
+    """Write calibration.json (keeping other devices' entries already there when they were made for
+    the same heads), the plot, and the card's calibration section beside the heads; all appear
+    together or not at all. The file records the sha256 of the heads' weights file; a calibration
+    made for heads with another sha256 than the folder's now is refused."""
+    from drex_hf.fileio import sha256_file, staged_folder
+    from drex_hf.modeling import WEIGHTS_NAME
 
     calibration = dict(calibration)
     obs = calibration.pop("observations_data", None)
+    weights = folder / WEIGHTS_NAME
+    current = sha256_file(weights) if weights.is_file() else None
+    made_for = calibration.get(HEADS_SHA_KEY)
+    if made_for is not None and current is not None and made_for != current:
+        raise ConfigError(
+            f"{folder}: this calibration was made for heads with {HEADS_SHA_KEY} {made_for[:16]}..., but "
+            f"{weights} now has {current[:16]}... (saved again while calibrating?); run drex calibrate again"
+        )
+    calibration[HEADS_SHA_KEY] = made_for or current
     path = folder / CALIBRATION_NAME
     if path.is_file():
         try:
             old = json.loads(path.read_text())
+            same_heads = old.get("exit_layers") == calibration["exit_layers"] and (
+                recorded_heads_sha256(path) == calibration[HEADS_SHA_KEY] or old.get(HEADS_SHA_KEY) is None
+            )  # an older file records no sha256: it stayed beside these heads, so it was made for them
+            if not same_heads:
+                raise ValueError("made for other heads")
             others = {k: v for k, v in old.get("cost_models", {}).items() if k not in calibration["cost_models"]}
             calibration["cost_models"] = {**others, **calibration["cost_models"]}
             if calibration.get("observed_by") is None and old.get("guarantee") == calibration["guarantee"]:
                 # the observations were reused: keep saying where they came from
                 calibration["observed_by"] = old.get("observed_by") or old.get("command")
                 calibration["observations"] = {**old.get("observations", {}), "reused": True}
-        except (OSError, json.JSONDecodeError, AttributeError):
-            pass  # an unreadable old file is replaced
-    card = folder / "README.md"
+        except (OSError, ValueError, AttributeError):
+            pass  # an unreadable old file, or one made for other heads, is replaced
+    card = folder / card_name(folder)  # ours: never a README.md the user wrote
     with staged_folder(folder, order=[CALIBRATION_NAME]) as tmp:
         if obs is not None:
             obs.save(tmp / OBSERVATIONS_NAME)
         if plot is not None:
             (tmp / PLOT_NAME).write_bytes(plot)
         if card.is_file():
-            (tmp / "README.md").write_text(with_card_section(card.read_text(), calibration))
+            (tmp / card.name).write_text(with_card_section(card.read_text(), calibration))
         (tmp / CALIBRATION_NAME).write_text(json.dumps(calibration, indent=2) + "\n")

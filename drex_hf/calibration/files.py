@@ -1,0 +1,142 @@
+"""calibration.json read back, and tied to the heads it was made for.
+
+`drex calibrate` writes calibration.json (with a plot and its observations) beside the heads, and
+records the sha256 of their weights file as `heads_sha256`. `read_calibration` checks the file field
+by field before `from_pretrained` applies it; `stale_files` tells `save_pretrained` which of these
+files belong to other heads than the ones it just saved, so it can remove them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from drex_hf.config import CALIBRATION_NAME, CONFIDENCE_MEASURES, parse_threshold
+from drex_hf.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+PLOT_NAME = "calibration.png"
+OBSERVATIONS_NAME = "calibration_observations.safetensors"
+CALIBRATION_FILES = (CALIBRATION_NAME, PLOT_NAME, OBSERVATIONS_NAME)  # all made from one set of heads
+HEADS_SHA_KEY = "heads_sha256"
+
+
+def read_calibration(path: Path, exit_layers: list[int], heads_sha256: str | None) -> dict[str, Any]:
+    """The calibration in `path`, checked against heads exiting at `exit_layers` whose weights file
+    has `heads_sha256`; any problem is a `ConfigError` naming the file and the field.
+
+    A file recording other heads' sha256 is refused, not skipped: applied, it would run these heads
+    on thresholds tested for others; skipped with a warning, the heads would silently run slower or
+    worse than the folder promises. Transformers likewise refuses weights that do not fit unless
+    asked; here `from_pretrained(..., calibration=False)` is the way to load the heads without it.
+    A file from before the sha256 was recorded (no `heads_sha256`) is applied with a warning, as it
+    always was: its exit layers are still checked, and `save_pretrained` removes it when it saves
+    other heads into the folder.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}); run drex calibrate again") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object (a drex calibrate file), got {type(data).__name__}")
+    layers = data.get("exit_layers")
+    if not isinstance(layers, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers):
+        raise ConfigError(f"{path}: field exit_layers must be a list of layer indices, got {layers!r}")
+    if layers != list(exit_layers):
+        raise ConfigError(
+            f"{path} was made for exit layers {layers} (field exit_layers), these heads exit at {list(exit_layers)}"
+        )
+    recorded = data.get(HEADS_SHA_KEY)
+    if recorded is not None and not _is_sha256(recorded):
+        raise ConfigError(f"{path}: field {HEADS_SHA_KEY} must be a sha256 (64 hex digits), got {recorded!r}")
+    if recorded is None:
+        logger.warning(
+            "%s records no %s (written before drex_hf tied calibrations to their heads): applied unchecked; "
+            "run `drex calibrate` again to tie it to these heads",
+            path, HEADS_SHA_KEY,
+        )  # fmt: skip
+    elif heads_sha256 is not None and recorded != heads_sha256:
+        raise ConfigError(
+            f"{path} was made for other heads: its {HEADS_SHA_KEY} is {recorded[:16]}..., the heads' weights file "
+            f"has {heads_sha256[:16]}... (saved again after calibrating, or copied from another folder); run "
+            f"`drex calibrate` again, or load with calibration=False"
+        )
+    guarantee = data.get("guarantee")
+    if not isinstance(guarantee, dict):
+        raise ConfigError(f"{path}: field guarantee must be a JSON object with thresholds, got {guarantee!r}")
+    _check_thresholds(path, "guarantee.thresholds", guarantee.get("thresholds"), layers)
+    _check_measure(path, "confidence", data.get("confidence"))
+    entries = data.get("cost_models", {})
+    if not isinstance(entries, dict):
+        raise ConfigError(f"{path}: field cost_models must be a JSON object (device -> entry), got {entries!r}")
+    for device, entry in entries.items():
+        field = f"cost_models[{device!r}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: field {field} must be a JSON object, got {entry!r}")
+        _check_thresholds(path, f"{field}.thresholds", entry.get("thresholds"), layers)
+        _check_measure(path, f"{field}.confidence", entry.get("confidence"))
+    return data
+
+
+def recorded_heads_sha256(path: Path) -> str | None:
+    """The heads sha256 a calibration file records; None when it records none or cannot be read."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = data.get(HEADS_SHA_KEY) if isinstance(data, dict) else None
+    return value if _is_sha256(value) else None
+
+
+def stale_files(folder: Path, new_sha256: str, old_sha256: str | None) -> list[str]:
+    """The calibration files in `folder` that do not belong to heads whose weights file has
+    `new_sha256` (`old_sha256`: the weights file the folder held before). They belong when
+    calibration.json records `new_sha256`, or records nothing (an older file) while the weights
+    did not change; otherwise every calibration file there is stale."""
+    present = [name for name in CALIBRATION_FILES if (folder / name).exists()]
+    if not present:
+        return []
+    path = folder / CALIBRATION_NAME
+    recorded = recorded_heads_sha256(path) if path.is_file() else None
+    if recorded == new_sha256:
+        return []
+    if path.is_file() and recorded is None and old_sha256 == new_sha256 and _records_no_sha(path):
+        return []
+    return present
+
+
+def _records_no_sha(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get(HEADS_SHA_KEY) is None
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _check_thresholds(path: Path, field: str, values: Any, layers: list[int]) -> None:
+    if not isinstance(values, list):
+        raise ConfigError(f"{path}: field {field} must be a list of one threshold per exit {layers}, got {values!r}")
+    if len(values) != len(layers):
+        raise ConfigError(
+            f"{path}: field {field} has {len(values)} value{'s' * (len(values) != 1)} for {len(layers)} exit "
+            f"layers {layers}: run drex calibrate again"
+        )
+    for i, value in enumerate(values):
+        parse_threshold(value, f"{path}: field {field}[{i}]")
+
+
+def _check_measure(path: Path, field: str, value: Any) -> None:
+    if value is not None and value not in CONFIDENCE_MEASURES:
+        raise ConfigError(
+            f"{path}: field {field} names an unknown confidence measure {value!r} "
+            f"(known: {', '.join(CONFIDENCE_MEASURES)})"
+        )
