@@ -33,6 +33,10 @@ class ModelNotFoundError(DrexError, FileNotFoundError):
     """A model folder, file or hub id could not be resolved."""
 
 
+class OutputFolderError(DrexError, OSError):
+    """A folder to write into is a file, sits under a file, or cannot be written."""
+
+
 class GenerationInputError(DrexError, ValueError):
     """Bad arguments to `generate()`: empty prompt, prompt too long, unknown policy, ..."""
 

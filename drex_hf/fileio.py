@@ -3,7 +3,8 @@
 `staged_folder` gives a temporary folder beside the target; when the block completes, its files
 move into place — by one rename when the target is new, else file by file: files not named in
 `order` first, then `order` (its last file commits the set). On any error the temporary folder is
-removed and the target is left as it was.
+removed and the target is left as it was. `check_output_folder` refuses, before any work starts, a
+folder that could not be written at the end.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+from drex_hf.errors import OutputFolderError
 
 
 @contextmanager
@@ -45,6 +48,51 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_output_folder(path: str | os.PathLike, what: str, beside: bool = False) -> Path:
+    """`path`, if it is (or can be created as) a folder this process can write into; else an
+    `OutputFolderError` naming `what` (the option or key that gave it) and the path. Writability is
+    tried by creating and removing a file in the nearest existing folder (permission bits do not show
+    a read-only mount, or what root may do). `beside`: also the folder that holds `path`, where
+    `staged_folder` makes its temporary folder. Creates nothing."""
+    path = Path(path).expanduser()
+    folders = [path, path.parent] if beside and path.exists() else [path]
+    for folder in folders:
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            where = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+            raise OutputFolderError(f"{what} {path} {where}, not a folder")
+        try:
+            handle, probe = tempfile.mkstemp(prefix=".drex-write-check-", dir=existing)
+        except OSError as err:
+            raise OutputFolderError(f"{what} {path}: {existing} is not writable ({err.strerror})") from None
+        os.close(handle)
+        os.unlink(probe)
+    return path
+
+
+@contextmanager
+def removed_if_left_empty(folders: Sequence[str | os.PathLike]) -> Iterator[None]:
+    """If the block raises, remove again the folders among `folders` (and their parents) that did
+    not exist before it and are empty after it; a folder with anything in it stays."""
+    new: list[Path] = []
+    for folder in folders:
+        folder = Path(folder).expanduser().absolute()
+        while not folder.exists() and folder != folder.parent:
+            new.append(folder)
+            folder = folder.parent
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(set(new), key=lambda p: len(p.parts), reverse=True):  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty, or already gone
+                pass
+        raise
 
 
 def _umask() -> int:
