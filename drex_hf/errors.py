@@ -51,4 +51,5 @@ class KernelInputError(DrexError, ValueError):
 
 
 class OutputLocationError(DrexError, PermissionError):
-    """A folder (or hub repository) to write cannot be written: read-only, or the hub is offline."""
+    """A folder (or hub repository) to write cannot be written: a file is in the way, it is read-only,
+    or the hub is offline."""

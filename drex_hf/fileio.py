@@ -4,7 +4,8 @@
 move into place — by one rename when the target is new, else file by file: files not named in
 `order` first, then `order` (its last file commits the set). On any error the temporary folder is
 removed and the target is left as it was; a target that cannot be written is named in the error
-(never the hidden temporary folder), before the block does any work where the OS says so.
+(never the hidden temporary folder). `check_output_folder` refuses, before any work starts, a
+folder that could not be written at the end; `staged_folder` runs it first.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from drex_hf.errors import OutputLocationError
 @contextmanager
 def staged_folder(target: Path, order: Sequence[str]) -> Iterator[Path]:
     """Yield a temporary folder; on success publish `order`'s files from it into `target`."""
-    check_writable(target)
+    check_output_folder(target, "output folder", beside=True)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -49,15 +50,6 @@ def staged_folder(target: Path, order: Sequence[str]) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_writable(target: Path) -> None:
-    """Refuse, naming `target`, when the OS says it (or the folder it would be made in) is read-only."""
-    where = target
-    while not where.exists() and where != where.parent:
-        where = where.parent
-    if where.is_dir() and not os.access(where, os.W_OK | os.X_OK):
-        raise _not_writable(target, where, None)
-
-
 def _not_writable(target: Path, where: Path, err: OSError | None) -> OutputLocationError:
     what = "it" if where == target else f"{where}"
     reason = f" ({err.strerror})" if err is not None and err.strerror else ""
@@ -70,6 +62,51 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_output_folder(path: str | os.PathLike, what: str, beside: bool = False) -> Path:
+    """`path`, if it is (or can be created as) a folder this process can write into; else an
+    `OutputLocationError` naming `what` (the option or key that gave it) and the path. Writability is
+    tried by creating and removing a file in the nearest existing folder (permission bits do not show
+    a read-only mount, or what root may do). `beside`: also the folder that holds `path`, where
+    `staged_folder` makes its temporary folder. Creates nothing."""
+    path = Path(path).expanduser()
+    folders = [path, path.parent] if beside and path.exists() else [path]
+    for folder in folders:
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            where = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+            raise OutputLocationError(f"{what} {path} {where}, not a folder")
+        try:
+            handle, probe = tempfile.mkstemp(prefix=".drex-write-check-", dir=existing)
+        except OSError as err:
+            raise OutputLocationError(f"{what} {path}: {existing} is not writable ({err.strerror})") from None
+        os.close(handle)
+        os.unlink(probe)
+    return path
+
+
+@contextmanager
+def removed_if_left_empty(folders: Sequence[str | os.PathLike]) -> Iterator[None]:
+    """If the block raises, remove again the folders among `folders` (and their parents) that did
+    not exist before it and are empty after it; a folder with anything in it stays."""
+    new: list[Path] = []
+    for folder in folders:
+        folder = Path(folder).expanduser().absolute()
+        while not folder.exists() and folder != folder.parent:
+            new.append(folder)
+            folder = folder.parent
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(set(new), key=lambda p: len(p.parts), reverse=True):  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty, or already gone
+                pass
+        raise
 
 
 def _umask() -> int:

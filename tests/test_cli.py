@@ -44,8 +44,6 @@ def test_generate_on_a_base_with_new_heads(tiny_base_dir, capsys):
             str(tiny_base_dir),
             "--exit-layers",
             "1",
-            "--threshold",
-            "inf",
             "--prompt",
             "w5 w6",
             "--max-new-tokens",

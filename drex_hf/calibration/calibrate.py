@@ -137,6 +137,41 @@ def _merge(costs: CostTable, enabled: list[bool]) -> CostTable:
     )
 
 
+def check_options(
+    rows: list[int],
+    holdout_rows: list[int],
+    decision_rows: int,
+    context: int,
+    long_context: int | None,
+    options: bool = False,
+) -> None:
+    """Refuse, before anything is observed or timed, settings the run could not use: row counts
+    below 1, a decision batch above the largest timed row count (its cost would be a guess), a
+    second timing context not longer than the first. `options`: name them as the CLI's options."""
+
+    def name(key: str) -> str:
+        return "--" + key.replace("_", "-") if options else key
+
+    for key, counts in (("rows", rows), ("holdout_rows", holdout_rows)):
+        if not counts or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
+            raise CalibrationDataError(f"{name(key)} must be positive row counts, got {counts}")
+    if isinstance(decision_rows, bool) or not isinstance(decision_rows, int) or decision_rows < 1:
+        raise CalibrationDataError(f"{name('decision_rows')} must be a positive row count, got {decision_rows!r}")
+    if decision_rows > max(rows):
+        raise CalibrationDataError(
+            f"{name('decision_rows')} {decision_rows} is above the largest timed row count in {name('rows')} "
+            f"{','.join(map(str, rows))}: exits are chosen on the timings at {decision_rows} rows; add "
+            f"{decision_rows} to {name('rows')} or lower {name('decision_rows')}"
+        )
+    if context < 1:
+        raise CalibrationDataError(f"{name('context')} must be a positive number of cached positions, got {context}")
+    if long_context is not None and long_context <= context:
+        raise CalibrationDataError(
+            f"{name('long_context')} {long_context} must exceed {name('context')} {context}: the second timing "
+            "gives attention's per-position cost"
+        )
+
+
 def calibrate(
     model: Any,
     prompts: list[torch.Tensor],
@@ -174,8 +209,9 @@ def calibrate(
     from drex_hf.generation.engine import DrexEngine, device_name
 
     command = command or " ".join(sys.argv)
-    rows = rows or [1, 2, 4, 8, 16, 32]
+    rows = sorted(set(rows or [1, 2, 4, 8, 16, 32]))  # the cost table interpolates between ascending counts
     holdout_rows = holdout_rows or [3, 6, 12, 24]
+    check_options(rows, holdout_rows, decision_rows, context, long_context)
     started = time.time()
     if observations is None:
         obs = observe(

@@ -19,7 +19,17 @@ from typing import Any
 
 import torch
 
-from drex_hf.cli.common import DTYPES, HelpFormatter, int_list, pick_device, pick_dtype
+from drex_hf.cli import COMMANDS
+from drex_hf.cli.common import (
+    DTYPES,
+    HelpFormatter,
+    count_list,
+    pick_device,
+    pick_dtype,
+    positive_int,
+    progress_bar,
+    seed_value,
+)
 from drex_hf.errors import ConfigError, GenerationInputError, ModelNotFoundError
 
 
@@ -29,7 +39,7 @@ def add_parser(sub: Any) -> None:
 
     parser = sub.add_parser(
         "bench",
-        help="full / batch_all / batch_majority / drex (and HF generate) side by side on the same prompts",
+        help=COMMANDS["bench"],
         description="Run every policy on the same prompts and seeds in one process (stepped round-robin, each "
         "timing its own steps), with HF's own generate as the reference, and print one table: decode tokens/s, "
         "time per output token, speed-ups, exits per layer, involuntary and missed exits, agreement and ROUGE-L "
@@ -61,9 +71,11 @@ def add_parser(sub: Any) -> None:
         help="heads folder: score exits with this measure instead of the one --thresholds comes with",
     )
     parser.add_argument("--prompts", type=Path, default=None, help="a text file, one prompt per line")
-    parser.add_argument("--num-prompts", type=int, default=None, help="prompts to use (default: the largest batch)")
+    parser.add_argument(
+        "--num-prompts", type=positive_int, default=None, help="prompts to use (default: the largest batch)"
+    )
     parser.add_argument("--chat", choices=("auto", "on", "off"), default="auto", help="chat template for --prompts")
-    parser.add_argument("--batch-sizes", type=int_list, default=[1, 8, 32], help="batch sizes to run")
+    parser.add_argument("--batch-sizes", type=count_list, default=[1, 8, 32], help="batch sizes to run, each once")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per request")
     parser.add_argument(
         "--policies",
@@ -72,7 +84,12 @@ def add_parser(sub: Any) -> None:
         "(e.g. full,full:eager to compare them)",
     )
     parser.add_argument("--exit-dist", default=None, help="P(exit) per exit point, then full depth (trace exits)")
-    parser.add_argument("--exit-trace", type=Path, default=None, help="JSON list of per-request exit layers to replay")
+    parser.add_argument(
+        "--exit-trace",
+        default=None,
+        help="per-request exit layers to replay: a JSON list of lists (one per request), given inline "
+        "(e.g. '[[3,0,1],[3,2,2]]') or as a file holding it (or {\"exit_layers\": ...})",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="interleaved runs per batch; the median run counts")
     parser.add_argument("--no-hf", action="store_true", help="skip timing HF's own generate")
     parser.add_argument(
@@ -140,12 +157,13 @@ def add_parser(sub: Any) -> None:
         help="instead of the table (synthetic configs): mean exit depths as fractions of L, e.g. 0.5,0.65,0.8,0.95; "
         "drex's gain over batch_all and full at each depth x batch size, drawn as a heat map (heatmap.png)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of prompt draws and trace exits")
+    parser.add_argument("--seed", type=seed_value, default=0, help="seed of prompt draws and trace exits")
     parser.add_argument(
         "--dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on CUDA, else float32"
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for bench.json and the plots")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars or stage lines")
     parser.set_defaults(run=run)
 
 
@@ -207,21 +225,38 @@ def _exits(args: argparse.Namespace, model: Any) -> Any:
         dist.check(len(model.exit_layers))
         return dist
     if args.exit_trace:
-        if not args.exit_trace.is_file():
-            raise ModelNotFoundError(f"--exit-trace {args.exit_trace}: no such file")
-        try:
-            data = json.loads(args.exit_trace.read_text())
-        except json.JSONDecodeError as err:
-            raise GenerationInputError(f"--exit-trace {args.exit_trace} is not JSON ({err})") from None
-        rows = data.get("exit_layers", data) if isinstance(data, dict) else data
-        if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
-            raise GenerationInputError(
-                f"--exit-trace {args.exit_trace}: expected a list of per-request exit-layer lists"
-            )
+        rows = trace_rows(args.exit_trace)
         for i, row in enumerate(rows):
             check_trace_row(row, model.exit_layers, model.num_layers, f"--exit-trace row {i}")
         return ExitReplay.from_output(rows)
     return None
+
+
+def trace_rows(given: str) -> list[list[int]]:
+    """`--exit-trace`: inline JSON (it starts with [ or {) or a file holding it; a list of
+    per-request exit-layer lists, bare or under "exit_layers"."""
+    inline = given.lstrip().startswith(("[", "{"))
+    if inline:
+        where, text = "--exit-trace (inline JSON)", given
+    else:
+        path = Path(given)
+        where = f"--exit-trace {given}"
+        if path.is_dir():
+            raise GenerationInputError(f"{where} is a folder; give a JSON file or the JSON itself")
+        if not path.is_file():
+            raise ModelNotFoundError(f"{where}: no such file (inline JSON starts with '[')")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise GenerationInputError(f"{where} is not a text file") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise GenerationInputError(f"{where} is not JSON ({err})") from None
+    rows = data.get("exit_layers", data) if isinstance(data, dict) else data
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
+        raise GenerationInputError(f"{where}: expected a list of per-request exit-layer lists")
+    return rows
 
 
 def _prompts(args: argparse.Namespace, model: Any, count: int) -> tuple[list[torch.Tensor], Any]:
@@ -256,10 +291,9 @@ def _prompts(args: argparse.Namespace, model: Any, count: int) -> tuple[list[tor
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from drex_hf.bench import report
-    from drex_hf.bench.run import bench, check_policies
+    from drex_hf.bench.run import bench, check_policies, parse_distribution
+    from drex_hf.fileio import check_output_folder
     from drex_hf.generation.engine import device_name
 
     if bool(args.model) == bool(args.synthetic_config):
@@ -276,8 +310,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.synthetic_config and not (args.exit_dist or args.exit_trace or args.sweep_depths):
         raise ConfigError("a synthetic config has untrained heads: give its exits with --exit-dist or --exit-trace")
-    if any(b < 1 for b in args.batch_sizes) or args.max_new_tokens < 1 or args.repeats < 1:
-        raise GenerationInputError("--batch-sizes, --max-new-tokens and --repeats must be positive")
+    if args.max_new_tokens < 1 or args.repeats < 1:
+        raise GenerationInputError("--max-new-tokens and --repeats must be positive")
     if args.context is not None and args.context < 1:
         raise GenerationInputError(f"--context must be a positive number of tokens, got {args.context}")
     if args.max_new_tokens < 2:
@@ -287,6 +321,15 @@ def run(args: argparse.Namespace) -> int:
         )
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     check_policies(policies)  # before the model loads
+    if args.exit_dist and not args.exit_trace:  # their JSON / numbers before the model loads; the layers after
+        parse_distribution(args.exit_dist, seed=args.seed)
+    if args.exit_trace:
+        trace_rows(args.exit_trace)
+    for name in ("sla_tpot_ms", "request_rate"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:  # also refuses nan
+            raise GenerationInputError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    check_output_folder(args.out, "--out")  # before the run, whose results would otherwise be lost
     device = pick_device(args.device)
     if args.graphs and device.type != "cuda":
         raise GenerationInputError(f"--graphs captures CUDA graphs: it needs a CUDA device, not {device}")
@@ -310,7 +353,8 @@ def run(args: argparse.Namespace) -> int:
         return _sweep(args, model, prompts, tokenizer, policies)
     if args.sla_tpot_ms is not None:
         return _sla(args, model, prompts, exits, policies)
-    bar = tqdm(total=len(args.batch_sizes) * args.repeats, desc="bench (batch sizes x repeats)", unit="run")
+    total = len(args.batch_sizes) * args.repeats
+    bar = progress_bar(total, "bench (batch sizes x repeats)", "run", not args.no_progress)
     try:
         results = bench(
             model,
@@ -367,15 +411,13 @@ def run(args: argparse.Namespace) -> int:
 def _sweep(
     args: argparse.Namespace, model: Any, prompts: list[torch.Tensor], tokenizer: Any, policies: list[str]
 ) -> int:
-    from tqdm.auto import tqdm
-
     from drex_hf.bench import sweep
 
     args.out.mkdir(parents=True, exist_ok=True)
     if args.sweep_thresholds:
         batch = max(args.batch_sizes)
         chosen = [prompts[i % len(prompts)] for i in range(batch)]
-        with tqdm(total=len(args.sweep_thresholds), desc="threshold sweep", unit="threshold") as bar:
+        with progress_bar(len(args.sweep_thresholds), "threshold sweep", "threshold", not args.no_progress) as bar:
             points = sweep.threshold_sweep(
                 model, chosen, batch, args.max_new_tokens, args.sweep_thresholds, policies, tokenizer, bar.update
             )
@@ -398,7 +440,7 @@ def _sweep(
         document, plot = {"kind": "thresholds", "batch": batch, "points": points}, sweep.pareto_plot(points, args.out)
     else:
         total = len(args.sweep_depths) * len(args.batch_sizes)
-        with tqdm(total=total, desc="depth sweep", unit="cell") as bar:
+        with progress_bar(total, "depth sweep", "cell", not args.no_progress) as bar:
             cells = sweep.depth_sweep(
                 model,
                 prompts,
@@ -432,18 +474,19 @@ def _sweep(
 
 
 def _sla(args: argparse.Namespace, model: Any, prompts: list[torch.Tensor], exits: Any, policies: list[str]) -> int:
-    from tqdm.auto import tqdm
-
     from drex_hf.bench.run import sla_run
 
     rows = []
-    for policy in tqdm(policies, desc="SLA runs", unit="policy"):
+    bar = progress_bar(len(policies), "SLA runs", "policy", not args.no_progress)
+    for policy in policies:
         rows.append(
             sla_run(
                 model, prompts, policy, args.max_new_tokens, args.request_rate, args.sla_tpot_ms,
                 max(args.batch_sizes), exits, args.seed,
             )
         )  # fmt: skip
+        bar.update(1)
+    bar.close()
     lines = [
         f"SLA run: {len(prompts)} requests arriving at {args.request_rate:g}/s (Poisson), "
         f"{max(args.batch_sizes)} slots, SLA {args.sla_tpot_ms:g} ms per output token.",

@@ -12,7 +12,18 @@ from typing import Any
 import torch
 
 from drex_hf.calibration.thresholds import BOUNDS, CalibrationDataError
-from drex_hf.cli.common import DTYPES, HelpFormatter, int_list, pick_device, pick_dtype, positive_int, tokenizer_for
+from drex_hf.cli import COMMANDS
+from drex_hf.cli.common import (
+    DTYPES,
+    HelpFormatter,
+    count_list,
+    pick_device,
+    pick_dtype,
+    positive_int,
+    progress_bar,
+    seed_value,
+    tokenizer_for,
+)
 from drex_hf.config import CONFIDENCE_MEASURES
 from drex_hf.errors import ModelNotFoundError
 
@@ -27,7 +38,7 @@ def probability(text: str) -> float:
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser(
         "calibrate",
-        help="fit thresholds with a quality guarantee and the scheduler's cost constants for this device",
+        help=COMMANDS["calibrate"],
         description="Measure on held-out text how often each exit's token agrees with full depth, choose "
         "per-exit thresholds that reach --target-agreement with probability >= 1 - --delta (Learn-then-"
         "Test), time the segments on this device, switch off exits that cost more than they save, and "
@@ -48,9 +59,14 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--prompts", type=positive_int, default=64, help="prompts drawn from --data")
     parser.add_argument("--prompt-tokens", type=positive_int, default=32, help="tokens per prompt")
     parser.add_argument("--max-new-tokens", type=positive_int, default=48, help="greedy tokens per prompt")
-    parser.add_argument("--rows", type=int_list, default=[1, 2, 4, 8, 16, 32], help="row counts to time")
-    parser.add_argument("--holdout-rows", type=int_list, default=[3, 6, 12, 24], help="row counts to test the fit on")
-    parser.add_argument("--decision-rows", type=positive_int, default=8, help="batch at which exits must pay")
+    parser.add_argument("--rows", type=count_list, default=[1, 2, 4, 8, 16, 32], help="row counts to time")
+    parser.add_argument("--holdout-rows", type=count_list, default=[3, 6, 12, 24], help="row counts to test the fit on")
+    parser.add_argument(
+        "--decision-rows",
+        type=positive_int,
+        default=8,
+        help="batch at which exits must pay (at most the largest row count)",
+    )
     parser.add_argument(
         "--min-speedup",
         type=float,
@@ -66,7 +82,7 @@ def add_parser(sub: Any) -> None:
         help="cached positions of the second timing that gives attention's per-position cost (default: 4 x --context)",
     )
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed repeats (their median counts)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt draw and the learn/test split")
+    parser.add_argument("--seed", type=seed_value, default=0, help="seed of the prompt draw and the learn/test split")
     parser.add_argument(
         "--measures",
         type=measure_list,
@@ -78,6 +94,7 @@ def add_parser(sub: Any) -> None:
         "--dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on CUDA, float32 on CPU"
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars or stage lines")
     parser.set_defaults(run=run)
 
 
@@ -87,6 +104,21 @@ def measure_list(text: str) -> list[str]:
     if not names or unknown:
         raise argparse.ArgumentTypeError(f"unknown measure(s) {unknown or text!r}; choose from {CONFIDENCE_MEASURES}")
     return names
+
+
+def read_text(path: Path) -> str:
+    """`--data`: a UTF-8 text file with some text in it."""
+    if path.is_dir():
+        raise CalibrationDataError(f"--data {path} is a folder; name a UTF-8 text file")
+    if not path.is_file():
+        raise ModelNotFoundError(f"--data {path}: no such file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CalibrationDataError(f"--data {path} is not UTF-8 text (byte {err.start} is not text)") from None
+    if not text.strip():
+        raise CalibrationDataError(f"--data {path} is empty")
+    return text
 
 
 def draw_prompts(text: str, tokenizer: Any, count: int, length: int, seed: int) -> list[torch.Tensor]:
@@ -100,16 +132,20 @@ def draw_prompts(text: str, tokenizer: Any, count: int, length: int, seed: int) 
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from drex_hf import EarlyExitModelForCausalLM
     from drex_hf.calibration.calibrate import CALIBRATION_NAME, OBSERVATIONS_NAME, PLOT_NAME, calibrate, plot, save
+    from drex_hf.calibration.calibrate import check_options as check_calibration_options
     from drex_hf.calibration.thresholds import Observations
     from drex_hf.config import CONFIG_NAME
+    from drex_hf.fileio import check_output_folder
 
     folder = Path(args.model)
     if not (folder / CONFIG_NAME).is_file():
         raise ModelNotFoundError(f"{folder} is not an exit-heads folder (no {CONFIG_NAME})")
+    check_calibration_options(
+        args.rows, args.holdout_rows, args.decision_rows, args.context, args.long_context, options=True
+    )
+    check_output_folder(folder, "MODEL_DIR", beside=True)  # calibration.json and the plot go beside the heads
     observations = None
     if args.reuse_observations:
         if args.data is not None:
@@ -117,12 +153,8 @@ def run(args: argparse.Namespace) -> int:
         observations = Observations.load(folder / OBSERVATIONS_NAME)
     elif args.data is None:
         raise CalibrationDataError("--data is required (or --reuse-observations, after an earlier run)")
-    elif not args.data.is_file():
-        raise ModelNotFoundError(f"--data {args.data}: no such file")
     else:
-        text = args.data.read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
-            raise CalibrationDataError(f"--data {args.data} is empty")
+        text = read_text(args.data)
     device = pick_device(args.device)
     model = EarlyExitModelForCausalLM.from_pretrained(
         folder, dtype=pick_dtype(args.dtype, device), device=device, calibration=False
@@ -132,9 +164,10 @@ def run(args: argparse.Namespace) -> int:
         if observations is not None
         else draw_prompts(text, tokenizer_for(model), args.prompts, args.prompt_tokens, args.seed)
     )
+    show = not args.no_progress
     bars = {
-        "observe": tqdm(total=len(prompts), desc="observe (greedy full depth)", unit="prompt", disable=not prompts),
-        "profile": tqdm(total=len(model.exit_layers) + 1, desc="profile segments", unit="segment"),
+        "observe": progress_bar(len(prompts), "observe (greedy full depth)", "prompt", show),
+        "profile": progress_bar(len(model.exit_layers) + 1, "profile segments", "segment", show),
     }
     command = "drex " + " ".join(shlex.quote(a) for a in args.argv)
     try:

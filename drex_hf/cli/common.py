@@ -1,21 +1,27 @@
-"""Helpers shared by the subcommands: parse lists, pick device/dtype, load a model and tokenizer,
-encode prompts, summarise exit layers."""
+"""Helpers shared by the subcommands: argparse types, pick device/dtype, load a model and tokenizer,
+encode prompts, summarise exit layers, progress bars that suit a terminal and a log.
+
+Nothing here imports torch at module level: the parser and its checks run before any model loads.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from drex_hf.config import CONFIDENCE_MEASURES, CONFIG_NAME, HEAD_TYPES, EarlyExitConfig, parse_threshold
 from drex_hf.errors import ConfigError, GenerationInputError
-from drex_hf.hub import load_tokenizer
-from drex_hf.modeling import EarlyExitModelForCausalLM
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+    from drex_hf.modeling import EarlyExitModelForCausalLM
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -43,12 +49,42 @@ def positive_int(text: str) -> int:
     return value
 
 
-def int_list(text: str) -> list[int]:
-    """argparse type for '5,11,17'."""
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64)
+
+
+def seed_value(text: str) -> int:
+    """argparse type for a seed: an integer in [0, 2**64)."""
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**64), got {text}")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type for '5,11,17' (at least one integer)."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
+    return values
+
+
+def count_list(text: str) -> list[int]:
+    """argparse type for batch sizes / row counts such as '1,8,32': positive, each once (a size given
+    twice would be run twice and reported twice)."""
+    values = int_list(text)
+    bad = [v for v in values if v < 1]
+    if bad:
+        raise argparse.ArgumentTypeError(f"counts must be positive integers, got {bad[0]} in {text!r}")
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{', '.join(map(str, twice))} given twice in {text!r}: give each once")
+    return values
 
 
 def threshold_value(text: str) -> float:
@@ -70,7 +106,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="for a plain base model: put new, untrained exit heads after these layers (e.g. 5,11)",
     )
-    parser.add_argument("--head", choices=HEAD_TYPES, default="shared", help="head type for new heads")
+    parser.add_argument("--head", choices=HEAD_TYPES, default=None, help="head type for new heads (default: shared)")
     parser.add_argument(
         "--confidence",
         choices=CONFIDENCE_MEASURES,
@@ -90,6 +126,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def pick_device(name: str | None) -> torch.device:
+    import torch
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -104,18 +142,27 @@ def pick_device(name: str | None) -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
+    return getattr(torch, name)
 
 
 def load_model(model: str, args: argparse.Namespace) -> EarlyExitModelForCausalLM:
     """A saved exit-heads folder, or a base model with new heads (`--exit-layers`)."""
+    from drex_hf.modeling import EarlyExitModelForCausalLM
+
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     if (Path(model) / CONFIG_NAME).is_file():
-        if args.confidence is not None:
-            raise ConfigError("--confidence applies to new heads only; saved heads keep their trained measure")
+        given = [name for name in ("exit_layers", "head", "confidence") if getattr(args, name) is not None]
+        if given:
+            options = " and ".join("--" + name.replace("_", "-") for name in given)
+            raise ConfigError(
+                f"{options} {'apply' if len(given) > 1 else 'applies'} to new heads on a base model only; "
+                f"{model} is an exit-heads folder, whose heads keep their trained layers, type and measure"
+            )
         wrapper = EarlyExitModelForCausalLM.from_pretrained(model, dtype=dtype, device=device)
     else:
         if not args.exit_layers:
@@ -125,7 +172,7 @@ def load_model(model: str, args: argparse.Namespace) -> EarlyExitModelForCausalL
             )
         config = EarlyExitConfig(
             exit_layers=args.exit_layers,
-            head=args.head,
+            head=args.head or "shared",
             confidence=args.confidence or "max_prob",
             thresholds=0.9 if args.threshold is None else args.threshold,
         )
@@ -136,6 +183,8 @@ def load_model(model: str, args: argparse.Namespace) -> EarlyExitModelForCausalL
 
 
 def tokenizer_for(model: EarlyExitModelForCausalLM) -> Any:
+    from drex_hf.hub import load_tokenizer
+
     source = model.base_source
     if source is None or not source.path:
         raise ConfigError("the base model was passed as an object; its tokenizer cannot be found")
@@ -172,3 +221,46 @@ def exit_histogram(exit_layers: torch.Tensor, model: EarlyExitModelForCausalLM) 
     last = model.num_layers - 1
     parts.append(f"full depth ({last}): {counts.get(last, 0)}")
     return ", ".join(parts)
+
+
+def progress_bar(total: int, desc: str, unit: str, enabled: bool = True) -> Any:
+    """A tqdm bar on a terminal; when stderr is a log (not a terminal) one line per stage instead of
+    carriage-return updates; nothing when `enabled` is False (`--no-progress`)."""
+    from tqdm.auto import tqdm
+
+    if not enabled or total == 0:
+        return tqdm(total=total, disable=True)
+    if sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, unit=unit)
+    return StageLine(total, desc, unit)
+
+
+class StageLine:
+    """The part of tqdm's interface the CLI uses, printing one line to stderr when the stage is done
+    (or, if it stops early, when it is closed)."""
+
+    def __init__(self, total: int, desc: str, unit: str) -> None:
+        self.total, self.desc, self.unit, self.n = total, desc, unit, 0
+        self.started, self.postfix, self.done = time.perf_counter(), "", False
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.n >= self.total:
+            self.close()
+
+    def set_postfix_str(self, text: str = "", refresh: bool = True) -> None:
+        self.postfix = text
+
+    def close(self) -> None:
+        if self.done or not self.n:
+            return
+        self.done = True
+        postfix = f", {self.postfix}" if self.postfix else ""
+        seconds = time.perf_counter() - self.started
+        print(f"{self.desc}: {self.n:g}/{self.total} {self.unit}s in {seconds:.1f} s{postfix}", file=sys.stderr)
+
+    def __enter__(self) -> StageLine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -10,12 +10,14 @@ the exits per layer, tokens/s of both and their token agreement.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from drex_hf.cli import COMMANDS
 from drex_hf.cli.common import (
     DTYPES,
     HelpFormatter,
@@ -24,6 +26,7 @@ from drex_hf.cli.common import (
     int_list,
     pick_device,
     pick_dtype,
+    positive_int,
     threshold_value,
 )
 from drex_hf.config import EarlyExitConfig, parse_threshold
@@ -44,7 +47,7 @@ PROMPTS = (
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser(
         "demo",
-        help="answer a few prompts with SmolLM2-135M-Instruct, full depth vs per-token early exit",
+        help=COMMANDS["demo"],
         description="Load SmolLM2-135M-Instruct (offline, from the packaged GGUF) through "
         "EarlyExitModelForCausalLM and compare full-depth and early-exit generation.",
         formatter_class=HelpFormatter,
@@ -56,21 +59,23 @@ def add_parser(sub: Any) -> None:
         help="saved exit-heads folder (default: the shipped model_cards/smollm2-135m-drex when --model is SmolLM2)",
     )
     parser.add_argument("--untrained", action="store_true", help="put new, untrained 'shared' heads on instead")
-    parser.add_argument("--exit-layers", type=int_list, default=[5, 11, 17, 23], help="exit layers for --untrained")
+    parser.add_argument(
+        "--exit-layers", type=int_list, default=None, help="exit layers for --untrained (default: 5,11,17,23)"
+    )
     parser.add_argument(
         "--threshold",
         type=threshold_value,
-        default=0.999,
-        help="max-prob threshold for --untrained heads; untrained heads are only right when very sure",
+        default=None,
+        help="max-prob threshold for --untrained heads, which are right only when very sure (default: 0.999)",
     )
     parser.add_argument(
         "--target",
-        default="0.99",
+        default=None,
         help="trained heads: use the thresholds their eval_results.json fitted for this agreement target "
         "(0.9, 0.95, 0.99), or 'saved' for the thresholds in exit_config.json (default: 0.99: a token that "
         "differs changes the rest of the answer, so the demo asks for near-exact tokens)",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per answer")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens per answer")
     parser.add_argument("--no-stream", action="store_true", help="skip the streamed answer at the end")
     parser.add_argument(
         "--dtype",
@@ -82,11 +87,41 @@ def add_parser(sub: Any) -> None:
     parser.set_defaults(run=run)
 
 
+def check_options(args: argparse.Namespace) -> bool:
+    """Refuse options the chosen heads would ignore; True when trained heads are used."""
+    trained = not args.untrained and (args.heads is not None or args.model == SMOLLM2_ID)
+    if args.untrained and args.heads is not None:
+        raise GenerationInputError("--heads and --untrained exclude each other: pick one")
+    if trained:
+        ignored = [name for name in ("exit_layers", "threshold") if getattr(args, name) is not None]
+        if ignored:
+            options = " and ".join("--" + name.replace("_", "-") for name in ignored)
+            raise GenerationInputError(
+                f"{options} {'apply' if len(ignored) > 1 else 'applies'} to --untrained heads; the trained "
+                f"heads ({args.heads or 'shipped'}) keep their own (use --target for their thresholds)"
+            )
+        target = "0.99" if args.target is None else args.target
+        if target != "saved":
+            try:
+                wanted = float(target)
+            except ValueError:
+                wanted = math.nan
+            if not 0 < wanted < 1:
+                raise GenerationInputError(f"--target must be a number such as 0.99, or 'saved'; got {target!r}")
+        args.target = target
+    elif args.target is not None:
+        raise GenerationInputError("--target picks trained heads' thresholds; untrained heads use --threshold")
+    args.exit_layers = args.exit_layers or [5, 11, 17, 23]
+    args.threshold = 0.999 if args.threshold is None else args.threshold
+    return trained
+
+
 def run(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     from drex_hf.cli.common import tokenizer_for
 
+    check_options(args)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     start = time.perf_counter()

@@ -9,6 +9,7 @@ import os
 import platform
 from typing import Any
 
+from drex_hf.cli import COMMANDS
 from drex_hf.cli.common import HelpFormatter
 
 PACKAGES = ("torch", "transformers", "accelerate", "peft", "safetensors", "triton", "datasets", "evaluate", "gguf")
@@ -17,7 +18,7 @@ PACKAGES = ("torch", "transformers", "accelerate", "peft", "safetensors", "trito
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser(
         "env",
-        help="print versions, the device and whether Triton kernels can run",
+        help=COMMANDS["env"],
         description="Print drex_hf's environment: Python and package versions, the device, Triton.",
         formatter_class=HelpFormatter,
     )

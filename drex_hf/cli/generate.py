@@ -7,6 +7,7 @@ import argparse
 import time
 from typing import Any
 
+from drex_hf.cli import COMMANDS
 from drex_hf.cli.common import (
     HelpFormatter,
     add_model_arguments,
@@ -14,15 +15,17 @@ from drex_hf.cli.common import (
     exit_histogram,
     load_model,
     positive_int,
+    seed_value,
     tokenizer_for,
 )
+from drex_hf.errors import GenerationInputError
 from drex_hf.generation.scheduler import POLICY_NAMES as POLICIES
 
 
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser(
         "generate",
-        help="generate text with per-token early exit",
+        help=COMMANDS["generate"],
         description="Generate text for one or more prompts with an early-exit model and print, for every "
         "new token, the decoder layer it left at.",
         formatter_class=HelpFormatter,
@@ -47,7 +50,7 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default: all)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: off)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed; prompt i uses seed + i")
+    parser.add_argument("--seed", type=seed_value, default=0, help="sampling seed; prompt i uses seed + i")
     parser.add_argument(
         "--chat",
         choices=("auto", "on", "off"),
@@ -59,6 +62,10 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.policy == "full" and args.threshold is not None:
+        raise GenerationInputError(
+            f"--threshold {args.threshold:g} does not apply to --policy full (it never exits); drop one of them"
+        )
     model = load_model(args.model, args)
     tokenizer = tokenizer_for(model)
     batch = encode_prompts(tokenizer, args.prompt, args.chat, model.heads_device)

@@ -8,8 +8,10 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
+from collections.abc import Collection
 
 from drex_hf.errors import DrexError
 
@@ -21,8 +23,11 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from drex_hf.cli import bench, calibrate, demo, env, generate, train
+def build_parser(load: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The `drex` parser. Only the subcommands in `load` (default: all) have their module imported
+    and their options added; the others are listed by name and summary, so `drex --help` and a
+    subcommand's argument errors do not wait for the other subcommands' imports (torch among them)."""
+    from drex_hf.cli import COMMANDS
     from drex_hf.cli.common import HelpFormatter
 
     parser = OneLineParser(
@@ -32,17 +37,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     sub.required = True
-    for module in (env, generate, train, calibrate, bench, demo):
-        module.add_parser(sub)
+    for name, summary in COMMANDS.items():
+        if load is None or name in load:
+            importlib.import_module(f"drex_hf.cli.{name}").add_parser(sub)
+        else:
+            sub.add_parser(name, help=summary)
     return parser
+
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named in argv: its first word that is not an option (`drex` has only -h)."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def main(argv: list[str] | None = None) -> int:
     from drex_hf.cli.common import quiet_transformers
 
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command(argv)
+    parser = build_parser([command] if command else [])
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # what the user typed, for files that record it
+    args.argv = argv  # what the user typed, for files that record it
     quiet_transformers()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger().setLevel(logging.WARNING)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from drex_hf.cli import COMMANDS
 from drex_hf.cli.common import HelpFormatter
 
 
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser(
         "train",
-        help="train exit heads from a YAML recipe",
+        help=COMMANDS["train"],
         description="Train exit heads for a base model from a recipe: data (text, JSON lines, datasets, "
         "shakespeare, self-distillation), per-exit KL + CE loss, optional joint LoRA; checkpoints, resumes, "
         "evaluates and writes a heads folder with eval_results.json, a plot and a model card.",
@@ -33,9 +34,12 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from drex_hf.fileio import check_output_folder
     from drex_hf.training.recipe import load_recipe
     from drex_hf.training.trainer import train
 
+    if args.output:
+        check_output_folder(args.output, "--output", beside=True)
     recipe = load_recipe(args.recipe, list(args.overrides))
     if args.output:  # a path, taken literally (not parsed as YAML like --set values)
         recipe.train.output_dir = args.output

@@ -226,10 +226,14 @@ class Recipe:
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe file, apply `key.path=value` overrides (values parsed as YAML), validate."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"recipe {path} is a folder; name a YAML recipe file in it")
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"recipe {path} is not a UTF-8 text file (byte {err.start} is not text)") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
     if data is None:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from drex_hf.errors import ConfigError, WeightsFileError
-from drex_hf.fileio import sha256_file, staged_folder
+from drex_hf.fileio import check_output_folder, removed_if_left_empty, sha256_file, staged_folder
 from drex_hf.training.data import DataSplits, Sample, build_splits
 from drex_hf.training.features import Features, cached_features, compute_features, pad_samples
 from drex_hf.training.losses import classifier_loss, distill_kl, full_kl
@@ -221,10 +221,9 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
         (tmp / CKPT_FILES[2]).write_text(json.dumps(state, indent=1), encoding="utf-8")
 
 
-def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, expected_hash: str) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def checkpoint_state(run_dir: Path, expected_hash: str) -> dict:
+    """The state of `run_dir`'s checkpoint, if it is complete, made by the recipe of `expected_hash`
+    and its files belong together; else a `ConfigError` / `WeightsFileError` saying which."""
     folder = run_dir / CHECKPOINT
     missing = [name for name in CKPT_FILES if not (folder / name).is_file()]
     if missing:
@@ -241,6 +240,15 @@ def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
                 f"checkpoint in {folder} is inconsistent: {name} does not match state.json (a save was interrupted); "
                 "start without --resume"
             )
+    return state
+
+
+def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, expected_hash: str) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state = checkpoint_state(run_dir, expected_hash)
+    folder = run_dir / CHECKPOINT
     try:
         params = load_file(str(folder / CKPT_FILES[0]))
         opt_tensors = load_file(str(folder / CKPT_FILES[1]))
@@ -270,7 +278,21 @@ def train(
     stop_after: int | None = None,
     log: Any = print,
 ) -> TrainResult:
-    """Run a recipe end to end; returns where the heads went and the evaluation results."""
+    """Run a recipe end to end; returns where the heads went and the evaluation results.
+
+    Checked before anything loads: the output, run and cache folders can be written, and with
+    `resume` the run folder holds a complete checkpoint of this recipe. Folders this call creates
+    are removed again if it fails while they are still empty (a refused recipe leaves nothing)."""
+    check_output_folder(recipe.output_dir, "recipe train.output_dir", beside=True)
+    check_output_folder(recipe.run_dir, "recipe train.run_dir")
+    check_output_folder(recipe.cache_dir, "recipe train.cache_dir")
+    if resume:
+        checkpoint_state(recipe.run_dir, recipe_hash(recipe))
+    with removed_if_left_empty([recipe.run_dir, recipe.cache_dir]):
+        return _train(recipe, resume=resume, progress=progress, stop_after=stop_after, log=log)
+
+
+def _train(recipe: Recipe, *, resume: bool, progress: bool, stop_after: int | None, log: Any) -> TrainResult:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
