@@ -251,6 +251,7 @@ class EarlyExitModelForCausalLM(nn.Module):
     def _apply_calibration(self, path: Path, data: dict[str, Any]) -> None:
         """Thresholds (and cost constants for this device) from a `drex calibrate` file, checked by
         `read_calibration` against these heads."""
+        from drex_hf.calibration.files import exits_off_notice
         from drex_hf.generation.engine import device_name
 
         entries = data.get("cost_models", {})
@@ -262,6 +263,9 @@ class EarlyExitModelForCausalLM(nn.Module):
         if measure is not None:  # the measure the thresholds were tested for (the device's fastest)
             self.exit_config.confidence = measure
         self.calibration_path = path if entry else None
+        notice = exits_off_notice(path, device, entry, list(self.exit_layers)) if entry else None
+        if notice is not None:  # not an error, but a surprise: say why nothing will exit here
+            logger.warning("%s", notice)
         if entry is None:
             logger.warning(
                 "%s has no cost constants for %s (it has: %s): using its guaranteed thresholds, with cost "

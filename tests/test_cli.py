@@ -56,6 +56,14 @@ def test_generate_on_a_base_with_new_heads(tiny_base_dir, capsys):
     assert "exits per layer: layer 1: 0, full depth (3): 3" in capsys.readouterr().out
 
 
+def test_new_heads_from_the_cli_get_the_same_default_head_type_as_the_api(tiny_base_dir):
+    from drex_hf.cli.common import load_model
+    from drex_hf.cli.main import build_parser
+
+    args = build_parser().parse_args(["generate", str(tiny_base_dir), "--exit-layers", "1", "--prompt", "w5"])
+    assert load_model(args.model, args).exit_config.head == EarlyExitConfig(exit_layers=[1]).head == "norm"
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

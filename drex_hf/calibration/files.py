@@ -83,6 +83,33 @@ def read_calibration(path: Path, exit_layers: list[int], heads_sha256: str | Non
     return data
 
 
+def exits_off_notice(path: Path, device: str, entry: dict[str, Any], exit_layers: list[int]) -> str | None:
+    """One line saying that `entry` (the calibration for `device`) switches every exit off, and why
+    — the best net saving an exit was measured to give, or the speed-up that fell short of the
+    margin — or None when some exit stays on."""
+    if any(parse_threshold(t, "thresholds") != float("inf") for t in entry.get("thresholds", [])):
+        return None
+    measure = entry.get("confidence") or "the heads' measure"
+    why = "no exit paid on its own"
+    steps = entry.get("exit_choice") or []
+    short = [step["reason"] for step in steps if isinstance(step, dict) and step.get("reason")]
+    savings = next((step.get("net_savings_ms") for step in steps if isinstance(step, dict)), None)
+    if short:  # the exits that paid on their own, together, missed the required speed-up
+        why = f"with its paying exits on, the expected token was {short[-1]}"
+    elif savings and len(savings) == len(exit_layers):
+        best = max(range(len(savings)), key=savings.__getitem__)
+        why = (
+            f"no exit pays: the best, at layer {exit_layers[best]}, was expected to save "
+            f"{savings[best]:+.3f} ms per token (its check costs more than the layers it skips)"
+        )
+    margin = entry.get("min_speedup")
+    tail = f" (exits must promise {margin}x full depth)" if margin else ""
+    return (
+        f"{path} switches every exit off on {device} ({measure}): {why}{tail}. Every token leaves at full "
+        "depth; pass thresholds= to generate() (or from_pretrained(calibration=False)) to exit anyway"
+    )
+
+
 def recorded_heads_sha256(path: Path) -> str | None:
     """The heads sha256 a calibration file records; None when it records none or cannot be read."""
     try:

@@ -106,7 +106,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="for a plain base model: put new, untrained exit heads after these layers (e.g. 5,11)",
     )
-    parser.add_argument("--head", choices=HEAD_TYPES, default=None, help="head type for new heads (default: shared)")
+    parser.add_argument(
+        "--head", choices=HEAD_TYPES, default=None, help="head type for new heads (default: norm, as EarlyExitConfig)"
+    )
     parser.add_argument(
         "--confidence",
         choices=CONFIDENCE_MEASURES,
@@ -172,7 +174,7 @@ def load_model(model: str, args: argparse.Namespace) -> EarlyExitModelForCausalL
             )
         config = EarlyExitConfig(
             exit_layers=args.exit_layers,
-            head=args.head or "shared",
+            **({"head": args.head} if args.head else {}),  # one default head type: EarlyExitConfig's
             confidence=args.confidence or "max_prob",
             thresholds=0.9 if args.threshold is None else args.threshold,
         )
