@@ -28,7 +28,7 @@ step() {
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 BENCH=(python3 -m drex_hf.cli.main bench --synthetic-config llama-7b --exit-dist 0.2,0.25,0.2,0.35 --device cuda
-  --dtype bf16 --max-new-tokens 32 --policies full,full:eager,batch_all,drex --gpu-busy --no-memory)
+  --dtype bfloat16 --max-new-tokens 32 --policies full,full:eager,batch_all,drex --gpu-busy --no-memory)
 step cuda_tests "${T_TESTS:-90}" python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py
 step bench7b_ctx128 "${T_SHORT:-200}" "${BENCH[@]}" --batch-sizes 64,256 --context 128 --out "$WORK/ctx128"
 cp "$WORK/ctx128/bench.md" "$OUT/bench7b-ctx128.md" 2>/dev/null
