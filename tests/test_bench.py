@@ -230,6 +230,11 @@ def test_thresholds_choice_for_a_heads_folder(heads, tmp_path, capsys):
     assert "3 values for 2 exits" in capsys.readouterr().err
     assert main([*base, "--thresholds", "often"]) == 2
     assert "calibrated, guaranteed, trained" in capsys.readouterr().err
+    calibration["guarantee"]["thresholds"] = [0.2]  # one for two exits: checked as from_pretrained checks
+    (heads / "calibration.json").write_text(json.dumps(calibration))
+    assert main([*base, "--thresholds", "guaranteed", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "calibration.json" in err and "guarantee.thresholds" in err
 
 
 def test_rows_per_segment_counts_the_rows_that_reach_each_segment():

@@ -193,10 +193,15 @@ def _load_heads(args: argparse.Namespace, dtype: torch.dtype, device: torch.devi
     if choice in ("calibrated", "trained"):
         return model.eval()
     if choice == "guaranteed":
+        from drex_hf.calibration.files import read_calibration
+        from drex_hf.fileio import sha256_file
+        from drex_hf.modeling import WEIGHTS_NAME
+
         path = Path(args.model) / CALIBRATION_NAME
         if not path.is_file():
             raise ModelNotFoundError(f"--thresholds guaranteed: {path} does not exist (run drex calibrate)")
-        data = json.loads(path.read_text())
+        heads = model.exit_config.weights_sha256 or sha256_file(Path(args.model) / WEIGHTS_NAME)
+        data = read_calibration(path, list(model.exit_layers), heads)  # the checks from_pretrained makes
         values = [parse_threshold(t, "the guaranteed thresholds") for t in data["guarantee"]["thresholds"]]
         model.exit_config.confidence = data.get("confidence", model.exit_config.confidence)
     else:
