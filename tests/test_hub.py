@@ -212,3 +212,20 @@ def test_from_pretrained_loads_a_heads_repo_from_the_hf_cache_offline(tiny_base_
         EarlyExitModelForCausalLM.from_pretrained("me/tiny-heads")
     with pytest.raises(ModelNotFoundError, match=r"'me/no-such-heads'.*HF_HUB_OFFLINE"):
         EarlyExitModelForCausalLM.from_pretrained("me/no-such-heads")
+
+
+def test_drex_generate_runs_a_heads_repo_from_the_hf_cache_offline(tiny_base_dir, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    from drex_hf.cli.main import main
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    _tiny_heads(tiny_base_dir).save_pretrained(tmp_path / "saved")
+    _cache_heads_repo(cache, "me/tiny-heads", tmp_path / "saved")
+    assert main(["generate", "me/tiny-heads", "--prompt", "w5 w6", "--max-new-tokens", "2"]) == 0
+    assert "=== prompt 1: w5 w6" in capsys.readouterr().out
+    assert main(["generate", "me/no-such-heads", "--prompt", "w5"]) == 2  # one line, naming the repository
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "me/no-such-heads" in err

@@ -152,12 +152,15 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(model: str, args: argparse.Namespace) -> EarlyExitModelForCausalLM:
-    """A saved exit-heads folder, or a base model with new heads (`--exit-layers`)."""
+    """A saved exit-heads folder or hub repository, or a base model with new heads (`--exit-layers`)."""
+    from drex_hf.hub import is_hub_id
     from drex_hf.modeling import EarlyExitModelForCausalLM
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    if (Path(model) / CONFIG_NAME).is_file():
+    # a heads folder, or (no --exit-layers) a heads repository on the hub / in the HF cache
+    heads_repo = not Path(model).exists() and is_hub_id(model) and not args.exit_layers
+    if (Path(model) / CONFIG_NAME).is_file() or heads_repo:
         given = [name for name in ("exit_layers", "head", "confidence") if getattr(args, name) is not None]
         if given:
             options = " and ".join("--" + name.replace("_", "-") for name in given)
