@@ -555,6 +555,7 @@ class EarlyExitModelForCausalLM(nn.Module):
         generation_config: Any = None,
         streamer: Any = None,
         return_dict_in_generate: bool | None = None,
+        tokenizer: Any = None,
         **kwargs: Any,
     ) -> torch.Tensor | EarlyExitGenerateOutput:
         """Generate with per-token early exit (greedy or sampling), like HF's `generate`.
@@ -583,7 +584,11 @@ class EarlyExitModelForCausalLM(nn.Module):
             graphs: run the engine's programs as CUDA graphs (default: on for CUDA; capture takes a
                 few seconds at start-up, so reuse a `DrexEngine` when generating many batches).
             kwargs: `max_new_tokens`, `max_length`, `do_sample`, `temperature`, `top_k`, `top_p`,
-                `eos_token_id`, `pad_token_id`, as in HF.
+                `eos_token_id`, `pad_token_id`, and HF's `repetition_penalty`, `no_repeat_ngram_size`,
+                `min_new_tokens`, `bad_words_ids`, `stop_strings` (applied by transformers' own logits
+                processors and `StopStringCriteria`, each row seeing only its own prompt and tokens;
+                the exit confidence stays the head's own; processors turn CUDA graphs off), as in HF.
+            tokenizer: the tokenizer `stop_strings` are matched with, as in HF.
 
         With `return_dict_in_generate=True` the output also carries the run's `EngineStats`.
         """
@@ -641,6 +646,7 @@ class EarlyExitModelForCausalLM(nn.Module):
             sla_tpot_ms=sla_tpot_ms,
             quorum=quorum,
             graphs=graphs,
+            tokenizer=tokenizer,
         )
         if policy == "drex" and cost_model is None:
             self._cost_models[self._cost_key(thresholds, len(prompts), exit_trace is not None)] = engine.cost

@@ -286,7 +286,7 @@ def test_bad_generate_inputs_are_clear_errors():
         (dict(input_ids=ids, attention_mask=mask, do_sample=True, temperature="hot"), "temperature must be a number"),
         (dict(input_ids=ids, attention_mask=mask, eos_token_id="x"), "eos_token_id must be an integer"),
         (dict(input_ids=ids, attention_mask=mask, do_sample=True, seed="abc"), "seed must be an integer or a list"),
-        (dict(input_ids=ids, attention_mask=mask, repetition_penalty=1.3), r"unsupported argument\(s\)"),
+        (dict(input_ids=ids, attention_mask=mask, min_length=8), r"unsupported argument\(s\) \[.min_length.\]"),
     ]
     for kwargs, message in cases:
         kwargs.setdefault("max_new_tokens", 4)
@@ -298,9 +298,9 @@ def test_bad_generate_inputs_are_clear_errors():
 
 def test_unsupported_generation_config_fields_are_refused_not_ignored():
     model = _wrap("llama", thresholds=math.inf)
-    model.generation_config.repetition_penalty = 1.5
+    model.generation_config.encoder_repetition_penalty = 1.5  # (repetition_penalty is supported: test_processors.py)
     ids, _ = padded_batch([6])
-    with pytest.raises(GenerationInputError, match=r"sets repetition_penalty=1.5"):
+    with pytest.raises(GenerationInputError, match=r"sets encoder_repetition_penalty=1.5"):
         model.generate(ids, max_new_tokens=3)
 
 

@@ -22,6 +22,26 @@ from drex_hf.errors import GenerationInputError
 from drex_hf.generation.scheduler import POLICY_NAMES as POLICIES
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must be non-empty text, got {text!r}")
+    return text
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser(
         "generate",
@@ -51,6 +71,41 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default: all)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: off)")
     parser.add_argument("--seed", type=seed_value, default=0, help="sampling seed; prompt i uses seed + i")
+    # HF's logits processors and stop strings, each prompt seeing only its own tokens
+    parser.add_argument(
+        "--repetition-penalty",
+        type=_positive_float,
+        default=1.0,
+        help="HF's repetition_penalty: divide the scores of tokens already in the prompt or output (1.0: off)",
+    )
+    parser.add_argument(
+        "--no-repeat-ngram-size",
+        type=_non_negative_int,
+        default=0,
+        help="HF's no_repeat_ngram_size: no n-gram of this size occurs twice in a prompt + its output (0: off)",
+    )
+    parser.add_argument(
+        "--min-new-tokens",
+        type=_non_negative_int,
+        default=0,
+        help="HF's min_new_tokens: no end-of-sequence before this many new tokens",
+    )
+    parser.add_argument(
+        "--bad-words",
+        action="append",
+        type=_text,
+        default=None,
+        metavar="TEXT",
+        help="text never to generate (its tokens as HF's bad_words_ids); repeat for more (default: none)",
+    )
+    parser.add_argument(
+        "--stop",
+        action="append",
+        type=_text,
+        default=None,
+        metavar="TEXT",
+        help="end a prompt's output once it ends with this text (HF's stop_strings); repeat for more (default: none)",
+    )
     parser.add_argument(
         "--chat",
         choices=("auto", "on", "off"),
@@ -81,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         return_dict_in_generate=True,
         **sampling,
+        **_processor_options(args, tokenizer),
     )
     seconds = time.perf_counter() - start
     width = batch["input_ids"].shape[1]
@@ -103,3 +159,19 @@ def run(args: argparse.Namespace) -> int:
         f"ride-along rows {stats.ride_along_rows}, layer-rows {stats.layer_rows} (minimum {stats.min_layer_rows})"
     )
     return 0
+
+
+def _processor_options(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
+    """generate()'s HF processor arguments for the options given (none at their defaults)."""
+    options: dict[str, Any] = {}
+    if args.repetition_penalty != 1.0:
+        options["repetition_penalty"] = args.repetition_penalty
+    if args.no_repeat_ngram_size:
+        options["no_repeat_ngram_size"] = args.no_repeat_ngram_size
+    if args.min_new_tokens:
+        options["min_new_tokens"] = args.min_new_tokens
+    if args.bad_words:  # as HF's docs say: each text's tokens, without special tokens
+        options["bad_words_ids"] = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in args.bad_words]
+    if args.stop:
+        options.update(stop_strings=list(args.stop), tokenizer=tokenizer)
+    return options

@@ -31,6 +31,7 @@ from drex_hf.errors import GenerationInputError, GenerationTypeError
 from drex_hf.generation.exits import ExitDistribution, RequestExits, check_trace_row, next_layers
 from drex_hf.generation.kv_store import RowKVCache
 from drex_hf.generation.plan import StepPlan, Verdict, bucket_of, row_buckets
+from drex_hf.generation.processors import RowProcessors, stop_criterion, stops
 from drex_hf.generation.runner import StepExecutor
 from drex_hf.generation.sampling import as_seed, check_seed
 from drex_hf.generation.scheduler import (
@@ -49,6 +50,10 @@ if TYPE_CHECKING:
     from drex_hf.modeling import EarlyExitModelForCausalLM
 
 TokenCallback = Callable[[int, int, int], None]  # (request id, token, exit layer)
+NO_GRAPHS_WITH_PROCESSORS = (
+    "graphs=True cannot capture HF's logits processors (repetition_penalty, no_repeat_ngram_size, bad_words_ids, "
+    "min_new_tokens): they read each row's token history; use graphs=False"
+)
 
 
 @dataclass
@@ -161,6 +166,7 @@ class _Request:
     token_start: float = 0.0
     waiting_since: int = 0  # the engine's step count when it last ran or joined a buffer
     checks: list[tuple[int, float]] | None = None  # this token's checks so far (record_checks)
+    prompt_tokens: list[int] | None = None  # on the host, for stop strings
 
     def last_is_pending(self) -> bool:
         """Whether the deferred token is this request's last: the row only awaits its projection."""
@@ -208,6 +214,14 @@ class DrexEngine:
         record_checks: keep each token's exit checks — (exit layer, confidence) as the verdict brought
             them back — in `RequestOutput.checks`.
         progress: the graph capture's progress bar (default: shown on a terminal).
+        tokenizer: the tokenizer `settings.stop_strings` are matched with (HF's `StopStringCriteria`).
+
+    HF's logits processors in `settings` (repetition penalty, no-repeat n-gram, bad words, min new
+    tokens) run before every token pick, each row seeing only its own prompt and tokens; their
+    programs read a per-slot token history and are not captured (graphs=True is refused with them,
+    and graphs default to off). The exit confidence is the exit's own, unprocessed: processors decide
+    which token a row takes, never where it exits. A stop string ends its row after the token that
+    completes it (the token is kept), checked on the host.
     """
 
     def __init__(
@@ -231,6 +245,7 @@ class DrexEngine:
         record_decisions: bool = False,
         record_checks: bool = False,
         progress: bool | None = None,
+        tokenizer: Any = None,
     ) -> None:
         model.arch.check_attention_implementation()
         self.defer_projection = defer_projection
@@ -253,6 +268,14 @@ class DrexEngine:
         if exit_source == "trace" and policy == "full":
             raise GenerationInputError("policy 'full' never exits: a trace does not apply to it")
         device = torch.device(model.heads_device)
+        settings = settings or DecodeSettings(max_new_tokens=32)
+        processors = None
+        if settings.has_logits_processors:
+            processors = RowProcessors(settings, model.arch.vocab_size, device)
+            if graphs:
+                raise GenerationInputError(NO_GRAPHS_WITH_PROCESSORS)
+            graphs = False
+        self.stop = stop_criterion(settings, tokenizer)
         if graphs is None:
             graphs = device.type == "cuda"
         if graphs and device.type != "cuda":
@@ -261,7 +284,7 @@ class DrexEngine:
         if graphs and not static:
             raise GenerationInputError("graphs=True needs static_shapes (a graph replays fixed shapes)")
         self.model, self.arch = model, model.arch
-        self.settings = settings or DecodeSettings(max_new_tokens=32)
+        self.settings = settings
         check_special_tokens(self.settings, self.arch.vocab_size)
         self.eos = set(self.settings.eos_token_ids)
         self.exit_source = exit_source
@@ -293,6 +316,7 @@ class DrexEngine:
             static=static,
             do_sample=self.settings.do_sample,
             warpers=self.settings.warpers(),
+            processors=processors,
         )
         self.segments = self.executor.segments
         self.num_segments = len(self.segments)
@@ -348,6 +372,8 @@ class DrexEngine:
         executor = self.executor
         if not executor.static:
             raise GenerationInputError("graphs need static_shapes (a graph replays fixed shapes)")
+        if executor.processors is not None:
+            raise GenerationInputError(NO_GRAPHS_WITH_PROCESSORS)
         keys = executor.program_keys()
         executor.write_plan(StepPlan(segment=None), (executor.rows,) * 3)  # every row at the scratch slot
         executor.upload()
@@ -449,7 +475,10 @@ class DrexEngine:
         if seed is None:  # sampling without a seed: drawn from torch's global RNG (torch.manual_seed repeats it)
             seed = int(torch.randint(0, 2**62, (1,))) if self.settings.do_sample else 0
         out = RequestOutput(rid, int(ids.numel()))
-        self.prefill_queue.append(_Request(out, ids, max_new, as_seed(seed), exits, callback, slot))
+        req = _Request(out, ids, max_new, as_seed(seed), exits, callback, slot)
+        if self.stop is not None:
+            req.prompt_tokens = ids.tolist()
+        self.prefill_queue.append(req)
         return rid
 
     # ------------------------------------------------------------------ stepping
@@ -567,6 +596,7 @@ class DrexEngine:
         plan.project_index = [r.draw for r in rows]
         plan.project_seeds = [r.seed for r in rows]
         plan.project_first = first
+        plan.project_lengths = [r.position + 1 for r in rows]  # the token picked is at sequence index position + 1
         step.projected = rows
 
     def _plan_fill(self, step: _Step, rows: list[_Request]) -> None:
@@ -719,7 +749,7 @@ class DrexEngine:
         self.stats.exits_per_layer[layer] = self.stats.exits_per_layer.get(layer, 0) + 1
         if req.callback is not None:
             req.callback(out.request_id, int(token), layer)
-        if int(token) in self.eos or len(out.tokens) >= req.max_new_tokens:
+        if int(token) in self.eos or len(out.tokens) >= req.max_new_tokens or self._stopped(req):
             out.finished = True
             self.finished[out.request_id] = out
             del self.requests[req.slot]
@@ -734,6 +764,11 @@ class DrexEngine:
         # keys/values past the exit are filled before the next token starts: until then the slot may ride
         req.done_through = self.num_segments - 1 if req.fill_from is None else self.boundaries.index(layer)
         self.buffers[0].append(req.slot)
+
+    def _stopped(self, req: _Request) -> bool:
+        """Whether a stop string ends at the request's last token (HF's `StopStringCriteria` on its
+        prompt + tokens: a string spanning the prompt's end counts, as in HF)."""
+        return self.stop is not None and stops(self.stop, req.prompt_tokens + req.output.tokens)
 
     # ------------------------------------------------------------------ statistics
     @property

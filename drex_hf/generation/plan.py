@@ -57,7 +57,8 @@ class StepPlan:
       smallest first layer (the one product covers layers from it).
     * project: features of `project_slots` onto the vocabulary, tokens drawn with
       `project_index`/`project_seeds`; before the segment when `project_first` (the segment embeds
-      those tokens), after it otherwise (the final segment's rows are among them).
+      those tokens), after it otherwise (the final segment's rows are among them);
+      `project_lengths`: each one's tokens so far, prompt included (what logits processors see).
     """
 
     segment: int | None
@@ -77,6 +78,7 @@ class StepPlan:
     project_index: list[int] = field(default_factory=list)
     project_seeds: list[int] = field(default_factory=list)
     project_first: bool = False
+    project_lengths: list[int] = field(default_factory=list)
 
 
 @dataclass

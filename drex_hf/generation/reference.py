@@ -5,8 +5,11 @@ point the head's confidence is compared with that exit's threshold, and the firs
 emits the token. The skipped layers' keys/values are then filled by projection (each skipped
 layer's input norm and k/v projections applied to the exit hidden state, rotary at the token's
 position), so later tokens attend to a complete cache. Sampled tokens come from the same
-counter-based draw as the engine's (the request's seed and the token's number). The rebatching
-engine is tested against it.
+counter-based draw as the engine's (the request's seed and the token's number). HF's logits
+processors (`DecodeSettings.logits_processors`) are applied to every token's scores before the pick
+exactly as HF's `generate` applies them to a batch of one — the request's own prompt and tokens —
+while the exit check reads the unprocessed confidence; HF's `StopStringCriteria` ends the request
+after the token that completes a stop string. The rebatching engine is tested against it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from drex_hf.arch import build_attention_mask
+from drex_hf.generation.processors import stop_criterion
 from drex_hf.generation.sampling import as_seed, pick_tokens
 from drex_hf.generation.settings import DecodeSettings
 from drex_hf.heads import exit_confidence
@@ -69,6 +73,7 @@ class ReferenceDecoder:
         model: EarlyExitModelForCausalLM,
         settings: DecodeSettings,
         thresholds: list[float],
+        tokenizer: Any = None,
     ) -> None:
         self.model = model
         self.arch = model.arch
@@ -76,6 +81,9 @@ class ReferenceDecoder:
         self.thresholds = thresholds
         self.warpers = settings.warpers()
         self.num_layers = self.arch.num_layers
+        self.stop = stop_criterion(settings, tokenizer)
+        self.processors: Any = None  # the request's, while it decodes (`decode`)
+        self.seen: list[int] = []  # the request's prompt + tokens so far, what the processors see
 
     # ------------------------------------------------------------------ pieces
     def run_layers(
@@ -106,7 +114,10 @@ class ReferenceDecoder:
         device = logits.device
         seeds = torch.tensor([as_seed(seed)], device=device)
         counters = torch.tensor([index], device=device)
-        return int(pick_tokens(logits.reshape(1, -1), self.settings.do_sample, self.warpers, seeds, counters)[0])
+        scores = logits.reshape(1, -1).float()
+        if self.processors:
+            scores = self.processors(torch.tensor([self.seen], device=device), scores)
+        return int(pick_tokens(scores, self.settings.do_sample, self.warpers, seeds, counters)[0])
 
     def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.arch.lm_head(self.arch.final_norm(hidden))
@@ -154,6 +165,8 @@ class ReferenceDecoder:
     def decode(self, prompt: torch.Tensor, seed: int = 0, streamer: Any = None) -> RequestResult:
         kv = RequestKV(self.num_layers)
         result = RequestResult()
+        self.processors = self.settings.logits_processors(prompt.shape[0], prompt.device)
+        self.seen = prompt.tolist()
         if streamer is not None:
             streamer.put(prompt.unsqueeze(0).cpu())
         token = self.pick(self.prefill(prompt, kv), seed, 0)
@@ -163,9 +176,12 @@ class ReferenceDecoder:
             result.tokens.append(token)
             result.exit_layers.append(layer)
             result.checks.append(checks)
+            self.seen.append(token)
             if streamer is not None:
                 streamer.put(torch.tensor([token]))
             if token in eos or len(result.tokens) >= self.settings.max_new_tokens:
+                break
+            if self.stop is not None and bool(self.stop(torch.tensor([self.seen]), None)[0]):
                 break
             position = prompt.shape[0] + len(result.tokens) - 1
             token, layer, checks = self.decode_token(token, position, kv, seed, len(result.tokens))
@@ -182,9 +198,11 @@ def generate_reference(
     thresholds: list[float],
     seeds: list[int] | None = None,
     streamer: Any = None,
+    tokenizer: Any = None,
 ) -> list[RequestResult]:
-    """Decode each prompt alone with the reference decoder; `seeds` give each its own draws."""
-    decoder = ReferenceDecoder(model, settings, thresholds)
+    """Decode each prompt alone with the reference decoder; `seeds` give each its own draws;
+    `tokenizer`: for `settings.stop_strings`."""
+    decoder = ReferenceDecoder(model, settings, thresholds, tokenizer)
     return [
         decoder.decode(prompt, int(seeds[i]) if seeds is not None else 0, streamer) for i, prompt in enumerate(prompts)
     ]

@@ -40,12 +40,13 @@ from drex_hf.heads import margin_confidence, max_prob_confidence, saturation_con
 
 if TYPE_CHECKING:
     from drex_hf.generation.graphs import GraphCache
+    from drex_hf.generation.processors import RowProcessors
     from drex_hf.modeling import EarlyExitModelForCausalLM
 
 # plan buffer columns, each `rows` long: the run section, the fill section, the projection section
 RUN = ("slot", "write", "position", "length", "index", "seed")
 FILL = ("fill_slot", "fill_position", "fill_first")
-PROJECT = ("project_slot", "project_index", "project_seed")
+PROJECT = ("project_slot", "project_index", "project_seed", "project_length")
 COLUMNS = (*RUN, *FILL, *PROJECT)
 VERDICT = ("confidence", "token", "projected")  # float32 columns of the verdict buffer
 LOGIT_MEASURES = ("max_prob", "margin")
@@ -64,7 +65,11 @@ class StepExecutor:
     """Device side of the engine. `boundaries`: the exit layers where segments end (sorted, a subset
     of the model's exits); `buckets`: the row counts programs are built for (`plan.row_buckets`);
     `static`: programs whose shapes and reads depend on the bucket and the store's capacity only
-    (what a CUDA graph needs; on the CPU the default is off); `do_sample`/`warpers`: the token pick."""
+    (what a CUDA graph needs; on the CPU the default is off); `do_sample`/`warpers`: the token pick;
+    `processors`: HF's logits processors applied before it (`processors.RowProcessors`), which read
+    a per-slot token history kept here only then (written as tokens are picked; a pick for a row that
+    does not exit writes its token's place provisionally, overwritten by the token it emits before
+    any later pick reads that place)."""
 
     def __init__(
         self,
@@ -76,6 +81,7 @@ class StepExecutor:
         static: bool,
         do_sample: bool = False,
         warpers: list[Any] | None = None,
+        processors: RowProcessors | None = None,
     ) -> None:
         self.model, self.arch, self.store = model, model.arch, store
         self.num_layers = self.arch.num_layers
@@ -107,6 +113,11 @@ class StepExecutor:
         self.features = torch.zeros_like(self.hidden)  # what the lm_head projects: exit-head or final-normed
         self.previous = torch.zeros_like(self.hidden) if self.measure == "saturation" else None
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # each slot's last token
+        self.processors = processors
+        self.history = self.prompt_lengths = None
+        if processors is not None:  # each slot's prompt + tokens; a token's place is its sequence index
+            self.history = torch.zeros(slots, store.max_len + 1, dtype=torch.long, device=device)
+            self.prompt_lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.cos, self.sin = self._rotary_tables(dtype)
         self.fill_weights = self.arch.kv_fill_weights()
         self.windows = [self.arch.layer_window(i) for i in range(self.num_layers)]
@@ -199,6 +210,8 @@ class StepExecutor:
             if self.do_sample:
                 self._put("project_index", plan.project_index, 0, project)
                 self._put("project_seed", plan.project_seeds, 0, project)
+            if self.processors is not None:
+                self._put("project_length", plan.project_lengths, 0, project)
 
     def upload(self) -> None:
         """The step's one host-to-device copy: the whole plan buffer."""
@@ -419,8 +432,10 @@ class StepExecutor:
         if self.measure in LOGIT_MEASURES:
             logits = head.logits(out)
             measure = max_prob_confidence if self.measure == "max_prob" else margin_confidence
-            confidence = measure(logits)
-            tokens = pick_tokens(logits, self.do_sample, self.warpers, plan["seed"], plan["index"])
+            confidence = measure(logits)  # of the exit's own logits: processors pick the token, not the exit
+            scores = self._processed(logits, plan["slot"], plan["length"])
+            tokens = pick_tokens(scores, self.do_sample, self.warpers, plan["seed"], plan["index"])
+            self._remember(write, plan["length"], tokens)
             self.tokens.index_copy_(0, write, tokens)
             verdict["token"].copy_(tokens)
         else:
@@ -439,9 +454,25 @@ class StepExecutor:
         plan = view.plan
         slots = plan["project_slot"]
         logits = self.arch.lm_head(self._gather(self.features, slots))
-        tokens = pick_tokens(logits, self.do_sample, self.warpers, plan["project_seed"], plan["project_index"])
+        scores = self._processed(logits, slots, plan["project_length"])
+        tokens = pick_tokens(scores, self.do_sample, self.warpers, plan["project_seed"], plan["project_index"])
+        self._remember(slots, plan["project_length"], tokens)
         self.tokens.index_copy_(0, slots, tokens)
         view.verdict["projected"].copy_(tokens)
+
+    def _processed(self, logits: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The rows' scores through HF's logits processors, each row seeing its own `lengths` tokens of
+        history (prompt + tokens so far); the float32 logits as they are without processors."""
+        scores = logits.float()
+        if self.processors is None:
+            return scores
+        window = self.processors.window(self.history, slots, lengths)
+        return self.processors(scores, window, lengths - self.prompt_lengths.index_select(0, slots))
+
+    def _remember(self, slots: torch.Tensor, places: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Write picked tokens into the history at their places (when processors read it)."""
+        if self.history is not None:
+            self.history.index_put_((slots, places), tokens)
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, slots: list[int], prompts: list[torch.Tensor], seeds: list[int]) -> list[int]:
@@ -470,7 +501,12 @@ class StepExecutor:
             hidden = self._layer(layer, hidden, masks, positions, rotary)
         last = hidden[torch.arange(len(prompts), device=self.device), length - 1]
         logits = self.arch.lm_head(self.arch.final_norm(last))
-        tokens = pick_tokens(logits, self.do_sample, self.warpers, seed, torch.zeros_like(seed))
+        if self.history is not None:  # the prompts are the histories' start
+            self.history[index, :width] = ids
+            self.prompt_lengths.index_copy_(0, index, length)
+        scores = self._processed(logits, index, length)
+        tokens = pick_tokens(scores, self.do_sample, self.warpers, seed, torch.zeros_like(seed))
+        self._remember(index, length, tokens)
         self.tokens.index_copy_(0, index, tokens)
         picked = tokens.tolist()
         out = [0] * len(order)
@@ -480,5 +516,5 @@ class StepExecutor:
 
     def nbytes(self) -> int:
         """Bytes of the per-slot state kept beside the KV cache (and the rotary tables)."""
-        kept = [self.hidden, self.features, self.previous, self.tokens, self.cos, self.sin]
+        kept = [self.hidden, self.features, self.previous, self.tokens, self.cos, self.sin, self.history]
         return sum(t.nbytes for t in kept if t is not None)

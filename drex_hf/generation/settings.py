@@ -25,6 +25,11 @@ SUPPORTED_GENERATE_KWARGS = (
     "top_p",
     "eos_token_id",
     "pad_token_id",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "min_new_tokens",
+    "bad_words_ids",
+    "stop_strings",
 )
 
 
@@ -37,6 +42,12 @@ class DecodeSettings:
     top_p: float | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
+    # HF's logits processors and stop strings (`drex_hf.generation.processors`): each row's own tokens
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    min_new_tokens: int = 0
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    stop_strings: tuple[str, ...] = ()
 
     def warpers(self) -> list[Any]:
         """The logits warpers in HF's order (temperature, top-k, top-p), with HF's semantics
@@ -54,6 +65,42 @@ class DecodeSettings:
             out.append(TopP(self.top_p))
         return out
 
+    @property
+    def has_logits_processors(self) -> bool:
+        """Whether a token's scores go through HF's logits processors before the pick (they need the
+        row's token history); stop strings are a host-side stopping criterion and need none."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.no_repeat_ngram_size > 0
+            or bool(self.bad_words_ids)
+            or (self.min_new_tokens > 0 and bool(self.eos_token_ids))
+        )
+
+    def logits_processors(self, prompt_length: int, device: torch.device | str = "cpu") -> Any:
+        """HF's own logits processors, in the order HF's `generate` builds them, for ONE unpadded row
+        whose prompt has `prompt_length` tokens (called with that row's prompt + generated tokens):
+        what the reference decoder applies. The engine applies the same processors to a batch of
+        rows, each seeing only its own tokens (`processors.RowProcessors`)."""
+        from transformers.generation.logits_process import (
+            LogitsProcessorList,
+            MinNewTokensLengthLogitsProcessor,
+            NoBadWordsLogitsProcessor,
+            NoRepeatNGramLogitsProcessor,
+            RepetitionPenaltyLogitsProcessor,
+        )
+
+        out = LogitsProcessorList()
+        eos = list(self.eos_token_ids) or None
+        if self.repetition_penalty != 1.0:
+            out.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if self.no_repeat_ngram_size > 0:
+            out.append(NoRepeatNGramLogitsProcessor(self.no_repeat_ngram_size))
+        if self.bad_words_ids:
+            out.append(NoBadWordsLogitsProcessor([list(w) for w in self.bad_words_ids], eos))
+        if self.min_new_tokens > 0 and eos is not None:  # as HF: without an eos id there is nothing to hold back
+            out.append(MinNewTokensLengthLogitsProcessor(prompt_length, self.min_new_tokens, eos, device))
+        return out
+
 
 # Decoding options drex_hf does not implement: a generation config that sets one of them to
 # anything but its default (or None) is refused rather than silently ignored.
@@ -61,13 +108,9 @@ UNSUPPORTED_AT_DEFAULT = {
     "num_beams": 1,
     "num_beam_groups": 1,
     "num_return_sequences": 1,
-    "repetition_penalty": 1.0,
     "encoder_repetition_penalty": 1.0,
     "diversity_penalty": 0.0,
     "min_length": 0,
-    "min_new_tokens": None,
-    "no_repeat_ngram_size": 0,
-    "bad_words_ids": None,
     "suppress_tokens": None,
     "begin_suppress_tokens": None,
     "forced_bos_token_id": None,
@@ -79,7 +122,6 @@ UNSUPPORTED_AT_DEFAULT = {
     "top_h": None,
     "exponential_decay_length_penalty": None,
     "sequence_bias": None,
-    "stop_strings": None,
     "renormalize_logits": False,
     "guidance_scale": None,
     "penalty_alpha": None,
@@ -103,7 +145,7 @@ def merge_generation_config(base_model: Any, generation_config: Any, overrides: 
     if unknown:
         raise GenerationInputError(
             f"generate() got unsupported argument(s) {unknown}; drex_hf supports "
-            f"{', '.join(SUPPORTED_GENERATE_KWARGS)}, generation_config, streamer, policy, thresholds, seed"
+            f"{', '.join(SUPPORTED_GENERATE_KWARGS)}, generation_config, streamer, tokenizer, policy, thresholds, seed"
         )
     _check_kwarg_types(overrides)
     from transformers import GenerationConfig
@@ -166,7 +208,65 @@ def settings_from_config(config: Any, prompt_length: int) -> DecodeSettings:
         top_p=top_p,
         eos_token_ids=eos_ids,
         pad_token_id=pad,
+        **processor_settings(config),
     )
+
+
+def processor_settings(config: Any) -> dict[str, Any]:
+    """The logits-processor and stop-string fields of a merged generation config, checked (HF leaves
+    them unchecked until a processor is built mid-generation)."""
+    penalty = config.repetition_penalty
+    penalty = 1.0 if penalty is None else _number(penalty, "repetition_penalty")
+    if not penalty > 0 or penalty == float("inf"):
+        raise GenerationInputError(f"repetition_penalty must be a positive number (1.0: off), got {penalty}")
+    ngram = config.no_repeat_ngram_size
+    ngram = 0 if ngram is None else _integer(ngram, "no_repeat_ngram_size")
+    if ngram < 0:
+        raise GenerationInputError(f"no_repeat_ngram_size must be a non-negative integer (0: off), got {ngram}")
+    min_new = config.min_new_tokens
+    min_new = 0 if min_new is None else _integer(min_new, "min_new_tokens")
+    if min_new < 0:
+        raise GenerationInputError(f"min_new_tokens must be a non-negative integer, got {min_new}")
+    return dict(
+        repetition_penalty=penalty,
+        no_repeat_ngram_size=ngram,
+        min_new_tokens=min_new,
+        bad_words_ids=_bad_words(config.bad_words_ids),
+        stop_strings=_stop_strings(config.stop_strings),
+    )
+
+
+def _bad_words(value: Any) -> tuple[tuple[int, ...], ...]:
+    if value is None:
+        return ()
+    shape = "bad_words_ids must be a list of token-id lists, e.g. [[5], [7, 8]]"
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or not value:
+        raise GenerationInputError(f"{shape}; got {value!r}")
+    out = []
+    for word in value:
+        if isinstance(word, torch.Tensor):
+            word = word.tolist()
+        if not isinstance(word, (list, tuple)) or not word:
+            raise GenerationInputError(f"{shape}; got the entry {word!r}")
+        ids = tuple(_integer(t, "a bad_words_ids token") for t in word)
+        if min(ids) < 0:
+            raise GenerationInputError(f"bad_words_ids holds the negative token id {min(ids)} in {list(ids)}")
+        out.append(ids)
+    return tuple(out)
+
+
+def _stop_strings(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    strings = [value] if isinstance(value, str) else value
+    if not isinstance(strings, (list, tuple)) or not strings:
+        raise GenerationInputError(f"stop_strings must be a string or a list of strings, got {value!r}")
+    for text in strings:
+        if not isinstance(text, str) or not text:
+            raise GenerationInputError(f"stop_strings must be non-empty strings, got {text!r}")
+    return tuple(strings)
 
 
 def _integer(value: Any, name: str) -> int:
