@@ -15,6 +15,7 @@ import json
 import logging
 import numbers
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from drex_hf.errors import (
     ModelNotFoundError,
     WeightsFileError,
 )
-from drex_hf.fileio import sha256_file, staged_folder
+from drex_hf.fileio import check_output_folder, sha256_file, staged_folder
 from drex_hf.heads import ExitHead, exit_confidence
 from drex_hf.hub import BaseSource, load_base
 
@@ -382,8 +383,7 @@ class EarlyExitModelForCausalLM(nn.Module):
         from drex_hf.lora import LORA_WEIGHTS_NAME, has_lora, lora_tensors
         from drex_hf.model_card import calibration_section, card_name, render_model_card
 
-        if target.exists() and not target.is_dir():
-            raise ModelNotFoundError(f"cannot save into {target}: it exists and is not a folder")
+        check_output_folder(target, "save_pretrained's folder", beside=True)  # before anything is read or made
         card_file = card_name(target)
         if card_file != CARD_NAME:
             logger.warning(
@@ -400,7 +400,12 @@ class EarlyExitModelForCausalLM(nn.Module):
         order = (*order, card_file, CONFIG_NAME)
         with staged_folder(target, order=order) as tmp:
             tensors = {f"heads.{k}": v.detach().to("cpu").contiguous() for k, v in self.heads.state_dict().items()}
-            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=_heads_file_metadata(self.exit_config))
+            if old_sha256 is not None and _holds_tensors(old_weights, tensors):
+                # the same heads again: their file as it was, so what is tied to its sha256 (a calibration,
+                # a hub revision) stays valid — even when it was written by an older drex_hf
+                shutil.copyfile(old_weights, tmp / WEIGHTS_NAME)
+            else:
+                save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=_heads_file_metadata(self.exit_config))
             config = copy.deepcopy(self.exit_config)
             config.weights_sha256 = sha256_file(tmp / WEIGHTS_NAME)
             if lora:
@@ -809,6 +814,21 @@ def _place(model: EarlyExitModelForCausalLM, device: str | torch.device | None) 
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def _holds_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether the safetensors file at `path` holds exactly `tensors` (names, dtypes, shapes, values);
+    False for a file that cannot be read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            if set(handle.keys()) != set(tensors):
+                return False
+            return all(torch.equal(handle.get_tensor(name), tensor) and handle.get_tensor(name).dtype == tensor.dtype
+                       for name, tensor in tensors.items())  # fmt: skip
+    except Exception:  # noqa: BLE001 - a damaged old file is simply not the same heads
+        return False
 
 
 def _heads_file_metadata(config: EarlyExitConfig) -> dict[str, str]:

@@ -87,6 +87,23 @@ def test_saving_the_same_heads_again_keeps_their_calibration(folder):
     assert _load(folder).exit_config.threshold_list() == [0.1, 0.2]
 
 
+def test_resaving_heads_written_by_an_older_drex_keeps_their_file_and_calibration(folder):
+    """An older save's weights file carries other metadata: the same tensors saved again must not
+    change its bytes (its sha256 is what the calibration records), or the calibration would be lost."""
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "exit_heads.safetensors"
+    save_file(load_file(weights), str(weights), metadata={"format": "pt", "drex_hf": "exit_heads"})  # as before
+    config = json.loads((folder / "exit_config.json").read_text())
+    config["weights_sha256"] = sha256_file(weights)
+    (folder / "exit_config.json").write_text(json.dumps(config))
+    _calibrate_by_hand(folder, [0.1, 0.2])
+    before = weights.read_bytes()
+    _load(folder).save_pretrained(folder)
+    assert weights.read_bytes() == before and all((folder / name).is_file() for name in CALIBRATION_FILES)
+    assert _load(folder).exit_config.threshold_list() == [0.1, 0.2]
+
+
 def test_drex_train_output_into_a_calibrated_folder_removes_the_stale_calibration(folder, tiny_base_dir, capsys):
     from drex_hf.cli.main import main
 

@@ -107,6 +107,8 @@ def test_failed_save_leaves_nothing_half_written(tmp_path, monkeypatch):
     before = {p: (tmp_path / "old" / p).read_bytes() for p in SAVED_FILES}
     monkeypatch.setattr(safetensors.torch, "save_file", broken)
     model.exit_config.thresholds = 0.1
+    with torch.no_grad():  # other weights: the file must be written (the same heads would reuse the old file)
+        model.heads[0].classifier.fc2.bias.add_(1.0)
     with pytest.raises(OSError):
         model.save_pretrained(tmp_path / "old")
     assert {p: (tmp_path / "old" / p).read_bytes() for p in SAVED_FILES} == before
