@@ -228,4 +228,7 @@ def test_drex_generate_runs_a_heads_repo_from_the_hf_cache_offline(tiny_base_dir
     assert "=== prompt 1: w5 w6" in capsys.readouterr().out
     assert main(["generate", "me/no-such-heads", "--prompt", "w5"]) == 2  # one line, naming the repository
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "me/no-such-heads" in err
+    assert "\n" not in err and "me/no-such-heads" in err and "pass --exit-layers" in err  # perhaps a base model
+    assert main(["generate", "me/tiny-base", "--head", "norm", "--prompt", "w5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--head applies to new heads: pass --exit-layers to put them on the base model me/tiny-base" in err

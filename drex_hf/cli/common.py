@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from drex_hf.config import CONFIDENCE_MEASURES, CONFIG_NAME, HEAD_TYPES, EarlyExitConfig, parse_threshold
-from drex_hf.errors import ConfigError, GenerationInputError
+from drex_hf.errors import ConfigError, GenerationInputError, ModelNotFoundError
 
 if TYPE_CHECKING:
     import torch
@@ -158,17 +158,27 @@ def load_model(model: str, args: argparse.Namespace) -> EarlyExitModelForCausalL
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    # a heads folder, or (no --exit-layers) a heads repository on the hub / in the HF cache
-    heads_repo = not Path(model).exists() and is_hub_id(model) and not args.exit_layers
-    if (Path(model) / CONFIG_NAME).is_file() or heads_repo:
-        given = [name for name in ("exit_layers", "head", "confidence") if getattr(args, name) is not None]
+    given = [name for name in ("exit_layers", "head", "confidence") if getattr(args, name) is not None]
+    options = " and ".join("--" + name.replace("_", "-") for name in given)
+    if (Path(model) / CONFIG_NAME).is_file():
         if given:
-            options = " and ".join("--" + name.replace("_", "-") for name in given)
             raise ConfigError(
                 f"{options} {'apply' if len(given) > 1 else 'applies'} to new heads on a base model only; "
                 f"{model} is an exit-heads folder, whose heads keep their trained layers, type and measure"
             )
         wrapper = EarlyExitModelForCausalLM.from_pretrained(model, dtype=dtype, device=device)
+    elif not Path(model).exists() and is_hub_id(model) and not args.exit_layers:
+        # a hub id without --exit-layers: an exit-heads repository (on the hub or in the HF cache)
+        if given:
+            raise ConfigError(f"{options} {'apply' if len(given) > 1 else 'applies'} to new heads: pass "
+                              f"--exit-layers to put them on the base model {model}")  # fmt: skip
+        try:
+            wrapper = EarlyExitModelForCausalLM.from_pretrained(model, dtype=dtype, device=device)
+        except ModelNotFoundError as err:
+            raise ModelNotFoundError(
+                f"{model} is not an exit-heads repository here ({err}); if it is a base model, pass --exit-layers "
+                f"to put new, untrained heads on it"
+            ) from None
     else:
         if not args.exit_layers:
             raise ConfigError(
