@@ -463,7 +463,9 @@ class EarlyExitModelForCausalLM(nn.Module):
         from drex_hf.generation.settings import check_token_batch
 
         input_ids, attention_mask = check_token_batch(input_ids, attention_mask, self.arch.input_vocab_size)
-        if attention_mask is None:
+        if self.arch.position_limit is None:  # rotary: no hard limit, nothing to count (no host read)
+            pass
+        elif attention_mask is None:
             self._check_positions([input_ids.shape[1]] * input_ids.shape[0])
         else:  # positions come from the mask: left padding takes none
             self._check_positions(attention_mask.bool().sum(dim=1).tolist())
