@@ -952,7 +952,10 @@ def check_special_tokens(settings: DecodeSettings, vocab_size: int) -> None:
     named = [("eos_token_id", e) for e in settings.eos_token_ids] + [("pad_token_id", settings.pad_token_id)]
     for name, value in named:
         if not 0 <= value < vocab_size:
-            raise GenerationInputError(f"{name} {value} is outside the model's vocabulary 0..{vocab_size - 1}")
+            raise GenerationInputError(
+                f"{name} {value} is outside the model's vocabulary 0..{vocab_size - 1} (given to generate(), or "
+                f"else the model's generation_config holds it): pass {name}= with an id in the vocabulary"
+            )
 
 
 def device_name(device: torch.device | str) -> str:
