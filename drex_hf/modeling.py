@@ -640,6 +640,7 @@ class EarlyExitModelForCausalLM(nn.Module):
             replay = ExitReplay.from_output(exit_trace)
             replay.check(self.exit_layers, self.num_layers, len(prompts))
         seeds = _request_seeds(seed, len(prompts)) if settings.do_sample else [None] * len(prompts)
+        programs = (graphs, settings.has_logits_processors)
         engine = DrexEngine(
             self,
             max_batch=len(prompts),
@@ -649,14 +650,16 @@ class EarlyExitModelForCausalLM(nn.Module):
             thresholds=self._thresholds(thresholds),
             exit_source="heads" if exit_trace is None else "trace",
             exit_distribution=distribution,
-            cost_model=self._cached_cost_model(cost_model, policy, len(prompts), thresholds, exit_trace is not None),
+            cost_model=self._cached_cost_model(
+                cost_model, policy, len(prompts), thresholds, exit_trace is not None, programs
+            ),
             sla_tpot_ms=sla_tpot_ms,
             quorum=quorum,
             graphs=graphs,
             tokenizer=tokenizer,
         )
         if policy == "drex" and cost_model is None:
-            self._cost_models[self._cost_key(thresholds, len(prompts), exit_trace is not None)] = engine.cost
+            self._cost_models[self._cost_key(thresholds, len(prompts), exit_trace is not None, programs)] = engine.cost
         callback = None
         if streamer is not None:
             streamer.put(prompts[0].unsqueeze(0).cpu())
@@ -683,19 +686,23 @@ class EarlyExitModelForCausalLM(nn.Module):
             return EarlyExitGenerateOutput(sequences, exit_layers, engine.stats)
         return sequences
 
-    def _cost_key(self, thresholds: Any, batch: int, trace: bool) -> tuple:
-        """The segments a drex engine will run (a trace checks every exit point), the batch, the device."""
+    def _cost_key(self, thresholds: Any, batch: int, trace: bool, programs: tuple = ()) -> tuple:
+        """The segments a drex engine will run (a trace checks every exit point), the batch, the device,
+        and how its programs run (`programs`: graphs or not, logits processors or not: each times
+        differently, so a cost model measured one way is not reused the other)."""
         from drex_hf.generation.engine import segment_boundaries
 
         ends = segment_boundaries(self.exit_layers, self._thresholds(thresholds), "drex", "trace" if trace else "heads")
-        return (tuple(ends), batch, str(self.heads_device))
+        return (tuple(ends), batch, str(self.heads_device), *programs)
 
-    def _cached_cost_model(self, given: Any, policy: str, batch: int, thresholds: Any, trace: bool) -> Any:
+    def _cached_cost_model(
+        self, given: Any, policy: str, batch: int, thresholds: Any, trace: bool, programs: tuple = ()
+    ) -> Any:
         """This device's calibrated constants when they were made for these segments, else a cost
         model measured once per (segments, batch size, device) and reused by later calls."""
         if given is not None or policy != "drex":
             return given
-        key = self._cost_key(thresholds, batch, trace)
+        key = self._cost_key(thresholds, batch, trace, programs)
         if self.calibration_path is not None and key not in self._cost_models:
             from drex_hf.generation.engine import device_name
             from drex_hf.generation.scheduler import CostModel

@@ -520,6 +520,9 @@ def test_generate_measures_a_cost_model_per_segmentation():
     assert len(model._cost_models) == 2
     assert heads.stats.cost_source == again.stats.cost_source and torch.equal(heads.sequences, again.sequences)
     assert set(traced.exit_layers[:, 1:].flatten().tolist()) <= {0, 1, 2, 3}
+    # programs with logits processors time differently: their cost model is measured apart
+    model.generate(ids, thresholds=[0.5, math.inf, 0.5], repetition_penalty=1.2, **kwargs)
+    assert len(model._cost_models) == 3
 
 
 # ---------------------------------------------------------------- invariant 1 with the Triton kernels
