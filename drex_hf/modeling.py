@@ -904,7 +904,7 @@ def _full_depth_layers(new: torch.Tensor, eos_ids: tuple[int, ...], last_layer: 
 
 def _request_seeds(seed: int | list[int] | None, count: int) -> list[int]:
     """One seed per request, each an integer in [0, 2**64) (`sampling.check_seed`)."""
-    from drex_hf.generation.sampling import SEED_LIMIT, check_seed
+    from drex_hf.seeds import SEED_LIMIT, check_seed
 
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)))

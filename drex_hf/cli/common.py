@@ -49,18 +49,17 @@ def positive_int(text: str) -> int:
     return value
 
 
-SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64)
-
-
 def seed_value(text: str) -> int:
-    """argparse type for a seed: an integer in [0, 2**64)."""
+    """argparse type for a seed: an integer in [0, 2**64) (`drex_hf.seeds.check_seed`)."""
+    from drex_hf.errors import DrexError
+    from drex_hf.seeds import check_seed
+
     try:
-        value = int(text)
-    except ValueError:
+        return check_seed(int(text))
+    except ValueError as err:
+        if isinstance(err, DrexError):
+            raise argparse.ArgumentTypeError(str(err)) from None
         raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**64), got {text}")
-    return value
 
 
 def int_list(text: str) -> list[int]:

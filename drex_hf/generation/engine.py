@@ -34,7 +34,7 @@ from drex_hf.generation.kv_store import RowKVCache
 from drex_hf.generation.plan import StepPlan, Verdict, bucket_of, row_buckets
 from drex_hf.generation.processors import RowProcessors, stop_criterion, stops
 from drex_hf.generation.runner import StepExecutor
-from drex_hf.generation.sampling import RequestSampling, as_seed, check_seed
+from drex_hf.generation.sampling import RequestSampling, as_seed
 from drex_hf.generation.scheduler import (
     CostModel,
     Decision,
@@ -46,6 +46,7 @@ from drex_hf.generation.scheduler import (
     make_policy,
 )
 from drex_hf.generation.settings import DecodeSettings
+from drex_hf.seeds import check_seed
 
 if TYPE_CHECKING:
     from drex_hf.modeling import EarlyExitModelForCausalLM

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from drex_hf.errors import GenerationInputError
-from drex_hf.generation.sampling import check_seed, host_uniforms
+from drex_hf.generation.sampling import host_uniforms
+from drex_hf.seeds import check_seed
 
 
 @dataclass(frozen=True)

@@ -47,22 +47,6 @@ def _bits(seed: Any, counter: Any) -> tuple[Any, Any]:
     return first, _mix(first ^ key ^ _GOLDEN)
 
 
-SEED_LIMIT = 2**64  # seeds are integers in [0, SEED_LIMIT): exactly the values 64 bits hold
-
-
-def check_seed(seed: Any, what: str = "seed") -> int:
-    """A seed given by the user as a Python int in [0, 2**64); numpy integers are accepted.
-
-    Larger or negative seeds are refused rather than wrapped: two different seeds must never give
-    the same draws."""
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
-        raise GenerationTypeError(f"{what} must be an integer, got {seed!r}")
-    seed = int(seed)
-    if not 0 <= seed < SEED_LIMIT:
-        raise GenerationInputError(f"{what} {seed} is out of range: seeds are integers in [0, 2**64)")
-    return seed
-
-
 def as_seed(seed: int) -> int:
     """An integer seed as the signed 64-bit value the device holds (its low 64 bits: derived seeds
     such as an exit distribution's seed + request id may pass 2**64 and wrap)."""
