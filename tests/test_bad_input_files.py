@@ -79,6 +79,18 @@ def test_a_new_save_removes_the_calibration_of_the_heads_it_replaces(folder, cap
     assert _load(folder).exit_config.threshold_list() == [0.7, 0.8]  # the new heads' own thresholds
 
 
+def test_heads_at_other_exits_saved_over_a_calibrated_folder_load_without_its_calibration(folder):
+    """The issue's other half of case 1: a calibration for exits [0, 2] left beside heads at [1, 2]
+    made that folder unloadable; the save removes it and the folder loads with the new heads' own."""
+    _calibrate_by_hand(folder, [0.1, 0.2])
+    other = _heads(seed=3, exit_layers=(1, 2))
+    other.exit_config.thresholds = [0.6, 0.7]
+    other.save_pretrained(folder)
+    assert not [name for name in CALIBRATION_FILES if (folder / name).exists()]
+    loaded = _load(folder)
+    assert loaded.exit_layers == [1, 2] and loaded.exit_config.threshold_list() == [0.6, 0.7]
+
+
 def test_saving_the_same_heads_again_keeps_their_calibration(folder):
     _calibrate_by_hand(folder, [0.1, 0.2])
     model = _load(folder)
