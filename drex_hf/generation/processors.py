@@ -24,28 +24,17 @@ class RowProcessors:
     output size (scores' width). See the module docstring."""
 
     def __init__(self, settings: DecodeSettings, vocab_size: int, device: torch.device | str = "cpu") -> None:
-        from transformers.generation.logits_process import (
-            MinNewTokensLengthLogitsProcessor,
-            NoBadWordsLogitsProcessor,
-            NoRepeatNGramLogitsProcessor,
-            RepetitionPenaltyLogitsProcessor,
-        )
+        from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
 
         check_bad_words(settings, vocab_size)
-        eos = list(settings.eos_token_ids) or None
-        # in HF's order (`GenerationMixin._get_logits_processor`); each sees a window of the history
-        self.windowed: list[Any] = []
-        if settings.repetition_penalty != 1.0:
-            self.windowed.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
-        if settings.no_repeat_ngram_size > 0:
-            self.windowed.append(NoRepeatNGramLogitsProcessor(settings.no_repeat_ngram_size))
-        if settings.bad_words_ids:
-            self.windowed.append(NoBadWordsLogitsProcessor([list(w) for w in settings.bad_words_ids], eos))
-        # min_new_tokens decides on the number of tokens generated, which differs between rows: HF's
-        # processor (told the prompt is empty) gives the held-back scores, each row takes them while
-        # its own count is short
-        self.min_new = settings.min_new_tokens if eos is not None else 0
-        self.hold_back = MinNewTokensLengthLogitsProcessor(0, self.min_new, eos, device) if self.min_new else None
+        # the reference decoder's processors, in HF's order, built in one place (`DecodeSettings`):
+        # the ones that read the tokens see a window of each row's history; min_new_tokens decides on
+        # the number of tokens generated, which differs between rows: HF's processor (told the prompt
+        # is empty) gives the held-back scores, each row takes them while its own count is short
+        processors = list(settings.logits_processors(0, device))
+        self.windowed: list[Any] = [p for p in processors if not isinstance(p, MinNewTokensLengthLogitsProcessor)]
+        self.hold_back = next((p for p in processors if isinstance(p, MinNewTokensLengthLogitsProcessor)), None)
+        self.min_new = settings.min_new_tokens if self.hold_back is not None else 0
         self.outside = vocab_size  # the id of positions before a row's first token: in no vocabulary
 
     def window(self, history: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
