@@ -482,9 +482,6 @@ def shown_thresholds(values: list) -> str:
     return ", ".join("inf" if t == math.inf else f"{t:.3f}" for t in map(parse_threshold, values))
 
 
-CARD_BEGIN, CARD_END = CALIBRATION_BEGIN, CALIBRATION_END
-
-
 def card_section(calibration: dict) -> str:
     """The model card's calibration section: the guarantee, and per device the exits used and the fit."""
 
@@ -492,7 +489,7 @@ def card_section(calibration: dict) -> str:
     layers = calibration["exit_layers"]
     observed_by = calibration.get("observed_by") or calibration["command"]
     lines = [
-        CARD_BEGIN,
+        CALIBRATION_BEGIN,
         "## Calibration (`drex calibrate`)",
         "",
         f"Observed by `{observed_by}`: {obs['tokens']} greedy full-depth tokens "
@@ -518,16 +515,16 @@ def card_section(calibration: dict) -> str:
             f"{'n/a' if speed is None else f'{speed:.2f}x'} at {entry['decision_rows']} rows | "
             f"{err['median']:.1%} / {err['p95']:.1%} | `{entry.get('made_by', calibration['command'])}` |"
         )
-    lines += ["", "![calibration](calibration.png)", CARD_END]
+    lines += ["", "![calibration](calibration.png)", CALIBRATION_END]
     return "\n".join(lines) + "\n"
 
 
 def with_card_section(card: str, calibration: dict) -> str:
     """`card` with its calibration section replaced (or appended)."""
     section = card_section(calibration)
-    if CARD_BEGIN in card and CARD_END in card:
-        head, rest = card.split(CARD_BEGIN, 1)
-        return head + section + rest.split(CARD_END, 1)[1].lstrip("\n")
+    if CALIBRATION_BEGIN in card and CALIBRATION_END in card:
+        head, rest = card.split(CALIBRATION_BEGIN, 1)
+        return head + section + rest.split(CALIBRATION_END, 1)[1].lstrip("\n")
     return card.rstrip("\n") + "\n\n" + section
 
 
