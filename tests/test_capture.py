@@ -148,10 +148,10 @@ def _model(kind, confidence, seed=0):
     return model
 
 
-def _guarded_run(engine, prompts, seeds):
+def _guarded_run(engine, prompts, seeds, sampling=None):
     recorder = engine.executor.graphs.recorder
-    for prompt, seed in zip(prompts, seeds):
-        engine.add_request(prompt, seed=seed)
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        engine.add_request(prompt, seed=seed, sampling=None if sampling is None else sampling[i])
     engine.step()  # the prefill: not a step program
     guard = StepGuard(engine.executor.host_buffers)
     recorder.guard = guard
@@ -258,3 +258,34 @@ def test_a_step_of_the_eager_cpu_path_also_makes_one_upload_and_one_read():
             steps += 1
     assert guard.uploads == guard.reads == steps
     assert engine.executor.transfers == {"uploads": steps, "reads": steps}
+
+
+def test_per_request_sampling_steps_are_capture_safe_and_equal_each_requests_reference():
+    """A server's engine: each row samples with its own parameters (greedy rows among them), read from
+    its slot on the device inside the captured programs."""
+    from drex_hf.generation.sampling import RequestSampling
+
+    model = _model("llama", "max_prob")
+    ids, mask = padded_batch([5, 9, 3, 12, 1, 7])
+    prompts = [ids[b, mask[b].bool()] for b in range(6)]
+    params = [RequestSampling(0.0), RequestSampling(2.0, 0.9, 20), RequestSampling(0.7), RequestSampling(1.0, 0.8),
+              RequestSampling(0.0), RequestSampling(1.5, 1.0, 5)]  # fmt: skip
+    seeds = [40 + i for i in range(6)]
+    from test_engine import _thresholds
+
+    thresholds = _thresholds(model, prompts)
+    engine = DrexEngine(
+        model, max_batch=6, max_len=24, settings=DecodeSettings(max_new_tokens=10), thresholds=thresholds,
+        static_shapes=True, buckets=(1, 2, 4, 6), cost_model=CostModel.constant(4), per_request_sampling=True,
+    )  # fmt: skip
+    engine.capture_graphs(GraphCache("cpu", recorder=ReplayRecorder()))
+    guard, steps = _guarded_run(engine, prompts, seeds, params)
+    assert guard.uploads == guard.reads == steps == engine.stats.steps
+    for i, p in enumerate(params):
+        settings = DecodeSettings(
+            max_new_tokens=10, do_sample=not p.greedy, temperature=p.temperature if not p.greedy else 1.0,
+            top_k=p.top_k or None, top_p=p.top_p,
+        )  # fmt: skip
+        (want,) = generate_reference(model, [prompts[i]], settings, thresholds, [seeds[i]])
+        got = engine.finished[i]
+        assert (got.tokens, got.exit_layers) == (want.tokens, want.exit_layers), i

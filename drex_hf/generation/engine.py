@@ -16,6 +16,7 @@ no scheduling decision changes a request's output. `generate()` is a static batc
 
 from __future__ import annotations
 
+import collections
 import math
 import numbers
 import os
@@ -33,7 +34,7 @@ from drex_hf.generation.kv_store import RowKVCache
 from drex_hf.generation.plan import StepPlan, Verdict, bucket_of, row_buckets
 from drex_hf.generation.processors import RowProcessors, stop_criterion, stops
 from drex_hf.generation.runner import StepExecutor
-from drex_hf.generation.sampling import as_seed, check_seed
+from drex_hf.generation.sampling import RequestSampling, as_seed, check_seed
 from drex_hf.generation.scheduler import (
     CostModel,
     Decision,
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from drex_hf.modeling import EarlyExitModelForCausalLM
 
 TokenCallback = Callable[[int, int, int], None]  # (request id, token, exit layer)
+FinishCallback = Callable[["RequestOutput"], None]  # the request's output, once, when it ends
 NO_GRAPHS_WITH_PROCESSORS = (
     "graphs=True cannot capture HF's logits processors (repetition_penalty, no_repeat_ngram_size, bad_words_ids, "
     "min_new_tokens): they read each row's token history; use graphs=False"
@@ -65,6 +67,7 @@ class RequestOutput:
     involuntary: int = 0
     missed: int = 0
     finished: bool = False
+    finish_reason: str | None = None  # "stop" (eos or a stop string), "length" or "cancelled"
     # when each token was emitted, in seconds of this engine's own stepping (other engines stepped in
     # between, as benchmarks interleave them, do not count): token latencies without their noise
     token_times: list[float] = field(default_factory=list)
@@ -113,7 +116,18 @@ class EngineStats:
         return self.decoded_tokens / decode_s if decode_s > 0 else 0.0
 
     def prediction_error(self) -> dict[str, float | None]:
-        return error_summary(self.predicted_ms, self.measured_ms)
+        return error_summary(list(self.predicted_ms), list(self.measured_ms))
+
+    def bound(self, window: int | None) -> None:
+        """Keep only the last `window` steps in the per-step lists (None: all): a long-running
+        engine's statistics stay a fixed size."""
+        if window is None:
+            return
+        self.predicted_ms = collections.deque(self.predicted_ms, maxlen=window)
+        self.measured_ms = collections.deque(self.measured_ms, maxlen=window)
+        self.step_segments = collections.deque(self.step_segments, maxlen=window)
+        if self.decisions is not None:
+            self.decisions = collections.deque(self.decisions, maxlen=window)
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -167,6 +181,8 @@ class _Request:
     waiting_since: int = 0  # the engine's step count when it last ran or joined a buffer
     checks: list[tuple[int, float]] | None = None  # this token's checks so far (record_checks)
     prompt_tokens: list[int] | None = None  # on the host, for stop strings
+    sampling: RequestSampling | None = None  # per-request sampling: this request's own parameters
+    on_finish: FinishCallback | None = None
 
     def last_is_pending(self) -> bool:
         """Whether the deferred token is this request's last: the row only awaits its projection."""
@@ -215,6 +231,13 @@ class DrexEngine:
             them back — in `RequestOutput.checks`.
         progress: the graph capture's progress bar (default: shown on a terminal).
         tokenizer: the tokenizer `settings.stop_strings` are matched with (HF's `StopStringCriteria`).
+        per_request_sampling: each request brings its own sampling parameters
+            (`add_request(sampling=RequestSampling(...))`, temperature 0 greedy), kept in its slot
+            and applied per row on the device (`sampling.pick_rows`); default: the settings' own.
+        keep_finished: keep finished requests in `finished` (what `run()` returns); a server turns
+            it off and takes each request from its `on_finish` callback, so nothing accumulates.
+        stats_window: keep only the last this many steps' predicted / measured times, segments
+            and decisions in `stats` (counters stay whole); default: all of them.
 
     HF's logits processors in `settings` (repetition penalty, no-repeat n-gram, bad words, min new
     tokens) run before every token pick, each row seeing only its own prompt and tokens; their
@@ -246,6 +269,9 @@ class DrexEngine:
         record_checks: bool = False,
         progress: bool | None = None,
         tokenizer: Any = None,
+        per_request_sampling: bool = False,
+        keep_finished: bool = True,
+        stats_window: int | None = None,
     ) -> None:
         model.arch.check_attention_implementation()
         self.defer_projection = defer_projection
@@ -317,7 +343,18 @@ class DrexEngine:
             do_sample=self.settings.do_sample,
             warpers=self.settings.warpers(),
             processors=processors,
+            per_request_sampling=per_request_sampling,
         )
+        self.per_request_sampling = per_request_sampling
+        st = self.settings
+        self._default_sampling = RequestSampling(
+            temperature=st.temperature if st.do_sample else 0.0, top_p=st.top_p or 1.0, top_k=st.top_k or 0
+        )
+        self.keep_finished = keep_finished
+        if stats_window is not None and (isinstance(stats_window, bool) or not isinstance(stats_window, int)
+                                         or stats_window < 1):  # fmt: skip
+            raise GenerationInputError(f"stats_window must be a positive integer or None, got {stats_window!r}")
+        self.stats_window = stats_window
         self.segments = self.executor.segments
         self.num_segments = len(self.segments)
         self.graph_report = None
@@ -346,6 +383,7 @@ class DrexEngine:
         self.stats = EngineStats(self.policy_name, self.cost.source if self.cost else "none")
         self.stats.graphs = self.graph_report
         self.stats.decisions = [] if record_decisions else None
+        self.stats.bound(stats_window)
         self.record_checks = record_checks
         self._step_start = time.perf_counter()
         self.stats.kv_cache_bytes = self.store.nbytes()
@@ -426,10 +464,20 @@ class DrexEngine:
         seed: int | None = None,
         trace: Sequence[int] | None = None,
         callback: TokenCallback | None = None,
+        on_finish: FinishCallback | None = None,
+        sampling: RequestSampling | None = None,
     ) -> int:
         """Queue a prompt (1-D token ids) for decoding; returns its request id. Errors, before any work:
         an empty prompt, ids outside the vocabulary, a prompt + max_new_tokens longer than a slot,
-        or no free slot (`EngineFullError`)."""
+        or no free slot (`EngineFullError`). `callback(request id, token, exit layer)` runs for each
+        token, `on_finish(output)` once when the request ends; `sampling`: its own sampling parameters
+        (an engine built with `per_request_sampling`; default the settings')."""
+        if sampling is not None and not self.per_request_sampling:
+            raise GenerationInputError("sampling= per request needs an engine built with per_request_sampling=True")
+        if sampling is not None and not isinstance(sampling, RequestSampling):
+            raise GenerationTypeError(f"sampling must be a RequestSampling, got {type(sampling).__name__}")
+        if self.per_request_sampling and sampling is None:
+            sampling = self._default_sampling
         ids = torch.as_tensor(prompt)
         if ids.dim() != 1:
             raise GenerationInputError(f"a prompt is one sequence of token ids (1-D), got shape {tuple(ids.shape)}")
@@ -472,10 +520,11 @@ class DrexEngine:
             if self.distribution is not None and trace is None:
                 dist = (self.distribution.probabilities, self.distribution.seed + (rid if seed is None else int(seed)))
             exits = RequestExits(self.model.exit_layers, self.num_layers, trace, dist)
+        samples = self.settings.do_sample if sampling is None else not sampling.greedy
         if seed is None:  # sampling without a seed: drawn from torch's global RNG (torch.manual_seed repeats it)
-            seed = int(torch.randint(0, 2**62, (1,))) if self.settings.do_sample else 0
+            seed = int(torch.randint(0, 2**62, (1,))) if samples else 0
         out = RequestOutput(rid, int(ids.numel()))
-        req = _Request(out, ids, max_new, as_seed(seed), exits, callback, slot)
+        req = _Request(out, ids, max_new, as_seed(seed), exits, callback, slot, sampling=sampling, on_finish=on_finish)
         if self.stop is not None:
             req.prompt_tokens = ids.tolist()
         self.prefill_queue.append(req)
@@ -510,6 +559,7 @@ class DrexEngine:
         keep = self.stats
         self.stats = EngineStats(keep.policy, keep.cost_source, kv_cache_bytes=keep.kv_cache_bytes, graphs=keep.graphs)
         self.stats.decisions = [] if keep.decisions is not None else None
+        self.stats.bound(self.stats_window)
         self.finished = {}
 
     def run(self) -> dict[int, RequestOutput]:
@@ -523,7 +573,10 @@ class DrexEngine:
         """One batched full-depth pass over the queued prompts; each gets its first token."""
         start = self._step_start = time.perf_counter()
         batch, self.prefill_queue = self.prefill_queue, []
-        tokens = self.executor.prefill([r.slot for r in batch], [r.prompt for r in batch], [r.seed for r in batch])
+        sampling = [r.sampling for r in batch] if self.per_request_sampling else None
+        tokens = self.executor.prefill(
+            [r.slot for r in batch], [r.prompt for r in batch], [r.seed for r in batch], sampling
+        )
         now = time.perf_counter()
         for req, token in zip(batch, tokens):
             self.requests[req.slot] = req
@@ -651,7 +704,7 @@ class DrexEngine:
         plan.writes = [slot if r is not None else self.store.scratch for slot, r in zip(slots, running)]
         plan.positions = [r.position if r is not None else at[slot] for slot, r in zip(slots, running)]
         plan.riders = [int(r is None) for r in running]
-        if self.settings.do_sample:  # each row's draw for a token its exit's logits pick
+        if self.executor.do_sample:  # each row's draw for a token its exit's logits pick
             plan.token_index = [r.draw if r is not None else 0 for r in running]
             plan.seeds = [r.seed if r is not None else 0 for r in running]
         plan.kv_len = max(plan.positions) + 1
@@ -749,13 +802,11 @@ class DrexEngine:
         self.stats.exits_per_layer[layer] = self.stats.exits_per_layer.get(layer, 0) + 1
         if req.callback is not None:
             req.callback(out.request_id, int(token), layer)
-        if int(token) in self.eos or len(out.tokens) >= req.max_new_tokens or self._stopped(req):
-            out.finished = True
-            self.finished[out.request_id] = out
-            del self.requests[req.slot]
-            if req.slot in self.buffers[0]:
-                self.buffers[0].remove(req.slot)
-            self.store.release(req.slot)
+        if int(token) in self.eos or self._stopped(req):
+            self._finish(req, "stop")
+            return
+        if len(out.tokens) >= req.max_new_tokens:
+            self._finish(req, "length")
             return
         req.token_start = now
         if queued:
@@ -764,6 +815,39 @@ class DrexEngine:
         # keys/values past the exit are filled before the next token starts: until then the slot may ride
         req.done_through = self.num_segments - 1 if req.fill_from is None else self.boundaries.index(layer)
         self.buffers[0].append(req.slot)
+
+    def _finish(self, req: _Request, reason: str) -> None:
+        """The request ends: its slot is free for the next one, its output goes to its `on_finish`."""
+        out = req.output
+        out.finished, out.finish_reason = True, reason
+        if self.keep_finished:
+            self.finished[out.request_id] = out
+        del self.requests[req.slot]
+        for buffer in self.buffers:
+            if req.slot in buffer:
+                buffer.remove(req.slot)
+        self._project_next = [r for r in self._project_next if r is not req]
+        self.store.release(req.slot)
+        if req.on_finish is not None:
+            req.on_finish(out)
+
+    def cancel(self, request_id: int) -> bool:
+        """End a queued or running request now (between steps): its slot is free for the next
+        `add_request`, its `on_finish` gets `finish_reason` "cancelled" with the tokens it has. False
+        when no such request is queued or running (unknown, or finished already)."""
+        for i, req in enumerate(self.prefill_queue):
+            if req.output.request_id == request_id:
+                del self.prefill_queue[i]
+                req.output.finished, req.output.finish_reason = True, "cancelled"
+                self.store.release(req.slot)
+                if req.on_finish is not None:
+                    req.on_finish(req.output)
+                return True
+        for req in list(self.requests.values()):
+            if req.output.request_id == request_id:
+                self._finish(req, "cancelled")
+                return True
+        return False
 
     def _stopped(self, req: _Request) -> bool:
         """Whether a stop string ends at the request's last token (HF's `StopStringCriteria` on its

@@ -35,7 +35,7 @@ from drex_hf.errors import UnsupportedArchitectureError
 from drex_hf.generation.attention import indexed_attention
 from drex_hf.generation.kv_store import RowKVCache
 from drex_hf.generation.plan import StepPlan, Verdict, bucket_of
-from drex_hf.generation.sampling import as_seed, pick_tokens
+from drex_hf.generation.sampling import RequestSampling, as_seed, pick_rows, pick_tokens
 from drex_hf.heads import margin_confidence, max_prob_confidence, saturation_confidence
 
 if TYPE_CHECKING:
@@ -82,6 +82,7 @@ class StepExecutor:
         do_sample: bool = False,
         warpers: list[Any] | None = None,
         processors: RowProcessors | None = None,
+        per_request_sampling: bool = False,
     ) -> None:
         self.model, self.arch, self.store = model, model.arch, store
         self.num_layers = self.arch.num_layers
@@ -101,7 +102,8 @@ class StepExecutor:
         self.capture.append(None)
         self.buckets = list(buckets)
         self.static = static
-        self.do_sample, self.warpers = do_sample, list(warpers or [])
+        # per-request sampling: every row carries its seed and draw; its parameters live in its slot
+        self.do_sample, self.warpers = do_sample or per_request_sampling, list(warpers or [])
         self.graphs: GraphCache | None = None
 
         rows = self.buckets[-1]
@@ -113,6 +115,8 @@ class StepExecutor:
         self.features = torch.zeros_like(self.hidden)  # what the lm_head projects: exit-head or final-normed
         self.previous = torch.zeros_like(self.hidden) if self.measure == "saturation" else None
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # each slot's last token
+        # per-request sampling: each slot's `RequestSampling.row()`, written at its prefill (scratch: greedy)
+        self.row_sampling = torch.zeros(slots, 3, device=device) if per_request_sampling else None
         self.processors = processors
         self.history = self.prompt_lengths = None
         if processors is not None:  # each slot's prompt + tokens; a token's place is its sequence index
@@ -434,7 +438,7 @@ class StepExecutor:
             measure = max_prob_confidence if self.measure == "max_prob" else margin_confidence
             confidence = measure(logits)  # of the exit's own logits: processors pick the token, not the exit
             scores = self._processed(logits, plan["slot"], plan["length"])
-            tokens = pick_tokens(scores, self.do_sample, self.warpers, plan["seed"], plan["index"])
+            tokens = self._pick(scores, plan["slot"], plan["seed"], plan["index"])
             self._remember(write, plan["length"], tokens)
             self.tokens.index_copy_(0, write, tokens)
             verdict["token"].copy_(tokens)
@@ -455,10 +459,18 @@ class StepExecutor:
         slots = plan["project_slot"]
         logits = self.arch.lm_head(self._gather(self.features, slots))
         scores = self._processed(logits, slots, plan["project_length"])
-        tokens = pick_tokens(scores, self.do_sample, self.warpers, plan["project_seed"], plan["project_index"])
+        tokens = self._pick(scores, slots, plan["project_seed"], plan["project_index"])
         self._remember(slots, plan["project_length"], tokens)
         self.tokens.index_copy_(0, slots, tokens)
         view.verdict["projected"].copy_(tokens)
+
+    def _pick(
+        self, scores: torch.Tensor, slots: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor
+    ) -> torch.Tensor:
+        """The rows' tokens: with the engine's sampling settings, or each with its slot's own."""
+        if self.row_sampling is not None:
+            return pick_rows(scores, self.row_sampling.index_select(0, slots), seeds, counters)
+        return pick_tokens(scores, self.do_sample, self.warpers, seeds, counters)
 
     def _processed(self, logits: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The rows' scores through HF's logits processors, each row seeing its own `lengths` tokens of
@@ -475,9 +487,21 @@ class StepExecutor:
             self.history.index_put_((slots, places), tokens)
 
     # ------------------------------------------------------------------ prefill
-    def prefill(self, slots: list[int], prompts: list[torch.Tensor], seeds: list[int]) -> list[int]:
+    def prefill(
+        self,
+        slots: list[int],
+        prompts: list[torch.Tensor],
+        seeds: list[int],
+        sampling: list[RequestSampling] | None = None,
+    ) -> list[int]:
         """Full-depth pass over the prompts (right-padded, causal, batched), writing their keys/values;
-        each one's first token is picked (draw 0 of its seed), kept in its slot and returned."""
+        each one's first token is picked (draw 0 of its seed), kept in its slot and returned. With
+        per-request sampling, `sampling` gives each prompt's parameters, kept in its slot."""
+        if self.row_sampling is not None:
+            if sampling is None or len(sampling) != len(slots):
+                raise ValueError("per-request sampling needs one RequestSampling per prompt")
+            rows = torch.tensor([r.row() for r in sampling], dtype=torch.float32)
+            self.row_sampling.index_copy_(0, torch.tensor(slots).to(self.device), rows.to(self.device))
         order = sorted(range(len(slots)), key=lambda i: slots[i])
         slots = [slots[i] for i in order]
         prompts = [prompts[i] for i in order]
@@ -505,7 +529,7 @@ class StepExecutor:
             self.history[index, :width] = ids
             self.prompt_lengths.index_copy_(0, index, length)
         scores = self._processed(logits, index, length)
-        tokens = pick_tokens(scores, self.do_sample, self.warpers, seed, torch.zeros_like(seed))
+        tokens = self._pick(scores, index, seed, torch.zeros_like(seed))
         self._remember(index, length, tokens)
         self.tokens.index_copy_(0, index, tokens)
         picked = tokens.tolist()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -153,3 +154,60 @@ def pick_tokens(
     for warper in warpers:
         scores = warper(scores)
     return sample_rows(scores, seeds, counters)
+
+
+@dataclass(frozen=True)
+class RequestSampling:
+    """One request's own sampling parameters, for an engine built with `per_request_sampling=True`
+    (a server, where each request names its own): `temperature` 0 is greedy (as OpenAI's API), else
+    HF's warpers in HF's order — temperature, top-k (0: off), top-p (1.0: off)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise GenerationTypeError(f"{name} must be a number, got {value!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
+            raise GenerationTypeError(f"top_k must be an integer, got {self.top_k!r}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise GenerationInputError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationInputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_k < 2**24:
+            raise GenerationInputError(f"top_k must be in [0, 2**24) (0: off), got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def row(self) -> list[float]:
+        """The row `pick_rows` reads: temperature, 1 - top_p (computed in double, as HF's TopP
+        compares with it), top_k — float32 on the device (exact for these values)."""
+        return [float(self.temperature), 1.0 - float(self.top_p), float(self.top_k)]
+
+
+def pick_rows(scores: torch.Tensor, params: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """`pick_tokens` with each row's own parameters `params [n, 3]` (`RequestSampling.row()`): a
+    greedy row (temperature 0) takes its argmax; the others are warped as `Temperature`, `TopK` and
+    `TopP` warp, with a per-row value where those take one scalar, then drawn by `sample_rows`.
+    With a row's top-k off and top-p 1.0 the warps change nothing a draw can see (top-p 1.0 removes
+    only tokens of probability 0), so a row draws what the engine-wide warpers give it (tested on the
+    CPU, where a float32 division by a scalar and by a tensor agree bit for bit)."""
+    scores = scores.float()
+    temperature, cut, top_k = params.float().unbind(1)
+    greedy = temperature == 0
+    scaled = scores / temperature.masked_fill(greedy, 1.0).unsqueeze(1)
+    vocab = scores.shape[-1]
+    k = top_k.long().masked_fill(top_k <= 0, vocab).clamp(max=vocab)
+    kth = torch.sort(scaled, dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
+    scaled = scaled.masked_fill(scaled < kth, -math.inf)
+    sorted_logits, sorted_indices = torch.sort(scaled, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    tail = torch.arange(vocab, device=scores.device) >= vocab - 1
+    remove_sorted = (cumulative <= cut.unsqueeze(1)) & ~tail
+    scaled = scaled.masked_fill(remove_sorted.scatter(1, sorted_indices, remove_sorted), -math.inf)
+    return torch.where(greedy, scores.argmax(dim=-1), sample_rows(scaled, seeds, counters))
