@@ -177,3 +177,163 @@ def test_metrics_parse_and_add_up(served, client):
     for name in ("drex_tokens_per_second", "drex_involuntary_exits_total", "drex_sla_misses_total"):
         assert any(k[0] == name for k in after), name
     assert any(k[0] == "drex_time_per_output_token_seconds_bucket" for k in after)
+
+
+def test_concurrent_sampled_requests_equal_generate_alone(served, client):
+    """Seeded sampling, each request with its own temperature / top_p, several at once: each gets the
+    tokens generate() gives it alone with the same seed and parameters."""
+    params = [(0.7, 1.0, 11), (1.0, 0.9, 12), (1.3, 0.8, 13), (0.5, 0.95, 14), (1.0, 1.0, 15), (0.9, 0.7, 16)]
+    prompts = [[5 + i, 30 + i] for i in range(len(params))]
+    want = [
+        # top_k=0: OpenAI's API has no top-k, while HF's generate() defaults to top_k=50
+        reference(served.model, p, 10, do_sample=True, temperature=t, top_p=top_p, top_k=0, seed=seed)[0]
+        for p, (t, top_p, seed) in zip(prompts, params)
+    ]
+
+    def ask(i):
+        t, top_p, seed = params[i]
+        out = client.completions.create(
+            model=served.name,
+            prompt=prompts[i],
+            max_tokens=10,
+            temperature=t,
+            top_p=top_p,
+            seed=seed,
+            extra_body={"return_exit_layers": True},
+        )
+        return out.choices[0].token_ids
+
+    with ThreadPoolExecutor(len(params)) as pool:
+        got = list(pool.map(ask, range(len(params))))
+    assert got == want
+    greedy = [reference(served.model, p, 10)[0] for p in prompts]
+    assert got != greedy  # sampling did happen
+
+
+# ---------------------------------------------------------------------- faults
+@pytest.fixture(scope="module")
+def one_slot(heads_dir):
+    """One slot, room for long requests: a request left running would hold up the next."""
+    with serving(heads_dir, max_batch=1, max_len=512, max_queue=4) as served:
+        yield served
+
+
+def _tokens_and_cancels(served):
+    values = metric_values(httpx.get(served.url + "/metrics").text)
+    return values[("drex_generation_tokens_total", ())], values.get(
+        ("drex_requests_finished_total", (("reason", "cancelled"),)), 0.0
+    )
+
+
+def _next_request_is_served(served, before):
+    """A short request completes (equal to generate() alone), and the abandoned one was cut short:
+    the tokens emitted since `before` fall short of the abandoned one's max_tokens plus this one's."""
+    ids = [9, 10]
+    want, _ = reference(served.model, ids, 4)
+    body = {"model": served.name, "prompt": ids, "max_tokens": 4, "temperature": 0, "return_exit_layers": True}
+    out = httpx.post(served.url + "/v1/completions", json=body, timeout=60).json()
+    assert out["choices"][0]["token_ids"] == want
+    tokens, cancels = _tokens_and_cancels(served)
+    assert cancels - before[1] == 1  # the abandoned request ended by cancel, not by eos or its length
+    assert tokens - before[0] < 500 + len(want)
+
+
+def test_a_stream_abandoned_mid_way_frees_its_slot(one_slot):
+    before = _tokens_and_cancels(one_slot)
+    body = {"model": one_slot.name, "prompt": [5, 6, 7], "max_tokens": 500, "temperature": 0, "stream": True}
+    with httpx.stream("POST", one_slot.url + "/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        got = [line for line, _ in zip((x for x in lines if x.startswith("data:")), range(2))]
+        assert len(got) == 2  # two chunks, then the client hangs up
+    _next_request_is_served(one_slot, before)
+
+
+def test_a_client_that_gives_up_on_a_whole_response_frees_its_slot(one_slot):
+    before = _tokens_and_cancels(one_slot)
+    body = {"model": one_slot.name, "prompt": [5, 6, 7], "max_tokens": 500, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(one_slot.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.2))
+    _next_request_is_served(one_slot, before)
+
+
+def test_a_request_past_its_timeout_ends_with_what_it_has(heads_dir):
+    with serving(heads_dir, max_batch=1, max_len=4096, request_timeout_s=0.5) as served:
+        body = {"model": served.name, "prompt": [5, 6], "max_tokens": 4000, "temperature": 0}
+        out = httpx.post(served.url + "/v1/completions", json=body, timeout=60).json()
+        assert out["choices"][0]["finish_reason"] == "length"
+        assert 0 < out["usage"]["completion_tokens"] < 4000
+        values = metric_values(httpx.get(served.url + "/metrics").text)
+        assert values[("drex_request_timeouts_total", ())] == 1
+        assert values[("drex_running_requests", ())] == 0  # its slot is free
+
+
+def _start_cli_server(heads_dir, *options):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    argv = [sys.executable, "-m", "drex_hf.cli.main", "serve", str(heads_dir), "--port", "0", *options]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    line = proc.stderr.readline()  # "drex serve: NAME on http://127.0.0.1:PORT/v1"
+    if "http://" not in line:
+        proc.kill()
+        raise AssertionError(f"the server did not start: {line}{proc.stderr.read()}")
+    threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
+    return proc, line.split(" on ")[1].strip().removesuffix("/v1")
+
+
+def test_sigterm_under_load_loses_no_completed_response_and_exits_0(heads_dir):
+    grace = 30.0
+    proc, url = _start_cli_server(heads_dir, "--max-batch", "2", "--max-len", "256", "--grace-s", str(grace))
+    try:
+        from drex_hf.serve.server import load
+
+        model, _, name = load(str(heads_dir))
+        prompts = [[5 + i, 11 + i] for i in range(6)]
+        results = [None] * len(prompts)
+
+        def ask(i):
+            body = {"model": name, "prompt": prompts[i], "max_tokens": 60, "temperature": 0}
+            body.update(return_exit_layers=True, stream=i % 2 == 0)
+            try:
+                if not body["stream"]:
+                    r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+                    results[i] = (r.status_code, r.json())
+                    return
+                with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+                    if r.status_code != 200:
+                        results[i] = (r.status_code, json.loads(r.read()))
+                        return
+                    events = [line for line in r.iter_lines() if line.startswith("data:")]
+                    complete = events and events[-1] == "data: [DONE]"
+                    results[i] = (200, json.loads(events[-2][5:]) if complete else "truncated")
+            except httpx.TransportError as err:
+                results[i] = ("transport", repr(err))
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until both slots decode and the rest wait
+            values = metric_values(httpx.get(url + "/metrics").text)
+            if values[("drex_running_requests", ())] == 2 and values[("drex_generation_tokens_total", ())] > 0:
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        late = httpx.post(url + "/v1/completions", json={"model": name, "prompt": "w5"}, timeout=10)
+        for t in threads:
+            t.join(60)
+        code = proc.wait(timeout=grace + 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0
+    assert late.status_code == 503 and "shutting down" in late.json()["error"]["message"]
+    completed = 0
+    for i, (status, body) in enumerate(results):
+        assert status in (200, 503), (i, status, body)  # nothing dropped on the floor
+        if status == 503:
+            assert "shutting down" in body["error"]["message"]
+        if status == 200:
+            choice = body["choices"][0]
+            assert choice["finish_reason"] in ("stop", "length")
+            assert choice["token_ids"] == reference(model, prompts[i], 60)[0]  # whole, and right
+            completed += 1
+    assert completed >= 2  # those running when the signal came finished within the grace period

@@ -123,7 +123,12 @@ async def _admit_and_run(state: ServerState, request: Request, chat: bool) -> Re
     text = TextStream(state.tokenizer, req.stop)
     meta = _Meta(req, len(ids), settings.model_name)
     if req.stream:
-        return StreamingResponse(_stream(state, job, text, meta, deadline), media_type="text/event-stream")
+        # headers go out with the first token: until then a refusal (shutdown, timeout) keeps its status
+        first = await _first_event(state, request, job, deadline)
+        if first is None:
+            return Response(status_code=499)  # the client left while it waited
+        stream = _stream(state, job, text, meta, deadline, first)
+        return StreamingResponse(stream, media_type="text/event-stream")
     return await _complete(state, request, job, text, meta, deadline)
 
 
@@ -198,8 +203,41 @@ class _Collected:
         return {"exit_layers": list(self.layers), "token_ids": list(self.tokens)}
 
 
+async def _first_event(state: ServerState, request: Request, job: Job, deadline: float) -> tuple | None:
+    """The job's first event (a token, or its end), raising its refusal; None if the client left."""
+    loop = asyncio.get_running_loop()
+    wait = asyncio.ensure_future(asyncio.wait_for(job.events.get(), max(0.0, deadline - loop.time())))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({wait, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not wait.done():
+        wait.cancel()
+        state.worker.cancel(job)
+        return None
+    try:
+        event = wait.result()
+    except TimeoutError:
+        state.worker.cancel(job)
+        state.metrics.timeouts.inc()
+        raise _timeout(state) from None
+    if event[0] == "error":
+        raise event[1]
+    return event
+
+
+def _timeout(state: ServerState) -> RequestError:
+    return RequestError(
+        f"the request timed out after {state.settings.request_timeout_s:g} s (--request-timeout-s) before its "
+        f"first token",
+        status=504,
+        type="timeout_error",
+    )
+
+
 async def _events(
-    state: ServerState, job: Job, text: TextStream, got: _Collected, deadline: float
+    state: ServerState, job: Job, text: TextStream, got: _Collected, deadline: float, first: tuple | None = None
 ) -> AsyncIterator[str]:
     """The text pieces of a job as its tokens arrive; sets `got.reason` at the end. A stop sequence
     ends it early (and frees the slot); the deadline ends it with a 504 before any token, else with
@@ -208,19 +246,17 @@ async def _events(
     while True:
         left = deadline - loop.time()
         try:
-            if left <= 0:
+            if first is not None:
+                event, first = first, None
+            elif left <= 0:
                 raise TimeoutError
-            event = await asyncio.wait_for(job.events.get(), left)
+            else:
+                event = await asyncio.wait_for(job.events.get(), left)
         except TimeoutError:
             state.worker.cancel(job)
             state.metrics.timeouts.inc()
             if not got.tokens:
-                raise RequestError(
-                    f"the request timed out after {state.settings.request_timeout_s:g} s (--request-timeout-s) "
-                    f"before its first token",
-                    status=504,
-                    type="timeout_error",
-                ) from None
+                raise _timeout(state) from None
             got.reason = "length"
             yield text.finish()
             return
@@ -277,7 +313,9 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _stream(state: ServerState, job: Job, text: TextStream, meta: _Meta, deadline: float) -> AsyncIterator[str]:
+async def _stream(
+    state: ServerState, job: Job, text: TextStream, meta: _Meta, deadline: float, first: tuple
+) -> AsyncIterator[str]:
     """Server-sent events: a chunk per piece of text, a final chunk with finish_reason (and usage),
     then [DONE]. A client that disconnects cancels this generator, which frees the slot."""
     got = _Collected()
@@ -286,7 +324,7 @@ async def _stream(state: ServerState, job: Job, text: TextStream, meta: _Meta, d
         if meta.req.chat:
             yield _sse(meta, {"role": "assistant", "content": ""}, None)
         try:
-            async for piece in _events(state, job, text, got, deadline):
+            async for piece in _events(state, job, text, got, deadline, first):
                 if piece:
                     yield _sse(meta, piece, None)
         except RequestError as err:  # headers are sent: the error travels as an event

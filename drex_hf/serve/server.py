@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import signal
 import socket
@@ -27,6 +26,7 @@ from drex_hf.serve.metrics import ServerMetrics
 from drex_hf.serve.worker import EngineWorker
 
 logger = logging.getLogger(__name__)
+STATS_WINDOW = 1024  # steps of per-step statistics the engine keeps
 
 
 @dataclass
@@ -50,10 +50,6 @@ def new_engine(model: Any, options: ServeOptions) -> Any:
     from drex_hf.generation.settings import merge_generation_config, settings_from_config
 
     settings = settings_from_config(merge_generation_config(model.base_model, None, {"max_new_tokens": 16}), 1)
-    kwargs: dict[str, Any] = {}
-    params = inspect.signature(DrexEngine.__init__).parameters
-    if "keep_finished" in params:  # bounded memory: finished requests go to their on_finish only
-        kwargs.update(keep_finished=False, per_request_sampling=True)
     return DrexEngine(
         model,
         max_batch=options.max_batch,
@@ -63,7 +59,9 @@ def new_engine(model: Any, options: ServeOptions) -> Any:
         sla_tpot_ms=options.sla_tpot_ms,
         graphs=options.graphs,
         progress=False,
-        **kwargs,
+        per_request_sampling=True,  # each request brings its temperature / top_p / seed
+        keep_finished=False,  # bounded memory: a finished request goes to its on_finish only
+        stats_window=STATS_WINDOW,
     )
 
 

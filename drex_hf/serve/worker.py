@@ -9,7 +9,6 @@ and relays every token and the end of every request back to the job's event loop
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import threading
 import time
@@ -152,8 +151,6 @@ class EngineWorker:
     def _main(self) -> None:
         try:
             self.engine = self.build()
-            params = inspect.signature(self.engine.add_request).parameters
-            self._new_api = "on_finish" in params and hasattr(self.engine, "cancel")
         except BaseException as err:  # handed to start()
             self._error = err
             self._ready.set()
@@ -182,11 +179,11 @@ class EngineWorker:
                 while self._pending and engine.has_free_slot and len(admit) < engine.store.free_slots:
                     admit.append(self._pending.popleft())
                 self.metrics.queue_depth.set(len(self._pending))
+            for job in admit:  # before the cancels: one may be for a job admitted just now
+                self._add(job)
             for job in cancels:
                 for victim in list(self._jobs.values()) if job is None else [job]:
                     self._cancel(victim)
-            for job in admit:
-                self._add(job)
             self._set_running()
             if self._stopping and not self._jobs:
                 return
@@ -201,17 +198,17 @@ class EngineWorker:
         import torch
 
         from drex_hf.errors import DrexError
+        from drex_hf.generation.sampling import RequestSampling
 
-        kwargs: dict[str, Any] = {"max_new_tokens": job.max_tokens, "callback": self._on_token}
-        if self._new_api:
-            from drex_hf.generation.sampling import RequestSampling
-
-            kwargs["on_finish"] = self._on_finish
-            kwargs["sampling"] = RequestSampling(temperature=job.temperature, top_p=job.top_p)
-        if job.temperature > 0 or self._new_api:
-            kwargs["seed"] = job.seed
         try:
-            rid = self.engine.add_request(torch.tensor(job.ids, dtype=torch.long), **kwargs)
+            rid = self.engine.add_request(
+                torch.tensor(job.ids, dtype=torch.long),
+                max_new_tokens=job.max_tokens,
+                seed=job.seed,
+                callback=self._on_token,
+                on_finish=self._on_finish,
+                sampling=RequestSampling(temperature=job.temperature, top_p=job.top_p),
+            )
         except DrexError as err:  # the routes check first; this is the engine's own word
             job.close("error", RequestError(" ".join(str(err).split())))
             return
@@ -223,10 +220,7 @@ class EngineWorker:
         if job.rid is None or job.rid not in self._jobs or job.cancelled:
             return
         job.cancelled = True
-        if self._new_api:
-            self.engine.cancel(job.rid)  # on_finish follows, with "cancelled"
-        else:  # today's engine cannot drop a row: it decodes on, unrelayed, and is collected when done
-            job.close("done", "cancelled")
+        self.engine.cancel(job.rid)  # its slot is free now; on_finish runs with "cancelled"
 
     def _step(self) -> None:
         engine = self.engine
@@ -235,10 +229,6 @@ class EngineWorker:
         self.metrics.step_done(engine.stats.tokens - before[0])
         if engine.stats.involuntary_exits > before[1]:
             self.metrics.involuntary.inc(engine.stats.involuntary_exits - before[1])
-        if not self._new_api:
-            for rid in [rid for rid in self._jobs if rid in engine.finished]:
-                out = engine.finished.pop(rid)
-                self._on_finish(out, "length" if len(out.tokens) >= self._jobs[rid].max_tokens else "stop")
         self._set_running()
 
     def _on_token(self, rid: int, token: int, layer: int) -> None:
@@ -256,13 +246,11 @@ class EngineWorker:
         if not job.cancelled:
             job.send("token", token, layer)
 
-    def _on_finish(self, output: Any, reason: str | None = None) -> None:
+    def _on_finish(self, output: Any) -> None:
         job = self._jobs.pop(output.request_id, None)
         if job is None:
             return
-        reason = reason or getattr(output, "finish_reason", "stop")
-        if job.cancelled:
-            reason = "cancelled"
+        reason = output.finish_reason
         self.metrics.finished.labels(reason).inc()
         if job.tokens > 1 and job.first_at is not None and job.last_at is not None:
             tpot = (job.last_at - job.first_at) / (job.tokens - 1)
