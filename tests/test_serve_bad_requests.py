@@ -38,6 +38,7 @@ def chat(**change):
 
 
 # (case, method, path, raw body, status, param, words the message holds)
+# fmt: off
 CASES = [
     ("malformed JSON", "POST", C, b'{"prompt": "w5",', 400, None, "not valid JSON"),
     ("non-UTF-8 body", "POST", C, b'{"prompt": "w5 \xff"}', 400, None, "not UTF-8"),
@@ -78,35 +79,34 @@ CASES = [
     ("seed a string", "POST", C, ok(seed="x"), 400, "seed", "must be an integer"),
     ("stream not a boolean", "POST", C, ok(stream="yes"), 400, "stream", "true or false"),
     ("stream_options without stream", "POST", C, ok(stream_options={"include_usage": True}), 400, "stream_options",
-     "stream=true only"),  # fmt: skip
+     "stream=true only"),
     ("user not a string", "POST", C, ok(user=5), 400, "user", "must be a string"),
     ("sla_tpot_ms 0", "POST", C, ok(sla_tpot_ms=0), 400, "sla_tpot_ms", "must be positive"),
     ("return_exit_layers not a boolean", "POST", C, ok(return_exit_layers=1), 400, "return_exit_layers",
-     "true or false"),  # fmt: skip
+     "true or false"),
     ("a misspelt field", "POST", C, ok(max_token=5), 400, "max_token", "unknown field 'max_token'"),
     ("chat: missing messages", "POST", CHAT, b'{"max_tokens": 2}', 400, "messages", "'messages' is required"),
     ("chat: messages not a list", "POST", CHAT, chat(messages="w5"), 400, "messages", "must be a list"),
     ("chat: no messages", "POST", CHAT, chat(messages=[]), 400, "messages", "'messages' is empty"),
     ("chat: unknown role", "POST", CHAT, chat(messages=[{"role": "bot", "content": "w5"}]), 400, "messages[0].role",
-     "must be one of"),  # fmt: skip
+     "must be one of"),
     ("chat: content a number", "POST", CHAT, chat(messages=[{"role": "user", "content": 5}]), 400,
-     "messages[0].content", "must be a string"),  # fmt: skip
+     "messages[0].content", "must be a string"),
     ("chat: empty content", "POST", CHAT, chat(messages=[{"role": "user", "content": ""}]), 400, "messages",
-     "no text"),  # fmt: skip
+     "no text"),
     ("chat: a completions field", "POST", CHAT, chat(prompt="w5"), 400, "prompt", "unknown field 'prompt'"),
     ("chat: logprobs", "POST", CHAT, chat(logprobs=True), 400, "logprobs", "not supported"),
     ("chat: tools", "POST", CHAT, chat(tools=[{"type": "function"}]), 400, "tools", "not supported"),
     ("chat: max_completion_tokens 0", "POST", CHAT, chat(max_completion_tokens=0), 400, "max_completion_tokens",
-     "at least 1"),  # fmt: skip
+     "at least 1"),
     ("GET on a POST route", "GET", C, None, 405, None, "GET is not allowed on /v1/completions"),
     ("DELETE on /v1/models", "DELETE", "/v1/models", None, 405, None, "DELETE is not allowed"),
     ("unknown path", "POST", "/v1/embeddings", ok(), 404, None, "no route /v1/embeddings"),
 ]
+# fmt: on
 
 
-@pytest.mark.parametrize(
-    "method, path, raw, status, param, words", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
-)
+@pytest.mark.parametrize("method, path, raw, status, param, words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_request(served, method, path, raw, status, param, words):
     headers = {"content-type": "application/json"} if raw is not None else {}
     response = httpx.request(method, served.url + path, content=raw, headers=headers, timeout=30)
@@ -155,7 +155,8 @@ def test_after_the_catalogue_a_normal_request_succeeds(served):
         assert response.status_code == 200, response.text
         assert response.json()["usage"]["completion_tokens"] == 2
     values = metric_values(httpx.get(served.url + "/metrics").text)
-    refused = sum(v for (name, labels), v in values.items() if name == "drex_requests_total" and
-                  dict(labels)["status"] != "200")  # fmt: skip
+    refused = sum(
+        v for (name, labels), v in values.items() if name == "drex_requests_total" and dict(labels)["status"] != "200"
+    )
     routed = [c for c in CASES if c[2] in (C, CHAT) and c[1] == "POST"]
     assert refused == len(routed)  # every refusal of a generation route was counted
