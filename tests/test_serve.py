@@ -368,3 +368,15 @@ def test_serve_cli_bad_input_is_one_line_and_exit_code_2(argv, message, heads_di
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_finished_requests_are_not_kept(served, client):
+    """Bounded memory: the engine hands a finished request to its waiter and keeps nothing of it,
+    and its per-step statistics are a fixed-size window."""
+    from drex_hf.serve.server import STATS_WINDOW
+
+    for _ in range(3):
+        client.completions.create(model=served.name, prompt="w5", max_tokens=3, temperature=0)
+    engine = served.state.worker.engine
+    assert engine.finished == {} and engine.requests == {}
+    assert engine.keep_finished is False and engine.stats_window == STATS_WINDOW
