@@ -10,5 +10,6 @@ COMMANDS = {
     "train": "train exit heads from a YAML recipe",
     "calibrate": "fit thresholds with a quality guarantee and the scheduler's cost constants for this device",
     "bench": "full / batch_all / batch_majority / drex (and HF generate) side by side on the same prompts",
+    "serve": "an OpenAI-compatible HTTP server (completions, chat, streaming, /metrics) over continuous batching",
     "demo": "answer a few prompts with SmolLM2-135M-Instruct, full depth vs per-token early exit",
 }

@@ -1,0 +1,119 @@
+"""`drex serve MODEL_DIR`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the
+continuous-batching engine. The server's packages and torch are imported only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from drex_hf.cli import COMMANDS
+from drex_hf.cli.common import HelpFormatter, add_model_arguments, positive_int
+from drex_hf.errors import ConfigError
+from drex_hf.generation.scheduler import POLICY_NAMES as POLICIES
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 65536:
+        raise argparse.ArgumentTypeError(f"a port is in 0..65535, got {text}")
+    return value
+
+
+def add_parser(sub: Any) -> None:
+    parser = sub.add_parser(
+        "serve",
+        help=COMMANDS["serve"],
+        description="Serve an early-exit model over HTTP with the OpenAI API (/v1/completions, "
+        "/v1/chat/completions, /v1/models) plus /health and /metrics (Prometheus). Requests join the "
+        "running batch as slots free up; SIGTERM drains: new requests get 503, running ones finish "
+        "within --grace-s, the rest are cancelled, and the process exits 0.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "model",
+        metavar="MODEL_DIR",
+        nargs="?",
+        help="exit-heads folder (or hub id), or a base model with --exit-layers; omit with --synthetic-config",
+    )
+    parser.add_argument(
+        "--synthetic-config",
+        default=None,
+        metavar="SHAPE",
+        help="serve a random-weight model of a named shape (tiny, moderate, llama-1b, ...) with a byte "
+        "tokenizer, for load tests (default: off)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=_port, default=8000, help="port to listen on (0: any free port)")
+    parser.add_argument("--served-model-name", default=None, help="the model id clients send (default: folder name)")
+    parser.add_argument("--max-batch", type=positive_int, default=8, help="requests decoding at once (engine slots)")
+    parser.add_argument("--max-len", type=positive_int, default=1024, help="positions per slot: prompt + max_tokens")
+    parser.add_argument("--policy", choices=POLICIES, default="drex", help="the engine's scheduling policy")
+    parser.add_argument(
+        "--sla-tpot-ms", type=_positive_float, default=None, help="drex: target time per output token (default: none)"
+    )
+    parser.add_argument(
+        "--max-queue", type=positive_int, default=64, help="requests waiting for a slot before new ones get 429"
+    )
+    parser.add_argument("--request-timeout-s", type=_positive_float, default=600.0, help="per-request time limit")
+    parser.add_argument("--grace-s", type=_positive_float, default=30.0, help="on SIGTERM: time running requests get")
+    parser.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="larger request bodies get 413")
+    add_model_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if (args.model is None) == (args.synthetic_config is None):
+        raise ConfigError("give MODEL_DIR or --synthetic-config SHAPE (exactly one)")
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as err:
+        missing = f"drex serve needs the serve extra ({err.name} is missing): pip install 'drex-hf[serve]'"
+        raise ConfigError(missing) from None
+    from drex_hf.cli.common import load_model, pick_device, pick_dtype, tokenizer_for
+    from drex_hf.serve.server import ServeOptions, build_state, free_socket, make_server
+    from drex_hf.serve.text import ByteTokenizer
+
+    if args.synthetic_config is not None:
+        from drex_hf.bench.synthetic import synthetic_model
+
+        device = pick_device(args.device)
+        model = synthetic_model(args.synthetic_config, dtype=pick_dtype(args.dtype, device), device=device)
+        tokenizer, name = ByteTokenizer(model.arch.vocab_size), f"synthetic-{args.synthetic_config}"
+    else:
+        model = load_model(args.model, args)
+        tokenizer, name = tokenizer_for(model), args.model.rstrip("/").split("/")[-1]
+    options = ServeOptions(
+        max_batch=args.max_batch,
+        max_len=args.max_len,
+        policy=args.policy,
+        sla_tpot_ms=args.sla_tpot_ms,
+        max_queue=args.max_queue,
+        request_timeout_s=args.request_timeout_s,
+        grace_s=args.grace_s,
+        max_body_bytes=args.max_body_bytes,
+    )
+    sock = free_socket(args.host, args.port)
+    state = build_state(model, tokenizer, args.served_model_name or name, options)
+    port = sock.getsockname()[1]
+    server = make_server(state, args.host, port, options.grace_s)
+    print(f"drex serve: {state.settings.model_name} on http://{args.host}:{port}/v1", file=sys.stderr, flush=True)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        state.worker.stop()
+        sock.close()
+    print("drex serve: stopped", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,232 @@
+"""Putting a server together: the engine thread over a loaded model, the app, and uvicorn with a
+graceful SIGTERM (stop admitting, let running requests finish within a grace period, cancel the
+rest, exit 0).
+
+`run_server()` runs one on a free local port from Python (in a thread) for tests and load scripts;
+`drex serve` (drex_hf/cli/serve.py) runs one in the foreground.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+
+from drex_hf.serve.app import ServerState, ServeSettings, create_app
+from drex_hf.serve.metrics import ServerMetrics
+from drex_hf.serve.worker import EngineWorker
+
+logger = logging.getLogger(__name__)
+STATS_WINDOW = 1024  # steps of per-step statistics the engine keeps
+
+
+@dataclass
+class ServeOptions:
+    """The server's knobs (`drex serve --help` explains each)."""
+
+    max_batch: int = 8
+    max_len: int = 1024
+    policy: str = "drex"
+    sla_tpot_ms: float | None = None
+    max_queue: int = 64
+    request_timeout_s: float = 600.0
+    grace_s: float = 30.0
+    max_body_bytes: int = 1 << 20
+    graphs: bool | None = None
+
+
+def new_engine(model: Any, options: ServeOptions) -> Any:
+    """A `DrexEngine` for serving, with the end-of-sequence ids `generate()` would use."""
+    from drex_hf.generation.engine import DrexEngine
+    from drex_hf.generation.settings import merge_generation_config, settings_from_config
+
+    settings = settings_from_config(merge_generation_config(model.base_model, None, {"max_new_tokens": 16}), 1)
+    return DrexEngine(
+        model,
+        max_batch=options.max_batch,
+        max_len=options.max_len,
+        policy=options.policy,
+        settings=settings,
+        sla_tpot_ms=options.sla_tpot_ms,
+        graphs=options.graphs,
+        progress=False,
+        per_request_sampling=True,  # each request brings its temperature / top_p / seed
+        keep_finished=False,  # bounded memory: a finished request goes to its on_finish only
+        stats_window=STATS_WINDOW,
+    )
+
+
+def build_state(model: Any, tokenizer: Any, model_name: str, options: ServeOptions) -> ServerState:
+    """Start the engine thread (the engine is built on it) and return what the routes share."""
+    metrics = ServerMetrics()
+    worker = EngineWorker(
+        lambda: new_engine(model, options), metrics, max_queue=options.max_queue, sla_tpot_ms=options.sla_tpot_ms
+    )
+    worker.start()
+    settings = ServeSettings(
+        model_name=model_name,
+        max_len=worker.engine.store.max_len,  # the engine may cap it at a learned position limit
+        vocab_size=model.arch.input_vocab_size,
+        request_timeout_s=options.request_timeout_s,
+        max_body_bytes=options.max_body_bytes,
+    )
+    return ServerState(settings, tokenizer, worker, metrics)
+
+
+class DrexServer(uvicorn.Server):
+    """uvicorn's server with a draining shutdown. The first SIGTERM/SIGINT (or `drain()`) starts it:
+    new requests get 503, queued ones 503, running ones get `grace_s` to finish, the rest are
+    cancelled, then uvicorn exits; a second SIGINT forces the exit. The signal is not re-raised, so
+    the process exits 0."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, grace_s: float) -> None:
+        super().__init__(config)
+        self.state, self.grace_s = state, grace_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets=sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self._draining:
+            if sig == signal.SIGINT:
+                self.force_exit = True
+            return
+        logger.info("drex serve: %s, draining (grace %g s)", signal.Signals(sig).name, self.grace_s)
+        self.drain()
+
+    def drain(self) -> None:
+        """Start the draining shutdown (from any thread)."""
+        if self._draining or self._loop is None:
+            self.should_exit = True
+            return
+        self._draining = True
+        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    async def _drain(self) -> None:
+        state = self.state
+        state.draining = True
+        state.worker.begin_drain()
+        deadline = time.monotonic() + self.grace_s
+        while state.worker.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if state.worker.busy:
+            logger.info("drex serve: grace period over, cancelling %d request(s)", state.worker.busy)
+            state.worker.cancel_all()
+            end = time.monotonic() + 5.0
+            while state.worker.busy and time.monotonic() < end:
+                await asyncio.sleep(0.02)
+        self.should_exit = True
+
+
+def make_server(state: ServerState, host: str, port: int, grace_s: float) -> DrexServer:
+    config = uvicorn.Config(
+        create_app(state),
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        lifespan="off",
+    )
+    return DrexServer(config, state, grace_s)
+
+
+def free_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+@dataclass
+class Served:
+    """A server running in this process: its base URL, the routes' shared state, the uvicorn server."""
+
+    url: str
+    state: ServerState
+    server: DrexServer
+
+
+def load(
+    model: str | None = None, synthetic: str | None = None, device: str | None = None, dtype: str = "auto"
+) -> tuple[Any, Any, str]:
+    """(model, tokenizer, served name) for a model folder (an exit-heads folder, or a hub id) or a
+    synthetic shape (`drex_hf.bench.synthetic.SHAPES`, with a byte tokenizer), as `drex serve` loads them."""
+    import argparse
+    from pathlib import Path
+
+    from drex_hf.cli.common import load_model, pick_device, pick_dtype, tokenizer_for
+    from drex_hf.serve.text import ByteTokenizer
+
+    if synthetic is not None:
+        from drex_hf.bench.synthetic import synthetic_model
+
+        where = pick_device(device)
+        wrapper = synthetic_model(synthetic, dtype=pick_dtype(dtype, where), device=where)
+        return wrapper, ByteTokenizer(wrapper.arch.vocab_size), f"synthetic-{synthetic}"
+    args = argparse.Namespace(exit_layers=None, head=None, confidence=None, threshold=None, dtype=dtype, device=device)
+    wrapper = load_model(model, args)
+    return wrapper, tokenizer_for(wrapper), Path(model).name or model
+
+
+@contextlib.contextmanager
+def run_server(
+    model: Any,
+    tokenizer: Any,
+    *,
+    model_name: str = "drex",
+    options: ServeOptions | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    startup_timeout_s: float = 60.0,
+) -> Iterator[Served]:
+    """Serve `model` (an `EarlyExitModelForCausalLM`, e.g. from `load()`) from a thread; yields a
+    `Served` whose `url` is http://host:port (a free port by default), and stops the server and its
+    engine thread on exit.
+
+        model, tokenizer, name = load("path/to/heads")
+        with run_server(model, tokenizer, model_name=name, options=ServeOptions(max_len=256)) as served:
+            openai.OpenAI(base_url=served.url + "/v1", api_key="none").completions.create(model=name, ...)
+    """
+    options = options or ServeOptions()
+    state = build_state(model, tokenizer, model_name, options)
+    sock = free_socket(host, port)
+    server = make_server(state, host, sock.getsockname()[1], options.grace_s)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), name="drex-http", daemon=True)
+    thread.start()
+    try:
+        end = time.monotonic() + startup_timeout_s
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > end:
+                raise RuntimeError("the drex server did not start")
+            time.sleep(0.01)
+        yield Served(f"http://{host}:{sock.getsockname()[1]}", state, server)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        state.worker.stop()
+        sock.close()
