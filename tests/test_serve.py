@@ -380,3 +380,47 @@ def test_finished_requests_are_not_kept(served, client):
     engine = served.state.worker.engine
     assert engine.finished == {} and engine.requests == {}
     assert engine.keep_finished is False and engine.stats_window == STATS_WINDOW
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(heads_dir, capsys):
+    import socket
+
+    from drex_hf.cli.main import main
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        code = main(["serve", str(heads_dir), "--port", str(taken.getsockname()[1])])
+    finally:
+        taken.close()
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "cannot listen there" in err, err
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400_naming_messages(heads_dir):
+    with serving(heads_dir, max_batch=1, max_len=64) as served:
+        served.tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
+        r = httpx.post(served.url + "/v1/chat/completions", timeout=30,
+                       json={"model": served.name, "messages": [{"role": "user", "content": "w5"}]})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert "roles must alternate" in r.json()["error"]["message"]
+
+
+def test_a_failed_engine_thread_refuses_requests_and_health_says_so(heads_dir):
+    """The engine thread dying must not leave a server that looks healthy while requests hang."""
+    with serving(heads_dir, max_batch=1, max_len=64, request_timeout_s=30) as served:
+        engine = served.state.worker.engine
+
+        def broken():
+            raise RuntimeError("a device error")
+
+        engine.step = broken
+        first = httpx.post(served.url + "/v1/completions", timeout=30,
+                           json={"model": served.name, "prompt": "w5", "max_tokens": 4})  # fmt: skip
+        assert first.status_code == 500 and first.json()["error"]["type"] == "server_error"
+        health = httpx.get(served.url + "/health", timeout=10)
+        later = httpx.post(served.url + "/v1/completions", timeout=10,
+                           json={"model": served.name, "prompt": "w5", "max_tokens": 4})  # fmt: skip
+    assert health.status_code == 503 and health.json()["status"] == "engine failed"
+    assert later.status_code == 503 and "engine failed" in later.json()["error"]["message"]

@@ -149,14 +149,23 @@ def test_a_full_queue_is_429_with_retry_after(tmp_path_factory):
     assert waiting["response"].status_code == 200
 
 
+def _refused(served) -> float:
+    values = metric_values(httpx.get(served.url + "/metrics").text)
+    return sum(
+        v for (name, labels), v in values.items() if name == "drex_requests_total" and dict(labels)["status"] != "200"
+    )
+
+
 def test_after_the_catalogue_a_normal_request_succeeds(served):
+    """Self-contained (any order, alone or with -k): the catalogue's generation-route cases sent again,
+    each refusal counted once, then normal requests succeed."""
+    routed = [c for c in CASES if c[2] in (C, CHAT) and c[1] == "POST"]
+    before = _refused(served)
+    for _, method, path, raw, status, _, _ in routed:
+        headers = {"content-type": "application/json"} if raw is not None else {}
+        assert httpx.request(method, served.url + path, content=raw, headers=headers, timeout=30).status_code == status
+    assert _refused(served) - before == len(routed)  # every refusal of a generation route was counted
     for path, body in ((C, OK), (CHAT, {"messages": HELLO, "max_tokens": 2, "temperature": 0})):
         response = httpx.post(served.url + path, json=body, timeout=30)
         assert response.status_code == 200, response.text
         assert response.json()["usage"]["completion_tokens"] == 2
-    values = metric_values(httpx.get(served.url + "/metrics").text)
-    refused = sum(
-        v for (name, labels), v in values.items() if name == "drex_requests_total" and dict(labels)["status"] != "200"
-    )
-    routed = [c for c in CASES if c[2] in (C, CHAT) and c[1] == "POST"]
-    assert refused == len(routed)  # every refusal of a generation route was counted

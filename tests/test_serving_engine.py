@@ -166,3 +166,28 @@ def test_bad_per_request_sampling_is_refused(model, prompts, thresholds):
         plain.add_request(prompts[0], sampling=RequestSampling(0.5))
     with pytest.raises(GenerationInputError, match="stats_window"):
         _engine(model, 1, thresholds, stats_window=0)
+
+
+def test_a_cancel_from_a_token_callback_waits_for_the_steps_end(model, prompts, thresholds):
+    """A callback may cancel its own or another request mid-step: it takes effect when the step ends
+    (the step's rows stay whole), and the neighbours' tokens are unchanged."""
+    references = _references(model, prompts, thresholds)
+    engine = _engine(model, 3, thresholds)
+    ended, ids = [], []
+
+    def on_token(rid, token, layer):
+        if rid == ids[0] and len(seen) == 3:
+            assert engine.cancel(ids[1]) is True  # deferred: still running at this point
+            assert ids[1] in {r.output.request_id for r in engine.requests.values()}
+        seen.append(rid) if rid == ids[0] else None
+
+    seen: list[int] = []
+    with torch.no_grad():
+        for i in range(3):
+            ids.append(engine.add_request(prompts[i], seed=SEEDS[i], sampling=PARAMS[i], callback=on_token,
+                                          on_finish=ended.append))  # fmt: skip
+        engine.run()
+    by_id = {o.request_id: o for o in ended}
+    assert by_id[ids[1]].finish_reason == "cancelled" and len(by_id[ids[1]].tokens) < NEW
+    for i in (0, 2):
+        assert (by_id[ids[i]].tokens, by_id[ids[i]].exit_layers) == (references[i].tokens, references[i].exit_layers)

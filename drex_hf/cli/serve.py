@@ -86,6 +86,12 @@ def run(args: argparse.Namespace) -> int:
     from drex_hf.serve.server import ServeOptions, build_state, free_socket, make_server
     from drex_hf.serve.text import ByteTokenizer
 
+    try:  # before the model loads: a port in use is one line, not a traceback after the load
+        sock = free_socket(args.host, args.port)
+        sock.listen()
+    except OSError as err:
+        why = err.strerror or err
+        raise ConfigError(f"--host {args.host} --port {args.port}: cannot listen there ({why})") from None
     if args.synthetic_config is not None:
         from drex_hf.bench.synthetic import synthetic_model
 
@@ -105,7 +111,6 @@ def run(args: argparse.Namespace) -> int:
         grace_s=args.grace_s,
         max_body_bytes=args.max_body_bytes,
     )
-    sock = free_socket(args.host, args.port)
     state = build_state(model, tokenizer, args.served_model_name or name, options)
     port = sock.getsockname()[1]
     server = make_server(state, args.host, port, options.grace_s)

@@ -156,7 +156,7 @@ class EngineStats:
         if self.graphs is not None:
             out["graphs"] = self.graphs
         if self.decisions is not None:
-            out["decisions"] = self.decisions
+            out["decisions"] = list(self.decisions)
         return out
 
 
@@ -381,6 +381,8 @@ class DrexEngine:
         self.finished: dict[int, RequestOutput] = {}
         self.next_id = 0
         self._project_next: list[_Request] = []  # defer_projection off: exits awaiting their own step
+        self._stepping = False  # inside step(): a cancel waits for its end
+        self._cancels: list[int] = []
         self.stats = EngineStats(self.policy_name, self.cost.source if self.cost else "none")
         self.stats.graphs = self.graph_report
         self.stats.decisions = [] if record_decisions else None
@@ -534,7 +536,18 @@ class DrexEngine:
     # ------------------------------------------------------------------ stepping
     @torch.inference_mode()
     def step(self) -> bool:
-        """Run one prefill or one scheduler decision; False when there was nothing to do."""
+        """Run one prefill or one scheduler decision; False when there was nothing to do. A
+        `cancel()` from a token callback during the step takes effect when the step ends."""
+        self._stepping = True
+        try:
+            return self._step()
+        finally:
+            self._stepping = False
+            cancels, self._cancels = self._cancels, []
+            for request_id in cancels:
+                self.cancel(request_id)
+
+    def _step(self) -> bool:
         if self.prefill_queue:
             self._prefill()
             return True
@@ -835,7 +848,13 @@ class DrexEngine:
     def cancel(self, request_id: int) -> bool:
         """End a queued or running request now (between steps): its slot is free for the next
         `add_request`, its `on_finish` gets `finish_reason` "cancelled" with the tokens it has. False
-        when no such request is queued or running (unknown, or finished already)."""
+        when no such request is queued or running (unknown, or finished already). Called during a
+        step (from a callback), it is deferred to the step's end, so the step's rows stay whole."""
+        if self._stepping:
+            live = any(r.output.request_id == request_id for r in [*self.prefill_queue, *self.requests.values()])
+            if live and request_id not in self._cancels:
+                self._cancels.append(request_id)
+            return live
         for i, req in enumerate(self.prefill_queue):
             if req.output.request_id == request_id:
                 del self.prefill_queue[i]

@@ -83,6 +83,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        if state.worker.failed:
+            return JSONResponse({"status": "engine failed"}, status_code=503)
         if state.draining:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         return JSONResponse({"status": "ok", "queued_or_running": state.worker.busy})
@@ -152,7 +154,12 @@ def _encode(state: ServerState, req: GenerationRequest) -> list[int]:
     if req.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise RequestError("this model's tokenizer has no chat template: use /v1/completions", param="messages")
-        text = tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+        from jinja2 import TemplateError
+
+        try:
+            text = tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as err:  # e.g. a template that wants user/assistant turns to alternate
+            raise RequestError(f"the model's chat template refused these messages: {err}", param="messages") from None
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if isinstance(req.prompt, list):
         bad = [t for t in req.prompt if not 0 <= t < vocab]
@@ -218,7 +225,7 @@ async def _first_event(state: ServerState, request: Request, job: Job, deadline:
         return None
     try:
         event = wait.result()
-    except TimeoutError:
+    except asyncio.TimeoutError:
         state.worker.cancel(job)
         state.metrics.timeouts.inc()
         raise _timeout(state) from None
@@ -252,7 +259,7 @@ async def _events(
                 raise TimeoutError
             else:
                 event = await asyncio.wait_for(job.events.get(), left)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             state.worker.cancel(job)
             state.metrics.timeouts.inc()
             if not got.tokens:

@@ -23,7 +23,7 @@ from drex_hf.serve.protocol import RequestError
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: `in` / `remove` compare identity, not prompts
 class Job:
     """One request on its way through the engine. `events` (read on the event loop) receives
     ("token", token, layer) per token, then one ("done", finish_reason) or ("error", RequestError)."""
@@ -82,6 +82,8 @@ class EngineWorker:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._running = 0  # len(self._jobs), readable from any thread
+        self._admitting: list[Job] = []  # popped from the queue, not yet in the engine
+        self.failed = False  # the engine thread died: nothing is admitted, /health says so
 
     # ------------------------------------------------------------------ any thread
     def start(self) -> None:
@@ -95,6 +97,8 @@ class EngineWorker:
     def submit(self, job: Job) -> None:
         """Queue a job, or refuse it: 503 while shutting down, 429 (with Retry-After) when full."""
         with self._cond:
+            if self.failed:
+                raise RequestError("the engine failed; the server cannot decode", status=503, type="server_error")
             if self._draining or self._stopping:
                 raise RequestError("the server is shutting down", status=503, type="server_shutting_down")
             if len(self._pending) >= self.max_queue:
@@ -160,9 +164,14 @@ class EngineWorker:
             self._loop()
         except BaseException:
             logger.exception("the engine thread failed")
-            for job in list(self._jobs.values()) + list(self._pending):
+            with self._cond:  # no new job comes in; every job it knew of, queued or admitted, is answered
+                self.failed = True
+                jobs = [*self._jobs.values(), *self._pending, *self._admitting]
+                self._pending.clear()
+                self._jobs.clear()
+                self._running = 0
+            for job in jobs:  # logged above; the thread ends, the HTTP side answers 503 from now on
                 job.close("error", RequestError("the engine failed", status=500, type="server_error"))
-            raise
 
     def _loop(self) -> None:
         engine = self.engine
@@ -175,12 +184,13 @@ class EngineWorker:
                 if self._stopping:
                     self._cancels.append(None)  # type: ignore[arg-type]
                 cancels, self._cancels = self._cancels, []
-                admit = []
+                admit = self._admitting = []
                 while self._pending and engine.has_free_slot and len(admit) < engine.store.free_slots:
                     admit.append(self._pending.popleft())
                 self.metrics.queue_depth.set(len(self._pending))
             for job in admit:  # before the cancels: one may be for a job admitted just now
                 self._add(job)
+            self._admitting = []
             for job in cancels:
                 for victim in list(self._jobs.values()) if job is None else [job]:
                     self._cancel(victim)
