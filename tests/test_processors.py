@@ -437,7 +437,7 @@ def test_drex_generate_passes_the_processor_options(char_base_dir, monkeypatch, 
     [
         (["--repetition-penalty", "0"], "argument --repetition-penalty: must be a positive number, got 0"),
         (["--no-repeat-ngram-size", "-2"], "argument --no-repeat-ngram-size: must be a non-negative integer, got -2"),
-        (["--min-new-tokens", "x"], "argument --min-new-tokens: invalid _non_negative_int value: 'x'"),
+        (["--min-new-tokens", "x"], "argument --min-new-tokens: expected an integer, got 'x'"),
         (["--stop", ""], "argument --stop: must be non-empty text, got ''"),
         (["--bad-words", "  "], "argument --bad-words: must be non-empty text, got '  '"),
     ],

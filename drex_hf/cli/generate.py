@@ -14,6 +14,8 @@ from drex_hf.cli.common import (
     encode_prompts,
     exit_histogram,
     load_model,
+    non_negative_int,
+    positive_float,
     positive_int,
     seed_value,
     tokenizer_for,
@@ -22,24 +24,10 @@ from drex_hf.errors import GenerationInputError
 from drex_hf.generation.scheduler import POLICY_NAMES as POLICIES
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
-
-
 def _text(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError(f"must be non-empty text, got {text!r}")
     return text
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
 
 
 def add_parser(sub: Any) -> None:
@@ -74,19 +62,19 @@ def add_parser(sub: Any) -> None:
     # HF's logits processors and stop strings, each prompt seeing only its own tokens
     parser.add_argument(
         "--repetition-penalty",
-        type=_positive_float,
+        type=positive_float,
         default=1.0,
         help="HF's repetition_penalty: divide the scores of tokens already in the prompt or output (1.0: off)",
     )
     parser.add_argument(
         "--no-repeat-ngram-size",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         help="HF's no_repeat_ngram_size: no n-gram of this size occurs twice in a prompt + its output (0: off)",
     )
     parser.add_argument(
         "--min-new-tokens",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         help="HF's min_new_tokens: no end-of-sequence before this many new tokens",
     )

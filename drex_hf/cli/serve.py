@@ -8,19 +8,9 @@ import sys
 from typing import Any
 
 from drex_hf.cli import COMMANDS
-from drex_hf.cli.common import HelpFormatter, add_model_arguments, positive_int
+from drex_hf.cli.common import HelpFormatter, add_model_arguments, positive_float, positive_int
 from drex_hf.errors import ConfigError
 from drex_hf.generation.scheduler import POLICY_NAMES as POLICIES
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
 
 
 def _port(text: str) -> int:
@@ -60,13 +50,13 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--max-len", type=positive_int, default=1024, help="positions per slot: prompt + max_tokens")
     parser.add_argument("--policy", choices=POLICIES, default="drex", help="the engine's scheduling policy")
     parser.add_argument(
-        "--sla-tpot-ms", type=_positive_float, default=None, help="drex: target time per output token (default: none)"
+        "--sla-tpot-ms", type=positive_float, default=None, help="drex: target time per output token (default: none)"
     )
     parser.add_argument(
         "--max-queue", type=positive_int, default=64, help="requests waiting for a slot before new ones get 429"
     )
-    parser.add_argument("--request-timeout-s", type=_positive_float, default=600.0, help="per-request time limit")
-    parser.add_argument("--grace-s", type=_positive_float, default=30.0, help="on SIGTERM: time running requests get")
+    parser.add_argument("--request-timeout-s", type=positive_float, default=600.0, help="per-request time limit")
+    parser.add_argument("--grace-s", type=positive_float, default=30.0, help="on SIGTERM: time running requests get")
     parser.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="larger request bodies get 413")
     add_model_arguments(parser)
     parser.set_defaults(run=run)
