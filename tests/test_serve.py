@@ -337,3 +337,46 @@ def test_sigterm_under_load_loses_no_completed_response_and_exits_0(heads_dir):
             assert choice["token_ids"] == reference(model, prompts[i], 60)[0]  # whole, and right
             completed += 1
     assert completed >= 2  # those running when the signal came finished within the grace period
+
+
+def test_a_synthetic_model_serves_with_a_byte_tokenizer():
+    from drex_hf.serve.server import ServeOptions, load, run_server
+
+    model, tokenizer, name = load(synthetic="tiny")
+    with run_server(model, tokenizer, model_name=name, options=ServeOptions(max_batch=2, max_len=128)) as served:
+        client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=30)
+        out = client.completions.create(model=name, prompt="hello", max_tokens=5, temperature=0)
+        assert name == "synthetic-tiny" and out.usage.prompt_tokens == len(b"hello")
+        assert out.usage.completion_tokens == 5 and out.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["serve"], "give MODEL_DIR or --synthetic-config SHAPE"),
+        (["serve", "{heads}", "--synthetic-config", "tiny"], "give MODEL_DIR or --synthetic-config SHAPE"),
+        (["serve", "--synthetic-config", "huge"], "unknown synthetic shape 'huge'"),
+        (["serve", "{heads}", "--max-queue", "0"], "--max-queue: must be a positive integer"),
+        (["serve", "{heads}", "--port", "70000"], "a port is in 0..65535"),
+    ],
+)
+def test_serve_cli_bad_input_is_one_line_and_exit_code_2(argv, message, heads_dir, capsys):
+    from drex_hf.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        sys.exit(main([a.format(heads=heads_dir) for a in argv]))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_finished_requests_are_not_kept(served, client):
+    """Bounded memory: the engine hands a finished request to its waiter and keeps nothing of it,
+    and its per-step statistics are a fixed-size window."""
+    from drex_hf.serve.server import STATS_WINDOW
+
+    for _ in range(3):
+        client.completions.create(model=served.name, prompt="w5", max_tokens=3, temperature=0)
+    engine = served.state.worker.engine
+    assert engine.finished == {} and engine.requests == {}
+    assert engine.keep_finished is False and engine.stats_window == STATS_WINDOW
