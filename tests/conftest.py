@@ -32,7 +32,7 @@ ARCHS = ("llama", "qwen2", "mistral", "gpt2")
 
 
 def tiny_config(kind: str, **overrides):
-    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common = dict(vocab_size=overrides.pop("vocab_size", VOCAB), bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if kind == "gpt2":
         return GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=64, **common, **overrides)
     llama_like = dict(
