@@ -72,9 +72,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as err:
         missing = f"drex serve needs the serve extra ({err.name} is missing): pip install 'drex-hf[serve]'"
         raise ConfigError(missing) from None
-    from drex_hf.cli.common import load_model, pick_device, pick_dtype, tokenizer_for
-    from drex_hf.serve.server import ServeOptions, build_state, free_socket, make_server
-    from drex_hf.serve.text import ByteTokenizer
+    from drex_hf.cli.common import load_model, tokenizer_for
+    from drex_hf.serve.server import ServeOptions, build_state, free_socket, load, make_server
 
     try:  # before the model loads: a port in use is one line, not a traceback after the load
         sock = free_socket(args.host, args.port)
@@ -83,11 +82,7 @@ def run(args: argparse.Namespace) -> int:
         why = err.strerror or err
         raise ConfigError(f"--host {args.host} --port {args.port}: cannot listen there ({why})") from None
     if args.synthetic_config is not None:
-        from drex_hf.bench.synthetic import synthetic_model
-
-        device = pick_device(args.device)
-        model = synthetic_model(args.synthetic_config, dtype=pick_dtype(args.dtype, device), device=device)
-        tokenizer, name = ByteTokenizer(model.arch.vocab_size), f"synthetic-{args.synthetic_config}"
+        model, tokenizer, name = load(synthetic=args.synthetic_config, device=args.device, dtype=args.dtype)
     else:
         model = load_model(args.model, args)
         tokenizer, name = tokenizer_for(model), args.model.rstrip("/").split("/")[-1]
