@@ -37,7 +37,7 @@ import torch
 
 from drex_hf.errors import GenerationInputError, GenerationTypeError
 from drex_hf.generation.reference import ReferenceDecoder, RequestKV
-from drex_hf.generation.sampling import as_seed, host_uniform, pick_tokens
+from drex_hf.generation.sampling import host_uniform
 from drex_hf.generation.settings import DecodeSettings
 
 if TYPE_CHECKING:
@@ -110,11 +110,9 @@ class SelfSpecDecoder(ReferenceDecoder):
         return probs / probs.sum()
 
     def draw(self, logits: torch.Tensor, seed: int, index: int, stream: int) -> int:
-        """`pick_tokens` on `logits [vocab]` with the uniform of (seed, token index, stream)."""
-        device = logits.device
-        seeds = torch.tensor([as_seed(seed)], device=device)
-        counters = torch.tensor([spec_counter(index, stream)], device=device)
-        return int(pick_tokens(logits.reshape(1, -1), self.settings.do_sample, self.warpers, seeds, counters)[0])
+        """The reference decoder's pick on `logits [vocab]` with the uniform of (seed, token index,
+        stream) (no processors: `check_spec_arguments` refuses them)."""
+        return self.pick(logits, seed, spec_counter(index, stream))
 
     def verify_token(
         self, draft: int, draft_logits: torch.Tensor, full_logits: torch.Tensor, seed: int, index: int
