@@ -36,7 +36,7 @@ from drex_hf.errors import (
     ModelNotFoundError,
     WeightsFileError,
 )
-from drex_hf.fileio import check_output_folder, sha256_file, staged_folder
+from drex_hf.fileio import sha256_file, staged_folder
 from drex_hf.heads import ExitHead, exit_confidence
 from drex_hf.hub import BaseSource, load_base
 
@@ -383,7 +383,6 @@ class EarlyExitModelForCausalLM(nn.Module):
         from drex_hf.lora import LORA_WEIGHTS_NAME, has_lora, lora_tensors
         from drex_hf.model_card import calibration_section, card_name, render_model_card
 
-        check_output_folder(target, "save_pretrained's folder", beside=True)  # before anything is read or made
         card_file = card_name(target)
         if card_file != CARD_NAME:
             logger.warning(
@@ -463,12 +462,12 @@ class EarlyExitModelForCausalLM(nn.Module):
         from drex_hf.generation.settings import check_token_batch
 
         input_ids, attention_mask = check_token_batch(input_ids, attention_mask, self.arch.input_vocab_size)
-        if self.arch.position_limit is None:  # rotary: no hard limit, nothing to count (no host read)
-            pass
-        elif attention_mask is None:
-            self._check_positions([input_ids.shape[1]] * input_ids.shape[0])
-        else:  # positions come from the mask: left padding takes none
-            self._check_positions(attention_mask.bool().sum(dim=1).tolist())
+        if self.arch.position_limit is not None:  # learned positions (GPT-2); rotary: no limit, no host read
+            # positions come from the mask: left padding takes none
+            if attention_mask is None:
+                self._check_positions([input_ids.shape[1]] * input_ids.shape[0])
+            else:
+                self._check_positions(attention_mask.bool().sum(dim=1).tolist())
         return self._forward_with_exits(input_ids, attention_mask, labels)
 
     def exit_states(
