@@ -123,6 +123,7 @@ def test_cancel_frees_the_slot_at_once_and_leaves_the_neighbours_unchanged(model
         engine.run()
     by_id = {o.request_id: o for o in ended}
     assert by_id[queued].finish_reason == "cancelled" and by_id[queued].tokens == []
+    assert engine.finished[queued] is by_id[queued]  # kept like every ended request (keep_finished)
     for rid, i in ((first[0], 0), (first[2], 2), (late, 3)):
         assert (by_id[rid].tokens, by_id[rid].exit_layers) == (references[i].tokens, references[i].exit_layers)
         assert by_id[rid].finish_reason == "length"

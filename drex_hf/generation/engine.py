@@ -836,7 +836,10 @@ class DrexEngine:
         out.finished, out.finish_reason = True, reason
         if self.keep_finished:
             self.finished[out.request_id] = out
-        del self.requests[req.slot]
+        if self.requests.get(req.slot) is req:
+            del self.requests[req.slot]
+        else:  # cancelled before its prefill
+            self.prefill_queue.remove(req)
         for buffer in self.buffers:
             if req.slot in buffer:
                 buffer.remove(req.slot)
@@ -855,15 +858,7 @@ class DrexEngine:
             if live and request_id not in self._cancels:
                 self._cancels.append(request_id)
             return live
-        for i, req in enumerate(self.prefill_queue):
-            if req.output.request_id == request_id:
-                del self.prefill_queue[i]
-                req.output.finished, req.output.finish_reason = True, "cancelled"
-                self.store.release(req.slot)
-                if req.on_finish is not None:
-                    req.on_finish(req.output)
-                return True
-        for req in list(self.requests.values()):
+        for req in [*self.prefill_queue, *self.requests.values()]:
             if req.output.request_id == request_id:
                 self._finish(req, "cancelled")
                 return True
