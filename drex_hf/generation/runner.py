@@ -497,11 +497,8 @@ class StepExecutor:
         """Full-depth pass over the prompts (right-padded, causal, batched), writing their keys/values;
         each one's first token is picked (draw 0 of its seed), kept in its slot and returned. With
         per-request sampling, `sampling` gives each prompt's parameters, kept in its slot."""
-        if self.row_sampling is not None:
-            if sampling is None or len(sampling) != len(slots):
-                raise ValueError("per-request sampling needs one RequestSampling per prompt")
-            rows = torch.tensor([r.row() for r in sampling], dtype=torch.float32)
-            self.row_sampling.index_copy_(0, torch.tensor(slots).to(self.device), rows.to(self.device))
+        if self.row_sampling is not None and (sampling is None or len(sampling) != len(slots)):
+            raise ValueError("per-request sampling needs one RequestSampling per prompt")
         order = sorted(range(len(slots)), key=lambda i: slots[i])
         slots = [slots[i] for i in order]
         prompts = [prompts[i] for i in order]
@@ -515,6 +512,9 @@ class StepExecutor:
         host[:, width + 2] = torch.tensor([as_seed(seeds[i]) for i in order])
         device = host.to(self.device)
         ids, length, index, seed = device[:, :width], device[:, width], device[:, width + 1], device[:, width + 2]
+        if self.row_sampling is not None:  # each slot's own parameters, by the slot index just uploaded
+            rows = torch.tensor([sampling[i].row() for i in order], dtype=torch.float32)
+            self.row_sampling.index_copy_(0, index, rows.to(self.device))
         positions = torch.arange(width, device=self.device).expand(len(prompts), width)
         hidden = self.arch.embed(ids, positions)
         rotary = self.arch.position_embeddings(hidden, positions)
@@ -540,5 +540,6 @@ class StepExecutor:
 
     def nbytes(self) -> int:
         """Bytes of the per-slot state kept beside the KV cache (and the rotary tables)."""
-        kept = [self.hidden, self.features, self.previous, self.tokens, self.cos, self.sin, self.history]
+        kept = [self.hidden, self.features, self.previous, self.tokens, self.cos, self.sin]
+        kept += [self.history, self.row_sampling]  # with logits processors / per-request sampling only
         return sum(t.nbytes for t in kept if t is not None)
