@@ -213,25 +213,39 @@ class _Collected:
 async def _first_event(state: ServerState, request: Request, job: Job, deadline: float) -> tuple | None:
     """The job's first event (a token, or its end), raising its refusal; None if the client left."""
     loop = asyncio.get_running_loop()
-    wait = asyncio.ensure_future(asyncio.wait_for(job.events.get(), max(0.0, deadline - loop.time())))
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({wait, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if not wait.done():
-        wait.cancel()
+    wait = await _unless_gone(request, asyncio.wait_for(job.events.get(), max(0.0, deadline - loop.time())))
+    if wait is None:
         state.worker.cancel(job)
         return None
     try:
         event = wait.result()
     except asyncio.TimeoutError:
-        state.worker.cancel(job)
-        state.metrics.timeouts.inc()
+        _timed_out(state, job)
         raise _timeout(state) from None
     if event[0] == "error":
         raise event[1]
     return event
+
+
+async def _unless_gone(request: Request, work: Any) -> asyncio.Future | None:
+    """Await `work` unless the client disconnects first: its finished future, or None (`work`
+    cancelled) when the client left."""
+    work = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not work.done():
+        work.cancel()
+        return None
+    return work
+
+
+def _timed_out(state: ServerState, job: Job) -> None:
+    """The request's time is up: free its slot, count it."""
+    state.worker.cancel(job)
+    state.metrics.timeouts.inc()
 
 
 def _timeout(state: ServerState) -> RequestError:
@@ -256,12 +270,11 @@ async def _events(
             if first is not None:
                 event, first = first, None
             elif left <= 0:
-                raise TimeoutError
+                raise asyncio.TimeoutError  # (not the builtin: a different class before Python 3.11)
             else:
                 event = await asyncio.wait_for(job.events.get(), left)
         except asyncio.TimeoutError:
-            state.worker.cancel(job)
-            state.metrics.timeouts.inc()
+            _timed_out(state, job)
             if not got.tokens:
                 raise _timeout(state) from None
             got.reason = "length"
@@ -295,14 +308,8 @@ async def _complete(
     async def collect() -> str:
         return "".join([piece async for piece in _events(state, job, text, got, deadline)])
 
-    work = asyncio.ensure_future(collect())
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if not work.done():
-        work.cancel()
+    work = await _unless_gone(request, collect())
+    if work is None:
         state.worker.cancel(job)
         return Response(status_code=499)  # nobody reads it; counted as a client that left
     content = work.result()  # re-raises a RequestError (timeout, engine refusal)
