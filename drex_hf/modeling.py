@@ -151,7 +151,7 @@ class EarlyExitModelForCausalLM(nn.Module):
         the base.
         """
         _check_config(config)
-        _check_device(device)
+        check_device(device)
         _check_dtype(load_kwargs)
         config = copy.deepcopy(config)
         model, source = _resolve_base(base, revision, None, load_kwargs)
@@ -188,7 +188,7 @@ class EarlyExitModelForCausalLM(nn.Module):
         """
         from drex_hf.hub import heads_folder, is_hub_id
 
-        _check_device(device)
+        check_device(device)
         _check_dtype(load_kwargs)
         folder = Path(path).expanduser()
         if not folder.is_dir():
@@ -787,23 +787,23 @@ def _check_config(config: Any) -> None:
         raise ConfigTypeError(f"config must be an EarlyExitConfig, got {type(config).__name__} {config!r}{hint}")
 
 
-def _check_device(device: Any) -> None:
-    """Refuse a `device=` torch cannot parse, or CUDA where there is none, before anything loads."""
+def check_device(device: Any, option: str | None = None) -> torch.device | None:
+    """`device` parsed, refused before anything loads when torch cannot parse it or it is CUDA where
+    there is none; None stays None. The error names it as `device=...`, or as the command-line
+    `option` (the CLI's `--device`)."""
     if device is None:
-        return
+        return None
+    quoted, plain = (f"{option} {device!r}", f"{option} {device}") if option else (f"device={device!r}",) * 2
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise GenerationInputError(
-            f"device={device!r} is not a device torch knows (e.g. 'cpu', 'cuda', 'cuda:1')"
-        ) from None
+        raise GenerationInputError(f"{quoted} is not a device torch knows (e.g. 'cpu', 'cuda', 'cuda:1')") from None
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise GenerationInputError(f"device={device!r}: CUDA is not available on this machine")
+            raise GenerationInputError(f"{plain}: CUDA is not available on this machine")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise GenerationInputError(
-                f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
+            raise GenerationInputError(f"{plain}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return parsed
 
 
 def _check_dtype(load_kwargs: dict[str, Any]) -> None:

@@ -151,17 +151,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def pick_device(name: str | None) -> torch.device:
     import torch
 
+    from drex_hf.modeling import check_device
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise GenerationInputError(f"--device {name!r} is not a device torch knows (e.g. cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GenerationInputError(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise GenerationInputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+    return check_device(name, "--device")
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -181,18 +175,18 @@ def load_model(model: str, args: argparse.Namespace) -> EarlyExitModelForCausalL
     dtype = pick_dtype(args.dtype, device)
     given = [name for name in ("exit_layers", "head", "confidence") if getattr(args, name) is not None]
     options = " and ".join("--" + name.replace("_", "-") for name in given)
+    options += " apply" if len(given) > 1 else " applies"
     if (Path(model) / CONFIG_NAME).is_file():
         if given:
             raise ConfigError(
-                f"{options} {'apply' if len(given) > 1 else 'applies'} to new heads on a base model only; "
+                f"{options} to new heads on a base model only; "
                 f"{model} is an exit-heads folder, whose heads keep their trained layers, type and measure"
             )
         wrapper = EarlyExitModelForCausalLM.from_pretrained(model, dtype=dtype, device=device)
     elif not Path(model).exists() and is_hub_id(model) and not args.exit_layers:
         # a hub id without --exit-layers: an exit-heads repository (on the hub or in the HF cache)
         if given:
-            raise ConfigError(f"{options} {'apply' if len(given) > 1 else 'applies'} to new heads: pass "
-                              f"--exit-layers to put them on the base model {model}")  # fmt: skip
+            raise ConfigError(f"{options} to new heads: pass --exit-layers to put them on the base model {model}")
         try:
             wrapper = EarlyExitModelForCausalLM.from_pretrained(model, dtype=dtype, device=device)
         except ModelNotFoundError as err:
