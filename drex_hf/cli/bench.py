@@ -26,6 +26,7 @@ from drex_hf.cli.common import (
     count_list,
     pick_device,
     pick_dtype,
+    positive_float,
     positive_int,
     progress_bar,
     seed_value,
@@ -136,13 +137,15 @@ def add_parser(sub: Any) -> None:
     )
     parser.add_argument(
         "--sla-tpot-ms",
-        type=float,
+        type=positive_float,
         default=None,
         help="instead of the table: an SLA run — requests arrive as a Poisson process at --request-rate into an "
         "engine of the largest batch size; per policy, the requests whose time per output token stays within "
         "this many ms, per second (goodput)",
     )
-    parser.add_argument("--request-rate", type=float, default=4.0, help="arrivals per second for --sla-tpot-ms")
+    parser.add_argument(
+        "--request-rate", type=positive_float, default=4.0, help="arrivals per second for --sla-tpot-ms"
+    )
     parser.add_argument(
         "--sweep-thresholds",
         type=float_list,
@@ -230,7 +233,7 @@ def _exits(args: argparse.Namespace, model: Any) -> Any:
         dist.check(len(model.exit_layers))
         return dist
     if args.exit_trace:
-        rows = trace_rows(args.exit_trace)
+        rows = args.trace_rows
         for i, row in enumerate(rows):
             check_trace_row(row, model.exit_layers, model.num_layers, f"--exit-trace row {i}")
         return ExitReplay.from_output(rows)
@@ -328,12 +331,7 @@ def run(args: argparse.Namespace) -> int:
     check_policies(policies)  # before the model loads
     if args.exit_dist and not args.exit_trace:  # their JSON / numbers before the model loads; the layers after
         parse_distribution(args.exit_dist, seed=args.seed)
-    if args.exit_trace:
-        trace_rows(args.exit_trace)
-    for name in ("sla_tpot_ms", "request_rate"):
-        value = getattr(args, name)
-        if value is not None and not value > 0:  # also refuses nan
-            raise GenerationInputError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    args.trace_rows = trace_rows(args.exit_trace) if args.exit_trace else None  # read once, checked before the load
     check_output_folder(args.out, "--out")  # before the run, whose results would otherwise be lost
     device = pick_device(args.device)
     if args.graphs and device.type != "cuda":
