@@ -31,7 +31,13 @@ from drex_hf.calibration.costs import (
     prediction_errors,
     profile_runner,
 )
-from drex_hf.calibration.files import HEADS_SHA_KEY, OBSERVATIONS_NAME, PLOT_NAME, recorded_heads_sha256
+from drex_hf.calibration.files import (
+    HEADS_SHA_KEY,
+    OBSERVATIONS_NAME,
+    PLOT_NAME,
+    read_json_object,
+    recorded_heads_sha256,
+)
 from drex_hf.calibration.thresholds import (
     CalibrationDataError,
     Observations,
@@ -548,11 +554,11 @@ def save(calibration: dict, folder: Path, plot: bytes | None) -> None:
         )
     calibration[HEADS_SHA_KEY] = made_for or current
     path = folder / CALIBRATION_NAME
-    if path.is_file():
+    old = read_json_object(path) if path.is_file() else None
+    if old is not None:
         try:
-            old = json.loads(path.read_text())
             same_heads = old.get("exit_layers") == calibration["exit_layers"] and (
-                recorded_heads_sha256(path) == calibration[HEADS_SHA_KEY] or old.get(HEADS_SHA_KEY) is None
+                recorded_heads_sha256(old) == calibration[HEADS_SHA_KEY] or old.get(HEADS_SHA_KEY) is None
             )  # an older file records no sha256: it stayed beside these heads, so it was made for them
             if not same_heads:
                 raise ValueError("made for other heads")
@@ -562,8 +568,8 @@ def save(calibration: dict, folder: Path, plot: bytes | None) -> None:
                 # the observations were reused: keep saying where they came from
                 calibration["observed_by"] = old.get("observed_by") or old.get("command")
                 calibration["observations"] = {**old.get("observations", {}), "reused": True}
-        except (OSError, ValueError, AttributeError):
-            pass  # an unreadable old file, or one made for other heads, is replaced
+        except (ValueError, AttributeError):
+            pass  # made for other heads, or with fields of other shapes: replaced (as an unreadable one is)
     card = folder / card_name(folder)  # ours: never a README.md the user wrote
     with staged_folder(folder, order=[CALIBRATION_NAME]) as tmp:
         if obs is not None:

@@ -110,13 +110,18 @@ def exits_off_notice(path: Path, device: str, entry: dict[str, Any], exit_layers
     )
 
 
-def recorded_heads_sha256(path: Path) -> str | None:
-    """The heads sha256 a calibration file records; None when it records none or cannot be read."""
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`; None when it cannot be read, is not JSON or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    value = data.get(HEADS_SHA_KEY) if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else None
+
+
+def recorded_heads_sha256(data: dict[str, Any] | None) -> str | None:
+    """The heads sha256 a calibration file's contents record; None when they record none."""
+    value = None if data is None else data.get(HEADS_SHA_KEY)
     return value if _is_sha256(value) else None
 
 
@@ -128,21 +133,12 @@ def stale_files(folder: Path, new_sha256: str, old_sha256: str | None) -> list[s
     present = [name for name in CALIBRATION_FILES if (folder / name).exists()]
     if not present:
         return []
-    path = folder / CALIBRATION_NAME
-    recorded = recorded_heads_sha256(path) if path.is_file() else None
-    if recorded == new_sha256:
+    data = read_json_object(folder / CALIBRATION_NAME)
+    if data is not None and recorded_heads_sha256(data) == new_sha256:
         return []
-    if path.is_file() and recorded is None and old_sha256 == new_sha256 and _records_no_sha(path):
+    if data is not None and data.get(HEADS_SHA_KEY) is None and old_sha256 == new_sha256:
         return []
     return present
-
-
-def _records_no_sha(path: Path) -> bool:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get(HEADS_SHA_KEY) is None
 
 
 def _is_sha256(value: Any) -> bool:
