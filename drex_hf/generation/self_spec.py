@@ -30,6 +30,7 @@ depth's, the output does not depend on the batch or on the order of work, and a 
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -92,13 +93,21 @@ class SelfSpecDecoder(ReferenceDecoder):
     """Decodes one request by self-speculation; see the module docstring."""
 
     def __init__(
-        self, model: EarlyExitModelForCausalLM, settings: DecodeSettings, draft_exit: int, draft_tokens: int
+        self,
+        model: EarlyExitModelForCausalLM,
+        settings: DecodeSettings,
+        draft_exit: int,
+        draft_tokens: int,
+        draft_confidence: float | None = None,
+        choose_k: Callable[[SpecOutput], int] | None = None,
     ) -> None:
         check_spec_arguments(model, settings, draft_exit, draft_tokens)
         super().__init__(model, settings, [float("inf")] * len(model.exit_layers))
         self.draft_exit = draft_exit
         self.head = model.heads[model.exit_layers.index(draft_exit)]
         self.k = draft_tokens
+        self.draft_confidence = draft_confidence  # stop at a draft the head is less sure of (not proposed)
+        self.choose_k = choose_k  # each round's k from the request's output so far (adaptive drafting)
 
     # ------------------------------------------------------------------ draws
     def warped(self, logits: torch.Tensor) -> torch.Tensor:
@@ -134,22 +143,29 @@ class SelfSpecDecoder(ReferenceDecoder):
 
     # ------------------------------------------------------------------ one round
     def draft(
-        self, token: int, position: int, room: int, kv: RequestKV, seed: int, index: int
+        self, token: int, position: int, room: int, kv: RequestKV, seed: int, index: int, k: int
     ) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor], int]:
-        """Draft up to min(k, room) tokens after `token` (at `position`, the request's token `index`).
-        Returns (drafts, their draft logits, the exit hidden states of the inputs run, layers run)."""
+        """Draft up to min(k, room) tokens after `token` (at `position`, the request's token `index`),
+        stopping before a draft whose head confidence is below `draft_confidence`. Returns (drafts,
+        their draft logits, the exit hidden states of the inputs run, layers run): one state more than
+        drafts after a confidence stop (the unproposed draft's input has run)."""
         drafts: list[int] = []
         logits: list[torch.Tensor] = []
         states: list[torch.Tensor] = []
         eos = set(self.settings.eos_token_ids)
         current = token
-        while len(drafts) < min(self.k, room) and current not in eos:
+        while len(drafts) < min(k, room) and current not in eos:
             hidden = self.exit_state(current, position + len(drafts), kv)
             states.append(hidden)
-            logits.append(self.head.logits(hidden)[0, -1])
-            current = self.draw(logits[-1], seed, index + len(drafts), DRAFT)
+            draft_logits = self.head.logits(hidden)[0, -1]
+            current = self.draw(draft_logits, seed, index + len(drafts), DRAFT)
+            if self.draft_confidence is not None:
+                confidence = float(torch.softmax(draft_logits.float(), dim=-1).max())
+                if confidence < self.draft_confidence:
+                    break
+            logits.append(draft_logits)
             drafts.append(current)
-        return drafts, logits, states, len(drafts) * (self.draft_exit + 1)
+        return drafts, logits, states, len(states) * (self.draft_exit + 1)
 
     def exit_state(self, token: int, position: int, kv: RequestKV) -> torch.Tensor:
         """`token` at `position` through layers 0..draft_exit (appending their K/V): `[1, 1, hidden]`."""
@@ -181,12 +197,14 @@ class SelfSpecDecoder(ReferenceDecoder):
             index = len(out.tokens)  # the number of the first token this round decides
             position = prompt.shape[0] + index - 1  # of the pending token, whose K/V is not yet stored
             room = budget - index - 1  # drafts beyond it could not be emitted with their bonus token
-            drafts, draft_logits, states, layers = self.draft(out.tokens[-1], position, room, kv, seed, index)
-            # the last input (the last draft, or the pending token if nothing was drafted) has run no layer
-            last = drafts[-1] if drafts else out.tokens[-1]
-            states.append(self.exit_state(last, position + len(drafts), kv))
+            k = self.k if self.choose_k is None else self.choose_k(out)
+            drafts, draft_logits, states, layers = self.draft(out.tokens[-1], position, room, kv, seed, index, k)
+            if len(states) == len(drafts):  # the last input (the last draft, or the pending token) has run no layer
+                last = drafts[-1] if drafts else out.tokens[-1]
+                states.append(self.exit_state(last, position + len(drafts), kv))
+                layers += self.draft_exit + 1
             full = self.deep_logits(states, position, kv)
-            layers += (self.draft_exit + 1) + len(states) * (self.num_layers - 1 - self.draft_exit)
+            layers += len(states) * (self.num_layers - 1 - self.draft_exit)
             accepted = 0
             for j, draft in enumerate(drafts):
                 ok, token = self.verify_token(draft, draft_logits[j], full[j], seed, index + j)
@@ -233,11 +251,13 @@ def generate_self_spec(
     draft_exit: int,
     draft_tokens: int,
     seeds: list[int] | None = None,
+    draft_confidence: float | None = None,
+    choose_k: Callable[[SpecOutput], int] | None = None,
 ) -> list[SpecOutput]:
     """Decode each prompt (1-D token tensor) alone by self-speculation: drafts of up to `draft_tokens`
     tokens from the exit head after layer `draft_exit`, verified at full depth; `seeds` give each
     request its own draws (default 0)."""
     if seeds is not None and len(seeds) != len(prompts):
         raise GenerationInputError(f"seeds must give one seed per prompt ({len(prompts)}), got {len(seeds)}")
-    decoder = SelfSpecDecoder(model, settings, draft_exit, draft_tokens)
+    decoder = SelfSpecDecoder(model, settings, draft_exit, draft_tokens, draft_confidence, choose_k)
     return [decoder.decode_spec(prompt, int(seeds[i]) if seeds is not None else 0) for i, prompt in enumerate(prompts)]
