@@ -562,6 +562,9 @@ class EarlyExitModelForCausalLM(nn.Module):
         streamer: Any = None,
         return_dict_in_generate: bool | None = None,
         tokenizer: Any = None,
+        draft_exit: int | None = None,
+        draft_tokens: int | str = 4,
+        draft_confidence: float | None = None,
         **kwargs: Any,
     ) -> torch.Tensor | EarlyExitGenerateOutput:
         """Generate with per-token early exit (greedy or sampling), like HF's `generate`.
@@ -570,8 +573,10 @@ class EarlyExitModelForCausalLM(nn.Module):
         would get alone.
 
         Args:
-            policy: `drex` (per-token exits with rebatching), `full` (full depth), or the batch-wide
-                baselines `batch_all` and `batch_majority` (whose outputs depend on the batch).
+            policy: `drex` (per-token exits with rebatching), `full` (full depth), `self_spec`
+                (lossless: the exit head at `draft_exit` drafts, the remaining layers verify; the
+                output is full depth's — `SpecEngine`), or the batch-wide baselines `batch_all` and
+                `batch_majority` (whose outputs depend on the batch).
             thresholds: override the config's thresholds for this call (one value or one per exit;
                 `float("inf")` never exits); None (the default) keeps the config's.
             seed: sampling seed, an integer in [0, 2**64) (numpy integers too; larger or negative
@@ -595,6 +600,11 @@ class EarlyExitModelForCausalLM(nn.Module):
                 processors and `StopStringCriteria`, each row seeing only its own prompt and tokens;
                 the exit confidence stays the head's own; processors turn CUDA graphs off), as in HF.
             tokenizer: the tokenizer `stop_strings` are matched with, as in HF.
+            draft_exit: self_spec: the exit layer whose head drafts (default: the deepest exit point).
+            draft_tokens: self_spec: drafts per round, an integer k or "adaptive" (per row, from its
+                measured acceptance and the layer-count cost model).
+            draft_confidence: self_spec: stop drafting at a draft whose head confidence (max
+                probability) is below this (default: never).
 
         With `return_dict_in_generate=True` the output also carries the run's `EngineStats`.
         """
@@ -609,8 +619,32 @@ class EarlyExitModelForCausalLM(nn.Module):
             split_prompts,
         )
 
+        if policy == "self_spec":
+            return self._generate_self_spec(
+                input_ids,
+                attention_mask,
+                thresholds=thresholds,
+                seed=seed,
+                exit_trace=exit_trace,
+                cost_model=cost_model,
+                sla_tpot_ms=sla_tpot_ms,
+                graphs=graphs,
+                generation_config=generation_config,
+                streamer=streamer,
+                return_dict_in_generate=return_dict_in_generate,
+                draft_exit=draft_exit,
+                draft_tokens=draft_tokens,
+                draft_confidence=draft_confidence,
+                kwargs=kwargs,
+            )
+        if draft_exit is not None or draft_tokens != 4 or draft_confidence is not None:
+            raise GenerationInputError(
+                f"draft_exit, draft_tokens and draft_confidence apply to policy='self_spec', not {policy!r}"
+            )
         if policy not in POLICY_NAMES:
-            raise GenerationInputError(f"unknown policy {policy!r}; choose one of {', '.join(POLICY_NAMES)}")
+            raise GenerationInputError(
+                f"unknown policy {policy!r}; choose one of {', '.join(POLICY_NAMES)} or 'self_spec'"
+            )
         if policy == "full" and (thresholds is not None or exit_trace is not None):
             raise GenerationInputError("thresholds and exit_trace do not apply to policy='full' (it never exits)")
         input_ids, attention_mask = check_token_batch(input_ids, attention_mask, self.arch.input_vocab_size)
@@ -673,14 +707,89 @@ class EarlyExitModelForCausalLM(nn.Module):
             results = engine.run()
         if streamer is not None:
             streamer.end()
-        steps = max(len(r.tokens) for r in results.values())
-        new = torch.full((len(prompts), steps), settings.pad_token_id, dtype=input_ids.dtype, device=device)
-        exit_layers = torch.full((len(prompts), steps), -1, dtype=torch.long, device=device)
-        for b in range(len(prompts)):
-            result = results[b]
-            new[b, : len(result.tokens)] = torch.tensor(result.tokens, dtype=input_ids.dtype)
-            exit_layers[b, : len(result.tokens)] = torch.tensor(result.exit_layers)
-        sequences = torch.cat([input_ids, new], dim=1)
+        sequences, exit_layers = _sequences(input_ids, results, settings.pad_token_id)
+        if return_dict_in_generate:
+            return EarlyExitGenerateOutput(sequences, exit_layers, engine.stats)
+        return sequences
+
+    def _generate_self_spec(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        *,
+        thresholds: Any,
+        seed: Any,
+        exit_trace: Any,
+        cost_model: Any,
+        sla_tpot_ms: Any,
+        graphs: Any,
+        generation_config: Any,
+        streamer: Any,
+        return_dict_in_generate: bool | None,
+        draft_exit: int | None,
+        draft_tokens: int | str,
+        draft_confidence: float | None,
+        kwargs: dict[str, Any],
+    ) -> torch.Tensor | EarlyExitGenerateOutput:
+        """`generate(policy="self_spec")`: the batch through one `SpecEngine`; see `generate`."""
+        from drex_hf.generation.settings import (
+            check_token_batch,
+            infer_attention_mask,
+            merge_generation_config,
+            settings_from_config,
+            split_prompts,
+        )
+        from drex_hf.generation.spec_engine import SpecEngine
+
+        given = {
+            "thresholds": thresholds,
+            "exit_trace": exit_trace,
+            "cost_model": cost_model,
+            "sla_tpot_ms": sla_tpot_ms,
+            "graphs": graphs or None,
+        }
+        unused = [name for name, value in given.items() if value is not None]
+        if unused:
+            raise GenerationInputError(
+                f"{', '.join(unused)} do not apply to policy='self_spec' (it never exits early: every token is "
+                f"full depth's, verified; draft_exit, draft_tokens and draft_confidence set its drafting)"
+            )
+        input_ids, attention_mask = check_token_batch(input_ids, attention_mask, self.arch.input_vocab_size)
+        gen_config = merge_generation_config(self.base_model, generation_config, kwargs)
+        settings = settings_from_config(gen_config, input_ids.shape[1])
+        attention_mask = infer_attention_mask(input_ids, settings, attention_mask)
+        attention_mask, prompts = split_prompts(input_ids, attention_mask)
+        self._check_positions([p.shape[0] for p in prompts], settings.max_new_tokens)
+        if streamer is not None and len(prompts) > 1:
+            raise GenerationInputError(f"streamer supports a batch of 1 prompt, got {len(prompts)}")
+        if return_dict_in_generate is None:
+            return_dict_in_generate = bool(gen_config.return_dict_in_generate)
+        device = self.heads_device
+        input_ids = input_ids.to(device)
+        seeds = _request_seeds(seed, len(prompts)) if settings.do_sample else [None] * len(prompts)
+        engine = SpecEngine(
+            self,
+            max_batch=len(prompts),
+            max_len=max(p.shape[0] for p in prompts) + settings.max_new_tokens,
+            draft_exit=self.exit_layers[-1] if draft_exit is None else draft_exit,
+            draft_tokens=draft_tokens,
+            draft_confidence=draft_confidence,
+            settings=settings,
+        )
+        callback = None
+        if streamer is not None:
+            streamer.put(prompts[0].unsqueeze(0).cpu())
+
+            def callback(request_id: int, token: int, layer: int) -> None:
+                streamer.put(torch.tensor([token]))
+
+        with torch.no_grad():
+            for b, prompt in enumerate(prompts):
+                engine.add_request(prompt.to(device), seed=seeds[b], callback=callback)
+            results = engine.run()
+        if streamer is not None:
+            streamer.end()
+        sequences, exit_layers = _sequences(input_ids, results, settings.pad_token_id)
         if return_dict_in_generate:
             return EarlyExitGenerateOutput(sequences, exit_layers, engine.stats)
         return sequences
@@ -899,6 +1008,20 @@ def _full_depth_layers(new: torch.Tensor, eos_ids: tuple[int, ...], last_layer: 
         after = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
         layers[after] = -1
     return layers
+
+
+def _sequences(input_ids: torch.Tensor, results: dict[int, Any], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`generate`'s outputs from an engine's results by request id (0..batch-1): the prompts followed by
+    each row's tokens, `pad` after its end, and each token's exit layer (-1 after the end)."""
+    count, device = input_ids.shape[0], input_ids.device
+    steps = max(len(r.tokens) for r in results.values())
+    new = torch.full((count, steps), pad, dtype=input_ids.dtype, device=device)
+    exit_layers = torch.full((count, steps), -1, dtype=torch.long, device=device)
+    for b in range(count):
+        result = results[b]
+        new[b, : len(result.tokens)] = torch.tensor(result.tokens, dtype=input_ids.dtype)
+        exit_layers[b, : len(result.tokens)] = torch.tensor(result.exit_layers)
+    return torch.cat([input_ids, new], dim=1), exit_layers
 
 
 def _request_seeds(seed: int | list[int] | None, count: int) -> list[int]:

@@ -168,9 +168,10 @@ def _chi_square(counts, probs):
     return sum((c - e) ** 2 / e for e, c in kept), len(kept) - 1
 
 
-def test_sampling_distribution_matches_full_depth():
+def test_sampling_distribution_matches_full_depth(decode=generate_self_spec):
     """Tokens 1 and 2 (the drafted ones: max_new_tokens 4, k 2) over many seeds, against their exact
-    marginal distributions under full-depth sampling, by Pearson's chi-square at significance 0.001."""
+    marginal distributions under full-depth sampling, by Pearson's chi-square at significance 0.001.
+    `decode`: the decoder under test (test_spec_engine.py passes the batched engine)."""
     vocab, n = 12, 1500
     model = _model("llama", vocab_size=vocab)
     prompt = torch.tensor([3, 7, 5, 9])
@@ -193,7 +194,7 @@ def test_sampling_distribution_matches_full_depth():
         p2_given = warped(model.base_model(input_ids=twos).logits[:, -1]).reshape(vocab, vocab, vocab)
     p1 = p0 @ p1_given
     p2 = torch.einsum("a,ab,abc->c", p0, p1_given, p2_given)
-    outs = generate_self_spec(model, [prompt] * n, settings, 0, 2, seeds=list(range(n)))
+    outs = decode(model, [prompt] * n, settings, 0, 2, seeds=list(range(n)))
     assert all(o.drafted[0] == 2 for o in outs)
     rejected = sum(o.accepted[0] < 2 for o in outs)
     assert 0.1 * n < rejected < 0.9 * n  # both branches of the acceptance rule are well exercised

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -230,7 +230,10 @@ class SpecEngine:
         draft_confidence: stop drafting at a draft whose head confidence is below this (None: never).
         settings: decoding settings (greedy/sampling, eos, default max_new_tokens); logits processors
             and stop strings are refused (not supported here yet).
-        cost: the `SpecCost` adaptive drafting weighs k with (default: counted in layers).
+        cost: the `SpecCost` adaptive drafting weighs k with (default: `measure_spec_cost` times this
+            engine's own draft and verify steps at max_batch rows when it is built).
+        prior_acceptance: adaptive: the acceptance a row starts from, worth two drafts (a calibrated
+            acceptance of the draft exit is the natural value).
         exit_source: `heads`, or `trace` with `acceptance`: each draft accepted with that probability.
         trace_seed: a trace's coins: request i's come from trace_seed + i (or + its seed when given).
         keep_finished: keep finished requests in `finished` (what `run()` returns).
@@ -252,6 +255,7 @@ class SpecEngine:
         acceptance: float | None = None,
         trace_seed: int = 0,
         keep_finished: bool = True,
+        prior_acceptance: float = 0.5,
     ) -> None:
         model.arch.check_attention_implementation()
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
@@ -288,6 +292,10 @@ class SpecEngine:
                 raise GenerationInputError(f"acceptance must be in [0, 1], got {acceptance}")
         elif acceptance is not None:
             raise GenerationInputError("acceptance applies to exit_source='trace'")
+        if isinstance(prior_acceptance, bool) or not isinstance(prior_acceptance, numbers.Real):
+            raise GenerationTypeError(f"prior_acceptance must be a number, got {prior_acceptance!r}")
+        if not 0 < prior_acceptance < 1:
+            raise GenerationInputError(f"prior_acceptance must be in (0, 1), got {prior_acceptance}")
         if cost is not None and not isinstance(cost, SpecCost):
             raise GenerationTypeError(f"cost must be a SpecCost, got {type(cost).__name__}")
         check_special_tokens(settings, model.arch.vocab_size)
@@ -297,7 +305,7 @@ class SpecEngine:
         self.fixed_k = None if self.adaptive else draft_tokens
         self.draft_confidence = draft_confidence
         self.exit_source, self.acceptance, self.trace_seed = exit_source, acceptance, int(trace_seed)
-        self.cost = cost or SpecCost.from_layers(self.num_layers, draft_exit)
+        self.prior_acceptance = prior_acceptance
         self.eos = set(settings.eos_token_ids)
         self.keep_finished = keep_finished
 
@@ -337,6 +345,9 @@ class SpecEngine:
         self._stepping = False
         self._cancels: list[int] = []
         self._step_start = time.perf_counter()
+        if cost is None and self.adaptive:
+            cost = measure_spec_cost(self)
+        self.cost = cost or SpecCost.from_layers(self.num_layers, draft_exit)
 
     # ------------------------------------------------------------------ requests
     @property
@@ -471,11 +482,11 @@ class SpecEngine:
         row.drafting = row.k > 0
 
     def _adaptive_k(self, row: _Row) -> int:
-        """k for the row's next round: the cost model's best under its own acceptance so far (a
-        uniform prior of one accepted and one rejected draft), so a request's k never depends on its
-        neighbours."""
+        """k for the row's next round: the cost model's best under its own acceptance so far (with
+        `prior_acceptance` counted as two drafts' worth), so a request's k never depends on its
+        neighbours (the cost model is the engine's, fixed when it is built)."""
         out = row.output
-        acceptance = (sum(out.accepted) + 1) / (sum(out.drafted) + 2)
+        acceptance = (sum(out.accepted) + 2 * self.prior_acceptance) / (sum(out.drafted) + 2)
         return self.cost.best_k(acceptance, self.k_max)
 
     def _upload(self, columns: list[list[int]]) -> torch.Tensor:
@@ -728,10 +739,56 @@ class SpecEngine:
         self.finished = {}
 
 
+def measure_spec_cost(engine: SpecEngine, repeats: int = 5) -> SpecCost:
+    """Time the engine's own steps on its still-empty slots, all `max_batch` of them (it runs before
+    any request, so what it writes no request reads): a draft step, and a verify pass over 1 and over
+    k_max + 1 positions per row; a straight line through the two verify times gives its fixed and
+    per-position parts, and the one-position verify (a full-depth step) is what rounds must beat."""
+    from drex_hf.generation.profile import _time_ms
+
+    n = engine.store.slots
+    position = min(16, engine.max_len - engine.k_max - 2)
+    slots = torch.arange(n, device=engine.device)
+    zeros = torch.zeros(n, dtype=torch.long, device=engine.device)
+    at = torch.full((n,), max(position, 0), dtype=torch.long, device=engine.device)
+    wrap = torch.inference_mode()
+
+    def draft() -> None:
+        with wrap:
+            state = engine._shallow(slots, at, zeros)
+            logits = engine.head.logits(state).float()
+            torch.softmax(logits, dim=-1).amax(dim=-1)
+            pick_tokens(logits, engine.settings.do_sample, engine.warpers, zeros, zeros).tolist()
+
+    def verify(q: int) -> Callable[[], None]:
+        def run() -> None:
+            with wrap:
+                engine._shallow(slots, at, zeros)
+                grid = at.unsqueeze(1) + torch.arange(q, device=engine.device)
+                hidden = engine._run(engine.states[:n, :q], engine.deep, slots, grid)
+                engine.arch.lm_head(engine.arch.final_norm(hidden)).float().argmax(dim=-1).tolist()
+
+        return run
+
+    device = engine.device
+    t_draft = _time_ms(draft, repeats, device)
+    t_one = _time_ms(verify(1), repeats, device)
+    q = engine.k_max + 1
+    t_many = _time_ms(verify(q), repeats, device)
+    per_position = max(t_many - t_one, 0.0) / (q - 1) if q > 1 else 0.0
+    return SpecCost(
+        draft=t_draft,
+        verify_fixed=max(t_one - per_position, 0.0),
+        verify_per_position=per_position,
+        full=t_one,
+        source=f"measured at start-up ({n} rows)",
+    )
+
+
 def spec_speedup_ceiling(num_layers: int, draft_exit: int, acceptance: float, k: int) -> float:
     """Tokens per layer evaluation against full depth's, at `acceptance` and k drafts (the layer-count
     ceiling: what a device where a position costs its layers could gain at most)."""
     return SpecCost.from_layers(num_layers, draft_exit).speedup(acceptance, k)
 
 
-__all__ = ["SpecEngine", "SpecCost", "SpecRequestOutput", "SpecStats", "spec_speedup_ceiling"]
+__all__ = ["SpecEngine", "SpecCost", "SpecRequestOutput", "SpecStats", "measure_spec_cost", "spec_speedup_ceiling"]
