@@ -105,6 +105,8 @@ class EarlyExitModelForCausalLM(nn.Module):
         self.heads.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
         self._cost_models: dict[tuple, Any] = {}  # drex cost models measured by generate(), reused
         self.calibration_path: Path | None = None  # calibration.json with cost constants for this device
+        # `drex calibrate --choose-policy`: this device's fastest policy per batch size (`generate(policy=None)`)
+        self.policy_choice: dict[str, Any] | None = None
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -264,6 +266,7 @@ class EarlyExitModelForCausalLM(nn.Module):
         if measure is not None:  # the measure the thresholds were tested for (the device's fastest)
             self.exit_config.confidence = measure
         self.calibration_path = path if entry else None
+        self.policy_choice = entry.get("policy_choice") if entry else None
         notice = exits_off_notice(path, device, entry, list(self.exit_layers)) if entry else None
         if notice is not None:  # not an error, but a surprise: say why nothing will exit here
             logger.warning("%s", notice)
@@ -550,7 +553,7 @@ class EarlyExitModelForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         *,
-        policy: str = "drex",
+        policy: str | None = None,
         thresholds: float | list[float] | None = None,
         seed: int | list[int] | None = None,
         exit_trace: Any = None,
@@ -563,7 +566,7 @@ class EarlyExitModelForCausalLM(nn.Module):
         return_dict_in_generate: bool | None = None,
         tokenizer: Any = None,
         draft_exit: int | None = None,
-        draft_tokens: int | str = 4,
+        draft_tokens: int | str | None = None,
         draft_confidence: float | None = None,
         **kwargs: Any,
     ) -> torch.Tensor | EarlyExitGenerateOutput:
@@ -576,7 +579,9 @@ class EarlyExitModelForCausalLM(nn.Module):
             policy: `drex` (per-token exits with rebatching), `full` (full depth), `self_spec`
                 (lossless: the exit head at `draft_exit` drafts, the remaining layers verify; the
                 output is full depth's — `SpecEngine`), or the batch-wide baselines `batch_all` and
-                `batch_majority` (whose outputs depend on the batch).
+                `batch_majority` (whose outputs depend on the batch). Default: the policy `drex
+                calibrate --choose-policy` measured fastest on this device for this batch size (with its
+                draft exit and k), else `drex`.
             thresholds: override the config's thresholds for this call (one value or one per exit;
                 `float("inf")` never exits); None (the default) keeps the config's.
             seed: sampling seed, an integer in [0, 2**64) (numpy integers too; larger or negative
@@ -601,8 +606,8 @@ class EarlyExitModelForCausalLM(nn.Module):
                 the exit confidence stays the head's own; processors turn CUDA graphs off), as in HF.
             tokenizer: the tokenizer `stop_strings` are matched with, as in HF.
             draft_exit: self_spec: the exit layer whose head drafts (default: the deepest exit point).
-            draft_tokens: self_spec: drafts per round, an integer k or "adaptive" (per row, from its
-                measured acceptance and the layer-count cost model).
+            draft_tokens: self_spec: drafts per round, an integer k (default 4) or "adaptive" (per row,
+                from its measured acceptance and costs timed at start-up).
             draft_confidence: self_spec: stop drafting at a draft whose head confidence (max
                 probability) is below this (default: never).
 
@@ -619,6 +624,8 @@ class EarlyExitModelForCausalLM(nn.Module):
             split_prompts,
         )
 
+        if policy is None:
+            policy, draft_exit, draft_tokens = self._calibrated_policy(input_ids, draft_exit, draft_tokens)
         if policy == "self_spec":
             return self._generate_self_spec(
                 input_ids,
@@ -637,7 +644,7 @@ class EarlyExitModelForCausalLM(nn.Module):
                 draft_confidence=draft_confidence,
                 kwargs=kwargs,
             )
-        if draft_exit is not None or draft_tokens != 4 or draft_confidence is not None:
+        if draft_exit is not None or draft_tokens is not None or draft_confidence is not None:
             raise GenerationInputError(
                 f"draft_exit, draft_tokens and draft_confidence apply to policy='self_spec', not {policy!r}"
             )
@@ -712,6 +719,24 @@ class EarlyExitModelForCausalLM(nn.Module):
             return EarlyExitGenerateOutput(sequences, exit_layers, engine.stats)
         return sequences
 
+    def _calibrated_policy(
+        self, input_ids: Any, draft_exit: int | None, draft_tokens: int | str | None
+    ) -> tuple[str, int | None, int | str | None]:
+        """`generate`'s default policy: the calibrated choice for this device and batch size (its draft
+        exit and k unless given), else drex."""
+        from drex_hf.calibration.choice import choice_for
+
+        batch = int(input_ids.shape[0]) if getattr(input_ids, "dim", lambda: 0)() == 2 else 1
+        choice = choice_for(self.policy_choice, batch)
+        if choice is None:
+            return "drex", draft_exit, draft_tokens
+        if choice["policy"] == "self_spec":
+            if draft_exit is None:
+                draft_exit = choice["draft_exit"]
+            if draft_tokens is None:
+                draft_tokens = choice["draft_tokens"]
+        return choice["policy"], draft_exit, draft_tokens
+
     def _generate_self_spec(
         self,
         input_ids: torch.Tensor,
@@ -727,7 +752,7 @@ class EarlyExitModelForCausalLM(nn.Module):
         streamer: Any,
         return_dict_in_generate: bool | None,
         draft_exit: int | None,
-        draft_tokens: int | str,
+        draft_tokens: int | str | None,
         draft_confidence: float | None,
         kwargs: dict[str, Any],
     ) -> torch.Tensor | EarlyExitGenerateOutput:
@@ -772,7 +797,7 @@ class EarlyExitModelForCausalLM(nn.Module):
             max_batch=len(prompts),
             max_len=max(p.shape[0] for p in prompts) + settings.max_new_tokens,
             draft_exit=self.exit_layers[-1] if draft_exit is None else draft_exit,
-            draft_tokens=draft_tokens,
+            draft_tokens=4 if draft_tokens is None else draft_tokens,
             draft_confidence=draft_confidence,
             settings=settings,
         )

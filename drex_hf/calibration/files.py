@@ -80,6 +80,10 @@ def read_calibration(path: Path, exit_layers: list[int], heads_sha256: str | Non
             raise ConfigError(f"{path}: field {field} must be a JSON object, got {entry!r}")
         _check_thresholds(path, f"{field}.thresholds", entry.get("thresholds"), layers)
         _check_measure(path, f"{field}.confidence", entry.get("confidence"))
+        if "policy_choice" in entry:
+            from drex_hf.calibration.choice import check_choices
+
+            check_choices(path, f"{field}.policy_choice", entry["policy_choice"], layers)
     return data
 
 

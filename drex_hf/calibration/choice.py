@@ -1,0 +1,206 @@
+"""Which decoding policy to use on this device at each batch size: `full`, `drex` or `self_spec`.
+
+`drex calibrate --choose-policy` runs, per batch size, full depth, drex (the thresholds being
+calibrated) and self-speculation at each candidate draft exit and k on the same prompts, stepped in
+turn so the machine's drift falls on all of them, and keeps per policy its decode tokens/s (median of
+the repeats), its ratio to full depth, what it keeps of full depth's output (exact answers and
+ROUGE-L over token ids; self_spec keeps it all by construction — measured, not assumed) and, for
+self_spec, the acceptance rate. The choice is the fastest policy that beats full depth by
+`margin`; where none does, `full`, and the entry says why. `from_pretrained` reads the entry for
+its device, and `generate()` without `policy=` follows it (`choice_for`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from drex_hf.errors import GenerationInputError
+from drex_hf.generation.settings import DecodeSettings
+
+if TYPE_CHECKING:
+    from drex_hf.modeling import EarlyExitModelForCausalLM
+
+POLICY_CHOICES = ("full", "drex", "self_spec")
+
+
+def rouge_l_ids(candidate: Sequence[int], reference: Sequence[int]) -> float:
+    """ROUGE-L F1 of two token-id sequences (longest common subsequence; 1.0 for two empty ones)."""
+    if not candidate and not reference:
+        return 1.0
+    if not candidate or not reference:
+        return 0.0
+    previous = [0] * (len(reference) + 1)
+    for a in candidate:
+        current = [0]
+        for j, b in enumerate(reference):
+            current.append(previous[j] + 1 if a == b else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(candidate), lcs / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _engine_run(
+    model: EarlyExitModelForCausalLM,
+    policy: str,
+    prompts: list[torch.Tensor],
+    settings: DecodeSettings,
+    options: dict[str, Any],
+) -> Callable[[], tuple[list[list[int]], float, dict[str, Any]]]:
+    """A function running `prompts` through one engine of `policy` (built once, reused): returns
+    each prompt's tokens, the decode seconds (prefill excluded) and the engine's statistics."""
+    from drex_hf.generation.engine import DrexEngine
+    from drex_hf.generation.spec_engine import SpecEngine
+
+    max_len = max(p.shape[0] for p in prompts) + settings.max_new_tokens
+    if policy == "self_spec":
+        engine: Any = SpecEngine(model, max_batch=len(prompts), max_len=max_len, settings=settings, **options)
+    else:
+        engine = DrexEngine(model, max_batch=len(prompts), max_len=max_len, policy=policy, settings=settings, **options)
+
+    def run() -> tuple[list[list[int]], float, dict[str, Any]]:
+        engine.reset_stats()
+        for prompt in prompts:
+            engine.add_request(prompt)
+        results = engine.run()
+        stats = engine.stats
+        return [results[r].tokens for r in sorted(results)], stats.wall_s - stats.prefill_s, stats.to_dict()
+
+    return run
+
+
+def measure_policies(
+    model: EarlyExitModelForCausalLM,
+    prompts: list[torch.Tensor],
+    *,
+    batch_sizes: Sequence[int],
+    max_new_tokens: int,
+    draft_exits: Sequence[int],
+    draft_tokens: Sequence[int],
+    repeats: int = 3,
+    margin: float = 1.05,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Per batch size (the JSON key), every policy's measurements and the choice; see the module
+    docstring. `prompts` must hold at least max(batch_sizes) prompts (the first b are used)."""
+    if not prompts or max(batch_sizes) > len(prompts):
+        raise GenerationInputError(
+            f"choosing a policy at batch sizes {list(batch_sizes)} needs at least {max(batch_sizes)} prompts, "
+            f"got {len(prompts)}"
+        )
+    if any(e not in model.exit_layers for e in draft_exits):
+        raise GenerationInputError(
+            f"draft exits {list(draft_exits)} must be exit layers of the model {model.exit_layers}"
+        )
+    settings = DecodeSettings(max_new_tokens=max_new_tokens, eos_token_ids=())
+    out: dict[str, dict[str, Any]] = {}
+    for batch in batch_sizes:
+        chosen = prompts[:batch]
+        runs: dict[str, Any] = {"full": _engine_run(model, "full", chosen, settings, {})}
+        thresholds = model.exit_config.threshold_list()
+        if any(t != float("inf") for t in thresholds):
+            runs["drex"] = _engine_run(model, "drex", chosen, settings, {"thresholds": thresholds})
+        for e in draft_exits:
+            for k in draft_tokens:
+                options = {"draft_exit": e, "draft_tokens": k}
+                runs[f"self_spec:{e}:{k}"] = _engine_run(model, "self_spec", chosen, settings, options)
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        outputs: dict[str, Any] = {}
+        for _ in range(repeats + 1):  # the first round warms every engine up and is not counted
+            for name, run in runs.items():
+                tokens, seconds, stats = run()
+                if name in outputs:
+                    times[name].append(seconds)
+                outputs[name] = (tokens, stats)
+            if progress is not None:
+                progress(f"batch {batch}")
+        full_tokens = outputs["full"][0]
+        rows: dict[str, dict[str, Any]] = {}
+        for name, (tokens, stats) in outputs.items():
+            seconds = statistics.median(times[name])
+            decoded = sum(len(t) - 1 for t in tokens)
+            row = {
+                "tokens_per_s": decoded / seconds if seconds > 0 else 0.0,
+                "exact": sum(a == b for a, b in zip(tokens, full_tokens)) / len(tokens),
+                "rouge_l": statistics.fmean(rouge_l_ids(a, b) for a, b in zip(tokens, full_tokens)),
+            }
+            if name.startswith("self_spec"):
+                row["acceptance_rate"] = stats["acceptance_rate"]
+                row["tokens_per_round"] = stats["tokens_per_round"]
+            rows[name] = row
+        base = rows["full"]["tokens_per_s"]
+        for row in rows.values():
+            row["ratio"] = row["tokens_per_s"] / base if base > 0 else 0.0
+        out[str(batch)] = _choose(rows, margin)
+    return out
+
+
+def _choose(rows: dict[str, dict[str, Any]], margin: float) -> dict[str, Any]:
+    """The fastest policy if it beats full depth by `margin`, else full; with the reason, every
+    policy's row, and self_spec's best (exit, k)."""
+    spec = {name: row for name, row in rows.items() if name.startswith("self_spec")}
+    best_spec = max(spec, key=lambda name: spec[name]["ratio"]) if spec else None
+    contenders = {"full": rows["full"]}
+    if "drex" in rows:
+        contenders["drex"] = rows["drex"]
+    if best_spec is not None:
+        contenders["self_spec"] = rows[best_spec]
+    fastest = max(contenders, key=lambda name: contenders[name]["ratio"])
+    entry: dict[str, Any] = {"policy": "full", "measured": rows, "margin": margin}
+    if best_spec is not None:
+        _, e, k = best_spec.split(":")
+        entry["self_spec_best"] = {"draft_exit": int(e), "draft_tokens": int(k), **rows[best_spec]}
+    notes = []
+    for name in ("drex", "self_spec"):
+        if name in contenders and contenders[name]["ratio"] < margin:
+            notes.append(f"{name} does not pay here ({contenders[name]['ratio']:.2f}x full depth)")
+    if fastest != "full" and contenders[fastest]["ratio"] >= margin:
+        entry["policy"] = fastest
+        if fastest == "self_spec":
+            entry["draft_exit"] = entry["self_spec_best"]["draft_exit"]
+            entry["draft_tokens"] = entry["self_spec_best"]["draft_tokens"]
+        entry["reason"] = "; ".join([f"{fastest} is fastest: {contenders[fastest]['ratio']:.2f}x full depth", *notes])
+    else:
+        entry["reason"] = "; ".join(notes) or f"nothing beats full depth by {margin}x"
+    return entry
+
+
+def choice_for(choices: dict[str, Any] | None, batch: int) -> dict[str, Any] | None:
+    """The calibrated choice for `batch` rows: the entry of the largest calibrated batch size not
+    above it (the smallest one when every one is above); None without choices."""
+    if not choices:
+        return None
+    sizes = sorted(int(b) for b in choices)
+    below = [b for b in sizes if b <= batch]
+    return choices[str(below[-1] if below else sizes[0])]
+
+
+def check_choices(path: Any, field: str, choices: Any, exit_layers: list[int]) -> None:
+    """Refuse a malformed `policy_choice` field (read_calibration's check), naming it."""
+    from drex_hf.errors import ConfigError
+
+    if not isinstance(choices, dict) or not choices:
+        raise ConfigError(f"{path}: field {field} must be a JSON object (batch size -> choice), got {choices!r}")
+    for batch, entry in choices.items():
+        where = f"{field}[{batch!r}]"
+        if not str(batch).isdigit() or int(batch) < 1:
+            raise ConfigError(f"{path}: field {field} keys must be batch sizes (positive integers), got {batch!r}")
+        if not isinstance(entry, dict) or entry.get("policy") not in POLICY_CHOICES:
+            policy = entry.get("policy") if isinstance(entry, dict) else entry
+            raise ConfigError(
+                f"{path}: field {where}.policy must be one of {', '.join(POLICY_CHOICES)}, got {policy!r}"
+            )
+        if entry["policy"] == "self_spec":
+            e, k = entry.get("draft_exit"), entry.get("draft_tokens")
+            if e not in exit_layers:
+                raise ConfigError(
+                    f"{path}: field {where}.draft_exit must be one of the exit layers {exit_layers}, got {e!r}"
+                )
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ConfigError(f"{path}: field {where}.draft_tokens must be a positive integer, got {k!r}")

@@ -1,0 +1,125 @@
+"""Which policy is fastest per batch size (issue 19): `measure_policies` measures full, drex and
+self_spec on the same prompts and chooses; a calibration entry's `policy_choice` makes
+`generate()` without `policy=` follow it; a malformed one is refused naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny
+from test_bad_input_files import _calibrate_by_hand, _heads
+
+from drex_hf import EarlyExitModelForCausalLM
+from drex_hf.calibration.choice import _choose, choice_for, measure_policies, rouge_l_ids
+from drex_hf.errors import ConfigError, GenerationInputError
+from drex_hf.generation.engine import EngineStats, device_name
+from drex_hf.generation.spec_engine import SpecStats
+
+
+def test_rouge_l_ids():
+    assert rouge_l_ids([1, 2, 3], [1, 2, 3]) == 1.0
+    assert rouge_l_ids([], []) == 1.0 and rouge_l_ids([1], []) == 0.0 and rouge_l_ids([1, 2], [3, 4]) == 0.0
+    # LCS of (1 2 3 4) and (1 3 4 5) is (1 3 4): P = R = 3/4
+    assert rouge_l_ids([1, 2, 3, 4], [1, 3, 4, 5]) == pytest.approx(0.75)
+    assert rouge_l_ids([1, 2], [1, 2, 3, 4]) == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+
+
+def test_measure_policies_measures_every_policy_and_keeps_quality():
+    model = _heads(seed=3)
+    prompts = [torch.randint(1, 99, (n,), generator=torch.Generator().manual_seed(n)) for n in (4, 6, 5)]
+    choices = measure_policies(
+        model, prompts, batch_sizes=[1, 3], max_new_tokens=8, draft_exits=[0, 2], draft_tokens=[1, 2], repeats=1
+    )
+    assert sorted(choices) == ["1", "3"]
+    for entry in choices.values():
+        rows = entry["measured"]
+        assert set(rows) == {"full", "drex", "self_spec:0:1", "self_spec:0:2", "self_spec:2:1", "self_spec:2:2"}
+        assert rows["full"]["ratio"] == 1.0 and rows["full"]["exact"] == 1.0
+        for name, row in rows.items():
+            assert row["tokens_per_s"] > 0
+            if name.startswith("self_spec"):  # lossless, measured on the tokens it produced
+                assert row["exact"] == 1.0 and row["rouge_l"] == 1.0
+                assert 0 <= row["acceptance_rate"] <= 1
+        assert entry["policy"] in ("full", "drex", "self_spec")
+        assert entry["self_spec_best"]["draft_exit"] in (0, 2)
+        best = max(entry["measured"][n]["ratio"] for n in ("full", "drex", *(n for n in rows if "spec" in n)))
+        if best < entry["margin"]:
+            assert entry["policy"] == "full"
+    with pytest.raises(GenerationInputError, match="at least 3 prompts"):
+        measure_policies(model, prompts[:2], batch_sizes=[3], max_new_tokens=4, draft_exits=[0], draft_tokens=[1])
+    with pytest.raises(GenerationInputError, match="exit layers"):
+        measure_policies(model, prompts, batch_sizes=[1], max_new_tokens=4, draft_exits=[1], draft_tokens=[1])
+
+
+def _rows(full, drex, spec):
+    row = lambda r: {"tokens_per_s": 100 * r, "ratio": r, "exact": 1.0, "rouge_l": 1.0}  # noqa: E731
+    return {"full": row(1.0), "drex": row(drex), "self_spec:2:3": {**row(spec), "acceptance_rate": 0.7}}
+
+
+def test_choose_prefers_full_unless_something_pays():
+    slow = _choose(_rows(1.0, 0.8, 0.6), margin=1.05)
+    assert slow["policy"] == "full"
+    assert "drex does not pay here (0.80x" in slow["reason"] and "self_spec does not pay here (0.60x" in slow["reason"]
+    spec = _choose(_rows(1.0, 1.1, 1.4), margin=1.05)
+    assert (spec["policy"], spec["draft_exit"], spec["draft_tokens"]) == ("self_spec", 2, 3)
+    drex = _choose(_rows(1.0, 1.3, 1.02), margin=1.05)
+    assert drex["policy"] == "drex" and "self_spec does not pay here" in drex["reason"]
+    assert _choose(_rows(1.0, 1.03, 1.04), margin=1.05)["policy"] == "full"  # inside the margin
+
+
+def test_choice_for_takes_the_largest_calibrated_batch_not_above():
+    choices = {"1": {"policy": "self_spec"}, "8": {"policy": "full"}, "32": {"policy": "drex"}}
+    assert [choice_for(choices, b)["policy"] for b in (1, 4, 8, 20, 64)] == ["self_spec"] * 2 + ["full"] * 2 + ["drex"]
+    assert choice_for(None, 3) is None
+
+
+@pytest.fixture
+def folder(tmp_path):
+    out = tmp_path / "heads"
+    _heads(seed=1).save_pretrained(out)
+    return out
+
+
+def _with_choice(folder, choice):
+    entry = {"thresholds": [0.5, 0.5], "policy_choice": choice}
+    _calibrate_by_hand(folder, [0.5, 0.5], cost_models={device_name("cpu"): entry})
+
+
+def test_generate_follows_the_calibrated_choice(folder):
+    _with_choice(folder, {"1": {"policy": "self_spec", "draft_exit": 2, "draft_tokens": 3}, "2": {"policy": "full"}})
+    model = EarlyExitModelForCausalLM.from_pretrained(folder, base_model=make_tiny("llama"))
+    one = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=6, return_dict_in_generate=True)
+    assert isinstance(one.stats, SpecStats) and one.stats.rounds > 0
+    full = model.generate(torch.tensor([[5, 6, 7]]), policy="full", max_new_tokens=6)
+    assert torch.equal(one.sequences, full)
+    two = model.generate(torch.tensor([[5, 6, 7], [8, 9, 10]]), max_new_tokens=6, return_dict_in_generate=True)
+    assert isinstance(two.stats, EngineStats) and two.stats.policy == "full"
+    # an explicit policy wins over the calibrated one
+    drex = model.generate(torch.tensor([[5, 6, 7]]), policy="drex", max_new_tokens=6, return_dict_in_generate=True)
+    assert drex.stats.policy == "drex"
+
+
+def test_without_a_choice_generate_defaults_to_drex(folder):
+    _calibrate_by_hand(folder, [0.5, 0.5], cost_models={device_name("cpu"): {"thresholds": [0.5, 0.5]}})
+    model = EarlyExitModelForCausalLM.from_pretrained(folder, base_model=make_tiny("llama"))
+    out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, return_dict_in_generate=True)
+    assert out.stats.policy == "drex"
+
+
+@pytest.mark.parametrize(
+    "choice, field",
+    [
+        ([], "policy_choice"),
+        ({"one": {"policy": "full"}}, "batch sizes"),
+        ({"1": {"policy": "fast"}}, "policy_choice['1'].policy"),
+        ({"1": {"policy": "self_spec", "draft_exit": 1, "draft_tokens": 2}}, "policy_choice['1'].draft_exit"),
+        ({"1": {"policy": "self_spec", "draft_exit": 2, "draft_tokens": 0}}, "policy_choice['1'].draft_tokens"),
+    ],
+)
+def test_a_malformed_choice_is_refused_naming_the_field(folder, choice, field):
+    _with_choice(folder, choice)
+    with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        EarlyExitModelForCausalLM.from_pretrained(folder, base_model=make_tiny("llama"))
+    assert json.loads((folder / "calibration.json").read_text())["cost_models"]  # left as it was
