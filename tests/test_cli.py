@@ -37,6 +37,20 @@ def test_generate_prints_text_and_exit_layers(heads_dir, capsys):
     assert "tokens/s" in out
 
 
+def test_generate_self_spec_prints_full_depths_text_and_its_rounds(heads_dir, capsys):
+    args = ["generate", str(heads_dir), "--prompt", "w5 w6 w7", "--prompt", "w9", "--max-new-tokens", "6"]
+    assert main([*args, "--policy", "full"]) == 0
+    full = capsys.readouterr().out.split("=== policy")[0]
+    assert main([*args, "--policy", "self_spec", "--draft-exit", "1", "--draft-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.split("=== policy")[0] == full  # the same text, every token at full depth (@3)
+    assert "self_spec: " in out and "drafts accepted" in out and "layers per token (full depth: 4)" in out
+    assert main([*args, "--draft-tokens", "2"]) == 2
+    assert "--draft-exit and --draft-tokens apply to --policy self_spec" in capsys.readouterr().err
+    assert main([*args, "--policy", "self_spec", "--draft-exit", "0"]) == 2
+    assert "draft_exit must be one of the model's exit layers [1, 2]" in capsys.readouterr().err
+
+
 def test_generate_on_a_base_with_new_heads(tiny_base_dir, capsys):
     code = main(
         [

@@ -48,10 +48,23 @@ def add_parser(sub: Any) -> None:
     )
     parser.add_argument(
         "--policy",
-        choices=POLICIES,
+        choices=(*POLICIES, "self_spec"),
         default="drex",
-        help="drex: per-token early exit with rebatching; full: full depth; batch_all / batch_majority: "
-        "the batch-wide early-exit baselines (their tokens depend on the batch)",
+        help="drex: per-token early exit with rebatching; full: full depth; self_spec: lossless "
+        "self-speculation (an exit head drafts, the remaining layers verify: full depth's tokens); "
+        "batch_all / batch_majority: the batch-wide early-exit baselines (their tokens depend on the batch)",
+    )
+    parser.add_argument(
+        "--draft-exit",
+        type=int,
+        default=None,
+        help="self_spec: the exit layer whose head drafts (default: the deepest exit point)",
+    )
+    parser.add_argument(
+        "--draft-tokens",
+        type=_draft_tokens,
+        default=4,
+        help="self_spec: drafts per round, a positive integer or 'adaptive'",
     )
     parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate per prompt")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -104,7 +117,20 @@ def add_parser(sub: Any) -> None:
     parser.set_defaults(run=run)
 
 
+def _draft_tokens(text: str) -> int | str:
+    if text == "adaptive":
+        return text
+    return positive_int(text)
+
+
 def run(args: argparse.Namespace) -> int:
+    spec = args.policy == "self_spec"
+    if not spec and (args.draft_exit is not None or args.draft_tokens != 4):
+        raise GenerationInputError(f"--draft-exit and --draft-tokens apply to --policy self_spec, not {args.policy}")
+    if spec and args.threshold is not None:
+        raise GenerationInputError(
+            f"--threshold {args.threshold:g} does not apply to --policy self_spec (every token is full depth's)"
+        )
     if args.policy == "full" and args.threshold is not None:
         raise GenerationInputError(
             f"--threshold {args.threshold:g} does not apply to --policy full (it never exits); drop one of them"
@@ -123,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
         policy=args.policy,
         max_new_tokens=args.max_new_tokens,
         return_dict_in_generate=True,
+        **({"draft_exit": args.draft_exit, "draft_tokens": args.draft_tokens} if spec else {}),
         **sampling,
         **_processor_options(args, tokenizer),
     )
@@ -140,8 +167,15 @@ def run(args: argparse.Namespace) -> int:
             " ".join(f"{tokenizer.decode([t])!r}@{e}" for t, e in zip(tokens.tolist(), out.exit_layers[i, :n].tolist()))
         )
     print(f"=== policy {args.policy}: {total} tokens in {seconds:.2f} s ({total / seconds:.1f} tokens/s)")
-    print(f"exits per layer: {exit_histogram(out.exit_layers, model)}")
     stats = out.stats
+    if spec:
+        print(
+            f"self_spec: {stats.rounds} rounds, {stats.accepted} of {stats.drafted} drafts accepted "
+            f"({stats.acceptance_rate:.0%}), {stats.tokens_per_round:.2f} tokens per round, "
+            f"{stats.layers_per_token:.1f} layers per token (full depth: {model.num_layers})"
+        )
+        return 0
+    print(f"exits per layer: {exit_histogram(out.exit_layers, model)}")
     print(
         f"involuntary exits {stats.involuntary_exits}, missed exits {stats.missed_exits}, "
         f"ride-along rows {stats.ride_along_rows}, layer-rows {stats.layer_rows} (minimum {stats.min_layer_rows})"
