@@ -134,6 +134,18 @@ def test_calibrate_into_a_folder_it_cannot_write_is_refused(heads_dir, tmp_path,
         (["--context", "64", "--long-context", "64"], "--long-context 64 must exceed --context 64"),
         (["--seed", str(10**23)], "--seed: seed 100000000000000000000000 is out of range"),
         (["--seed", "-1"], "argument --seed: seed -1 is out of range"),
+        # a sequence guarantee (--metric): what its test could never use, before anything is generated
+        (["--metric", "bleu"], "argument --metric: invalid choice: 'bleu' (choose from 'rouge_l', 'exact')"),
+        (["--metric", "rouge_l", "--target", "1.5"], "argument --target: must be strictly between 0 and 1, got 1.5"),
+        (["--metric", "exact", "--target", "0"], "argument --target: must be strictly between 0 and 1, got 0"),
+        (["--target", "0.9"], "--target is the mean score of a sequence guarantee and needs --metric rouge_l or exact"),
+        (["--metric", "rouge_l", "--bound", "binomial"], "--metric rouge_l: the binomial bound needs 0/1 losses"),
+        (
+            ["--metric", "rouge_l", "--prompts", "30"],
+            "--prompts 30: 15 test prompts (of 30) can never show a mean rouge_l >= 0.9 with probability >= 0.90 "
+            "(hoeffding_bentkus bound): even if every answer matched full depth, at least 22 test prompts are needed",
+        ),
+        (["--metric", "exact", "--reuse-observations"], "--metric generates drex's answers to the prompts"),
     ],
 )
 def test_calibrate_refuses_option_combinations_up_front(extra, message, heads_dir, tmp_path, capsys, no_loading):

@@ -35,14 +35,24 @@ from drex_hf.calibration.files import (
     HEADS_SHA_KEY,
     OBSERVATIONS_NAME,
     PLOT_NAME,
+    entry_guarantee,
+    guarantee_kind,
     read_json_object,
     recorded_heads_sha256,
 )
+from drex_hf.calibration.sequences import (
+    SequenceResult,
+    certify,
+    check_enough_prompts,
+    ordered_candidates,
+)
+from drex_hf.calibration.sequences import check_options as check_sequence_options
 from drex_hf.calibration.thresholds import (
     CalibrationDataError,
     Observations,
     agreement_counts,
     fit_thresholds,
+    learn_prompts,
     learn_then_test,
     split_by_prompt,
 )
@@ -61,9 +71,12 @@ def observe(
     batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
     measures: list[str] | None = None,
+    answers: list[list[int]] | None = None,
 ) -> Observations:
     """Every exit's confidence and agreement with full depth, over greedy full-depth continuations;
-    confidences under the model's measure and each of `measures` (one more forward pass each)."""
+    confidences under the model's measure and each of `measures` (one more forward pass each).
+    `answers`, when given, receives each prompt's continuation (token ids, up to and with the first
+    end-of-sequence token): the full-depth answers a sequence guarantee compares drex's with."""
     if not prompts:
         raise CalibrationDataError("no prompts to calibrate on")
     device = model.heads_device
@@ -98,6 +111,8 @@ def observe(
             confidence.append(conf.float().cpu())
             agree.append(hits.cpu())
             prompt_of.append(torch.full((int(valid.sum()),), start + b))
+            if answers is not None:
+                answers.append(new[b][valid].tolist())
         for measure in extra:  # the same tokens, scored by another measure
             model.exit_config.confidence = measure
             try:
@@ -113,6 +128,113 @@ def observe(
         torch.cat(prompt_of),
         own,
         {m: torch.cat(parts, 1) for m, parts in others.items()},
+    )
+
+
+def _eos_ids(model: Any) -> set[int]:
+    eos = model.base_model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+@torch.no_grad()
+def drex_answers(
+    model: Any,
+    prompts: list[torch.Tensor],
+    thresholds: list[float],
+    max_new_tokens: int,
+    *,
+    measure: str | None = None,
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """drex's greedy answers to `prompts` under `thresholds` (scored by `measure`, default the heads'
+    own), batched through `model.generate`: per prompt its token ids up to and with the first
+    end-of-sequence token, and the exit index each token left at (`len(thresholds)` = full depth)."""
+    own = model.exit_config.confidence
+    index = {layer: j for j, layer in enumerate(model.exit_layers)}
+    eos, pad, full = _eos_ids(model), 0, len(model.exit_layers)
+    answers, exits = [], []
+    model.exit_config.confidence = measure or own
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            ids, mask = left_padded(batch, pad, model.heads_device)
+            out = model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                policy="drex",
+                thresholds=list(thresholds),
+                return_dict_in_generate=True,
+            )
+            new, layers = out.sequences[:, ids.shape[1] :].tolist(), out.exit_layers.tolist()
+            for tokens, taken in zip(new, layers):
+                ends = [t for t, token in enumerate(tokens) if token in eos]
+                length = ends[0] + 1 if ends else len([layer for layer in taken if layer >= 0])
+                answers.append(tokens[:length])
+                exits.append([index.get(layer, full) for layer in taken[:length]])
+            if progress:
+                progress(len(batch))
+    finally:
+        model.exit_config.confidence = own
+    return answers, exits
+
+
+def certify_sequences(
+    model: Any,
+    obs: Observations,
+    prompts: list[torch.Tensor],
+    references: list[list[int]],
+    *,
+    metric: str,
+    target: float,
+    delta: float,
+    bound: str | None,
+    seed: int,
+    max_new_tokens: int,
+    enabled: list[bool] | None = None,
+    cache: dict | None = None,
+    progress: Callable[[str, int], None] | None = None,
+    label: str = "guarantee",
+) -> SequenceResult:
+    """The sequence guarantee (`drex_hf.calibration.sequences`) for `obs`'s measure: candidates fitted
+    on the learn prompts (the split `learn_then_test` makes with `seed`), drex's answers generated
+    on the test prompts, candidate by candidate, until the first that fails. `cache` (shared between
+    calls) keeps answers already generated for a (measure, thresholds) pair."""
+    ids = torch.arange(len(prompts))
+    if not torch.equal(obs.prompt.unique(), ids):
+        raise CalibrationDataError(f"the observations cover other prompts than the {len(prompts)} given")
+    learn_ids = learn_prompts(ids, 0.5, seed)
+    test_ids = [i for i in range(len(prompts)) if i not in set(learn_ids.tolist())]
+    learn = obs.subset(torch.isin(obs.prompt, learn_ids))
+    ordered = ordered_candidates(learn, enabled)
+    test_prompts = [prompts[i] for i in test_ids]
+    cache = {} if cache is None else cache
+    if progress:
+        progress(f"certify:{label}", (len(ordered) - 1) * len(test_ids))
+
+    def answers_for(thresholds: list[float]) -> tuple[list[list[int]], list[list[int]]]:
+        key = (obs.measure, tuple(thresholds))
+        if key not in cache:
+            tick = (lambda n: progress("certify", n)) if progress else None
+            cache[key] = drex_answers(
+                model, test_prompts, thresholds, max_new_tokens, measure=obs.measure, progress=tick
+            )
+        elif progress:
+            progress("certify", len(test_ids))
+        return cache[key]
+
+    return certify(
+        ordered,
+        answers_for,
+        [references[i] for i in test_ids],
+        metric,
+        target,
+        delta,
+        bound=bound,
+        learn_prompts=len(learn_ids),
     )
 
 
@@ -184,7 +306,7 @@ def calibrate(
     *,
     target: float = 0.95,
     delta: float = 0.1,
-    bound: str = "binomial",
+    bound: str | None = None,
     max_new_tokens: int = 48,
     rows: list[int] | None = None,
     holdout_rows: list[int] | None = None,
@@ -198,6 +320,8 @@ def calibrate(
     observations: Observations | None = None,
     measures: list[str] | None = None,
     min_speedup: float = 1.05,
+    metric: str | None = None,
+    sequence_target: float = 0.9,
 ) -> dict:
     """Run steps 1-4 of the module docstring; returns what `calibration.json` holds, and the
     observations under the key "observations_data" (`save` writes them beside it).
@@ -211,13 +335,38 @@ def calibrate(
 
     With `observations` (from an earlier run's `Observations.load`), step 1 is skipped and `prompts`
     may be empty: only this device is profiled. Timings depend on shapes, not weights, so a device
-    can be profiled on a model of the same shapes whose base weights are random."""
+    can be profiled on a model of the same shapes whose base weights are random.
+
+    With `metric` ("rouge_l" or "exact"), step 4 certifies whole answers instead of tokens
+    (`drex_hf.calibration.sequences`): the guarantee and this device's thresholds are the loosest
+    whose drex greedy answers on the test prompts score, in expectation, >= `sequence_target` against
+    the full-depth answers with probability >= 1 - delta; `target` is then only the token agreement of
+    the learn-half fits that decide which exits pay here. `bound` defaults to binomial (for tokens and
+    exact) or hoeffding_bentkus (rouge_l).
+
+    `progress(stage, n)`: n more units of "observe", "profile" or "certify" done;
+    `progress("certify:<what>", n)` opens the certification of <what> with at most n answers."""
     from drex_hf.generation.engine import DrexEngine, device_name
 
     command = command or " ".join(sys.argv)
     rows = sorted(set(rows or [1, 2, 4, 8, 16, 32]))  # the cost table interpolates between ascending counts
     holdout_rows = holdout_rows or [3, 6, 12, 24]
     check_options(rows, holdout_rows, decision_rows, context, long_context)
+    references: list[list[int]] | None = None
+    if metric is None:
+        bound = bound or "binomial"
+    else:  # refused before anything is generated: what the test could never pass
+        bound = check_sequence_options(metric, sequence_target, delta, bound)
+        if observations is not None:
+            raise CalibrationDataError(
+                "a sequence guarantee generates drex's answers to the prompts: it needs the prompts, not saved "
+                "observations"
+            )
+        if len(prompts) < 2:
+            raise CalibrationDataError("need at least 2 prompts: learn and test are split by prompt")
+        tested = len(prompts) - len(learn_prompts(torch.arange(len(prompts)), 0.5, seed))
+        check_enough_prompts(tested, metric, sequence_target, delta, bound, len(prompts))
+        references = []
     started = time.time()
     if observations is None:
         obs = observe(
@@ -226,6 +375,7 @@ def calibrate(
             max_new_tokens,
             progress=(lambda n: progress("observe", n)) if progress else None,
             measures=list(CONFIDENCE_MEASURES) if measures is None else measures,
+            answers=references,
         )
     else:
         if observations.confidence.shape[0] != len(model.exit_layers):
@@ -281,7 +431,6 @@ def calibrate(
     chosen = min(options, key=lambda m: (options[m]["learn_token_ms"], m != own))
     pick = options[chosen]
     # the guarantee for any device: the heads' own measure, every exit may open
-    guarantee = learn_then_test(obs.with_measure(own), target, delta, bound=bound, seed=seed)
     result, enabled, steps, costs, token_ms = (
         pick["result"],
         pick["enabled"],
@@ -289,14 +438,45 @@ def calibrate(
         pick["costs"],
         pick["token_ms"],
     )
-    thresholds = result.thresholds
+    thresholds, test_agreement, fractions = result.thresholds, result.test_agreement, result.exit_fractions
+    if metric is None:
+        guarantee = {
+            "kind": "token_agreement",
+            **learn_then_test(obs.with_measure(own), target, delta, bound=bound, seed=seed).to_dict(),
+        }
+        certified = {"kind": "token_agreement", "target_agreement": target, "delta": delta, "bound": bound}
+    else:
+        assert references is not None
+        answers: dict = {}  # answers already generated, shared by the two certifications
+        certify_with = dict(
+            metric=metric,
+            target=sequence_target,
+            delta=delta,
+            bound=bound,
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+            cache=answers,
+            progress=progress,
+        )
+        # the guarantee for any device: the heads' own measure, every exit may open
+        guarantee = certify_sequences(model, obs.with_measure(own), prompts, references, **certify_with).to_dict()
+        here = certify_sequences(
+            model, obs.with_measure(chosen), prompts, references, enabled=enabled, label=device, **certify_with
+        )
+        thresholds, fractions = here.thresholds, here.exit_fractions
+        _, test = split_by_prompt(obs.with_measure(chosen), 0.5, seed)
+        agreeing, n, _ = agreement_counts(test, thresholds)
+        test_agreement = agreeing / n  # teacher-forced, for comparison with token calibrations
+        certified = {k: v for k, v in here.to_dict().items() if k != "thresholds"}
+        token_ms = expected_token_ms(costs, fractions, [math.isfinite(t) for t in thresholds], decision_rows)
     on = [math.isfinite(t) for t in thresholds]
     merged = _merge(costs, on)
     model_costs = merged.cost_model(context, device)
     merged_timer = _merged_timer(timer, on, None if chosen == own else chosen)
     errors = prediction_errors(model_costs, merged_timer, holdout_rows, [holdout_context])
-    measures = {
+    measures = {  # compared at token level: which measure's checks pay is decided on tokens
         m: {
+            "guarantee": "token_agreement",
             "exits_paying": o["enabled"],
             "thresholds": thresholds_to_json(o["result"].thresholds),
             "test_agreement": o["result"].test_agreement,
@@ -329,7 +509,7 @@ def calibrate(
             "reused": observations is not None,
         },
         "observations_data": obs,
-        "guarantee": guarantee.to_dict(),
+        "guarantee": guarantee,
         "curves": curves(obs.with_measure(own)),
         "curves_by_measure": {m: curves(obs.with_measure(m)) for m in compared},
         "cost_models": {
@@ -337,8 +517,9 @@ def calibrate(
                 **model_costs.to_dict(),
                 "segments": [[a, b] for a, b in zip(starts, stops)],
                 "thresholds": thresholds_to_json(thresholds),
-                "test_agreement": result.test_agreement,
-                "exit_fractions": result.exit_fractions,
+                "guarantee": certified,
+                "test_agreement": test_agreement,
+                "exit_fractions": fractions,
                 "exits_enabled": on,
                 "exits_paying": enabled,
                 "exit_choice": steps,
@@ -432,13 +613,14 @@ def plot(calibration: dict, device: str) -> bytes | None:
 
     entry = calibration["cost_models"][device]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    target = calibration["guarantee"]["target_agreement"]
+    target = calibration["guarantee"].get("target_agreement")  # a token agreement; a sequence guarantee has none
     measure = entry.get("confidence", calibration["confidence"])
     by_measure = calibration.get("curves_by_measure", {})
     for curve, layer in zip(by_measure.get(measure, calibration["curves"]), calibration["exit_layers"]):
         pts = [p for p in curve["points"] if p["agreement"] is not None]
         axes[0].plot([p["threshold"] for p in pts], [p["agreement"] for p in pts], marker=".", label=f"exit {layer}")
-    axes[0].axhline(target, color="grey", linestyle="--", label=f"target {target}")
+    if target is not None:
+        axes[0].axhline(target, color="grey", linestyle="--", label=f"target {target}")
     axes[0].set(xlabel=f"{measure} threshold", ylabel="agreement of passing tokens", title="Agreement vs threshold")
     axes[0].legend(fontsize=8)
     fractions = entry["exit_fractions"]
@@ -488,36 +670,82 @@ def shown_thresholds(values: list) -> str:
     return ", ".join("inf" if t == math.inf else f"{t:.3f}" for t in map(parse_threshold, values))
 
 
+def _fractions_text(fractions: list[float]) -> str:
+    return ", ".join(f"{f:.1%}" for f in fractions)
+
+
+def guarantee_paragraph(g: dict, layers: list[int], max_new_tokens: int | None) -> str:
+    """The card's statement of the file's device-independent guarantee, by its kind."""
+    thresholds = shown_thresholds(g["thresholds"])
+    if guarantee_kind(g) == "token_agreement":
+        return (
+            f"**Guarantee (token agreement).** With thresholds {thresholds} at exits {layers}, tokens agree with "
+            f"full depth at ≥ {g['target_agreement']} with probability ≥ {1 - g['delta']:.2f} (Learn-then-Test, "
+            f"{g['bound']} bound; test agreement {g['test_agreement']:.4f}; exits "
+            f"{_fractions_text(g['exit_fractions'])})."
+        )
+    answers = f"{max_new_tokens}-token " if max_new_tokens else ""
+    metric = {"rouge_l": "ROUGE-L F1 (on token ids)", "exact": "exact-match rate"}.get(g["metric"], g["metric"])
+    stated = (
+        f"**Guarantee (sequence, {g['metric']}).** On new prompts from the held-out text's source, drex's greedy "
+        f"{answers}answers score a mean {metric} ≥ {g['target']} against full depth's greedy answers, with "
+        f"probability ≥ {1 - g['delta']:.2f} (Learn-then-Test over prompts, {g['bound']} bound; {g['learn_prompts']} "
+        f"learn and {g['prompts']} test prompts)."
+    )
+    if not any(math.isfinite(t) for t in map(parse_threshold, g["thresholds"])):
+        first = next((c for c in g.get("tested", []) if not c["rejected"]), None)
+        why = f" (the first candidate with exits scored {first['mean_score']:.4f})" if first else ""
+        return f"{stated} No threshold vector with an exit passed{why}: every exit is off, tokens leave at full depth."
+    return (
+        f"{stated} Thresholds {thresholds} at exits {layers}; on the test prompts their answers scored "
+        f"{g['mean_score']:.4f} and {g['exiting']:.1%} of their tokens left early (exits "
+        f"{_fractions_text(g['exit_fractions'])})."
+    )
+
+
+def guarantee_cell(g: dict) -> str:
+    """A device entry's guarantee in a few words (the card's table, the CLI summary)."""
+    if guarantee_kind(g) == "sequence":
+        return (
+            f"{g['metric']} ≥ {g['target']} (test mean {g['mean_score']:.4f}, {g['prompts']} prompts, δ {g['delta']})"
+        )
+    if "target_agreement" in g:
+        return f"token agreement ≥ {g['target_agreement']} (δ {g['delta']})"
+    return "token agreement"
+
+
 def card_section(calibration: dict) -> str:
-    """The model card's calibration section: the guarantee, and per device the exits used and the fit."""
+    """The model card's calibration section: the guarantee (saying which kind), and per device the
+    exits used, the guarantee those thresholds carry, and the fit."""
 
     g, obs = calibration["guarantee"], calibration["observations"]
     layers = calibration["exit_layers"]
     observed_by = calibration.get("observed_by") or calibration["command"]
+    split = (
+        f", split by prompt into {g['learn_tokens']} learn and {g['test_tokens']} test tokens"
+        if guarantee_kind(g) == "token_agreement"
+        else ""
+    )
     lines = [
         CALIBRATION_BEGIN,
         "## Calibration (`drex calibrate`)",
         "",
-        f"Observed by `{observed_by}`: {obs['tokens']} greedy full-depth tokens "
-        f"from {obs['prompts']} held-out prompts, split by prompt into {g['learn_tokens']} learn and "
-        f"{g['test_tokens']} test tokens.",
+        f"Observed by `{observed_by}`: {obs['tokens']} greedy full-depth tokens from {obs['prompts']} held-out "
+        f"prompts{split}.",
         "",
-        f"**Guarantee.** With thresholds {shown_thresholds(g['thresholds'])} at exits {layers}, tokens agree "
-        f"with full depth at ≥ {g['target_agreement']} with probability ≥ {1 - g['delta']:.2f} "
-        f"(Learn-then-Test, {g['bound']} bound; test agreement {g['test_agreement']:.4f}; exits "
-        + ", ".join(f"{f:.1%}" for f in g["exit_fractions"])
-        + "). These apply on a device without its own entry below.",
+        guarantee_paragraph(g, layers, obs.get("max_new_tokens"))
+        + " These apply on a device without its own entry below.",
         "",
-        "| device | measure | exits that pay | thresholds used | expected speed-up | cost fit error (median / p95) "
-        "| timed by |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| device | measure | exits that pay | thresholds used | guarantee | expected speed-up "
+        "| cost fit error (median / p95) | timed by |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for device, entry in calibration["cost_models"].items():
         paying = [str(e) for e, p in zip(layers, entry["exits_paying"]) if p] or ["none"]
         err, speed = entry["prediction_error"], entry.get("expected_speedup")
         lines.append(
             f"| {device} | {entry.get('confidence', calibration['confidence'])} | {', '.join(paying)} | "
-            f"{shown_thresholds(entry['thresholds'])} | "
+            f"{shown_thresholds(entry['thresholds'])} | {guarantee_cell(entry_guarantee(entry, calibration))} | "
             f"{'n/a' if speed is None else f'{speed:.2f}x'} at {entry['decision_rows']} rows | "
             f"{err['median']:.1%} / {err['p95']:.1%} | `{entry.get('made_by', calibration['command'])}` |"
         )
@@ -563,8 +791,14 @@ def save(calibration: dict, folder: Path, plot: bytes | None) -> None:
             if not same_heads:
                 raise ValueError("made for other heads")
             others = {k: v for k, v in old.get("cost_models", {}).items() if k not in calibration["cost_models"]}
+            # an entry kept from the old file keeps saying what its thresholds were tested for, even
+            # if this run's guarantee is of another kind (older entries took the file's own)
+            others = {k: {**v, "guarantee": entry_guarantee(v, old)} for k, v in others.items()}
             calibration["cost_models"] = {**others, **calibration["cost_models"]}
-            if calibration.get("observed_by") is None and old.get("guarantee") == calibration["guarantee"]:
+            old_guarantee = old.get("guarantee")
+            if isinstance(old_guarantee, dict):  # older files name no kind: theirs is token agreement
+                old_guarantee = {"kind": guarantee_kind(old_guarantee), **old_guarantee}
+            if calibration.get("observed_by") is None and old_guarantee == calibration["guarantee"]:
                 # the observations were reused: keep saying where they came from
                 calibration["observed_by"] = old.get("observed_by") or old.get("command")
                 calibration["observations"] = {**old.get("observations", {}), "reused": True}

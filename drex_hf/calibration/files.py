@@ -22,6 +22,10 @@ PLOT_NAME = "calibration.png"
 OBSERVATIONS_NAME = "calibration_observations.safetensors"
 CALIBRATION_FILES = (CALIBRATION_NAME, PLOT_NAME, OBSERVATIONS_NAME)  # all made from one set of heads
 HEADS_SHA_KEY = "heads_sha256"
+# what a set of thresholds was certified for: tokens agreeing with full depth (`thresholds`), or whole
+# greedy answers scoring against full depth's (`sequences`); a file or entry naming none is the former
+GUARANTEE_KINDS = ("token_agreement", "sequence")
+SEQUENCE_METRICS = ("rouge_l", "exact")  # the scores drex_hf.calibration.sequences certifies
 
 
 def read_calibration(path: Path, exit_layers: list[int], heads_sha256: str | None) -> dict[str, Any]:
@@ -35,6 +39,11 @@ def read_calibration(path: Path, exit_layers: list[int], heads_sha256: str | Non
     A file from before the sha256 was recorded (no `heads_sha256`) is applied with a warning, as it
     always was: its exit layers are still checked, and `save_pretrained` removes it when it saves
     other heads into the folder.
+
+    Checked: exit_layers, heads_sha256, every thresholds list (one per exit), the confidence measures,
+    and what each guarantee (the file's, and a device entry's when it records one) states: its kind,
+    and for a sequence guarantee its metric, target and delta. The rest (sample sizes, timings,
+    scores) is reported, not applied, and is not checked.
     """
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -70,6 +79,7 @@ def read_calibration(path: Path, exit_layers: list[int], heads_sha256: str | Non
     if not isinstance(guarantee, dict):
         raise ConfigError(f"{path}: field guarantee must be a JSON object with thresholds, got {guarantee!r}")
     _check_thresholds(path, "guarantee.thresholds", guarantee.get("thresholds"), layers)
+    _check_guarantee(path, "guarantee", guarantee)
     _check_measure(path, "confidence", data.get("confidence"))
     entries = data.get("cost_models", {})
     if not isinstance(entries, dict):
@@ -80,11 +90,34 @@ def read_calibration(path: Path, exit_layers: list[int], heads_sha256: str | Non
             raise ConfigError(f"{path}: field {field} must be a JSON object, got {entry!r}")
         _check_thresholds(path, f"{field}.thresholds", entry.get("thresholds"), layers)
         _check_measure(path, f"{field}.confidence", entry.get("confidence"))
+        if "guarantee" in entry:
+            if not isinstance(entry["guarantee"], dict):
+                raise ConfigError(f"{path}: field {field}.guarantee must be a JSON object, got {entry['guarantee']!r}")
+            _check_guarantee(path, f"{field}.guarantee", entry["guarantee"])
         if "policy_choice" in entry:
             from drex_hf.calibration.choice import check_choices
 
             check_choices(path, f"{field}.policy_choice", entry["policy_choice"], layers)
     return data
+
+
+def guarantee_kind(guarantee: dict[str, Any]) -> str:
+    """Which guarantee `guarantee` (a file's, or a device entry's) states; none named: token agreement
+    (files from before sequence guarantees)."""
+    return guarantee.get("kind", "token_agreement")
+
+
+def entry_guarantee(entry: dict[str, Any], calibration: dict[str, Any]) -> dict[str, Any]:
+    """The guarantee a device entry's thresholds carry: its own `guarantee`, or, for an entry written
+    before entries recorded one, token agreement at the file's token target when the file states one
+    (such entries were tested at it), else token agreement with no target known."""
+    own = entry.get("guarantee")
+    if isinstance(own, dict):
+        return own
+    top = calibration.get("guarantee")
+    if isinstance(top, dict) and guarantee_kind(top) == "token_agreement" and "target_agreement" in top:
+        return {"kind": "token_agreement", **{k: top[k] for k in ("target_agreement", "delta", "bound") if k in top}}
+    return {"kind": "token_agreement"}
 
 
 def exits_off_notice(path: Path, device: str, entry: dict[str, Any], exit_layers: list[int]) -> str | None:
@@ -159,6 +192,23 @@ def _check_thresholds(path: Path, field: str, values: Any, layers: list[int]) ->
         )
     for i, value in enumerate(values):
         parse_threshold(value, f"{path}: field {field}[{i}]")
+
+
+def _check_guarantee(path: Path, field: str, guarantee: dict[str, Any]) -> None:
+    """The fields that say what a guarantee promises: its kind, and for a sequence guarantee the
+    metric and the target and delta it was tested at (what the card and the warnings state)."""
+    kind = guarantee_kind(guarantee)
+    if kind not in GUARANTEE_KINDS:
+        raise ConfigError(f"{path}: field {field}.kind is {kind!r}; known kinds: {', '.join(GUARANTEE_KINDS)}")
+    if kind != "sequence":
+        return
+    metric = guarantee.get("metric")
+    if metric not in SEQUENCE_METRICS:
+        raise ConfigError(f"{path}: field {field}.metric is {metric!r}; known: {', '.join(SEQUENCE_METRICS)}")
+    for key in ("target", "delta"):
+        value = guarantee.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ConfigError(f"{path}: field {field}.{key} must be a number in (0, 1), got {value!r}")
 
 
 def _check_measure(path: Path, field: str, value: Any) -> None:

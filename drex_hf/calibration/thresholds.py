@@ -4,11 +4,12 @@ Input: for every generated token and every exit point, the exit's confidence and
 token equals the full-depth token at that position. The prompts are split in two: on the *learn*
 part, candidate threshold vectors are fitted for a fixed ladder of per-exit agreement levels, from
 strict to loose; on the *test* part, each candidate's agreement (first passing exit decides, tokens
-that never exit agree) is tested against H0: agreement < target with a binomial (or Hoeffding)
-p-value, in that fixed order, stopping at the first candidate not rejected at level delta. Fixed-
-sequence testing needs no multiplicity correction, so the loosest rejected candidate meets the target
-with probability ≥ 1 − delta over the test tokens — treated as exchangeable, which is why whole
-prompts, not tokens, are split.
+that never exit agree) is tested against H0: agreement < target with a binomial (or Hoeffding, or
+Hoeffding-Bentkus) p-value, in that fixed order, stopping at the first candidate not rejected at
+level delta. Fixed-sequence testing needs no multiplicity correction, so the loosest rejected
+candidate meets the target with probability ≥ 1 − delta over the test tokens — treated as
+exchangeable, which is why whole prompts, not tokens, are split. `sequences` runs the same test
+over whole generated answers, one loss per prompt.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from drex_hf.errors import DrexError
 
 # Per-exit agreement levels the candidates are fitted for, strict -> loose.
 LEVELS = (0.9999, 0.999, 0.998, 0.995, 0.99, 0.985, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.9, 0.88, 0.85, 0.8)
-BOUNDS = ("binomial", "hoeffding")
+BOUNDS = ("binomial", "hoeffding", "hoeffding_bentkus")
 MIN_EXITS_FOR_THRESHOLD = 10  # a threshold fitted on fewer passing tokens is noise
 
 
@@ -149,17 +150,53 @@ def hoeffding_p_value(k: int, n: int, target: float) -> float:
     return math.exp(-2 * n * (rate - target) ** 2) if rate > target else 1.0
 
 
+def risk_p_value(risk: float, n: int, alpha: float, bound: str) -> float:
+    """A p-value for H0: expected loss >= `alpha`, from the mean loss `risk` of `n` independent losses
+    in [0, 1]: small when so low a mean would be surprising were the expected loss `alpha` or more.
+
+    `hoeffding`: exp(-2 n (alpha - risk)^2). `hoeffding_bentkus` (Learn-then-Test, Angelopoulos et al.
+    2021, eq. for p^HB): min(exp(-n h(risk ∧ alpha, alpha)), e · P(Bin(n, alpha) <= ceil(n risk))), with
+    h the Bernoulli KL divergence; valid for any losses in [0, 1]. `binomial`: P(Bin(n, alpha) <= n risk),
+    exact, for 0/1 losses only.
+    """
+    if n <= 0:
+        return 1.0
+    if bound == "hoeffding":
+        return math.exp(-2 * n * (alpha - risk) ** 2) if risk < alpha else 1.0
+    if bound == "binomial":
+        losses = round(risk * n)
+        if abs(losses - risk * n) > 1e-6:
+            raise CalibrationDataError(
+                f"the binomial bound needs 0/1 losses; a mean loss of {risk} over {n} is not a count of failures "
+                "(use hoeffding_bentkus or hoeffding)"
+            )
+        return binomial_p_value(n - losses, n, 1 - alpha)
+    if bound == "hoeffding_bentkus":
+        if risk >= alpha:
+            return 1.0
+        kl = math.log(1 / (1 - alpha)) if risk <= 0 else (
+            risk * math.log(risk / alpha) + (1 - risk) * math.log((1 - risk) / (1 - alpha))
+        )  # fmt: skip
+        failures = math.ceil(n * risk - 1e-9)  # the tolerance only absorbs float error in n * risk
+        bentkus = math.e * binomial_p_value(n - failures, n, 1 - alpha)  # e · P(Bin(n, alpha) <= failures)
+        return min(math.exp(-n * kl), bentkus, 1.0)
+    raise CalibrationDataError(f"unknown bound {bound!r}; choose one of {', '.join(BOUNDS)}")
+
+
 def p_value(k: int, n: int, target: float, bound: str) -> float:
     if bound == "binomial":
         return binomial_p_value(k, n, target)
     if bound == "hoeffding":
         return hoeffding_p_value(k, n, target)
+    if bound == "hoeffding_bentkus":
+        return risk_p_value(1 - k / n if n else 1.0, n, 1 - target, bound)
     raise CalibrationDataError(f"unknown bound {bound!r}; choose one of {', '.join(BOUNDS)}")
 
 
 def tokens_needed(target: float, delta: float, bound: str) -> int:
-    """Fewest test tokens with which even perfect agreement would reject H0 at level delta."""
-    if bound == "binomial":  # all n agree: p = target^n
+    """Fewest test samples (tokens here; prompts for a sequence guarantee) with which even a perfect
+    score would reject H0 at level delta."""
+    if bound in ("binomial", "hoeffding_bentkus"):  # nothing lost: p = target^n for both
         return math.ceil(math.log(delta) / math.log(target))
     return math.ceil(math.log(1 / delta) / (2 * (1 - target) ** 2))  # rate 1: exp(-2n(1-target)^2)
 
@@ -237,11 +274,14 @@ class ThresholdResult:
         }
 
 
-def split_by_prompt(obs: Observations, learn_fraction: float, seed: int) -> tuple[Observations, Observations]:
-    prompts = obs.prompt.unique()
+def learn_prompts(prompts: torch.Tensor, learn_fraction: float, seed: int) -> torch.Tensor:
+    """The prompt ids (of the distinct ids `prompts`) that go to the learn part; the rest are tested."""
     order = prompts[torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))]
-    learn_prompts = order[: max(1, round(learn_fraction * len(prompts)))]
-    learn = torch.isin(obs.prompt, learn_prompts)
+    return order[: max(1, round(learn_fraction * len(prompts)))]
+
+
+def split_by_prompt(obs: Observations, learn_fraction: float, seed: int) -> tuple[Observations, Observations]:
+    learn = torch.isin(obs.prompt, learn_prompts(obs.prompt.unique(), learn_fraction, seed))
     return obs.subset(learn), obs.subset(~learn)
 
 

@@ -1,5 +1,7 @@
 """`drex calibrate MODEL_DIR --data held_out.txt`: thresholds with a stated guarantee and the
-scheduler's cost constants for this device, written beside the heads as calibration.json + a plot."""
+scheduler's cost constants for this device, written beside the heads as calibration.json + a plot.
+The guarantee is on tokens (agreement with full depth) or, with `--metric rouge_l|exact`, on whole
+greedy answers (their mean score against full depth's answers)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any
 
 import torch
 
+from drex_hf.calibration.sequences import DEFAULT_BOUNDS, METRICS
 from drex_hf.calibration.thresholds import BOUNDS, CalibrationDataError
 from drex_hf.cli import COMMANDS
 from drex_hf.cli.common import (
@@ -35,6 +38,10 @@ def probability(text: str) -> float:
     return value
 
 
+TOKEN_NEW_TOKENS, SEQUENCE_NEW_TOKENS = 48, 32
+SEQUENCE_TARGET = 0.9
+
+
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser(
         "calibrate",
@@ -42,7 +49,10 @@ def add_parser(sub: Any) -> None:
         description="Measure on held-out text how often each exit's token agrees with full depth, choose "
         "per-exit thresholds that reach --target-agreement with probability >= 1 - --delta (Learn-then-"
         "Test), time the segments on this device, switch off exits that cost more than they save, and "
-        "write calibration.json and calibration.png into MODEL_DIR (from_pretrained then uses them).",
+        "write calibration.json and calibration.png into MODEL_DIR (from_pretrained then uses them). With "
+        "--metric, the thresholds are certified on whole answers instead: drex's greedy answers to held-out "
+        "prompts must score a mean --metric >= --target against the full-depth answers with probability >= "
+        "1 - --delta (Learn-then-Test over prompts).",
         formatter_class=HelpFormatter,
     )
     parser.add_argument("model", metavar="MODEL_DIR", help="an exit-heads folder (from save_pretrained or drex train)")
@@ -53,12 +63,43 @@ def add_parser(sub: Any) -> None:
         help="skip the greedy decoding: reuse the observations an earlier run saved in MODEL_DIR and only "
         "profile this device (adds its entry; the guarantee is recomputed from the same tokens)",
     )
-    parser.add_argument("--target-agreement", type=probability, default=0.95, help="token agreement to guarantee")
+    parser.add_argument(
+        "--target-agreement",
+        type=probability,
+        default=0.95,
+        help="token agreement to guarantee (with --metric: the token agreement the learn half's fits aim at "
+        "when deciding which exits pay on this device)",
+    )
+    parser.add_argument(
+        "--metric",
+        choices=METRICS,
+        default=None,
+        help="certify whole greedy answers instead of tokens, scored against full depth's answers: rouge_l "
+        "(ROUGE-L F1 on token ids) or exact (identical token ids); default: no, a token-agreement guarantee",
+    )
+    parser.add_argument(
+        "--target",
+        type=probability,
+        default=None,
+        help="with --metric: the mean score to guarantee on new prompts (default: 0.9)",
+    )
     parser.add_argument("--delta", type=probability, default=0.1, help="allowed probability of missing the target")
-    parser.add_argument("--bound", choices=BOUNDS, default="binomial", help="tail bound of the test")
+    parser.add_argument(
+        "--bound",
+        choices=BOUNDS,
+        default=None,
+        help="tail bound of the test (default: binomial; with --metric: "
+        + ", ".join(f"{b} for {m}" for m, b in DEFAULT_BOUNDS.items())
+        + "; binomial needs 0/1 losses)",
+    )
     parser.add_argument("--prompts", type=positive_int, default=64, help="prompts drawn from --data")
     parser.add_argument("--prompt-tokens", type=positive_int, default=32, help="tokens per prompt")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=48, help="greedy tokens per prompt")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=None,
+        help=f"greedy tokens per prompt (default: {TOKEN_NEW_TOKENS}; {SEQUENCE_NEW_TOKENS} with --metric)",
+    )
     parser.add_argument("--rows", type=count_list, default=[1, 2, 4, 8, 16, 32], help="row counts to time")
     parser.add_argument("--holdout-rows", type=count_list, default=[3, 6, 12, 24], help="row counts to test the fit on")
     parser.add_argument(
@@ -96,6 +137,40 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or stage lines")
     parser.set_defaults(run=run)
+
+
+def check_sequence_arguments(args: argparse.Namespace) -> float:
+    """--metric's options, refused before the model loads: --target only with --metric, no saved
+    observations (the answers are generated), a bound the metric's losses allow, and enough prompts
+    that even answers all equal to full depth's could pass. Returns the target."""
+    from drex_hf.calibration.sequences import check_enough_prompts
+    from drex_hf.calibration.sequences import check_options as check_sequence_options
+    from drex_hf.calibration.thresholds import learn_prompts
+
+    if args.metric is None:
+        if args.target is not None:
+            raise CalibrationDataError(
+                "--target is the mean score of a sequence guarantee and needs --metric rouge_l or exact; a token "
+                "guarantee takes --target-agreement"
+            )
+        return SEQUENCE_TARGET
+    target = SEQUENCE_TARGET if args.target is None else args.target
+    if args.reuse_observations:
+        raise CalibrationDataError(
+            "--metric generates drex's answers to the prompts: use --data, not --reuse-observations"
+        )
+    try:
+        bound = check_sequence_options(args.metric, target, args.delta, args.bound)
+    except CalibrationDataError as err:
+        raise CalibrationDataError(f"--metric {args.metric}: {err}") from None
+    if args.prompts < 2:
+        raise CalibrationDataError("--prompts must be at least 2: learn and test are split by prompt")
+    tested = args.prompts - len(learn_prompts(torch.arange(args.prompts), 0.5, args.seed))
+    try:
+        check_enough_prompts(tested, args.metric, target, args.delta, bound, args.prompts)
+    except CalibrationDataError as err:
+        raise CalibrationDataError(f"--prompts {args.prompts}: {err}") from None
+    return target
 
 
 def measure_list(text: str) -> list[str]:
@@ -146,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
         args.rows, args.holdout_rows, args.decision_rows, args.context, args.long_context, options=True
     )
     check_output_folder(folder, "MODEL_DIR", beside=True)  # calibration.json and the plot go beside the heads
+    sequence_target = check_sequence_arguments(args)
+    max_new_tokens = args.max_new_tokens or (SEQUENCE_NEW_TOKENS if args.metric else TOKEN_NEW_TOKENS)
     observations = None
     if args.reuse_observations:
         if args.data is not None:
@@ -169,6 +246,15 @@ def run(args: argparse.Namespace) -> int:
         "observe": progress_bar(len(prompts), "observe (greedy full depth)", "prompt", show),
         "profile": progress_bar(len(model.exit_layers) + 1, "profile segments", "segment", show),
     }
+
+    def tick(stage: str, n: int) -> None:
+        if stage.startswith("certify:"):  # a certification starts: at most n answers (it stops at a failure)
+            if "certify" in bars:
+                bars["certify"].close()
+            bars["certify"] = progress_bar(n, f"certify {stage.split(':', 1)[1]} (drex greedy answers)", "answer", show)
+        else:
+            bars[stage].update(n)
+
     command = "drex " + " ".join(shlex.quote(a) for a in args.argv)
     try:
         result = calibrate(
@@ -177,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
             target=args.target_agreement,
             delta=args.delta,
             bound=args.bound,
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=max_new_tokens,
             rows=args.rows,
             holdout_rows=args.holdout_rows,
             decision_rows=args.decision_rows,
@@ -186,10 +272,12 @@ def run(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             seed=args.seed,
             command=command,
-            progress=lambda stage, n: bars[stage].update(n),
+            progress=tick,
             observations=observations,
             measures=args.measures,
             min_speedup=args.min_speedup,
+            metric=args.metric,
+            sequence_target=sequence_target,
         )
     finally:
         for bar in bars.values():
@@ -202,17 +290,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summary(result: dict, device: str) -> str:
-    from drex_hf.calibration.calibrate import shown_thresholds
+    from drex_hf.calibration.calibrate import guarantee_cell, shown_thresholds
+    from drex_hf.calibration.files import guarantee_kind
 
     g, entry = result["guarantee"], result["cost_models"][device]
-
-    lines = [
-        f"observed {result['observations']['tokens']} tokens from {result['observations']['prompts']} prompts "
-        f"(learn {g['learn_tokens']}, test {g['test_tokens']})",
-        f"guaranteed thresholds per exit {result['exit_layers']}: {shown_thresholds(g['thresholds'])} — test agreement "
-        f"{g['test_agreement']:.4f} >= {g['target_agreement']} with probability >= {1 - g['delta']:.2f} "
-        f"({g['bound']} bound); exits: " + ", ".join(f"{f:.1%}" for f in g["exit_fractions"]),
-    ]
+    observed = f"observed {result['observations']['tokens']} tokens from {result['observations']['prompts']} prompts"
+    if guarantee_kind(g) == "token_agreement":
+        lines = [
+            f"{observed} (learn {g['learn_tokens']}, test {g['test_tokens']})",
+            f"guaranteed thresholds per exit {result['exit_layers']}: {shown_thresholds(g['thresholds'])} — test "
+            f"agreement {g['test_agreement']:.4f} >= {g['target_agreement']} with probability >= "
+            f"{1 - g['delta']:.2f} ({g['bound']} bound); exits: " + ", ".join(f"{f:.1%}" for f in g["exit_fractions"]),
+        ]
+    else:
+        lines = [f"{observed} (learn {g['learn_prompts']} prompts, test {g['prompts']})", *sequence_lines(g, result)]
+    lines.append(f"guarantee of the thresholds used on {device}: {guarantee_cell(entry['guarantee'])}")
     paying = entry["exits_paying"]
     if not any(paying):
         lines.append(f"on {device} no exit point pays at {entry['decision_rows']} rows: every exit is off here")
@@ -247,3 +339,31 @@ def summary(result: dict, device: str) -> str:
         f"median {err['median']:.1%}, p95 {err['p95']:.1%}"
     )
     return "\n".join(lines)
+
+
+def sequence_lines(g: dict, result: dict) -> list[str]:
+    """What a sequence certification found: the thresholds and the guarantee, the share of tokens that
+    still exit, and where the fixed sequence of candidates stopped."""
+    from drex_hf.calibration.calibrate import shown_thresholds
+
+    tested = g["tested"]
+    generated = [c for c in tested if any(t != "inf" for t in c["thresholds"])]
+    failed = next((c for c in generated if not c["rejected"]), None)
+    stop = (
+        f"stopped at candidate {tested.index(failed) + 1} of those tried (mean {failed['mean_score']:.4f}, "
+        f"p = {failed['p_value']:.3g} > delta {g['delta']})"
+        if failed
+        else "every candidate passed"
+    )
+    if not any(t != "inf" for t in g["thresholds"]):
+        first = f": {stop}" if generated else ": the learn prompts gave no threshold with an exit to try"
+        return [f"no thresholds with an exit passed the sequence test ({g['metric']} >= {g['target']}){first}; every "
+                "exit stays off (full depth)"]  # fmt: skip
+    return [
+        f"certified thresholds per exit {result['exit_layers']}: {shown_thresholds(g['thresholds'])} — drex's greedy "
+        f"answers score a mean {g['metric']} of {g['mean_score']:.4f} on {g['prompts']} test prompts: the mean on new "
+        f"prompts is >= {g['target']} with probability >= {1 - g['delta']:.2f} ({g['bound']} bound)",
+        f"tokens that still exit under them (test answers): {g['exiting']:.1%} (exits "
+        + ", ".join(f"{f:.1%}" for f in g["exit_fractions"])
+        + f"); {len(generated)} candidate(s) generated, {stop}",
+    ]
