@@ -322,6 +322,24 @@ def test_another_devices_calibration_gives_the_guaranteed_thresholds_and_says_so
         EarlyExitModelForCausalLM.from_pretrained(heads)
 
 
+def test_calibrate_choose_policy_records_the_choice_and_generate_follows_it(heads_and_text, capsys):
+    heads, text = heads_and_text
+    extra = ["--choose-policy", "--choice-batch-sizes", "1,4", "--draft-tokens", "1,2"]
+    assert _calibrate(heads, text, *extra) == 0
+    out = capsys.readouterr().out
+    entry = json.loads((heads / "calibration.json").read_text())["cost_models"][device_name("cpu")]
+    choices = entry["policy_choice"]
+    assert sorted(choices) == ["1", "4"]
+    for batch, choice in choices.items():
+        assert f"policy at batch {batch}: {choice['policy']}" in out
+        spec = [row for name, row in choice["measured"].items() if name.startswith("self_spec")]
+        assert len(spec) == 2 * 2 and all(row["exact"] == 1.0 for row in spec)  # 2 exits x k 1, 2: lossless
+    assert "`generate()` uses **" in (heads / "README.md").read_text()
+    model = EarlyExitModelForCausalLM.from_pretrained(heads)
+    out = model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=4, return_dict_in_generate=True)
+    assert out.stats.policy == choices["1"]["policy"]
+
+
 def test_calibrate_refuses_bad_input_and_writes_nothing(heads_and_text, tmp_path, capsys):
     heads, text = heads_and_text
     assert _calibrate(heads, tmp_path / "missing.txt") == 2

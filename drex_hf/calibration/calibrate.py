@@ -749,6 +749,12 @@ def card_section(calibration: dict) -> str:
             f"{'n/a' if speed is None else f'{speed:.2f}x'} at {entry['decision_rows']} rows | "
             f"{err['median']:.1%} / {err['p95']:.1%} | `{entry.get('made_by', calibration['command'])}` |"
         )
+    for device, entry in calibration["cost_models"].items():
+        for batch, choice in (entry.get("policy_choice") or {}).items():
+            policy = choice["policy"]
+            if policy == "self_spec":
+                policy += f" (draft exit {choice['draft_exit']}, k {choice['draft_tokens']})"
+            lines.append(f"\nOn {device} at batch {batch}, `generate()` uses **{policy}**: {choice['reason']}.")
     lines += ["", "![calibration](calibration.png)", CALIBRATION_END]
     return "\n".join(lines) + "\n"
 

@@ -122,6 +122,26 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="cached positions of the second timing that gives attention's per-position cost (default: 4 x --context)",
     )
+    parser.add_argument(
+        "--choose-policy",
+        action="store_true",
+        help="also time full, drex (the thresholds just calibrated) and self_spec (each --draft-exits x "
+        "--draft-tokens) on the drawn prompts at each --choice-batch-sizes, and record this device's fastest "
+        "per batch size; generate() without policy= then follows it (full unless something beats it by "
+        "--min-speedup)",
+    )
+    parser.add_argument(
+        "--choice-batch-sizes", type=count_list, default=[1, 8], help="with --choose-policy: batch sizes to time"
+    )
+    parser.add_argument(
+        "--draft-exits",
+        type=count_list,
+        default=None,
+        help="with --choose-policy: self_spec's draft exits to try (default: every exit point)",
+    )
+    parser.add_argument(
+        "--draft-tokens", type=count_list, default=[1, 2, 4], help="with --choose-policy: self_spec's k to try"
+    )
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed repeats (their median counts)")
     parser.add_argument("--seed", type=seed_value, default=0, help="seed of the prompt draw and the learn/test split")
     parser.add_argument(
@@ -283,10 +303,45 @@ def run(args: argparse.Namespace) -> int:
         for bar in bars.values():
             bar.close()
     device_key = next(iter(result["cost_models"]))
+    if args.choose_policy:
+        choose_policy(model, prompts, result["cost_models"][device_key], args, max_new_tokens, show)
     save(result, folder, plot(result, device_key))
     print(summary(result, device_key))
     print(f"wrote {folder / CALIBRATION_NAME} and {folder / PLOT_NAME}")
     return 0
+
+
+def choose_policy(
+    model: Any, prompts: list[torch.Tensor], entry: dict, args: argparse.Namespace, max_new_tokens: int, show: bool
+) -> None:
+    """`--choose-policy`: time the policies with this device's thresholds and record the choice in `entry`."""
+    from drex_hf.calibration.choice import measure_policies
+    from drex_hf.config import parse_threshold
+
+    if not prompts:
+        raise CalibrationDataError(
+            "--choose-policy times decoding on prompts: give --data (not only --reuse-observations)"
+        )
+    model.exit_config.thresholds = [parse_threshold(t, "thresholds") for t in entry["thresholds"]]
+    model.exit_config.confidence = entry.get("confidence", model.exit_config.confidence)
+    exits = args.draft_exits or list(model.exit_layers)
+    bar = progress_bar(
+        len(args.choice_batch_sizes) * (args.repeats + 1), "choose policy (timed decoding)", "round", show
+    )
+    try:
+        entry["policy_choice"] = measure_policies(
+            model,
+            prompts,
+            batch_sizes=args.choice_batch_sizes,
+            max_new_tokens=max_new_tokens,
+            draft_exits=exits,
+            draft_tokens=args.draft_tokens,
+            repeats=args.repeats,
+            margin=args.min_speedup,
+            progress=lambda _: bar.update(1),
+        )
+    finally:
+        bar.close()
 
 
 def summary(result: dict, device: str) -> str:
@@ -338,7 +393,25 @@ def summary(result: dict, device: str) -> str:
         f"cost fit error on held-out row counts {err['rows']} at {err.get('contexts', '?')} cached positions: "
         f"median {err['median']:.1%}, p95 {err['p95']:.1%}"
     )
+    lines += choice_lines(entry.get("policy_choice"))
     return "\n".join(lines)
+
+
+def choice_lines(choices: dict | None) -> list[str]:
+    """Per batch size: the policy chosen, why, and every policy's measured speed and quality."""
+    lines = []
+    for batch, choice in (choices or {}).items():
+        policy = choice["policy"]
+        if policy == "self_spec":
+            policy += f" (draft exit {choice['draft_exit']}, k {choice['draft_tokens']})"
+        lines.append(f"policy at batch {batch}: {policy} — {choice['reason']}")
+        for name, row in choice["measured"].items():
+            extra = f", acceptance {row['acceptance_rate']:.0%}" if "acceptance_rate" in row else ""
+            lines.append(
+                f"  {name}: {row['tokens_per_s']:.1f} tokens/s ({row['ratio']:.2f}x full), exact {row['exact']:.0%}, "
+                f"ROUGE-L {row['rouge_l']:.3f}{extra}"
+            )
+    return lines
 
 
 def sequence_lines(g: dict, result: dict) -> list[str]:
