@@ -299,3 +299,15 @@ def test_generate_refusals(options, names):
     model = _model("llama")
     with pytest.raises(GenerationInputError, match=names):
         model.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=4, **options)
+
+
+def test_one_upload_and_one_read_per_step():
+    """The CPU proxy of the device path: every step (prefill, draft, verify) makes one host-to-device
+    copy of its plan and one read-back, whatever the batch, the k or the acceptances."""
+    model = _model("llama")
+    for k, source in ((1, {}), (4, {}), (3, dict(exit_source="trace", acceptance=0.8))):
+        outs, engine = _run(model, _prompts(LENGTHS_8), DecodeSettings(max_new_tokens=NEW), 1, k, **source)
+        stats = engine.stats
+        assert stats.steps == stats.prefill_steps + stats.draft_steps + stats.verify_steps
+        assert stats.uploads == stats.reads == stats.steps, stats
+        assert stats.verify_steps < NEW - 1  # fewer verify passes than tokens: rounds emit several

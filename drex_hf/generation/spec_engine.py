@@ -47,7 +47,7 @@ from drex_hf.generation.engine import FinishCallback, RequestOutput, TokenCallba
 from drex_hf.generation.kv_store import RowKVCache
 from drex_hf.generation.plan import row_buckets
 from drex_hf.generation.runner import StepExecutor
-from drex_hf.generation.sampling import as_seed, host_uniform, pick_tokens, uniforms
+from drex_hf.generation.sampling import as_seed, pick_tokens, uniforms
 from drex_hf.generation.self_spec import ACCEPT, DRAFT, FULL, check_spec_arguments, spec_counter
 from drex_hf.generation.settings import DecodeSettings
 from drex_hf.seeds import check_seed
@@ -592,11 +592,12 @@ class SpecEngine:
                 [r.index for r in rows],
                 [r.seed for r in rows],
                 need + [-1] * (len(rows) - len(need)),
+                [r.trace_seed for r in rows],
                 *(list(column) for column in zip(*drafts_l)),
             ]
         )
-        slots, positions, lengths, index, seeds, need_t = columns[:6]
-        drafts = columns[6:].T if n_max else None  # [n, n_max]
+        slots, positions, lengths, index, seeds, need_t, trace_seeds = columns[:7]
+        drafts = columns[7:].T if n_max else None  # [n, n_max]
         if need:
             which = need_t[: len(need)]
             self._shallow(slots[which], positions[which] + lengths[which], lengths[which])
@@ -605,6 +606,10 @@ class SpecEngine:
         hidden = self._run(hidden, self.deep, slots, grid)
         logits = self.arch.lm_head(self.arch.final_norm(hidden)).float()  # [n, q, vocab]
         accepted, tokens = self._accept(logits, slots, drafts, lengths, index, seeds)
+        if self.exit_source == "trace":  # the replayed coin instead of the comparison
+            counters = index.unsqueeze(1) + torch.arange(n_max, device=self.device) + (_TRACE_STREAM << 30)
+            accepted = uniforms(trace_seeds.unsqueeze(1).expand_as(counters), counters) < self.acceptance
+        self._next_pending(slots, accepted, tokens, lengths)
         result = self._read([accepted, tokens])
         self.stats.verify_steps += 1
         real = sum(len(r.drafts) + 1 for r in rows)
@@ -661,15 +666,20 @@ class SpecEngine:
         tokens = torch.cat([torch.where(at_end, plain[:, :n_max], corrected), plain[:, n_max:]], dim=1)
         return accepted, tokens
 
+    def _next_pending(
+        self, slots: torch.Tensor, accepted: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
+    ) -> None:
+        """Each row's next pending token into its slot, on the device: full depth's token after the
+        longest accepted prefix of its drafts (a row that ends in this round never reads it)."""
+        n_max = accepted.shape[1]
+        valid = torch.arange(n_max, device=self.device).unsqueeze(0) < lengths.unsqueeze(1)
+        kept = torch.cumprod((accepted & valid).long(), dim=1).sum(dim=1, keepdim=True)
+        self.executor.tokens.index_copy_(0, slots, tokens.gather(1, kept).squeeze(1))
+
     def _finish_round(self, row: _Row, accepted: list[float], full: list[float]) -> None:
         """Emit the row's accepted drafts and full depth's next token; the rejected positions go (the
         row's pending position moves only past what it kept)."""
         n = len(row.drafts)
-        if self.exit_source == "trace":
-            accepted = [
-                host_uniform(row.trace_seed, spec_counter(row.index + j, _TRACE_STREAM)) < self.acceptance
-                for j in range(n)
-            ]
         kept = 0
         alive = True
         emitted: list[int] = []
@@ -696,7 +706,6 @@ class SpecEngine:
             if not alive:
                 return
             row.position += 1
-        self.executor.tokens[row.slot] = emitted[-1]
         self._start_round(row)
 
     def _emit(self, row: _Row, token: int) -> bool:
