@@ -616,13 +616,6 @@ class EarlyExitModelForCausalLM(nn.Module):
         from drex_hf.generation.engine import DrexEngine
         from drex_hf.generation.exits import ExitDistribution, ExitReplay
         from drex_hf.generation.scheduler import POLICY_NAMES
-        from drex_hf.generation.settings import (
-            check_token_batch,
-            infer_attention_mask,
-            merge_generation_config,
-            settings_from_config,
-            split_prompts,
-        )
 
         if policy is None:
             policy, draft_exit, draft_tokens = self._calibrated_policy(input_ids, draft_exit, draft_tokens)
@@ -654,16 +647,9 @@ class EarlyExitModelForCausalLM(nn.Module):
             )
         if policy == "full" and (thresholds is not None or exit_trace is not None):
             raise GenerationInputError("thresholds and exit_trace do not apply to policy='full' (it never exits)")
-        input_ids, attention_mask = check_token_batch(input_ids, attention_mask, self.arch.input_vocab_size)
-        gen_config = merge_generation_config(self.base_model, generation_config, kwargs)
-        settings = settings_from_config(gen_config, input_ids.shape[1])
-        attention_mask = infer_attention_mask(input_ids, settings, attention_mask)
-        attention_mask, prompts = split_prompts(input_ids, attention_mask)
-        self._check_positions([p.shape[0] for p in prompts], settings.max_new_tokens)
-        if streamer is not None and len(prompts) > 1:
-            raise GenerationInputError(f"streamer supports a batch of 1 prompt, got {len(prompts)}")
-        if return_dict_in_generate is None:
-            return_dict_in_generate = bool(gen_config.return_dict_in_generate)
+        input_ids, prompts, settings, return_dict_in_generate = self._prepare_batch(
+            input_ids, attention_mask, generation_config, kwargs, streamer, return_dict_in_generate
+        )
         self.arch.check_attention_implementation()
         device = self.heads_device
         input_ids = input_ids.to(device)
@@ -700,13 +686,7 @@ class EarlyExitModelForCausalLM(nn.Module):
         )
         if policy == "drex" and cost_model is None:
             self._cost_models[self._cost_key(thresholds, len(prompts), exit_trace is not None, programs)] = engine.cost
-        callback = None
-        if streamer is not None:
-            streamer.put(prompts[0].unsqueeze(0).cpu())
-
-            def callback(request_id: int, token: int, layer: int) -> None:
-                streamer.put(torch.tensor([token]))
-
+        callback = _streamer_callback(streamer, prompts[0])
         with torch.no_grad():
             for b, prompt in enumerate(prompts):
                 trace = replay.layers[b] if replay is not None else None
@@ -718,6 +698,37 @@ class EarlyExitModelForCausalLM(nn.Module):
         if return_dict_in_generate:
             return EarlyExitGenerateOutput(sequences, exit_layers, engine.stats)
         return sequences
+
+    def _prepare_batch(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        generation_config: Any,
+        kwargs: dict[str, Any],
+        streamer: Any,
+        return_dict_in_generate: bool | None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], Any, bool]:
+        """`generate`'s inputs checked and split: (input ids, one unpadded prompt per row, the decode
+        settings, whether to return a dict)."""
+        from drex_hf.generation.settings import (
+            check_token_batch,
+            infer_attention_mask,
+            merge_generation_config,
+            settings_from_config,
+            split_prompts,
+        )
+
+        input_ids, attention_mask = check_token_batch(input_ids, attention_mask, self.arch.input_vocab_size)
+        gen_config = merge_generation_config(self.base_model, generation_config, kwargs)
+        settings = settings_from_config(gen_config, input_ids.shape[1])
+        attention_mask = infer_attention_mask(input_ids, settings, attention_mask)
+        _, prompts = split_prompts(input_ids, attention_mask)
+        self._check_positions([p.shape[0] for p in prompts], settings.max_new_tokens)
+        if streamer is not None and len(prompts) > 1:
+            raise GenerationInputError(f"streamer supports a batch of 1 prompt, got {len(prompts)}")
+        if return_dict_in_generate is None:
+            return_dict_in_generate = bool(gen_config.return_dict_in_generate)
+        return input_ids, prompts, settings, return_dict_in_generate
 
     def _calibrated_policy(
         self, input_ids: Any, draft_exit: int | None, draft_tokens: int | str | None
@@ -757,13 +768,6 @@ class EarlyExitModelForCausalLM(nn.Module):
         kwargs: dict[str, Any],
     ) -> torch.Tensor | EarlyExitGenerateOutput:
         """`generate(policy="self_spec")`: the batch through one `SpecEngine`; see `generate`."""
-        from drex_hf.generation.settings import (
-            check_token_batch,
-            infer_attention_mask,
-            merge_generation_config,
-            settings_from_config,
-            split_prompts,
-        )
         from drex_hf.generation.spec_engine import SpecEngine
 
         given = {
@@ -779,16 +783,9 @@ class EarlyExitModelForCausalLM(nn.Module):
                 f"{', '.join(unused)} do not apply to policy='self_spec' (it never exits early: every token is "
                 f"full depth's, verified; draft_exit, draft_tokens and draft_confidence set its drafting)"
             )
-        input_ids, attention_mask = check_token_batch(input_ids, attention_mask, self.arch.input_vocab_size)
-        gen_config = merge_generation_config(self.base_model, generation_config, kwargs)
-        settings = settings_from_config(gen_config, input_ids.shape[1])
-        attention_mask = infer_attention_mask(input_ids, settings, attention_mask)
-        attention_mask, prompts = split_prompts(input_ids, attention_mask)
-        self._check_positions([p.shape[0] for p in prompts], settings.max_new_tokens)
-        if streamer is not None and len(prompts) > 1:
-            raise GenerationInputError(f"streamer supports a batch of 1 prompt, got {len(prompts)}")
-        if return_dict_in_generate is None:
-            return_dict_in_generate = bool(gen_config.return_dict_in_generate)
+        input_ids, prompts, settings, return_dict_in_generate = self._prepare_batch(
+            input_ids, attention_mask, generation_config, kwargs, streamer, return_dict_in_generate
+        )
         device = self.heads_device
         input_ids = input_ids.to(device)
         seeds = _request_seeds(seed, len(prompts)) if settings.do_sample else [None] * len(prompts)
@@ -801,13 +798,7 @@ class EarlyExitModelForCausalLM(nn.Module):
             draft_confidence=draft_confidence,
             settings=settings,
         )
-        callback = None
-        if streamer is not None:
-            streamer.put(prompts[0].unsqueeze(0).cpu())
-
-            def callback(request_id: int, token: int, layer: int) -> None:
-                streamer.put(torch.tensor([token]))
-
+        callback = _streamer_callback(streamer, prompts[0])
         with torch.no_grad():
             for b, prompt in enumerate(prompts):
                 engine.add_request(prompt.to(device), seed=seeds[b], callback=callback)
@@ -1033,6 +1024,19 @@ def _full_depth_layers(new: torch.Tensor, eos_ids: tuple[int, ...], last_layer: 
         after = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
         layers[after] = -1
     return layers
+
+
+def _streamer_callback(streamer: Any, prompt: torch.Tensor) -> Any:
+    """An engine token callback feeding `streamer` (HF's streamer protocol), after putting the prompt
+    into it; None without a streamer."""
+    if streamer is None:
+        return None
+    streamer.put(prompt.unsqueeze(0).cpu())
+
+    def callback(request_id: int, token: int, layer: int) -> None:
+        streamer.put(torch.tensor([token]))
+
+    return callback
 
 
 def _sequences(input_ids: torch.Tensor, results: dict[int, Any], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,18 +12,10 @@ from conftest import make_tiny
 from test_bad_input_files import _calibrate_by_hand, _heads
 
 from drex_hf import EarlyExitModelForCausalLM
-from drex_hf.calibration.choice import _choose, choice_for, measure_policies, rouge_l_ids
+from drex_hf.calibration.choice import _choose, choice_for, measure_policies
 from drex_hf.errors import ConfigError, GenerationInputError
 from drex_hf.generation.engine import EngineStats, device_name
 from drex_hf.generation.spec_engine import SpecStats
-
-
-def test_rouge_l_ids():
-    assert rouge_l_ids([1, 2, 3], [1, 2, 3]) == 1.0
-    assert rouge_l_ids([], []) == 1.0 and rouge_l_ids([1], []) == 0.0 and rouge_l_ids([1, 2], [3, 4]) == 0.0
-    # LCS of (1 2 3 4) and (1 3 4 5) is (1 3 4): P = R = 3/4
-    assert rouge_l_ids([1, 2, 3, 4], [1, 3, 4, 5]) == pytest.approx(0.75)
-    assert rouge_l_ids([1, 2], [1, 2, 3, 4]) == pytest.approx(2 * 1.0 * 0.5 / 1.5)
 
 
 def test_measure_policies_measures_every_policy_and_keeps_quality():

@@ -108,7 +108,7 @@ def test_requests_joining_mid_run_equal_full_depth():
     while waiting or engine.active:
         while waiting and engine.has_free_slot:
             i = waiting.pop(0)
-            joined_mid_round += any(r.drafting for r in engine.rows.values())
+            joined_mid_round += any(r.drafting for r in engine.requests.values())
             ids[engine.add_request(prompts[i], max_new_tokens=budgets[i])] = i
         engine.step()
     assert joined_mid_round > 0, "no request joined while others were drafting"

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from drex_hf.calibration.sequences import rouge_l
 from drex_hf.errors import GenerationInputError
 from drex_hf.generation.settings import DecodeSettings
 
@@ -25,25 +26,6 @@ if TYPE_CHECKING:
     from drex_hf.modeling import EarlyExitModelForCausalLM
 
 POLICY_CHOICES = ("full", "drex", "self_spec")
-
-
-def rouge_l_ids(candidate: Sequence[int], reference: Sequence[int]) -> float:
-    """ROUGE-L F1 of two token-id sequences (longest common subsequence; 1.0 for two empty ones)."""
-    if not candidate and not reference:
-        return 1.0
-    if not candidate or not reference:
-        return 0.0
-    previous = [0] * (len(reference) + 1)
-    for a in candidate:
-        current = [0]
-        for j, b in enumerate(reference):
-            current.append(previous[j] + 1 if a == b else max(previous[j + 1], current[j]))
-        previous = current
-    lcs = previous[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(candidate), lcs / len(reference)
-    return 2 * precision * recall / (precision + recall)
 
 
 def _engine_run(
@@ -128,7 +110,7 @@ def measure_policies(
             row = {
                 "tokens_per_s": decoded / seconds if seconds > 0 else 0.0,
                 "exact": sum(a == b for a, b in zip(tokens, full_tokens)) / len(tokens),
-                "rouge_l": statistics.fmean(rouge_l_ids(a, b) for a, b in zip(tokens, full_tokens)),
+                "rouge_l": statistics.fmean(rouge_l(a, b) for a, b in zip(tokens, full_tokens)),
             }
             if name.startswith("self_spec"):
                 row["acceptance_rate"] = stats["acceptance_rate"]

@@ -202,7 +202,70 @@ class _Step:
     final: int = 0  # how many of `projected` (the first ones) are the final segment's own rows
 
 
-class DrexEngine:
+class SlotEngine:
+    """What `DrexEngine` and `SpecEngine` share: requests held in the slots of a `RowKVCache`
+    (`store`), by slot in `requests`, a queue of requests awaiting their prefill, the finished ones,
+    and stepping in which a cancel from a callback waits for the step's end. A subclass defines
+    `_step()` (one step; False when there was nothing to do) and `_finish(request, reason)`."""
+
+    store: RowKVCache
+    requests: dict[int, Any]
+    prefill_queue: list[Any]
+    finished: dict[int, Any]
+    _stepping: bool
+    _cancels: list[int]
+
+    @property
+    def has_free_slot(self) -> bool:
+        return self.store.free_slots > 0
+
+    @property
+    def active(self) -> int:
+        return len(self.requests) + len(self.prefill_queue)
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Run one step (a prefill, or the engine's next decision); False when there was nothing to
+        do. A `cancel()` from a token callback during the step takes effect when the step ends."""
+        self._stepping = True
+        try:
+            return self._step()
+        finally:
+            self._stepping = False
+            cancels, self._cancels = self._cancels, []
+            for request_id in cancels:
+                self.cancel(request_id)
+
+    def _step(self) -> bool:
+        raise NotImplementedError
+
+    def _finish(self, req: Any, reason: str) -> None:
+        raise NotImplementedError
+
+    def run(self) -> dict[int, Any]:
+        """Step until every request has finished; returns the finished requests by id."""
+        while self.step():
+            pass
+        return self.finished
+
+    def cancel(self, request_id: int) -> bool:
+        """End a queued or running request now (between steps): its slot is free for the next
+        `add_request`, its `on_finish` gets `finish_reason` "cancelled" with the tokens it has. False
+        when no such request is queued or running (unknown, or finished already). Called during a
+        step (from a callback), it is deferred to the step's end, so the step's rows stay whole."""
+        if self._stepping:
+            live = any(r.output.request_id == request_id for r in [*self.prefill_queue, *self.requests.values()])
+            if live and request_id not in self._cancels:
+                self._cancels.append(request_id)
+            return live
+        for req in [*self.prefill_queue, *self.requests.values()]:
+            if req.output.request_id == request_id:
+                self._finish(req, "cancelled")
+                return True
+        return False
+
+
+class DrexEngine(SlotEngine):
     """Continuous batching with per-token early exit. See the module docstring.
 
     Args:
@@ -451,14 +514,6 @@ class DrexEngine:
         return {"segments": [[seg.start, seg.stop - 1] for seg in self.segments], "kv_fill": "project"}
 
     # ------------------------------------------------------------------ requests
-    @property
-    def has_free_slot(self) -> bool:
-        return self.store.free_slots > 0
-
-    @property
-    def active(self) -> int:
-        return len(self.requests) + len(self.prefill_queue)
-
     def add_request(
         self,
         prompt: torch.Tensor | Sequence[int],
@@ -481,33 +536,9 @@ class DrexEngine:
             raise GenerationTypeError(f"sampling must be a RequestSampling, got {type(sampling).__name__}")
         if self.per_request_sampling and sampling is None:
             sampling = self._default_sampling
-        ids = torch.as_tensor(prompt)
-        if ids.dim() != 1:
-            raise GenerationInputError(f"a prompt is one sequence of token ids (1-D), got shape {tuple(ids.shape)}")
-        if ids.numel() and (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool):
-            raise GenerationInputError(f"a prompt holds integer token ids, got dtype {ids.dtype}")
-        ids = ids.to(dtype=torch.long)
         seed = None if seed is None else check_seed(seed)
-        max_new = self.settings.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if isinstance(max_new, bool) or not isinstance(max_new, numbers.Integral):
-            raise GenerationInputError(f"max_new_tokens must be a positive integer, got {max_new!r}")
-        max_new = int(max_new)
-        if ids.numel() == 0:
-            raise GenerationInputError("empty prompt: a request needs at least one token")
-        vocab = self.arch.input_vocab_size
-        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-            raise GenerationInputError(f"the prompt holds token ids outside the model's vocabulary 0..{vocab - 1}")
-        if max_new < 1:
-            raise GenerationInputError(f"max_new_tokens must be positive, got {max_new}")
-        needed = ids.numel() + max_new - 1  # the last token is never fed back
-        if needed > self.store.max_len:
-            why = f"max_len={self.store.max_len}"
-            if self.store.max_len == self.arch.position_limit:
-                why += " (the model's own position limit)"
-            raise GenerationInputError(
-                f"the prompt has {ids.numel()} tokens; with max_new_tokens={max_new} it needs {needed} cache "
-                f"positions but a slot holds {why}"
-            )
+        default = self.settings.max_new_tokens if max_new_tokens is None else max_new_tokens
+        ids, max_new = check_request(prompt, default, self.arch, self.store.max_len)
         if trace is not None:
             if self.exit_source != "trace":
                 raise GenerationInputError("a per-request trace needs an engine built with exit_source='trace'")
@@ -534,19 +565,6 @@ class DrexEngine:
         return rid
 
     # ------------------------------------------------------------------ stepping
-    @torch.inference_mode()
-    def step(self) -> bool:
-        """Run one prefill or one scheduler decision; False when there was nothing to do. A
-        `cancel()` from a token callback during the step takes effect when the step ends."""
-        self._stepping = True
-        try:
-            return self._step()
-        finally:
-            self._stepping = False
-            cancels, self._cancels = self._cancels, []
-            for request_id in cancels:
-                self.cancel(request_id)
-
     def _step(self) -> bool:
         if self.prefill_queue:
             self._prefill()
@@ -575,12 +593,6 @@ class DrexEngine:
         self.stats.decisions = [] if keep.decisions is not None else None
         self.stats.bound(self.stats_window)
         self.finished = {}
-
-    def run(self) -> dict[int, RequestOutput]:
-        """Step until every request has finished; returns the finished requests by id."""
-        while self.step():
-            pass
-        return self.finished
 
     # ------------------------------------------------------------------ prefill
     def _prefill(self) -> None:
@@ -848,22 +860,6 @@ class DrexEngine:
         if req.on_finish is not None:
             req.on_finish(out)
 
-    def cancel(self, request_id: int) -> bool:
-        """End a queued or running request now (between steps): its slot is free for the next
-        `add_request`, its `on_finish` gets `finish_reason` "cancelled" with the tokens it has. False
-        when no such request is queued or running (unknown, or finished already). Called during a
-        step (from a callback), it is deferred to the step's end, so the step's rows stay whole."""
-        if self._stepping:
-            live = any(r.output.request_id == request_id for r in [*self.prefill_queue, *self.requests.values()])
-            if live and request_id not in self._cancels:
-                self._cancels.append(request_id)
-            return live
-        for req in [*self.prefill_queue, *self.requests.values()]:
-            if req.output.request_id == request_id:
-                self._finish(req, "cancelled")
-                return True
-        return False
-
     def _stopped(self, req: _Request) -> bool:
         """Whether a stop string ends at the request's last token (HF's `StopStringCriteria` on its
         prompt + tokens: a string spanning the prompt's end counts, as in HF)."""
@@ -959,6 +955,38 @@ def segment_boundaries(
     if exit_source == "trace":
         return list(exit_layers)
     return [e for e, t in zip(exit_layers, thresholds) if t != math.inf]
+
+
+def check_request(prompt: Any, max_new_tokens: Any, arch: Any, max_len: int) -> tuple[torch.Tensor, int]:
+    """A request's prompt as 1-D int64 token ids and its max_new_tokens, checked before any work: an
+    empty prompt, ids outside the vocabulary, a prompt + max_new_tokens longer than a slot of
+    `max_len` positions (`arch`: the model's adapter) are refused, naming what is wrong."""
+    ids = torch.as_tensor(prompt)
+    if ids.dim() != 1:
+        raise GenerationInputError(f"a prompt is one sequence of token ids (1-D), got shape {tuple(ids.shape)}")
+    if ids.numel() and (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool):
+        raise GenerationInputError(f"a prompt holds integer token ids, got dtype {ids.dtype}")
+    ids = ids.to(dtype=torch.long)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
+        raise GenerationInputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    max_new = int(max_new_tokens)
+    if ids.numel() == 0:
+        raise GenerationInputError("empty prompt: a request needs at least one token")
+    vocab = arch.input_vocab_size
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise GenerationInputError(f"the prompt holds token ids outside the model's vocabulary 0..{vocab - 1}")
+    if max_new < 1:
+        raise GenerationInputError(f"max_new_tokens must be positive, got {max_new}")
+    needed = ids.numel() + max_new - 1  # the last token is never fed back
+    if needed > max_len:
+        why = f"max_len={max_len}"
+        if max_len == arch.position_limit:
+            why += " (the model's own position limit)"
+        raise GenerationInputError(
+            f"the prompt has {ids.numel()} tokens; with max_new_tokens={max_new} it needs {needed} cache "
+            f"positions but a slot holds {why}"
+        )
+    return ids, max_new
 
 
 def check_special_tokens(settings: DecodeSettings, vocab_size: int) -> None:

@@ -43,7 +43,14 @@ import torch
 
 from drex_hf.arch import build_attention_mask
 from drex_hf.errors import GenerationInputError, GenerationTypeError
-from drex_hf.generation.engine import FinishCallback, RequestOutput, TokenCallback, check_special_tokens
+from drex_hf.generation.engine import (
+    FinishCallback,
+    RequestOutput,
+    SlotEngine,
+    TokenCallback,
+    check_request,
+    check_special_tokens,
+)
 from drex_hf.generation.kv_store import RowKVCache
 from drex_hf.generation.plan import row_buckets
 from drex_hf.generation.runner import StepExecutor
@@ -217,7 +224,7 @@ class _Row:
         return len(self.output.tokens)
 
 
-class SpecEngine:
+class SpecEngine(SlotEngine):
     """Continuous batching by self-speculation; see the module docstring.
 
     Args:
@@ -337,7 +344,7 @@ class SpecEngine:
         self.warpers = settings.warpers()
         self.windows = [self.arch.layer_window(i) for i in range(self.num_layers)]
 
-        self.rows: dict[int, _Row] = {}  # running, by slot
+        self.requests: dict[int, _Row] = {}  # running, by slot
         self.prefill_queue: list[_Row] = []
         self.finished: dict[int, SpecRequestOutput] = {}
         self.next_id = 0
@@ -350,14 +357,6 @@ class SpecEngine:
         self.cost = cost or SpecCost.from_layers(self.num_layers, draft_exit)
 
     # ------------------------------------------------------------------ requests
-    @property
-    def has_free_slot(self) -> bool:
-        return self.store.free_slots > 0
-
-    @property
-    def active(self) -> int:
-        return len(self.rows) + len(self.prefill_queue)
-
     def add_request(
         self,
         prompt: torch.Tensor | Sequence[int],
@@ -369,26 +368,8 @@ class SpecEngine:
     ) -> int:
         """Queue a prompt (1-D token ids); returns its request id. Errors before any work, as
         `DrexEngine.add_request`: an empty prompt, ids outside the vocabulary, no room, no free slot."""
-        ids = torch.as_tensor(prompt)
-        if ids.dim() != 1:
-            raise GenerationInputError(f"a prompt is one sequence of token ids (1-D), got shape {tuple(ids.shape)}")
-        if ids.numel() and (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool):
-            raise GenerationInputError(f"a prompt holds integer token ids, got dtype {ids.dtype}")
-        if ids.numel() == 0:
-            raise GenerationInputError("empty prompt: a request needs at least one token")
-        ids = ids.to(dtype=torch.long)
-        vocab = self.arch.input_vocab_size
-        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-            raise GenerationInputError(f"the prompt holds token ids outside the model's vocabulary 0..{vocab - 1}")
-        max_new = self.settings.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if isinstance(max_new, bool) or not isinstance(max_new, numbers.Integral) or max_new < 1:
-            raise GenerationInputError(f"max_new_tokens must be a positive integer, got {max_new!r}")
-        needed = ids.numel() + int(max_new) - 1
-        if needed > self.max_len:
-            raise GenerationInputError(
-                f"the prompt has {ids.numel()} tokens; with max_new_tokens={max_new} it needs {needed} cache "
-                f"positions but a slot holds max_len={self.max_len}"
-            )
+        default = self.settings.max_new_tokens if max_new_tokens is None else max_new_tokens
+        ids, max_new = check_request(prompt, default, self.arch, self.max_len)
         seed = None if seed is None else check_seed(seed)
         slot = self.store.allocate()
         rid = self.next_id
@@ -409,49 +390,20 @@ class SpecEngine:
         self.prefill_queue.append(row)
         return rid
 
-    def cancel(self, request_id: int) -> bool:
-        """End a queued or running request (between steps; from a callback, at the step's end)."""
-        live = [r for r in [*self.prefill_queue, *self.rows.values()] if r.output.request_id == request_id]
-        if self._stepping:
-            if live and request_id not in self._cancels:
-                self._cancels.append(request_id)
-            return bool(live)
-        if live:
-            self._finish(live[0], "cancelled")
-        return bool(live)
-
-    # ------------------------------------------------------------------ stepping
-    @torch.inference_mode()
-    def step(self) -> bool:
-        """Run one prefill, draft or verify step; False when there was nothing to do."""
-        self._stepping = True
-        try:
-            return self._step()
-        finally:
-            self._stepping = False
-            cancels, self._cancels = self._cancels, []
-            for request_id in cancels:
-                self.cancel(request_id)
-
+    # ------------------------------------------------------------------ stepping (`SlotEngine.step`)
     def _step(self) -> bool:
         start = self._step_start = time.perf_counter()
         if self.prefill_queue:
             self._prefill()
-        elif not self.rows:
+        elif not self.requests:
             return False
-        elif any(r.drafting for r in self.rows.values()):
-            self._draft_step([r for r in self.rows.values() if r.drafting])
+        elif any(r.drafting for r in self.requests.values()):
+            self._draft_step([r for r in self.requests.values() if r.drafting])
         else:
-            self._verify_step(list(self.rows.values()))
+            self._verify_step(list(self.requests.values()))
         self.stats.steps += 1
         self.stats.wall_s += time.perf_counter() - start
         return True
-
-    def run(self) -> dict[int, SpecRequestOutput]:
-        """Step until every request has finished; returns the finished requests by id."""
-        while self.step():
-            pass
-        return self.finished
 
     # ------------------------------------------------------------------ prefill
     def _prefill(self) -> None:
@@ -463,7 +415,7 @@ class SpecEngine:
         self.stats.uploads += 1
         self.stats.reads += 1
         for row, token in zip(batch, tokens):
-            self.rows[row.slot] = row
+            self.requests[row.slot] = row
             row.position = row.output.prompt_length  # the first token's, pending
             if self._emit(row, token):
                 self._start_round(row)
@@ -732,8 +684,8 @@ class SpecEngine:
         out.finished, out.finish_reason = True, reason
         if self.keep_finished:
             self.finished[out.request_id] = out
-        if self.rows.get(row.slot) is row:
-            del self.rows[row.slot]
+        if self.requests.get(row.slot) is row:
+            del self.requests[row.slot]
         else:
             self.prefill_queue.remove(row)
         self.store.release(row.slot)
@@ -742,7 +694,7 @@ class SpecEngine:
 
     def reset_stats(self) -> None:
         """Start counting afresh (and forget finished requests); benchmarks reuse one engine."""
-        if self.rows or self.prefill_queue:
+        if self.requests or self.prefill_queue:
             raise RuntimeError("reset_stats() while requests are running")
         self.stats = SpecStats()
         self.finished = {}
