@@ -76,8 +76,27 @@ class RequestOutput:
     checks: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
+class TokenRates:
+    """Tokens per second of a run's statistics (`tokens`, `decoded_tokens`, `wall_s`, `prefill_s`)."""
+
+    tokens: int
+    decoded_tokens: int
+    wall_s: float
+    prefill_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens decoded after the prefill's, per second of decoding (prefill time excluded)."""
+        decode_s = self.wall_s - self.prefill_s
+        return self.decoded_tokens / decode_s if decode_s > 0 else 0.0
+
+
 @dataclass
-class EngineStats:
+class EngineStats(TokenRates):
     """What a run did. `layer_rows` counts decoder layers × rows executed for decoded tokens (riders
     included, padding not: that is `padded_layer_rows`); `min_layer_rows` is the sum of the decoded
     tokens' exit depths. `uploads`/`reads` are the executor's host-device copies (one of each per
@@ -105,16 +124,6 @@ class EngineStats:
     kv_cache_bytes: int = 0
     graphs: dict[str, float | int] | None = None
     decisions: list[dict] | None = None
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        """Tokens decoded after the prefill's, per second of decoding (prefill time excluded)."""
-        decode_s = self.wall_s - self.prefill_s
-        return self.decoded_tokens / decode_s if decode_s > 0 else 0.0
 
     def prediction_error(self) -> dict[str, float | None]:
         return error_summary(list(self.predicted_ms), list(self.measured_ms))

@@ -48,6 +48,7 @@ from drex_hf.generation.engine import (
     RequestOutput,
     SlotEngine,
     TokenCallback,
+    TokenRates,
     check_request,
     check_special_tokens,
 )
@@ -128,7 +129,7 @@ class SpecRequestOutput(RequestOutput):
 
 
 @dataclass
-class SpecStats:
+class SpecStats(TokenRates):
     """What a run did. `layer_rows`: layer evaluations on real positions (drafts' shallow layers, the
     verify pass's, the prefill's excluded); `padded_layer_rows`: those a verify pass spent on padding
     positions (rows verifying fewer drafts than the longest); `uploads`/`reads`: host-device copies."""
@@ -162,15 +163,6 @@ class SpecStats:
     @property
     def layers_per_token(self) -> float:
         return self.layer_rows / self.decoded_tokens if self.decoded_tokens else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        decode_s = self.wall_s - self.prefill_s
-        return self.decoded_tokens / decode_s if decode_s > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
