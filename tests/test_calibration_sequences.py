@@ -3,10 +3,12 @@ the fixed-sequence test over prompts, the two degenerate models (exits that chan
 that change every token), calibration.json and the card saying which guarantee each entry carries,
 older files, and the CLI's refusals."""
 
+import importlib.util
 import json
 import math
 import random
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +29,12 @@ from drex_hf.cli.main import main
 from drex_hf.errors import ConfigError
 from drex_hf.generation.engine import device_name
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # ---------------------------------------------------------------- the p-values
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _rejections(draw, n, alpha, bound, delta, trials, seed):
@@ -216,6 +223,39 @@ def test_exits_that_change_nothing_certify_the_most_aggressive_candidate(tmp_pat
 
     chosen = _load_heads(Namespace(model=str(heads), thresholds="guaranteed"), torch.float32, torch.device("cpu"))
     assert chosen.exit_config.threshold_list() == pytest.approx(g["thresholds"])
+
+
+def _fresh_text_check(heads, text, out, *extra):
+    """benchmarks/calibration.py's main, in this process."""
+    spec = importlib.util.spec_from_file_location("fresh_check", ROOT / "benchmarks" / "calibration.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = [str(heads), "--data", str(text), "--prompts", "6", "--prompt-tokens", "5", "--max-new-tokens", "6"]
+    assert script.main([*args, "--seed", "3", "--out", str(out), *extra]) == 0
+    return json.loads((out / "calibration_check.json").read_text())
+
+
+def test_the_fresh_text_check_scores_a_sequence_guarantee_on_whole_answers(tmp_path, capsys):
+    """benchmarks/calibration.py on a sequence-certified file generates drex's answers on new prompts
+    and scores them against full depth's: exits that change nothing give identical answers while
+    most tokens still exit, and the table says the promise was met; exits that change every token
+    would score far below (the --no-answers run shows only the token check)."""
+    heads, text = _heads(tmp_path)
+    assert _sequence_calibrate(heads, text, "--no-progress") == 0
+    fresh = tmp_path / "fresh.txt"
+    gen = torch.Generator().manual_seed(7)
+    fresh.write_text(" ".join(f"w{int(i)}" for i in torch.randint(3, 99, (800,), generator=gen)))
+    capsys.readouterr()
+    check = _fresh_text_check(heads, fresh, tmp_path / "check")
+    guaranteed = check["rows"][0]
+    assert guaranteed["thresholds"] == "guaranteed" and guaranteed["guarantee"]["kind"] == "sequence"
+    answers = guaranteed["answers"]
+    assert answers["identical"] == 6 and answers["mean_rouge_l"] == 1.0 and answers["mean_exact"] == 1.0
+    assert sum(answers["exit_fractions"]) > 0.5 and guaranteed["meets_target"] is True
+    assert "exact >= 0.6 (delta 0.2) — met" in capsys.readouterr().out
+    plain = _fresh_text_check(heads, fresh, tmp_path / "plain", "--no-answers")
+    assert all("answers" not in r for r in plain["rows"])
+    assert plain["rows"][0]["agreement"] == 1.0  # the token check of the same thresholds
 
 
 def test_exits_that_change_every_token_certify_none_and_the_file_says_so(tmp_path, capsys):
