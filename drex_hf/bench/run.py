@@ -121,12 +121,12 @@ def parse_spec(policy: str) -> SpecPolicy:
         raise GenerationInputError(f"{policy!r}: spell a self_spec row self_spec@EXIT/K or self_spec@EXIT/K/aP")
     if not parts[0].strip().isdigit():
         raise GenerationInputError(f"{policy!r}: the draft exit must be a layer index, got {parts[0]!r}")
-    k = draft_tokens_value(parts[1], policy) if len(parts) > 1 else None
+    k = draft_tokens_value(parts[1], repr(policy)) if len(parts) > 1 else None
     acceptance = None
     if len(parts) > 2:
         if not parts[2].startswith("a"):
             raise GenerationInputError(f"{policy!r}: the third part is the trace acceptance, spelled aP (e.g. a0.8)")
-        acceptance = acceptance_value(parts[2][1:], policy)
+        acceptance = acceptance_value(parts[2][1:], repr(policy))
     return SpecPolicy(int(parts[0]), k, acceptance)
 
 

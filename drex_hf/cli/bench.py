@@ -261,7 +261,8 @@ def _spec_policies(args: argparse.Namespace, policies: list[str]) -> list[str]:
         given = [o for o, v in (("--draft-exits", args.draft_exits), ("--draft-tokens", args.draft_tokens),
                                 ("--acceptance", args.acceptance)) if v is not None]  # fmt: skip
         if given:
-            raise GenerationInputError(f"{' and '.join(given)} apply to self_spec rows; --policies names none")
+            verb = "applies" if len(given) == 1 else "apply"
+            raise GenerationInputError(f"{' and '.join(given)} {verb} to self_spec rows; --policies names none")
         return policies
     if args.draft_exits is not None and all(s.draft_exit is not None for s in specs):
         raise GenerationInputError("--draft-exits fills in a plain self_spec; every self_spec row here names its exit")
