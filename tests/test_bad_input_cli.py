@@ -218,6 +218,7 @@ def test_bench_batch_sizes_must_be_distinct_positive_counts(sizes, message, caps
         (["--policies", "full,drex", "--acceptance", "0.8"],
          "--acceptance applies to self_spec rows; --policies names none"),
         (["--policies", "self_spec@3/2", "--draft-tokens", "4", "--acceptance", "0.8"], "--draft-tokens fills in"),
+        (["--policies", "self_spec@3/2/a0.8", "--acceptance", "0.8"], "--acceptance fills in self_spec rows"),
         (["--policies", "full,self_spec@3/2/a0.8", "--sweep-depths", "0.5"], "not in the sweeps"),
     ],
 )  # fmt: skip

@@ -495,3 +495,15 @@ def test_bench_refuses_an_unexpanded_self_spec_row_and_a_draft_exit_that_is_no_e
         expand_policies(["self_spec@3/2"], model.exit_layers)
     with pytest.raises(GenerationInputError, match="draft_exit must be one of the model's exit layers"):
         bench(model, prompts, [1], 3, ["self_spec@3/2"], hf=False)  # unexpanded: the engine's own check
+
+
+def test_sla_mode_serves_self_spec_rows_too(tmp_path):
+    out = tmp_path / "sla"
+    code = main([
+        "bench", "--synthetic-config", "tiny", "--policies", "full,self_spec@1/2/a0.8", "--num-prompts", "5",
+        "--batch-sizes", "3", "--max-new-tokens", "4", "--sla-tpot-ms", "1e9", "--no-progress", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    runs = json.loads((out / "sla.json").read_text())["runs"]
+    assert [r["policy"] for r in runs] == ["full", "self_spec@1/2/a0.8"]
+    assert all(r["met_sla"] == r["requests"] == 5 and r["involuntary_exits"] == 0 for r in runs)

@@ -77,7 +77,7 @@ class SpecPolicy:
     def name(self) -> str:
         """The row's name in bench.json and the tables: self_spec@EXIT/K, then /aP in trace mode."""
         return f"{SELF_SPEC}@{self.draft_exit}/{self.draft_tokens}" + (
-            "" if self.acceptance is None else f"/a{self.acceptance:g}"
+            "" if self.acceptance is None else f"/a{self.acceptance:.15g}"
         )
 
 

@@ -253,7 +253,7 @@ def _spec_policies(args: argparse.Namespace, policies: list[str]) -> list[str]:
     """The policies with every self_spec spelling expanded into rows (`expand_policies`), after the
     checks that need no model: trace mode for an acceptance, an acceptance on a synthetic config
     (whose random heads' drafts would mean nothing), no option that no row uses."""
-    from drex_hf.bench.run import expand_policies, is_spec, parse_spec
+    from drex_hf.bench.run import DRAFT_TOKENS, expand_policies, is_spec, parse_spec
 
     specs = [parse_spec(p) for p in policies if is_spec(p)]
     trace = bool(args.synthetic_config or args.exit_dist or args.exit_trace)
@@ -268,10 +268,12 @@ def _spec_policies(args: argparse.Namespace, policies: list[str]) -> list[str]:
         raise GenerationInputError("--draft-exits fills in a plain self_spec; every self_spec row here names its exit")
     if args.draft_tokens is not None and all(s.draft_tokens is not None for s in specs):
         raise GenerationInputError("--draft-tokens fills in self_spec rows without K; every row here names its K")
+    if args.acceptance is not None and all(s.acceptance is not None for s in specs):
+        raise GenerationInputError("--acceptance fills in self_spec rows without /aP; every row here names its P")
     if args.sweep_thresholds or args.sweep_depths:
         raise GenerationInputError(
-            "self_spec rows run in the table and --sla-tpot-ms, not in the sweeps (its tokens depend on neither "
-            "thresholds nor exit depths)"
+            "self_spec rows run in the table and --sla-tpot-ms, not in the sweeps (their tokens depend on "
+            "neither thresholds nor exit depths)"
         )
     named = any(s.acceptance is not None for s in specs)
     if not trace and (args.acceptance is not None or named):
@@ -283,8 +285,6 @@ def _spec_policies(args: argparse.Namespace, policies: list[str]) -> list[str]:
         raise GenerationInputError(
             "self_spec rows on a synthetic config need --acceptance (or /aP): random heads' drafts mean nothing"
         )
-    from drex_hf.bench.run import DRAFT_TOKENS
-
     exits = _exit_points(args)
     return expand_policies(policies, exits, args.draft_exits, args.draft_tokens or DRAFT_TOKENS, args.acceptance)
 
