@@ -195,6 +195,48 @@ def test_bench_batch_sizes_must_be_distinct_positive_counts(sizes, message, caps
     assert f"argument --batch-sizes: {message}" in err
 
 
+# ---------------------------------------------------------------------- drex bench self_spec rows
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--policies", "full,self_spec@9/2", "--acceptance", "0.8"],
+         "'self_spec@9/2': draft exit 9 is not one of the model's exit points [3, 7, 11]"),
+        (["--policies", "self_spec@3/0/a0.8"],
+         "'self_spec@3/0/a0.8': k must be a positive integer or 'adaptive', got '0'"),
+        (["--policies", "self_spec@3/2/a1.5"],
+         "'self_spec@3/2/a1.5': an acceptance is a probability in [0, 1], got '1.5'"),
+        (["--policies", "self_spec@3/2/0.8"], "the third part is the trace acceptance, spelled aP"),
+        (["--policies", "self_spec@x/2"], "the draft exit must be a layer index, got 'x'"),
+        (["--policies", "self_spec:eager", "--acceptance", "0.8"], "self_spec rows take no engine mode"),
+        (["--policies", "self_spec", "--acceptance", "0.8,1.2"],
+         "argument --acceptance: '0.8,1.2': an acceptance is a probability in [0, 1], got '1.2'"),
+        (["--policies", "self_spec", "--draft-tokens", "1,0", "--acceptance", "0.8"],
+         "argument --draft-tokens: '1,0': k must be a positive integer or 'adaptive', got '0'"),
+        (["--policies", "self_spec", "--draft-exits", "3,5", "--acceptance", "0.8"],
+         "--draft-exits: 5 is not one of the model's exit points [3, 7, 11]"),
+        (["--policies", "full,self_spec@3/2"], "self_spec rows on a synthetic config need --acceptance (or /aP)"),
+        (["--policies", "full,drex", "--acceptance", "0.8"],
+         "--acceptance applies to self_spec rows; --policies names none"),
+        (["--policies", "self_spec@3/2", "--draft-tokens", "4", "--acceptance", "0.8"], "--draft-tokens fills in"),
+        (["--policies", "self_spec@3/2/a0.8", "--acceptance", "0.8"], "--acceptance fills in self_spec rows"),
+        (["--policies", "full,self_spec@3/2/a0.8", "--sweep-depths", "0.5"], "not in the sweeps"),
+    ],
+)  # fmt: skip
+def test_bench_refuses_bad_self_spec_rows_before_the_model_loads(extra, message, capsys, no_loading):
+    base = ["bench", "--synthetic-config", "moderate", "--exit-dist", "0.25,0.25,0.25,0.25", "--no-hf"]
+    assert message in refused([*base, *extra], capsys)
+
+
+@pytest.mark.parametrize("policy, extra", [("self_spec@1/2", ["--acceptance", "0.8"]), ("self_spec@1/2/a0.8", [])])
+def test_bench_refuses_a_self_spec_acceptance_with_a_heads_folders_own_heads(
+    policy, extra, heads_dir, capsys, no_loading
+):
+    err = refused(["bench", heads_dir, "--policies", f"full,{policy}", *extra], capsys)
+    assert "a self_spec acceptance (--acceptance or /aP) is trace mode: it needs --synthetic-config" in err
+    err = refused(["bench", heads_dir, "--policies", "self_spec@5/2"], capsys)  # exit_config.json's exits, unloaded
+    assert "draft exit 5 is not one of the model's exit points [1, 2]" in err
+
+
 # ---------------------------------------------------------------------- drex generate
 @pytest.mark.parametrize(
     "extra, message",

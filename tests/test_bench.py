@@ -372,3 +372,138 @@ def test_measured_oracle_with_graphs_replays_check_free_segments_at_buckets(monk
     assert kinds == {"layers", "project"}  # check-free segments and the projection, nothing else
     # rows reaching the segments in the first round: 3, 2, 2, 1, at buckets 3, 2, 2, 1 (the buckets: 1, 2, 3)
     assert ("layers", 3, 1) in replayed and ("layers", 1, 2) in replayed and ("layers", 0, 3) in replayed
+
+
+# ---------------------------------------------------------------------- self_spec rows
+def _spec_counts_add_up(s, batch, new_tokens):
+    """A self_spec row's statistics are one run's and consistent with each other."""
+    assert s["decoded_tokens"] == batch * (new_tokens - 1) and s["rounds"] > 0
+    assert s["accepted"] <= s["tested"] <= s["drafted"]
+    assert s["tokens_per_round"] >= 1.0
+    assert s["draft_layers_per_token"] + s["verify_layers_per_token"] == pytest.approx(s["layers_per_token"])
+    # no confidence stop here: every draft step's row proposed a draft, and ran layers 0..EXIT for it
+    assert s["draft_layer_rows"] == s["drafted"] * (s["draft_exit"] + 1)
+    assert s["mean_layers"] == s["layers_per_token"] and s["decode_tokens_per_s"] > 0
+
+
+def test_self_spec_rows_under_the_heads_give_full_depths_tokens(heads):
+    """Greedy self_spec from each exit keeps full depth's tokens (measured: agreement 1.0) and reports
+    its acceptance, tokens per round, layer split and layer-count ceiling."""
+    from drex_hf.bench.run import bench, expand_policies, random_prompts
+    from drex_hf.generation.spec_engine import spec_speedup_ceiling
+
+    model = EarlyExitModelForCausalLM.from_pretrained(heads)
+    policies = expand_policies(["full", "self_spec@1/2", "self_spec@2"], model.exit_layers, draft_tokens=[3])
+    assert policies == ["full", "self_spec@1/2", "self_spec@2/3"]
+    prompts = random_prompts(3, 3, 7, model.arch.vocab_size, seed=4)
+    (result,) = bench(model, prompts, [3], 7, policies, hf=False, memory=False, oracle=False)
+    full = result.policies["full"]
+    for name in policies[1:]:
+        s = result.policies[name]
+        assert s["outputs"] == full["outputs"] and s["agreement_with_full"] == 1.0, name
+        assert s["exit_source"] == "heads" and s["acceptance_setting"] is None
+        _spec_counts_add_up(s, 3, 7)
+        k = s["draft_tokens"]
+        expected = spec_speedup_ceiling(model.num_layers, s["draft_exit"], s["per_draft_acceptance"], k)
+        assert s["layer_ceiling"] == pytest.approx(expected)
+        assert s["speedup_vs_full"] > 0 and s["kv_cache_bytes"] > full["kv_cache_bytes"]  # k + 1 spare positions
+
+
+def test_trace_acceptance_is_what_the_rows_measure():
+    """Trace mode: acceptance 0 accepts nothing (one token per round), 1 accepts every draft, 0.5 lands
+    in a binomial band — per judged draft for k = 2, and per draft for k = 1."""
+    from drex_hf.bench.run import bench, expand_policies, random_prompts
+    from drex_hf.bench.synthetic import synthetic_model
+
+    model = synthetic_model("tiny")
+    policies = expand_policies(["self_spec@1/2", "self_spec@2/1/a0.5"], model.exit_layers, acceptances=[0, 0.5, 1])
+    assert policies == ["self_spec@1/2/a0", "self_spec@1/2/a0.5", "self_spec@1/2/a1", "self_spec@2/1/a0.5"]
+    prompts = random_prompts(8, 3, 6, 256, seed=5)
+    (result,) = bench(model, prompts, [8], 13, policies, hf=False, memory=False, oracle=False)
+    rows = result.policies
+    for s in rows.values():
+        assert s["exit_source"] == "trace"
+        _spec_counts_add_up(s, 8, 13)
+    none, every = rows["self_spec@1/2/a0"], rows["self_spec@1/2/a1"]
+    assert none["acceptance_rate"] == none["per_draft_acceptance"] == 0.0 and none["tokens_per_round"] == 1.0
+    assert every["acceptance_rate"] == every["per_draft_acceptance"] == 1.0 and every["tokens_per_round"] == 3.0
+    for name in ("self_spec@1/2/a0.5", "self_spec@2/1/a0.5"):
+        half = rows[name]
+        band = 4 * (0.25 / half["tested"]) ** 0.5  # four standard deviations of a binomial share
+        assert abs(half["per_draft_acceptance"] - 0.5) < band, (name, half["per_draft_acceptance"], half["tested"])
+    assert rows["self_spec@2/1/a0.5"]["acceptance_rate"] == rows["self_spec@2/1/a0.5"]["per_draft_acceptance"]
+    # k = 2: a rejection drops the round's later draft, so fewer of the drafted are accepted than of the judged
+    assert rows["self_spec@1/2/a0.5"]["acceptance_rate"] < rows["self_spec@1/2/a0.5"]["per_draft_acceptance"]
+
+
+def test_bench_cli_writes_self_spec_rows_their_section_and_plot(tmp_path):
+    out = tmp_path / "bench"
+    code = main([
+        "bench", "--synthetic-config", "tiny", "--policies", "full,self_spec", "--draft-exits", "1",
+        "--draft-tokens", "2,adaptive", "--acceptance", "0.8", "--batch-sizes", "2", "--max-new-tokens", "5",
+        "--no-hf", "--no-memory", "--no-measured-oracle", "--no-progress", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    document = json.loads((out / "bench.json").read_text())
+    rows = ["self_spec@1/2/a0.8", "self_spec@1/adaptive/a0.8"]
+    assert document["policies"] == ["full", *rows] and document["acceptance"] == [0.8]
+    for entry in document["batches"]:
+        assert set(entry["policies"]) == {"full", *rows}
+        best = entry["self_spec"]
+        fastest = max(rows, key=lambda n: entry["policies"][n]["decode_tokens_per_s"])
+        assert best["best"] == fastest and best["pays"] == (best["speedup_vs_full"] > 1.0)
+        for name in rows:
+            s = entry["policies"][name]
+            assert s["acceptance_setting"] == 0.8 and 0.0 <= s["agreement_with_full"] <= 1.0
+            _spec_counts_add_up(s, entry["batch"], 5)
+    table = (out / "bench.md").read_text()
+    assert "## Self-speculative rows" in table and table.count("(best)") == 1
+    assert "| self_spec@" not in table.split("## Self-speculative rows")[0]  # the main table keeps its policies
+    assert "Batch 2: self_spec " in table
+    assert (out / "self_spec.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_section_says_plainly_when_self_spec_does_not_pay():
+    from drex_hf.bench.report import render_spec
+    from drex_hf.bench.run import BatchResult
+
+    def row(tokens_per_s, ratio):
+        return {"decode_tokens_per_s": tokens_per_s, "speedup_vs_full": ratio, "tpot_ms": {"p50": 1.0, "p99": 2.0},
+                "acceptance_rate": 0.5, "per_draft_acceptance": 0.6, "mean_draft_tokens": 2.0, "tokens_per_round": 1.8,
+                "layers_per_token": 5.0, "draft_layers_per_token": 2.0, "verify_layers_per_token": 3.0,
+                "agreement_with_full": 1.0, "layer_ceiling": 0.9, "kv_cache_bytes": 2**20}  # fmt: skip
+
+    full = {"decode_tokens_per_s": 100.0}
+    slow = BatchResult(8, {"full": full, "self_spec@1/2": row(80.0, 0.8), "self_spec@1/4": row(70.0, 0.7)})
+    fast = BatchResult(64, {"full": full, "self_spec@1/2": row(90.0, 0.9), "self_spec@2/4": row(130.0, 1.3)})
+    text = "\n".join(render_spec([slow, fast], 4))
+    assert "Batch 8: self_spec does not pay here: best 0.80x full depth (self_spec@1/2)." in text
+    assert "Batch 64: self_spec pays: self_spec@2/4 at 1.30x full depth." in text
+    assert "| 8 | **self_spec@1/2** (best) |" in text and "| 64 | **self_spec@2/4** (best) |" in text
+
+
+def test_bench_refuses_an_unexpanded_self_spec_row_and_a_draft_exit_that_is_no_exit():
+    from drex_hf.bench.run import bench, expand_policies, random_prompts
+    from drex_hf.bench.synthetic import synthetic_model
+    from drex_hf.errors import GenerationInputError
+
+    model = synthetic_model("tiny")
+    prompts = random_prompts(1, 3, 4, 256, seed=0)
+    with pytest.raises(GenerationInputError, match=r"'self_spec@1': an engine needs self_spec@EXIT/K"):
+        bench(model, prompts, [1], 3, ["full", "self_spec@1"], hf=False)
+    with pytest.raises(GenerationInputError, match=r"draft exit 3 is not one of the model's exit points \[0, 1, 2\]"):
+        expand_policies(["self_spec@3/2"], model.exit_layers)
+    with pytest.raises(GenerationInputError, match="draft_exit must be one of the model's exit layers"):
+        bench(model, prompts, [1], 3, ["self_spec@3/2"], hf=False)  # unexpanded: the engine's own check
+
+
+def test_sla_mode_serves_self_spec_rows_too(tmp_path):
+    out = tmp_path / "sla"
+    code = main([
+        "bench", "--synthetic-config", "tiny", "--policies", "full,self_spec@1/2/a0.8", "--num-prompts", "5",
+        "--batch-sizes", "3", "--max-new-tokens", "4", "--sla-tpot-ms", "1e9", "--no-progress", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    runs = json.loads((out / "sla.json").read_text())["runs"]
+    assert [r["policy"] for r in runs] == ["full", "self_spec@1/2/a0.8"]
+    assert all(r["met_sla"] == r["requests"] == 5 and r["involuntary_exits"] == 0 for r in runs)

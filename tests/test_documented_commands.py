@@ -58,3 +58,22 @@ def test_a_documented_command_parses(where, args):
         build_parser().parse_args(argv)
     except SystemExit as err:
         pytest.fail(f"{where}: `drex {' '.join(argv)}` does not parse (exit {err.code})")
+
+
+SPEC_BENCHES = [(w, a) for w, a in COMMANDS if a.split()[0] == "bench" and "self_spec" in a]
+
+
+@pytest.mark.parametrize("where, args", SPEC_BENCHES, ids=[f"{w}:{a[:40]}" for w, a in SPEC_BENCHES])
+def test_a_documented_self_spec_bench_passes_the_checks_before_the_model_loads(where, args):
+    """Its self_spec spellings, exits and acceptances pass the checks `drex bench` makes before it
+    loads a model (exit points come from the synthetic shape or the heads folder's exit_config.json)."""
+    from drex_hf.bench.run import check_policies
+    from drex_hf.cli.bench import _spec_policies
+
+    argv = [a.replace("$WORK", "/tmp/work").replace("$OUT", "/tmp/out") for a in shlex.split(args, comments=True)]
+    parsed = build_parser().parse_args(argv)
+    policies = [p.strip() for p in parsed.policies.split(",") if p.strip()]
+    check_policies(policies)
+    if parsed.model:
+        parsed.model = str(ROOT / parsed.model)
+    assert any(p.startswith("self_spec@") for p in _spec_policies(parsed, policies)), where

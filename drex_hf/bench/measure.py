@@ -33,17 +33,21 @@ from drex_hf.generation.engine import DrexEngine, synchronize
 from drex_hf.generation.kv_store import RowKVCache
 from drex_hf.generation.plan import StepPlan, bucket_of, row_buckets
 from drex_hf.generation.runner import StepExecutor
+from drex_hf.generation.spec_engine import SpecEngine
 
 if TYPE_CHECKING:
     from drex_hf.modeling import EarlyExitModelForCausalLM
 
 
-def row_state_bytes(engine: DrexEngine) -> int:
-    """Bytes of the per-slot tensors the engine's executor keeps besides the KV cache."""
+def row_state_bytes(engine: DrexEngine | SpecEngine) -> int:
+    """Bytes of the per-slot tensors the engine keeps besides the KV cache (its executor's; a
+    SpecEngine's round state too)."""
+    if isinstance(engine, SpecEngine):
+        return engine.row_state_bytes()
     return engine.executor.nbytes()
 
 
-def peak_decode_bytes(engine: DrexEngine) -> int | None:
+def peak_decode_bytes(engine: DrexEngine | SpecEngine) -> int | None:
     """Run the engine's queued requests: the prefill untracked, then the decode, returning the peak
     of the bytes it allocated above what was live when decoding began (None when this torch build's
     profiler gives no allocation events)."""
@@ -78,7 +82,7 @@ def peak_decode_bytes(engine: DrexEngine) -> int | None:
     return peak
 
 
-def gpu_busy_share(engine: DrexEngine) -> dict | None:
+def gpu_busy_share(engine: DrexEngine | SpecEngine) -> dict | None:
     """Decode the engine's queued requests (the prefill untimed) under torch.profiler: wall time
     against the summed time of the GPU's kernels — a host-bound decode leaves the GPU idle between
     launches. None off CUDA."""

@@ -2,10 +2,13 @@
 
     drex bench model_cards/smollm2-135m-drex --prompts prompts.txt --batch-sizes 1,8,32 --out runs/bench
     drex bench --synthetic-config llama-7b --exit-dist 0.2,0.25,0.2,0.35 --device cuda --batch-sizes 8,64,256
+    drex bench --synthetic-config moderate --policies full,self_spec --acceptance 0.6,0.8,0.9
 
 A heads folder runs with its real confidences (and its calibration, when it has one); a synthetic
 config is a random-weight model of a named shape whose exits come from `--exit-dist` or
-`--exit-trace` — there only speed means anything, the tokens do not.
+`--exit-trace` — there only speed means anything, the tokens do not. Self-speculative rows
+(`self_spec@EXIT/K`) draft with a heads folder's own heads, or, in trace mode (a synthetic config,
+`--exit-dist` or `--exit-trace`), accept each draft with each `--acceptance` probability.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from drex_hf.cli.common import (
     DTYPES,
     HelpFormatter,
     count_list,
+    int_list,
     pick_device,
     pick_dtype,
     positive_float,
@@ -45,8 +49,10 @@ def add_parser(sub: Any) -> None:
         "timing its own steps), with HF's own generate as the reference, and print one table: decode tokens/s, "
         "time per output token, speed-ups, exits per layer, involuntary and missed exits, agreement and ROUGE-L "
         "against full depth, memory (KV cache, row state, peak decode allocations), and two oracles: full x L / "
-        "drex's mean exit depth, and drex's exits re-run at no exit cost on this machine. Writes "
-        "bench.json, bench.md, speed.png and exits.png into --out.",
+        "drex's mean exit depth, and drex's exits re-run at no exit cost on this machine; self-speculative "
+        "rows (self_spec) in a section of their own: acceptance, tokens per round, layers per token (draft + "
+        "verify), their layer-count ceiling. Writes bench.json, bench.md, speed.png, exits.png and (with "
+        "self_spec rows) self_spec.png into --out.",
         formatter_class=HelpFormatter,
     )
     parser.add_argument(
@@ -82,7 +88,30 @@ def add_parser(sub: Any) -> None:
         "--policies",
         default=",".join(POLICIES),
         help="comma-separated; drex@SLACK sets its slack, NAME:eager runs that engine without CUDA graphs "
-        "(e.g. full,full:eager to compare them)",
+        "(e.g. full,full:eager to compare them); self_spec@EXIT/K is a self-speculative row drafting K tokens "
+        "(or K=adaptive) per round from exit layer EXIT, self_spec@EXIT/K/aP one accepting each draft with "
+        "probability P (trace mode); a plain self_spec is a row per --draft-exits x --draft-tokens "
+        "(x --acceptance), self_spec@EXIT one per --draft-tokens",
+    )
+    parser.add_argument(
+        "--draft-exits",
+        type=int_list,
+        default=None,
+        help="the draft exits a plain self_spec expands into (default: every exit point)",
+    )
+    parser.add_argument(
+        "--draft-tokens",
+        type=draft_tokens_list,
+        default=None,
+        help="the k a plain self_spec (or self_spec@EXIT) expands into: positive integers or 'adaptive' "
+        "(default: 1,2,4,adaptive)",
+    )
+    parser.add_argument(
+        "--acceptance",
+        type=acceptance_list,
+        default=None,
+        help="trace mode (a synthetic config, --exit-dist or --exit-trace): run each self_spec row at each of "
+        "these draft acceptance probabilities, as self_spec@EXIT/K/aP (e.g. 0.6,0.8,0.9)",
     )
     parser.add_argument("--exit-dist", default=None, help="P(exit) per exit point, then full depth (trace exits)")
     parser.add_argument(
@@ -178,6 +207,86 @@ def float_list(text: str) -> list[float]:
     if not values:
         raise argparse.ArgumentTypeError("expected at least one number")
     return values
+
+
+def draft_tokens_list(text: str) -> list[int | str]:
+    """argparse type for --draft-tokens: '1,2,4,adaptive'."""
+    from drex_hf.bench.run import draft_tokens_value
+
+    values = [v for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected positive integers or 'adaptive', got {text!r}")
+    try:
+        return list(dict.fromkeys(draft_tokens_value(v, repr(text)) for v in values))
+    except GenerationInputError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def acceptance_list(text: str) -> list[float]:
+    """argparse type for --acceptance: '0.6,0.8,0.9', each a probability."""
+    from drex_hf.bench.run import acceptance_value
+
+    values = [v for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected probabilities in [0, 1], got {text!r}")
+    try:
+        return list(dict.fromkeys(acceptance_value(v, repr(text)) for v in values))
+    except GenerationInputError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _exit_points(args: argparse.Namespace) -> list[int]:
+    """The model's exit points, read before it loads (a synthetic shape's, or exit_config.json's)."""
+    from drex_hf.config import CONFIG_NAME, EarlyExitConfig
+
+    if args.synthetic_config:
+        from drex_hf.bench.synthetic import SHAPES
+
+        return SHAPES[args.synthetic_config].exits
+    path = Path(args.model) / CONFIG_NAME
+    if not path.is_file():
+        raise ModelNotFoundError(f"{args.model} is not an exit-heads folder (no {CONFIG_NAME})")
+    return list(EarlyExitConfig.from_json_file(path).exit_layers)
+
+
+def _spec_policies(args: argparse.Namespace, policies: list[str]) -> list[str]:
+    """The policies with every self_spec spelling expanded into rows (`expand_policies`), after the
+    checks that need no model: trace mode for an acceptance, an acceptance on a synthetic config
+    (whose random heads' drafts would mean nothing), no option that no row uses."""
+    from drex_hf.bench.run import DRAFT_TOKENS, expand_policies, is_spec, parse_spec
+
+    specs = [parse_spec(p) for p in policies if is_spec(p)]
+    trace = bool(args.synthetic_config or args.exit_dist or args.exit_trace)
+    if not specs:
+        given = [o for o, v in (("--draft-exits", args.draft_exits), ("--draft-tokens", args.draft_tokens),
+                                ("--acceptance", args.acceptance)) if v is not None]  # fmt: skip
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            raise GenerationInputError(f"{' and '.join(given)} {verb} to self_spec rows; --policies names none")
+        return policies
+    if args.draft_exits is not None and all(s.draft_exit is not None for s in specs):
+        raise GenerationInputError("--draft-exits fills in a plain self_spec; every self_spec row here names its exit")
+    if args.draft_tokens is not None and all(s.draft_tokens is not None for s in specs):
+        raise GenerationInputError("--draft-tokens fills in self_spec rows without K; every row here names its K")
+    if args.acceptance is not None and all(s.acceptance is not None for s in specs):
+        raise GenerationInputError("--acceptance fills in self_spec rows without /aP; every row here names its P")
+    if args.sweep_thresholds or args.sweep_depths:
+        raise GenerationInputError(
+            "self_spec rows run in the table and --sla-tpot-ms, not in the sweeps (their tokens depend on "
+            "neither thresholds nor exit depths)"
+        )
+    named = any(s.acceptance is not None for s in specs)
+    if not trace and (args.acceptance is not None or named):
+        raise GenerationInputError(
+            "a self_spec acceptance (--acceptance or /aP) is trace mode: it needs --synthetic-config, --exit-dist "
+            "or --exit-trace; with a heads folder alone, self_spec rows measure their own heads' acceptance"
+        )
+    if args.synthetic_config and args.acceptance is None and not all(s.acceptance is not None for s in specs):
+        raise GenerationInputError(
+            "self_spec rows on a synthetic config need --acceptance (or /aP): random heads' drafts mean nothing"
+        )
+    exits = _exit_points(args)
+    return expand_policies(policies, exits, args.draft_exits, args.draft_tokens or DRAFT_TOKENS, args.acceptance)
 
 
 def _number(text: str) -> float | str:
@@ -300,7 +409,7 @@ def _prompts(args: argparse.Namespace, model: Any, count: int) -> tuple[list[tor
 
 def run(args: argparse.Namespace) -> int:
     from drex_hf.bench import report
-    from drex_hf.bench.run import bench, check_policies, parse_distribution
+    from drex_hf.bench.run import bench, check_policies, is_spec, parse_distribution
     from drex_hf.fileio import check_output_folder
     from drex_hf.generation.engine import device_name
 
@@ -316,7 +425,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--sweep-thresholds needs real heads (a MODEL_DIR): a synthetic config's confidences mean nothing"
         )
-    if args.synthetic_config and not (args.exit_dist or args.exit_trace or args.sweep_depths):
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    check_policies(policies)  # before the model loads
+    early = [p for p in policies if not is_spec(p) and p.partition(":")[0].partition("@")[0] != "full"]
+    if args.synthetic_config and early and not (args.exit_dist or args.exit_trace or args.sweep_depths):
         raise ConfigError("a synthetic config has untrained heads: give its exits with --exit-dist or --exit-trace")
     if args.max_new_tokens < 1 or args.repeats < 1:
         raise GenerationInputError("--max-new-tokens and --repeats must be positive")
@@ -327,11 +439,10 @@ def run(args: argparse.Namespace) -> int:
             "--max-new-tokens must be at least 2: the first token comes from the prefill, and decode speed is "
             "measured on the tokens after it"
         )
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    check_policies(policies)  # before the model loads
     if args.exit_dist and not args.exit_trace:  # their JSON / numbers before the model loads; the layers after
         parse_distribution(args.exit_dist, seed=args.seed)
     args.trace_rows = trace_rows(args.exit_trace) if args.exit_trace else None  # read once, checked before the load
+    policies = _spec_policies(args, policies)
     check_output_folder(args.out, "--out")  # before the run, whose results would otherwise be lost
     device = pick_device(args.device)
     if args.graphs and device.type != "cuda":
@@ -375,6 +486,7 @@ def run(args: argparse.Namespace) -> int:
             hf_static=not args.no_hf and (args.hf_compile if args.hf_compile is not None else device.type == "cuda"),
             sequential=args.sequential,
             gpu_busy=args.gpu_busy and device.type == "cuda",
+            trace_seed=args.seed,
             **({} if args.graphs is None else {"graphs": args.graphs}),
         )
     finally:
@@ -396,6 +508,8 @@ def run(args: argparse.Namespace) -> int:
         "thresholds": [str(t) for t in model.exit_config.threshold_list()],
         "exits": None if exits is None else type(exits).__name__,
         "exit_distribution": list(getattr(exits, "probabilities", []) or []) or None,
+        "policies": policies,
+        "acceptance": args.acceptance,
         "max_new_tokens": args.max_new_tokens,
         "context": args.context,
         "graphs": args.graphs if args.graphs is not None else device.type == "cuda",

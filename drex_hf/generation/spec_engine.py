@@ -131,8 +131,11 @@ class SpecRequestOutput(RequestOutput):
 @dataclass
 class SpecStats(TokenRates):
     """What a run did. `layer_rows`: layer evaluations on real positions (drafts' shallow layers, the
-    verify pass's, the prefill's excluded); `padded_layer_rows`: those a verify pass spent on padding
-    positions (rows verifying fewer drafts than the longest); `uploads`/`reads`: host-device copies."""
+    verify pass's, the prefill's excluded), of which `draft_layer_rows` the draft steps' (draft_exit + 1
+    per drafting row: the verify pass's own shallow pass for a round's last input counts as verify);
+    `padded_layer_rows`: those a verify pass spent on padding positions (rows verifying fewer drafts
+    than the longest); `tested`: drafts the verify pass judged (a round's drafts up to and including
+    its first rejection: later ones are dropped unjudged); `uploads`/`reads`: host-device copies."""
 
     policy: str = "self_spec"
     tokens: int = 0
@@ -140,7 +143,9 @@ class SpecStats(TokenRates):
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
+    tested: int = 0
     layer_rows: int = 0
+    draft_layer_rows: int = 0
     padded_layer_rows: int = 0
     steps: int = 0
     draft_steps: int = 0
@@ -154,7 +159,19 @@ class SpecStats(TokenRates):
 
     @property
     def acceptance_rate(self) -> float:
+        """Accepted drafts over drafted ones (a rejection also drops the round's later drafts)."""
         return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def per_draft_acceptance(self) -> float:
+        """Accepted drafts over judged ones: the chance that a draft the verify pass reaches is
+        accepted — the `a` of `SpecCost.speedup`'s model, and what a trace's `acceptance` states."""
+        return self.accepted / self.tested if self.tested else 0.0
+
+    @property
+    def mean_draft_tokens(self) -> float:
+        """Drafts per round (adaptive drafting's mean k; a fixed k's, less rounds cut by the budget)."""
+        return self.drafted / self.rounds if self.rounds else 0.0
 
     @property
     def tokens_per_round(self) -> float:
@@ -164,6 +181,14 @@ class SpecStats(TokenRates):
     def layers_per_token(self) -> float:
         return self.layer_rows / self.decoded_tokens if self.decoded_tokens else 0.0
 
+    @property
+    def draft_layers_per_token(self) -> float:
+        return self.draft_layer_rows / self.decoded_tokens if self.decoded_tokens else 0.0
+
+    @property
+    def verify_layers_per_token(self) -> float:
+        return (self.layer_rows - self.draft_layer_rows) / self.decoded_tokens if self.decoded_tokens else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "policy": self.policy,
@@ -172,10 +197,16 @@ class SpecStats(TokenRates):
             "rounds": self.rounds,
             "drafted": self.drafted,
             "accepted": self.accepted,
+            "tested": self.tested,
             "acceptance_rate": self.acceptance_rate,
+            "per_draft_acceptance": self.per_draft_acceptance,
+            "mean_draft_tokens": self.mean_draft_tokens,
             "tokens_per_round": self.tokens_per_round,
             "layers_per_token": self.layers_per_token,
+            "draft_layers_per_token": self.draft_layers_per_token,
+            "verify_layers_per_token": self.verify_layers_per_token,
             "layer_rows": self.layer_rows,
+            "draft_layer_rows": self.draft_layer_rows,
             "padded_layer_rows": self.padded_layer_rows,
             "steps": self.steps,
             "draft_steps": self.draft_steps,
@@ -501,6 +532,7 @@ class SpecEngine(SlotEngine):
         result = self._read([tokens, confidence])
         self.stats.draft_steps += 1
         self.stats.layer_rows += len(rows) * len(self.shallow)
+        self.stats.draft_layer_rows += len(rows) * len(self.shallow)
         for row, (token, conf) in zip(rows, result):
             if self.draft_confidence is not None and self.exit_source == "heads" and conf < self.draft_confidence:
                 row.drafting, row.states_complete = False, True  # not proposed; its input has run
@@ -644,6 +676,7 @@ class SpecEngine(SlotEngine):
         self.stats.rounds += 1
         self.stats.drafted += n
         self.stats.accepted += kept
+        self.stats.tested += min(kept + 1, n)  # the first rejection is judged; what follows it is not
         self.stats.draft_lengths[row.k] = self.stats.draft_lengths.get(row.k, 0) + 1
         for token in emitted:
             alive = self._emit(row, token)
@@ -683,6 +716,12 @@ class SpecEngine(SlotEngine):
         self.store.release(row.slot)
         if row.on_finish is not None:
             row.on_finish(out)
+
+    def row_state_bytes(self) -> int:
+        """Bytes of the per-slot tensors besides the KV cache: the executor's, this round's exit states
+        and (sampling) the drafts' distributions."""
+        extra = [self.states, self.draft_probs]
+        return self.executor.nbytes() + sum(t.nbytes for t in extra if t is not None)
 
     def reset_stats(self) -> None:
         """Start counting afresh (and forget finished requests); benchmarks reuse one engine."""
