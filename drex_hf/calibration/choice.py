@@ -1,8 +1,9 @@
 """Which decoding policy to use on this device at each batch size: `full`, `drex` or `self_spec`.
 
 `drex calibrate --choose-policy` runs, per batch size, full depth, drex (the thresholds being
-calibrated) and self-speculation at each candidate draft exit and k on the same prompts, stepped in
-turn so the machine's drift falls on all of them, and keeps per policy its decode tokens/s (median of
+calibrated) and self-speculation at each candidate draft exit and k on the same prompts, their
+engines stepped round-robin (one step each in turn, each timing its own steps) so the machine's
+drift falls on all of them, and keeps per policy its decode tokens/s (median of
 the repeats), its ratio to full depth, what it keeps of full depth's output (exact answers and
 ROUGE-L over token ids; self_spec keeps it all by construction — measured, not assumed) and, for
 self_spec, the acceptance rate. The choice is the fastest policy that beats full depth by
@@ -28,33 +29,36 @@ if TYPE_CHECKING:
 POLICY_CHOICES = ("full", "drex", "self_spec")
 
 
-def _engine_run(
-    model: EarlyExitModelForCausalLM,
-    policy: str,
-    prompts: list[torch.Tensor],
-    settings: DecodeSettings,
-    options: dict[str, Any],
-) -> Callable[[], tuple[list[list[int]], float, dict[str, Any]]]:
-    """A function running `prompts` through one engine of `policy` (built once, reused): returns
-    each prompt's tokens, the decode seconds (prefill excluded) and the engine's statistics."""
+def _new_engine(
+    model: EarlyExitModelForCausalLM, policy: str, batch: int, max_len: int, settings: DecodeSettings, options: dict
+) -> Any:
+    """An empty engine of `policy` for `batch` rows (built once per batch size, reused every round)."""
     from drex_hf.generation.engine import DrexEngine
     from drex_hf.generation.spec_engine import SpecEngine
 
-    max_len = max(p.shape[0] for p in prompts) + settings.max_new_tokens
     if policy == "self_spec":
-        engine: Any = SpecEngine(model, max_batch=len(prompts), max_len=max_len, settings=settings, **options)
-    else:
-        engine = DrexEngine(model, max_batch=len(prompts), max_len=max_len, policy=policy, settings=settings, **options)
+        return SpecEngine(model, max_batch=batch, max_len=max_len, settings=settings, **options)
+    return DrexEngine(model, max_batch=batch, max_len=max_len, policy=policy, settings=settings, **options)
 
-    def run() -> tuple[list[list[int]], float, dict[str, Any]]:
+
+def _interleaved_round(engines: dict[str, Any], prompts: list[torch.Tensor]) -> dict[str, Any]:
+    """The same prompts through every engine, stepped round-robin (one step each in turn, each engine
+    timing only its own steps), so the machine's drift falls on all of them alike; per engine its
+    tokens per prompt, its decode seconds (prefill excluded) and its statistics."""
+    ids = {}
+    for name, engine in engines.items():
         engine.reset_stats()
-        for prompt in prompts:
-            engine.add_request(prompt)
-        results = engine.run()
+        ids[name] = [engine.add_request(prompt) for prompt in prompts]
+    busy = True
+    while busy:
+        busy = False
+        for engine in engines.values():
+            busy |= engine.step()
+    out = {}
+    for name, engine in engines.items():
         stats = engine.stats
-        return [results[r].tokens for r in sorted(results)], stats.wall_s - stats.prefill_s, stats.to_dict()
-
-    return run
+        out[name] = ([engine.finished[i].tokens for i in ids[name]], stats.wall_s - stats.prefill_s, stats.to_dict())
+    return out
 
 
 def measure_policies(
@@ -84,24 +88,25 @@ def measure_policies(
     out: dict[str, dict[str, Any]] = {}
     for batch in batch_sizes:
         chosen = prompts[:batch]
-        runs: dict[str, Any] = {"full": _engine_run(model, "full", chosen, settings, {})}
+        max_len = max(p.shape[0] for p in chosen) + max_new_tokens
+        policies: dict[str, tuple[str, dict[str, Any]]] = {"full": ("full", {})}
         thresholds = model.exit_config.threshold_list()
         if any(t != float("inf") for t in thresholds):
-            runs["drex"] = _engine_run(model, "drex", chosen, settings, {"thresholds": thresholds})
+            policies["drex"] = ("drex", {"thresholds": thresholds})
         for e in draft_exits:
             for k in draft_tokens:
-                options = {"draft_exit": e, "draft_tokens": k}
-                runs[f"self_spec:{e}:{k}"] = _engine_run(model, "self_spec", chosen, settings, options)
-        times: dict[str, list[float]] = {name: [] for name in runs}
+                policies[f"self_spec:{e}:{k}"] = ("self_spec", {"draft_exit": e, "draft_tokens": k})
+        engines = {name: _new_engine(model, p, batch, max_len, settings, o) for name, (p, o) in policies.items()}
+        times: dict[str, list[float]] = {name: [] for name in engines}
         outputs: dict[str, Any] = {}
-        for _ in range(repeats + 1):  # the first round warms every engine up and is not counted
-            for name, run in runs.items():
-                tokens, seconds, stats = run()
-                if name in outputs:
+        for repeat in range(repeats + 1):  # the first round warms every engine up and is not counted
+            for name, (tokens, seconds, stats) in _interleaved_round(engines, chosen).items():
+                if repeat:
                     times[name].append(seconds)
                 outputs[name] = (tokens, stats)
             if progress is not None:
                 progress(f"batch {batch}")
+        del engines  # their key/value stores, before the next batch size's
         full_tokens = outputs["full"][0]
         rows: dict[str, dict[str, Any]] = {}
         for name, (tokens, stats) in outputs.items():
