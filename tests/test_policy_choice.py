@@ -39,6 +39,10 @@ def test_measure_policies_measures_every_policy_and_keeps_quality():
         best = max(entry["measured"][n]["ratio"] for n in ("full", "drex", *(n for n in rows if "spec" in n)))
         if best < entry["margin"]:
             assert entry["policy"] == "full"
+    model.exit_config.thresholds = [float("inf")] * len(model.exit_layers)  # every exit off: drex is not timed
+    off = measure_policies(model, prompts, batch_sizes=[1], max_new_tokens=4, draft_exits=[2], draft_tokens=[1])
+    assert set(off["1"]["measured"]) == {"full", "self_spec:2:1"}
+    assert off["1"]["reason"].endswith("drex is full depth here (every exit is off on this device)")
     with pytest.raises(GenerationInputError, match="at least 3 prompts"):
         measure_policies(model, prompts[:2], batch_sizes=[3], max_new_tokens=4, draft_exits=[0], draft_tokens=[1])
     with pytest.raises(GenerationInputError, match="exit layers"):

@@ -125,6 +125,8 @@ def measure_policies(
         for row in rows.values():
             row["ratio"] = row["tokens_per_s"] / base if base > 0 else 0.0
         out[str(batch)] = _choose(rows, margin)
+        if "drex" not in rows:
+            out[str(batch)]["reason"] += "; drex is full depth here (every exit is off on this device)"
     return out
 
 
