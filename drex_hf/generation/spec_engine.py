@@ -22,9 +22,8 @@ depth's and do not depend on its neighbours.
 
 How many tokens a row drafts (`draft_tokens`): a fixed k, or "adaptive": each round, the k in
 0..max_draft_tokens that maximises expected tokens per unit of cost under the row's own measured
-per-draft acceptance and the engine's `SpecCost` (k = 0 is a plain full-depth step; after
-`PROBE_EVERY` such rounds a row drafts one token, so it can learn that drafting pays after all:
-`adaptive_k`). `draft_confidence`: a row
+per-draft acceptance and the engine's `SpecCost` (k = 0 is a plain full-depth step: `adaptive_k`).
+`draft_confidence`: a row
 also stops drafting at a draft whose head confidence (max probability) is below it — that draft is
 not proposed, and its input's layers are already run, so the verify pass needs no extra shallow pass.
 
@@ -731,25 +730,18 @@ class SpecEngine(SlotEngine):
         self.finished = {}
 
 
-PROBE_EVERY = 8  # adaptive drafting: after this many rounds without a draft, one round drafts one token
-
-
 def adaptive_k(
     cost: SpecCost, drafted: Sequence[int], accepted: Sequence[int], prior_acceptance: float, k_max: int
 ) -> int:
     """Adaptive drafting's k for a row's next round: `cost.best_k` under the row's per-draft
     acceptance so far — accepted drafts over judged ones (a round's drafts up to its first
     rejection; later ones say nothing), with `prior_acceptance` counted as two judged drafts. A row
-    whose estimate chose no drafts for `PROBE_EVERY` rounds in a row drafts one token, so an
-    estimate that starts (or fell) too low can still learn the row's real acceptance instead of
-    never drafting again."""
+    whose prior makes k = 0 best never drafts, so never learns otherwise: give it a calibrated prior
+    (the draft exit's measured acceptance). Probing with one draft every few rounds was tried and
+    cost more than it found at batch 8, where one row's draft step holds up the whole batch."""
     judged = sum(min(a + 1, d) for d, a in zip(drafted, accepted))
     acceptance = (sum(accepted) + 2 * prior_acceptance) / (judged + 2)
-    k = cost.best_k(acceptance, k_max)
-    recent = list(drafted[-PROBE_EVERY:])
-    if k == 0 and k_max > 0 and len(recent) == PROBE_EVERY and not any(recent):
-        return 1
-    return k
+    return cost.best_k(acceptance, k_max)
 
 
 def measure_spec_cost(engine: SpecEngine, repeats: int = 5) -> SpecCost:
