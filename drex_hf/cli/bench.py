@@ -209,30 +209,30 @@ def float_list(text: str) -> list[float]:
     return values
 
 
+def _comma_values(text: str, parse: Any, expected: str) -> list:
+    """argparse helper: each comma-separated value of `text` through `parse(value, repr(text))`,
+    duplicates dropped; an empty list or a value `parse` refuses is an ArgumentTypeError."""
+    values = [v for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    try:
+        return list(dict.fromkeys(parse(v, repr(text)) for v in values))
+    except GenerationInputError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def draft_tokens_list(text: str) -> list[int | str]:
     """argparse type for --draft-tokens: '1,2,4,adaptive'."""
     from drex_hf.bench.run import draft_tokens_value
 
-    values = [v for v in text.split(",") if v.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected positive integers or 'adaptive', got {text!r}")
-    try:
-        return list(dict.fromkeys(draft_tokens_value(v, repr(text)) for v in values))
-    except GenerationInputError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    return _comma_values(text, draft_tokens_value, "positive integers or 'adaptive'")
 
 
 def acceptance_list(text: str) -> list[float]:
     """argparse type for --acceptance: '0.6,0.8,0.9', each a probability."""
     from drex_hf.bench.run import acceptance_value
 
-    values = [v for v in text.split(",") if v.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected probabilities in [0, 1], got {text!r}")
-    try:
-        return list(dict.fromkeys(acceptance_value(v, repr(text)) for v in values))
-    except GenerationInputError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    return _comma_values(text, acceptance_value, "probabilities in [0, 1]")
 
 
 def _exit_points(args: argparse.Namespace) -> list[int]:
