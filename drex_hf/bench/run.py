@@ -29,7 +29,7 @@ import torch
 
 from drex_hf.bench.measure import gpu_busy_share, measured_oracle, peak_decode_bytes, row_state_bytes
 from drex_hf.errors import GenerationInputError
-from drex_hf.generation.engine import DrexEngine, synchronize
+from drex_hf.generation.engine import DrexEngine, step_in_turn, synchronize
 from drex_hf.generation.exits import ExitDistribution, ExitReplay
 from drex_hf.generation.scheduler import percentile
 from drex_hf.generation.settings import DecodeSettings, left_padded
@@ -46,15 +46,20 @@ Exits = ExitDistribution | ExitReplay | None  # None: the heads decide (the real
 Engine = DrexEngine | SpecEngine
 
 
+def policy_name(policy: str) -> str:
+    """The policy a spelling names: "drex@0.5:eager" -> "drex", "self_spec@3/4" -> "self_spec"."""
+    return policy.partition(":")[0].partition("@")[0]
+
+
 def is_spec(policy: str) -> bool:
     """Whether `policy` names self-speculative rows (`self_spec`, `self_spec@3/4`, ...)."""
-    return policy.partition(":")[0].partition("@")[0] == SELF_SPEC
+    return policy_name(policy) == SELF_SPEC
 
 
 def check_policies(policies: Sequence[str]) -> None:
     """Refuse an empty list or a name that is no policy ("drex@SLACK", "full:eager" and
     "self_spec@3/4" are policies; a self_spec spelling is checked by `parse_spec`)."""
-    unknown = [p for p in policies if p.partition(":")[0].partition("@")[0] not in (*POLICIES, SELF_SPEC)]
+    unknown = [p for p in policies if policy_name(p) not in (*POLICIES, SELF_SPEC)]
     if unknown or not policies:
         raise GenerationInputError(
             f"unknown policy {unknown[0] if unknown else ''!r}; choose from {', '.join(POLICIES)}, {SELF_SPEC}[@EXIT/K]"
@@ -287,11 +292,7 @@ def run_interleaved(
     for policy, engine in engines.items():
         engine.reset_stats()
         ids[policy] = [add(engine, p, i, exits, new_tokens) for i, p in enumerate(prompts)]
-    busy = True
-    while busy:
-        busy = False
-        for engine in engines.values():
-            busy |= engine.step()
+    step_in_turn(engines.values())
     return {p: summary(engine, ids[p]) for p, engine in engines.items()}
 
 

@@ -21,6 +21,7 @@ import torch
 
 from drex_hf.calibration.sequences import rouge_l
 from drex_hf.errors import GenerationInputError
+from drex_hf.generation.engine import DrexEngine, step_in_turn
 from drex_hf.generation.settings import DecodeSettings
 
 if TYPE_CHECKING:
@@ -33,7 +34,6 @@ def _new_engine(
     model: EarlyExitModelForCausalLM, policy: str, batch: int, max_len: int, settings: DecodeSettings, options: dict
 ) -> Any:
     """An empty engine of `policy` for `batch` rows (built once per batch size, reused every round)."""
-    from drex_hf.generation.engine import DrexEngine
     from drex_hf.generation.spec_engine import SpecEngine
 
     if policy == "self_spec":
@@ -49,11 +49,7 @@ def _interleaved_round(engines: dict[str, Any], prompts: list[torch.Tensor]) -> 
     for name, engine in engines.items():
         engine.reset_stats()
         ids[name] = [engine.add_request(prompt) for prompt in prompts]
-    busy = True
-    while busy:
-        busy = False
-        for engine in engines.values():
-            busy |= engine.step()
+    step_in_turn(engines.values())
     out = {}
     for name, engine in engines.items():
         stats = engine.stats
@@ -125,8 +121,6 @@ def measure_policies(
         for row in rows.values():
             row["ratio"] = row["tokens_per_s"] / base if base > 0 else 0.0
         out[str(batch)] = _choose(rows, margin)
-        if "drex" not in rows:
-            out[str(batch)]["reason"] += "; drex is full depth here (every exit is off on this device)"
     return out
 
 
@@ -157,6 +151,8 @@ def _choose(rows: dict[str, dict[str, Any]], margin: float) -> dict[str, Any]:
         entry["reason"] = "; ".join([f"{fastest} is fastest: {contenders[fastest]['ratio']:.2f}x full depth", *notes])
     else:
         entry["reason"] = "; ".join(notes) or f"nothing beats full depth by {margin}x"
+    if "drex" not in rows:  # not timed: with every exit off it is full depth
+        entry["reason"] += "; drex is full depth here (every exit is off on this device)"
     return entry
 
 

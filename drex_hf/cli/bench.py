@@ -409,7 +409,7 @@ def _prompts(args: argparse.Namespace, model: Any, count: int) -> tuple[list[tor
 
 def run(args: argparse.Namespace) -> int:
     from drex_hf.bench import report
-    from drex_hf.bench.run import bench, check_policies, is_spec, parse_distribution
+    from drex_hf.bench.run import bench, check_policies, parse_distribution, policy_name
     from drex_hf.fileio import check_output_folder
     from drex_hf.generation.engine import device_name
 
@@ -427,7 +427,7 @@ def run(args: argparse.Namespace) -> int:
         )
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     check_policies(policies)  # before the model loads
-    early = [p for p in policies if not is_spec(p) and p.partition(":")[0].partition("@")[0] != "full"]
+    early = [p for p in policies if policy_name(p) not in ("full", "self_spec")]
     if args.synthetic_config and early and not (args.exit_dist or args.exit_trace or args.sweep_depths):
         raise ConfigError("a synthetic config has untrained heads: give its exits with --exit-dist or --exit-trace")
     if args.max_new_tokens < 1 or args.repeats < 1:

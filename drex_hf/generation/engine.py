@@ -21,7 +21,7 @@ import math
 import numbers
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -272,6 +272,17 @@ class SlotEngine:
                 self._finish(req, "cancelled")
                 return True
         return False
+
+
+def step_in_turn(engines: Iterable[SlotEngine]) -> None:
+    """Step every engine once in turn until none has work: each times only its own steps, so when
+    engines are compared the machine's drift falls on all of them alike."""
+    engines = list(engines)
+    busy = True
+    while busy:
+        busy = False
+        for engine in engines:
+            busy |= engine.step()
 
 
 class DrexEngine(SlotEngine):
