@@ -675,7 +675,7 @@ class SpecEngine(SlotEngine):
         self.stats.rounds += 1
         self.stats.drafted += n
         self.stats.accepted += kept
-        self.stats.tested += min(kept + 1, n)  # the first rejection is judged; what follows it is not
+        self.stats.tested += judged_drafts(n, kept)
         self.stats.draft_lengths[row.k] = self.stats.draft_lengths.get(row.k, 0) + 1
         for token in emitted:
             alive = self._emit(row, token)
@@ -730,6 +730,12 @@ class SpecEngine(SlotEngine):
         self.finished = {}
 
 
+def judged_drafts(drafted: int, accepted: int) -> int:
+    """Drafts a round's verify pass judged: the accepted ones and the first rejection; the drafts
+    after it are dropped unjudged."""
+    return min(accepted + 1, drafted)
+
+
 def adaptive_k(
     cost: SpecCost, drafted: Sequence[int], accepted: Sequence[int], prior_acceptance: float, k_max: int
 ) -> int:
@@ -739,7 +745,7 @@ def adaptive_k(
     whose prior makes k = 0 best never drafts, so never learns otherwise: give it a calibrated prior
     (the draft exit's measured acceptance). Probing with one draft every few rounds was tried and
     cost more than it found at batch 8, where one row's draft step holds up the whole batch."""
-    judged = sum(min(a + 1, d) for d, a in zip(drafted, accepted))
+    judged = sum(judged_drafts(d, a) for d, a in zip(drafted, accepted))
     acceptance = (sum(accepted) + 2 * prior_acceptance) / (judged + 2)
     return cost.best_k(acceptance, k_max)
 
