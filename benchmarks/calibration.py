@@ -29,7 +29,7 @@ from drex_hf.calibration.thresholds import agreement_counts, binomial_p_value
 from drex_hf.cli.calibrate import draw_prompts
 from drex_hf.cli.common import tokenizer_for
 from drex_hf.config import CALIBRATION_NAME, parse_threshold, thresholds_to_json
-from drex_hf.generation.engine import device_name
+from drex_hf.device import device_name
 
 
 def main(argv: list[str] | None = None) -> int:

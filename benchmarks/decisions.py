@@ -26,9 +26,9 @@ import torch
 from drex_hf.bench.run import build_engine, random_prompts
 from drex_hf.bench.synthetic import SHAPES, synthetic_model
 from drex_hf.calibration.costs import CostTable, profile_runner
-from drex_hf.generation.engine import device_name
+from drex_hf.device import device_name, time_ms
 from drex_hf.generation.exits import ExitDistribution
-from drex_hf.generation.profile import _time_ms, segment_plan
+from drex_hf.generation.profile import segment_plan
 
 DISTRIBUTION = (0.2, 0.25, 0.2, 0.35)
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         step.kv_len = max(step.positions) + 1
         step.writes = [slot if slot in rows else timed.store.scratch for slot in slots]
         step.riders = [int(slot not in rows) for slot in slots]
-        return _time_ms(lambda: executor.execute(step), 3, executor.device, "median")
+        return time_ms(lambda: executor.execute(step), 3, executor.device, "median")
 
     def watched(view, s):  # noqa: ANN001, ANN202
         chosen = plan(view, s)

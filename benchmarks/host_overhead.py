@@ -42,7 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from drex_hf.bench.run import add, new_engine, random_prompts
 from drex_hf.bench.synthetic import SHAPES, synthetic_model
-from drex_hf.generation.engine import device_name, synchronize
+from drex_hf.device import device_name, synchronize
 from drex_hf.generation.exits import ExitDistribution
 
 MADE_FROM_DATA = {"aten.lift_fresh.default", "aten.lift_fresh_copy.default", "aten.lift.default"}

@@ -29,7 +29,7 @@ import torch
 from drex_hf.bench.measure import gpu_busy_share
 from drex_hf.bench.run import build_engine, random_prompts
 from drex_hf.bench.synthetic import SHAPES, synthetic_model
-from drex_hf.generation.engine import device_name, synchronize
+from drex_hf.device import device_name, synchronize
 from drex_hf.generation.exits import ExitDistribution
 
 EXECUTOR_METHODS = ("write_plan", "upload", "fill", "segment", "check", "project", "read")

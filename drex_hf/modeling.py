@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import numbers
 import os
 import shutil
 from dataclasses import dataclass
@@ -32,11 +31,12 @@ from drex_hf.errors import (
     ConfigError,
     ConfigTypeError,
     GenerationInputError,
-    GenerationTypeError,
     ModelNotFoundError,
     WeightsFileError,
 )
 from drex_hf.fileio import sha256_file, staged_folder
+from drex_hf.generation.api import EarlyExitGenerateOutput
+from drex_hf.generation.settings import check_positions
 from drex_hf.heads import ExitHead, exit_confidence
 from drex_hf.hub import BaseSource, load_base
 
@@ -58,20 +58,6 @@ class EarlyExitCausalLMOutput(ModelOutput):
     exit_logits: tuple[torch.Tensor, ...] | None = None
     exit_confidences: torch.Tensor | None = None
     exit_hidden_states: tuple[torch.Tensor, ...] | None = None
-
-
-@dataclass
-class EarlyExitGenerateOutput(ModelOutput):
-    """`generate(..., return_dict_in_generate=True)` output.
-
-    `sequences`: prompts (as given, padding included) followed by the new tokens, `pad_token_id`
-    after a row's end. `exit_layers [batch, new_tokens]`: the decoder layer each new token left at
-    (L-1 = full depth), -1 after a row's end.
-    """
-
-    sequences: torch.Tensor | None = None
-    exit_layers: torch.Tensor | None = None
-    stats: Any = None
 
 
 class EarlyExitModelForCausalLM(nn.Module):
@@ -255,7 +241,7 @@ class EarlyExitModelForCausalLM(nn.Module):
         """Thresholds (and cost constants for this device) from a `drex calibrate` file, checked by
         `read_calibration` against these heads."""
         from drex_hf.calibration.files import exits_off_notice
-        from drex_hf.generation.engine import device_name
+        from drex_hf.device import device_name
 
         entries = data.get("cost_models", {})
         device = device_name(self.heads_device)
@@ -468,9 +454,9 @@ class EarlyExitModelForCausalLM(nn.Module):
         if self.arch.position_limit is not None:  # learned positions (GPT-2); rotary: no limit, no host read
             # positions come from the mask: left padding takes none
             if attention_mask is None:
-                self._check_positions([input_ids.shape[1]] * input_ids.shape[0])
+                check_positions(self.arch, [input_ids.shape[1]] * input_ids.shape[0])
             else:
-                self._check_positions(attention_mask.bool().sum(dim=1).tolist())
+                check_positions(self.arch, attention_mask.bool().sum(dim=1).tolist())
         return self._forward_with_exits(input_ids, attention_mask, labels)
 
     def exit_states(
@@ -613,122 +599,31 @@ class EarlyExitModelForCausalLM(nn.Module):
 
         With `return_dict_in_generate=True` the output also carries the run's `EngineStats`.
         """
-        from drex_hf.generation.engine import DrexEngine
-        from drex_hf.generation.exits import ExitDistribution, ExitReplay
-        from drex_hf.generation.scheduler import POLICY_NAMES
+        from drex_hf.generation import api
 
         if policy is None:
             policy, draft_exit, draft_tokens = self._calibrated_policy(input_ids, draft_exit, draft_tokens)
-        if policy == "self_spec":
-            return self._generate_self_spec(
-                input_ids,
-                attention_mask,
-                thresholds=thresholds,
-                seed=seed,
-                exit_trace=exit_trace,
-                cost_model=cost_model,
-                sla_tpot_ms=sla_tpot_ms,
-                graphs=graphs,
-                generation_config=generation_config,
-                streamer=streamer,
-                return_dict_in_generate=return_dict_in_generate,
-                draft_exit=draft_exit,
-                draft_tokens=draft_tokens,
-                draft_confidence=draft_confidence,
-                kwargs=kwargs,
-            )
-        if draft_exit is not None or draft_tokens is not None or draft_confidence is not None:
-            raise GenerationInputError(
-                f"draft_exit, draft_tokens and draft_confidence apply to policy='self_spec', not {policy!r}"
-            )
-        if policy not in POLICY_NAMES:
-            raise GenerationInputError(
-                f"unknown policy {policy!r}; choose one of {', '.join(POLICY_NAMES)} or 'self_spec'"
-            )
-        if policy == "full" and (thresholds is not None or exit_trace is not None):
-            raise GenerationInputError("thresholds and exit_trace do not apply to policy='full' (it never exits)")
-        input_ids, prompts, settings, return_dict_in_generate = self._prepare_batch(
-            input_ids, attention_mask, generation_config, kwargs, streamer, return_dict_in_generate
-        )
-        self.arch.check_attention_implementation()
-        device = self.heads_device
-        input_ids = input_ids.to(device)
-
-        replay, distribution = None, None
-        if isinstance(exit_trace, ExitDistribution):
-            distribution = exit_trace
-        elif exit_trace is not None:
-            if not isinstance(exit_trace, (torch.Tensor, list, tuple)):
-                raise GenerationInputError(
-                    f"exit_trace must be a [batch, tokens] tensor or list of exit layers, or an ExitDistribution; "
-                    f"got {type(exit_trace).__name__}"
-                )
-            replay = ExitReplay.from_output(exit_trace)
-            replay.check(self.exit_layers, self.num_layers, len(prompts))
-        seeds = _request_seeds(seed, len(prompts)) if settings.do_sample else [None] * len(prompts)
-        programs = (graphs, settings.has_logits_processors)
-        engine = DrexEngine(
+        return api.generate(
             self,
-            max_batch=len(prompts),
-            max_len=max(p.shape[0] for p in prompts) + settings.max_new_tokens,
+            input_ids,
+            attention_mask,
             policy=policy,
-            settings=settings,
-            thresholds=self._thresholds(thresholds),
-            exit_source="heads" if exit_trace is None else "trace",
-            exit_distribution=distribution,
-            cost_model=self._cached_cost_model(
-                cost_model, policy, len(prompts), thresholds, exit_trace is not None, programs
-            ),
+            thresholds=thresholds,
+            seed=seed,
+            exit_trace=exit_trace,
+            cost_model=cost_model,
             sla_tpot_ms=sla_tpot_ms,
             quorum=quorum,
             graphs=graphs,
+            generation_config=generation_config,
+            streamer=streamer,
+            return_dict_in_generate=return_dict_in_generate,
             tokenizer=tokenizer,
+            draft_exit=draft_exit,
+            draft_tokens=draft_tokens,
+            draft_confidence=draft_confidence,
+            kwargs=kwargs,
         )
-        if policy == "drex" and cost_model is None:
-            self._cost_models[self._cost_key(thresholds, len(prompts), exit_trace is not None, programs)] = engine.cost
-        callback = _streamer_callback(streamer, prompts[0])
-        with torch.no_grad():
-            for b, prompt in enumerate(prompts):
-                trace = replay.layers[b] if replay is not None else None
-                engine.add_request(prompt.to(device), seed=seeds[b], trace=trace, callback=callback)
-            results = engine.run()
-        if streamer is not None:
-            streamer.end()
-        sequences, exit_layers = _sequences(input_ids, results, settings.pad_token_id)
-        if return_dict_in_generate:
-            return EarlyExitGenerateOutput(sequences, exit_layers, engine.stats)
-        return sequences
-
-    def _prepare_batch(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        generation_config: Any,
-        kwargs: dict[str, Any],
-        streamer: Any,
-        return_dict_in_generate: bool | None,
-    ) -> tuple[torch.Tensor, list[torch.Tensor], Any, bool]:
-        """`generate`'s inputs checked and split: (input ids, one unpadded prompt per row, the decode
-        settings, whether to return a dict)."""
-        from drex_hf.generation.settings import (
-            check_token_batch,
-            infer_attention_mask,
-            merge_generation_config,
-            settings_from_config,
-            split_prompts,
-        )
-
-        input_ids, attention_mask = check_token_batch(input_ids, attention_mask, self.arch.input_vocab_size)
-        gen_config = merge_generation_config(self.base_model, generation_config, kwargs)
-        settings = settings_from_config(gen_config, input_ids.shape[1])
-        attention_mask = infer_attention_mask(input_ids, settings, attention_mask)
-        _, prompts = split_prompts(input_ids, attention_mask)
-        self._check_positions([p.shape[0] for p in prompts], settings.max_new_tokens)
-        if streamer is not None and len(prompts) > 1:
-            raise GenerationInputError(f"streamer supports a batch of 1 prompt, got {len(prompts)}")
-        if return_dict_in_generate is None:
-            return_dict_in_generate = bool(gen_config.return_dict_in_generate)
-        return input_ids, prompts, settings, return_dict_in_generate
 
     def _calibrated_policy(
         self, input_ids: Any, draft_exit: int | None, draft_tokens: int | str | None
@@ -747,124 +642,6 @@ class EarlyExitModelForCausalLM(nn.Module):
             if draft_tokens is None:
                 draft_tokens = choice["draft_tokens"]
         return choice["policy"], draft_exit, draft_tokens
-
-    def _generate_self_spec(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        *,
-        thresholds: Any,
-        seed: Any,
-        exit_trace: Any,
-        cost_model: Any,
-        sla_tpot_ms: Any,
-        graphs: Any,
-        generation_config: Any,
-        streamer: Any,
-        return_dict_in_generate: bool | None,
-        draft_exit: int | None,
-        draft_tokens: int | str | None,
-        draft_confidence: float | None,
-        kwargs: dict[str, Any],
-    ) -> torch.Tensor | EarlyExitGenerateOutput:
-        """`generate(policy="self_spec")`: the batch through one `SpecEngine`; see `generate`."""
-        from drex_hf.generation.spec_engine import SpecEngine
-
-        given = {
-            "thresholds": thresholds,
-            "exit_trace": exit_trace,
-            "cost_model": cost_model,
-            "sla_tpot_ms": sla_tpot_ms,
-            "graphs": graphs or None,
-        }
-        unused = [name for name, value in given.items() if value is not None]
-        if unused:
-            raise GenerationInputError(
-                f"{', '.join(unused)} do not apply to policy='self_spec' (it never exits early: every token is "
-                f"full depth's, verified; draft_exit, draft_tokens and draft_confidence set its drafting)"
-            )
-        input_ids, prompts, settings, return_dict_in_generate = self._prepare_batch(
-            input_ids, attention_mask, generation_config, kwargs, streamer, return_dict_in_generate
-        )
-        device = self.heads_device
-        input_ids = input_ids.to(device)
-        seeds = _request_seeds(seed, len(prompts)) if settings.do_sample else [None] * len(prompts)
-        engine = SpecEngine(
-            self,
-            max_batch=len(prompts),
-            max_len=max(p.shape[0] for p in prompts) + settings.max_new_tokens,
-            draft_exit=self.exit_layers[-1] if draft_exit is None else draft_exit,
-            draft_tokens=4 if draft_tokens is None else draft_tokens,
-            draft_confidence=draft_confidence,
-            settings=settings,
-        )
-        callback = _streamer_callback(streamer, prompts[0])
-        with torch.no_grad():
-            for b, prompt in enumerate(prompts):
-                engine.add_request(prompt.to(device), seed=seeds[b], callback=callback)
-            results = engine.run()
-        if streamer is not None:
-            streamer.end()
-        sequences, exit_layers = _sequences(input_ids, results, settings.pad_token_id)
-        if return_dict_in_generate:
-            return EarlyExitGenerateOutput(sequences, exit_layers, engine.stats)
-        return sequences
-
-    def _cost_key(self, thresholds: Any, batch: int, trace: bool, programs: tuple = ()) -> tuple:
-        """The segments a drex engine will run (a trace checks every exit point), the batch, the device,
-        and how its programs run (`programs`: graphs or not, logits processors or not: each times
-        differently, so a cost model measured one way is not reused the other)."""
-        from drex_hf.generation.engine import segment_boundaries
-
-        ends = segment_boundaries(self.exit_layers, self._thresholds(thresholds), "drex", "trace" if trace else "heads")
-        return (tuple(ends), batch, str(self.heads_device), *programs)
-
-    def _cached_cost_model(
-        self, given: Any, policy: str, batch: int, thresholds: Any, trace: bool, programs: tuple = ()
-    ) -> Any:
-        """This device's calibrated constants when they were made for these segments, else a cost
-        model measured once per (segments, batch size, device) and reused by later calls."""
-        if given is not None or policy != "drex":
-            return given
-        key = self._cost_key(thresholds, batch, trace, programs)
-        if self.calibration_path is not None and key not in self._cost_models:
-            from drex_hf.generation.engine import device_name
-            from drex_hf.generation.scheduler import CostModel
-
-            ends = list(key[0])
-            segments = [[a, b] for a, b in zip([0, *(e + 1 for e in ends)], [*ends, self.arch.num_layers - 1])]
-            try:
-                self._cost_models[key] = CostModel.from_file(
-                    self.calibration_path, device_name(self.heads_device), segments
-                )
-            except GenerationInputError:
-                pass  # other thresholds than calibrated: other segments; measure at start-up
-        return self._cost_models.get(key)
-
-    def _thresholds(self, override: float | list[float] | None) -> list[float]:
-        if override is None:
-            return self.exit_config.threshold_list()
-        probe = copy.deepcopy(self.exit_config)
-        probe.thresholds = override
-        probe._validate()
-        return probe.threshold_list()
-
-    def _check_positions(self, token_counts: list[int], max_new_tokens: int | None = None) -> None:
-        """Refuse rows that need more positions than learned position embeddings have (GPT-2): a row
-        of n tokens needs n, or n + max_new_tokens - 1 when generating (the last new token is never
-        fed back). Rotary models have no hard limit."""
-        limit = self.arch.position_limit
-        if limit is None:
-            return
-        for b, count in enumerate(token_counts):
-            needed = count if max_new_tokens is None else count + max_new_tokens - 1
-            if needed > limit:
-                if max_new_tokens is None:
-                    raise GenerationInputError(f"prompt {b} has {count} tokens but the model has {limit} positions")
-                raise GenerationInputError(
-                    f"prompt {b} has {count} tokens; with max_new_tokens={max_new_tokens} it needs "
-                    f"{needed} positions but the model has {limit}"
-                )
 
 
 def _check_base_sizes(config: EarlyExitConfig, arch: ArchAdapter, what: str) -> None:
@@ -1014,63 +791,3 @@ def _read_heads_file(path: Path, expected_sha256: str | None) -> dict[str, torch
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as err:
         raise WeightsFileError(f"cannot read exit heads from {path}: not a valid safetensors file ({err})") from None
-
-
-def _full_depth_layers(new: torch.Tensor, eos_ids: tuple[int, ...], last_layer: int) -> torch.Tensor:
-    """Exit layers of a full-depth run: L-1 up to and including each row's first eos, -1 after."""
-    layers = torch.full(new.shape, last_layer, dtype=torch.long, device=new.device)
-    if eos_ids:
-        is_eos = torch.isin(new, torch.tensor(eos_ids, device=new.device))
-        after = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
-        layers[after] = -1
-    return layers
-
-
-def _streamer_callback(streamer: Any, prompt: torch.Tensor) -> Any:
-    """An engine token callback feeding `streamer` (HF's streamer protocol), after putting the prompt
-    into it; None without a streamer."""
-    if streamer is None:
-        return None
-    streamer.put(prompt.unsqueeze(0).cpu())
-
-    def callback(request_id: int, token: int, layer: int) -> None:
-        streamer.put(torch.tensor([token]))
-
-    return callback
-
-
-def _sequences(input_ids: torch.Tensor, results: dict[int, Any], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`generate`'s outputs from an engine's results by request id (0..batch-1): the prompts followed by
-    each row's tokens, `pad` after its end, and each token's exit layer (-1 after the end)."""
-    count, device = input_ids.shape[0], input_ids.device
-    steps = max(len(r.tokens) for r in results.values())
-    new = torch.full((count, steps), pad, dtype=input_ids.dtype, device=device)
-    exit_layers = torch.full((count, steps), -1, dtype=torch.long, device=device)
-    for b in range(count):
-        result = results[b]
-        new[b, : len(result.tokens)] = torch.tensor(result.tokens, dtype=input_ids.dtype)
-        exit_layers[b, : len(result.tokens)] = torch.tensor(result.exit_layers)
-    return torch.cat([input_ids, new], dim=1), exit_layers
-
-
-def _request_seeds(seed: int | list[int] | None, count: int) -> list[int]:
-    """One seed per request, each an integer in [0, 2**64) (`sampling.check_seed`)."""
-    from drex_hf.seeds import SEED_LIMIT, check_seed
-
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)))
-    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
-        first = check_seed(seed)
-        if first + count > SEED_LIMIT:
-            raise GenerationInputError(
-                f"seed={first} gives prompt {count - 1} the seed {first} + {count - 1}, which is 2**64 or more: "
-                f"with {count} prompts an int seed must be at most 2**64 - {count} (or give one seed per prompt)"
-            )
-        return [first + i for i in range(count)]
-    if not isinstance(seed, (list, tuple)) or not all(
-        isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seed
-    ):
-        raise GenerationTypeError(f"seed must be an integer or a list of integers, one per prompt; got {seed!r}")
-    if len(seed) != count:
-        raise GenerationInputError(f"seed has {len(seed)} values for {count} prompts")
-    return [check_seed(s) for s in seed]

@@ -235,9 +235,9 @@ import logging  # noqa: E402
 
 from drex_hf import EarlyExitConfig, EarlyExitModelForCausalLM  # noqa: E402
 from drex_hf.cli.main import main  # noqa: E402
+from drex_hf.device import device_name  # noqa: E402
 from drex_hf.errors import ConfigError  # noqa: E402
 from drex_hf.fileio import sha256_file  # noqa: E402
-from drex_hf.generation.engine import device_name  # noqa: E402
 
 
 @pytest.fixture

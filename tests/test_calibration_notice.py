@@ -13,8 +13,8 @@ from pathlib import Path
 from conftest import make_tiny, tiny_tokenizer
 
 from drex_hf import EarlyExitConfig, EarlyExitModelForCausalLM
+from drex_hf.device import device_name
 from drex_hf.fileio import sha256_file
-from drex_hf.generation.engine import device_name
 
 
 def _entry(thresholds: list, exit_choice: list) -> dict:

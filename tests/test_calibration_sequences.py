@@ -26,8 +26,8 @@ from drex_hf.calibration.thresholds import (
     tokens_needed,
 )
 from drex_hf.cli.main import main
+from drex_hf.device import device_name
 from drex_hf.errors import ConfigError
-from drex_hf.generation.engine import device_name
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,8 +13,9 @@ from test_bad_input_files import _calibrate_by_hand, _heads
 
 from drex_hf import EarlyExitModelForCausalLM
 from drex_hf.calibration.choice import _choose, choice_for, measure_policies
+from drex_hf.device import device_name
 from drex_hf.errors import ConfigError, GenerationInputError
-from drex_hf.generation.engine import EngineStats, device_name
+from drex_hf.generation.engine import EngineStats
 from drex_hf.generation.spec_engine import SpecStats
 
 

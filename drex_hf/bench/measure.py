@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from drex_hf.generation.engine import DrexEngine, synchronize
+from drex_hf.device import synchronize
+from drex_hf.generation.engine import DrexEngine
 from drex_hf.generation.kv_store import RowKVCache
 from drex_hf.generation.plan import StepPlan, bucket_of, row_buckets
 from drex_hf.generation.runner import StepExecutor

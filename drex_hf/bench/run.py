@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from drex_hf.bench.measure import gpu_busy_share, measured_oracle, peak_decode_bytes, row_state_bytes
+from drex_hf.device import synchronize
 from drex_hf.errors import GenerationInputError
-from drex_hf.generation.engine import DrexEngine, step_in_turn, synchronize
+from drex_hf.generation.engine import DrexEngine, step_in_turn
 from drex_hf.generation.exits import ExitDistribution, ExitReplay
 from drex_hf.generation.scheduler import percentile
 from drex_hf.generation.settings import DecodeSettings, left_padded

@@ -346,7 +346,8 @@ def calibrate(
 
     `progress(stage, n)`: n more units of "observe", "profile" or "certify" done;
     `progress("certify:<what>", n)` opens the certification of <what> with at most n answers."""
-    from drex_hf.generation.engine import DrexEngine, device_name
+    from drex_hf.device import device_name
+    from drex_hf.generation.engine import DrexEngine
 
     command = command or " ".join(sys.argv)
     rows = sorted(set(rows or [1, 2, 4, 8, 16, 32]))  # the cost table interpolates between ascending counts

@@ -199,8 +199,9 @@ def profile_runner(executor, context: int, repeats: int = 5, statistic: str = "m
     `context` positions. "layers" is a segment's layers alone (the last segment: with the final norm
     and the vocabulary projection), "check" its exit check alone, "fill" and "project" those whole
     steps. The median predicts what a step will take; the minimum, what it can take."""
+    from drex_hf.device import time_ms as timed_ms
     from drex_hf.generation.plan import StepPlan, bucket_of
-    from drex_hf.generation.profile import _time_ms, segment_plan
+    from drex_hf.generation.profile import segment_plan
 
     device = executor.device
     store = executor.store
@@ -212,7 +213,7 @@ def profile_runner(executor, context: int, repeats: int = 5, statistic: str = "m
         return max(0, positions - 1)
 
     def time_ms(fn: Callable[[], object]) -> float:
-        return _time_ms(fn, repeats, device, statistic)
+        return timed_ms(fn, repeats, device, statistic)
 
     @torch.no_grad()
     def timer(kind: str, index: int, n: int, positions: int | None = None) -> float:
@@ -257,7 +258,7 @@ def boundary_factor(whole, segmented, rows: int, context: int, repeats: int = 9)
     """A full-depth step as one segment ÷ the same layers run segment by segment (the segment
     boundaries' own cost, with no checks), both executors on `rows` rows at `context` positions,
     timed in alternation so that the machine's drift falls on both alike (medians of `repeats`)."""
-    from drex_hf.generation.engine import synchronize
+    from drex_hf.device import synchronize
     from drex_hf.generation.profile import segment_plan
 
     slots = list(range(rows))

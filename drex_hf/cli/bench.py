@@ -410,8 +410,8 @@ def _prompts(args: argparse.Namespace, model: Any, count: int) -> tuple[list[tor
 def run(args: argparse.Namespace) -> int:
     from drex_hf.bench import report
     from drex_hf.bench.run import bench, check_policies, parse_distribution, policy_name
+    from drex_hf.device import device_name
     from drex_hf.fileio import check_output_folder
-    from drex_hf.generation.engine import device_name
 
     if bool(args.model) == bool(args.synthetic_config):
         raise ConfigError("name an exit-heads folder (MODEL_DIR) or --synthetic-config NAME, not both or neither")

@@ -30,10 +30,11 @@ from drex_hf.cli.common import (
     threshold_value,
 )
 from drex_hf.config import EarlyExitConfig, parse_threshold
+from drex_hf.device import synchronize
 from drex_hf.errors import GenerationInputError, ModelNotFoundError
-from drex_hf.generation.engine import synchronize
+from drex_hf.generation.api import full_depth_layers
 from drex_hf.hub import SMOLLM2_ID
-from drex_hf.modeling import EarlyExitModelForCausalLM, _full_depth_layers
+from drex_hf.modeling import EarlyExitModelForCausalLM
 
 SHIPPED_HEADS = Path(__file__).resolve().parents[2] / "model_cards" / "smollm2-135m-drex"
 
@@ -199,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     eos_ids = model.generation_config.eos_token_id
     eos = tuple(eos_ids if isinstance(eos_ids, list) else [eos_ids])
-    hf_tokens = int((_full_depth_layers(runs["hf"][0], eos, model.num_layers - 1) >= 0).sum())
+    hf_tokens = int((full_depth_layers(runs["hf"][0], eos, model.num_layers - 1) >= 0).sum())
     hf_s = runs["hf"][1]
     label = "HF generate, full depth (batched)"
     print(f"{label:<52} {hf_tokens:4d} tokens {hf_s:6.2f} s {hf_tokens / hf_s:7.1f} tokens/s")

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from drex_hf import kernels
+from drex_hf.device import device_name
 from drex_hf.errors import GenerationInputError, GenerationTypeError
 from drex_hf.generation.exits import ExitDistribution, RequestExits, check_trace_row, next_layers
 from drex_hf.generation.kv_store import RowKVCache
@@ -49,7 +50,7 @@ from drex_hf.generation.settings import DecodeSettings
 from drex_hf.seeds import check_seed
 
 if TYPE_CHECKING:
-    from drex_hf.modeling import EarlyExitModelForCausalLM
+    from drex_hf.generation.protocol import EarlyExitModel
 
 TokenCallback = Callable[[int, int, int], None]  # (request id, token, exit layer)
 FinishCallback = Callable[["RequestOutput"], None]  # the request's output, once, when it ends
@@ -289,7 +290,7 @@ class DrexEngine(SlotEngine):
     """Continuous batching with per-token early exit. See the module docstring.
 
     Args:
-        model: an `EarlyExitModelForCausalLM`.
+        model: an `EarlyExitModel`.
         max_batch: slots (requests decoding at once).
         max_len: positions per slot; a request needs prompt + max_new_tokens of them.
         policy: `drex`, `full`, `batch_all`, `batch_majority`, or a `Policy` object.
@@ -333,7 +334,7 @@ class DrexEngine(SlotEngine):
 
     def __init__(
         self,
-        model: EarlyExitModelForCausalLM,
+        model: EarlyExitModel,
         *,
         max_batch: int,
         max_len: int,
@@ -1019,21 +1020,6 @@ def check_special_tokens(settings: DecodeSettings, vocab_size: int) -> None:
                 f"{name} {value} is outside the model's vocabulary 0..{vocab_size - 1} (given to generate(), or "
                 f"else the model's generation_config holds it): pass {name}= with an id in the vocabulary"
             )
-
-
-def device_name(device: torch.device | str) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"cpu:{platform.processor() or platform.machine()}"
-
-
-def synchronize(device: torch.device | str) -> None:
-    """Wait for queued GPU work, so wall-clock timings cover it (a no-op on CPU)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 __all__ = ["DrexEngine", "EngineStats", "RequestOutput", "RandomPolicy"]

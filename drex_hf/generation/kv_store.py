@@ -23,7 +23,7 @@ from drex_hf.generation.attention import IndexedRows
 from drex_hf.kernels import kv_append
 
 if TYPE_CHECKING:
-    from drex_hf.modeling import EarlyExitModelForCausalLM
+    from drex_hf.generation.protocol import EarlyExitModel
 
 
 class EngineFullError(GenerationInputError):
@@ -60,7 +60,7 @@ class RowKVCache(Cache):
         self._indexed: IndexedRows | None = None
 
     @classmethod
-    def for_model(cls, model: EarlyExitModelForCausalLM, slots: int, max_len: int) -> RowKVCache:
+    def for_model(cls, model: EarlyExitModel, slots: int, max_len: int) -> RowKVCache:
         """A cache for `model`'s layers and key/value heads, in its base weights' dtype, on the device
         of its heads."""
         arch = model.arch

@@ -10,32 +10,12 @@ runs on the still-empty slots, so it writes nothing a request will read.
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable
-
 import torch
 
+from drex_hf.device import device_name, time_ms
 from drex_hf.generation.plan import StepPlan
 from drex_hf.generation.runner import StepExecutor
 from drex_hf.generation.scheduler import CostModel
-
-
-def _time_ms(fn: Callable[[], object], repeats: int, device: torch.device, statistic: str = "min") -> float:
-    """The fastest (or the median, `statistic="median"`) of `repeats` timed calls after a warm-up: on a
-    shared machine interference only ever adds time, so the minimum is the stablest estimate of what
-    the work itself costs; the median is what a step typically takes, interference included."""
-    from drex_hf.generation.engine import synchronize
-
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times) if statistic == "median" else min(times)
 
 
 def segment_plan(executor: StepExecutor, s: int, slots: list[int], position: int) -> StepPlan:
@@ -63,7 +43,7 @@ def segment_plan(executor: StepExecutor, s: int, slots: list[int], position: int
 def step_time_ms(executor: StepExecutor, s: int, slots: list[int], position: int, repeats: int = 3) -> float:
     """Fastest milliseconds of one whole step of segment s on `slots` (upload, programs, read-back)."""
     plan = segment_plan(executor, s, slots, position)
-    return _time_ms(lambda: executor.execute(plan), repeats, executor.device)
+    return time_ms(lambda: executor.execute(plan), repeats, executor.device)
 
 
 def row_counts(slots: int, buckets: list[int] | None = None) -> list[int]:
@@ -111,8 +91,6 @@ def measure_cost_model(executor: StepExecutor, context: int = 128, repeats: int 
             regroup.append(max(0.0, (apart - together) / len(scattered)))
         else:
             regroup.append(0.0)
-    from drex_hf.generation.engine import device_name
-
     device = device_name(executor.device)
     how = "CUDA graphs" if executor.graphs is not None else "eager programs"
     source = f"measured at start-up on {device} ({how})"

@@ -27,7 +27,7 @@ from drex_hf.generation.settings import DecodeSettings
 from drex_hf.heads import exit_confidence
 
 if TYPE_CHECKING:
-    from drex_hf.modeling import EarlyExitModelForCausalLM
+    from drex_hf.generation.protocol import EarlyExitModel
 
 
 class RequestKV:
@@ -70,7 +70,7 @@ class ReferenceDecoder:
 
     def __init__(
         self,
-        model: EarlyExitModelForCausalLM,
+        model: EarlyExitModel,
         settings: DecodeSettings,
         thresholds: list[float],
         tokenizer: Any = None,
@@ -192,7 +192,7 @@ class ReferenceDecoder:
 
 @torch.no_grad()
 def generate_reference(
-    model: EarlyExitModelForCausalLM,
+    model: EarlyExitModel,
     prompts: list[torch.Tensor],
     settings: DecodeSettings,
     thresholds: list[float],

@@ -41,7 +41,7 @@ from drex_hf.heads import margin_confidence, max_prob_confidence, saturation_con
 if TYPE_CHECKING:
     from drex_hf.generation.graphs import GraphCache
     from drex_hf.generation.processors import RowProcessors
-    from drex_hf.modeling import EarlyExitModelForCausalLM
+    from drex_hf.generation.protocol import EarlyExitModel
 
 # plan buffer columns, each `rows` long: the run section, the fill section, the projection section
 RUN = ("slot", "write", "position", "length", "index", "seed")
@@ -73,7 +73,7 @@ class StepExecutor:
 
     def __init__(
         self,
-        model: EarlyExitModelForCausalLM,
+        model: EarlyExitModel,
         store: RowKVCache,
         boundaries: list[int],
         *,

@@ -42,7 +42,7 @@ from drex_hf.generation.sampling import host_uniform
 from drex_hf.generation.settings import DecodeSettings
 
 if TYPE_CHECKING:
-    from drex_hf.modeling import EarlyExitModelForCausalLM
+    from drex_hf.generation.protocol import EarlyExitModel
 
 # sub-streams of a request's counter-based uniforms (see the module docstring)
 FULL, DRAFT, ACCEPT = 0, 1, 2
@@ -94,7 +94,7 @@ class SelfSpecDecoder(ReferenceDecoder):
 
     def __init__(
         self,
-        model: EarlyExitModelForCausalLM,
+        model: EarlyExitModel,
         settings: DecodeSettings,
         draft_exit: int,
         draft_tokens: int,
@@ -223,9 +223,7 @@ class SelfSpecDecoder(ReferenceDecoder):
         return out
 
 
-def check_spec_arguments(
-    model: EarlyExitModelForCausalLM, settings: DecodeSettings, draft_exit: int, draft_tokens: int
-) -> None:
+def check_spec_arguments(model: EarlyExitModel, settings: DecodeSettings, draft_exit: int, draft_tokens: int) -> None:
     """Refuse what the self-speculative decoder does not take, naming the argument."""
     for name, value in (("draft_exit", draft_exit), ("draft_tokens", draft_tokens)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -245,7 +243,7 @@ def check_spec_arguments(
 
 @torch.no_grad()
 def generate_self_spec(
-    model: EarlyExitModelForCausalLM,
+    model: EarlyExitModel,
     prompts: list[torch.Tensor],
     settings: DecodeSettings,
     draft_exit: int,

@@ -368,3 +368,21 @@ def left_padded(
         ids[b, width - p.shape[0] :] = p
         mask[b, width - p.shape[0] :] = 1
     return ids.to(device), mask.to(device)
+
+
+def check_positions(arch: Any, token_counts: list[int], max_new_tokens: int | None = None) -> None:
+    """Refuse rows that need more positions than learned position embeddings have (GPT-2; `arch`: the
+    model's adapter): a row of n tokens needs n, or n + max_new_tokens - 1 when generating (the last
+    new token is never fed back). Rotary models have no hard limit."""
+    limit = arch.position_limit
+    if limit is None:
+        return
+    for b, count in enumerate(token_counts):
+        needed = count if max_new_tokens is None else count + max_new_tokens - 1
+        if needed > limit:
+            if max_new_tokens is None:
+                raise GenerationInputError(f"prompt {b} has {count} tokens but the model has {limit} positions")
+            raise GenerationInputError(
+                f"prompt {b} has {count} tokens; with max_new_tokens={max_new_tokens} it needs "
+                f"{needed} positions but the model has {limit}"
+            )

@@ -62,7 +62,7 @@ from drex_hf.generation.settings import DecodeSettings
 from drex_hf.seeds import check_seed
 
 if TYPE_CHECKING:
-    from drex_hf.modeling import EarlyExitModelForCausalLM
+    from drex_hf.generation.protocol import EarlyExitModel
 
 MAX_ADAPTIVE_DRAFT = 8  # the largest k adaptive drafting considers, unless max_draft_tokens says otherwise
 _TRACE_STREAM = 3  # a trace's acceptance coin: a sub-stream of the request's trace seed
@@ -252,7 +252,7 @@ class SpecEngine(SlotEngine):
     """Continuous batching by self-speculation; see the module docstring.
 
     Args:
-        model: an `EarlyExitModelForCausalLM`.
+        model: an `EarlyExitModel`.
         max_batch: slots (requests decoding at once).
         max_len: positions per slot; a request needs prompt + max_new_tokens of them.
         draft_exit: the exit layer whose head drafts (one of `model.exit_layers`).
@@ -272,7 +272,7 @@ class SpecEngine(SlotEngine):
 
     def __init__(
         self,
-        model: EarlyExitModelForCausalLM,
+        model: EarlyExitModel,
         *,
         max_batch: int,
         max_len: int,
@@ -755,7 +755,7 @@ def measure_spec_cost(engine: SpecEngine, repeats: int = 5) -> SpecCost:
     any request, so what it writes no request reads): a draft step, and a verify pass over 1 and over
     k_max + 1 positions per row; a straight line through the two verify times gives its fixed and
     per-position parts, and the one-position verify (a full-depth step) is what rounds must beat."""
-    from drex_hf.generation.profile import _time_ms
+    from drex_hf.device import time_ms
 
     n = engine.store.slots
     position = min(16, engine.max_len - engine.k_max - 2)
@@ -782,10 +782,10 @@ def measure_spec_cost(engine: SpecEngine, repeats: int = 5) -> SpecCost:
         return run
 
     device = engine.device
-    t_draft = _time_ms(draft, repeats, device)
-    t_one = _time_ms(verify(1), repeats, device)
+    t_draft = time_ms(draft, repeats, device)
+    t_one = time_ms(verify(1), repeats, device)
     q = engine.k_max + 1
-    t_many = _time_ms(verify(q), repeats, device)
+    t_many = time_ms(verify(q), repeats, device)
     per_position = max(t_many - t_one, 0.0) / (q - 1) if q > 1 else 0.0
     return SpecCost(
         draft=t_draft,
