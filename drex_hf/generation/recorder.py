@@ -68,6 +68,16 @@ def _describe(t: torch.Tensor | None) -> str:
     return "no tensor argument" if t is None else f"tensor of shape {tuple(t.shape)} and dtype {t.dtype}"
 
 
+def _draws(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> bool:
+    """Whether a seeded op draws: attention and dropout ops are seeded for their dropout, and draw
+    nothing at p = 0 or outside training."""
+    values = {}
+    for i, argument in enumerate(func._schema.arguments):
+        values[argument.name] = args[i] if i < len(args) else kwargs.get(argument.name, argument.default_value)
+    p = values.get("dropout_p", values.get("p"))
+    return not (p == 0 or values.get("train", True) is False)
+
+
 @dataclass
 class _Step:
     """One op to re-run: `fresh` are (index in the op's flattened result, recorded output) to copy into."""
@@ -143,7 +153,7 @@ class _Capture(TorchDispatchMode):
             for index in args[1]:
                 if index is not None and index.dtype in (torch.bool, torch.uint8):
                     self.fail(f"{func} (boolean-mask indexing)", DATA_SHAPE, index)
-        if torch.Tag.nondeterministic_seeded in func.tags:
+        if torch.Tag.nondeterministic_seeded in func.tags and _draws(func, args, kwargs):
             self.fail(str(func), RNG, first)
         if packet in _LIFTS and args[0].dim() > 0:
             self.fail(f"{func} (torch.tensor of Python data)", "makes a tensor from host data at record time", args[0])
