@@ -235,6 +235,12 @@ class ReplayRecorder:
     copies across devices, torch's RNG. The replay it returns re-runs exactly those ops on exactly
     those tensors; Python scalars and control flow are baked in. `strict=False` lets tensors made
     outside through, for tests that show why they are refused.
+
+    Not emulated: on the CPU every tensor is on the host, so host-side work inside a device program
+    (which a graph would run once, at capture) shows only where an op mixes devices; reads that
+    dispatch no op (raw storage or `data_ptr` access) pass unseen; and each recording keeps its own
+    intermediates, where graphs sharing a pool may overwrite another graph's (a program reading
+    another's intermediate is still refused: that tensor was made outside it).
     """
 
     def __init__(self, static: Callable[[], Iterable[torch.Tensor]] | None = None, strict: bool = True) -> None:
