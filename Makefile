@@ -20,6 +20,7 @@ $(STAMP): requirements-cpu.txt requirements-data.txt pyproject.toml
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports  # the import layers in pyproject.toml [tool.importlinter]
 
 test: lint
 	$(OFFLINE) DREX_REQUIRE_SMOLLM2=1 $(BIN)/python -m pytest -q
@@ -30,4 +31,4 @@ demo: $(STAMP)
 	    --max-new-tokens 32 --out runs/demo-bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .import_linter_cache *.egg-info

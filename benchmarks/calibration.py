@@ -23,9 +23,9 @@ import torch
 
 from drex_hf import EarlyExitModelForCausalLM
 from drex_hf.calibration.calibrate import drex_answers, observe, shown_thresholds
-from drex_hf.calibration.files import entry_guarantee, guarantee_kind
 from drex_hf.calibration.sequences import score
 from drex_hf.calibration.thresholds import agreement_counts, binomial_p_value
+from drex_hf.calibration_file import entry_guarantee, guarantee_kind
 from drex_hf.cli.calibrate import draw_prompts
 from drex_hf.cli.common import tokenizer_for
 from drex_hf.config import CALIBRATION_NAME, parse_threshold, thresholds_to_json

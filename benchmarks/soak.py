@@ -347,8 +347,9 @@ def references(plans: list[Plan], args: argparse.Namespace) -> dict[int, tuple[l
     (the synthetic model is drawn from a fixed seed)."""
     import torch
 
+    from drex_hf.cli.serve import load
     from drex_hf.generation.sampling import RequestSampling
-    from drex_hf.serve.server import ServeOptions, load, new_engine
+    from drex_hf.serve.server import ServeOptions, new_engine
 
     model, _, _ = load(synthetic=args.shape)
     engine = new_engine(model, ServeOptions(max_batch=args.reference_batch, max_len=args.max_len, policy=args.policy))
@@ -380,8 +381,9 @@ def decoder_references(plans: list[Plan], args: argparse.Namespace) -> dict[int,
 
     import torch
 
+    from drex_hf.cli.serve import load
     from drex_hf.generation.reference import generate_reference
-    from drex_hf.serve.server import ServeOptions, load, new_engine
+    from drex_hf.serve.server import ServeOptions, new_engine
 
     model, _, _ = load(synthetic=args.shape)
     base = new_engine(model, ServeOptions(max_batch=1, max_len=args.max_len, policy=args.policy)).settings

@@ -25,6 +25,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from drex_hf.arch import ArchAdapter, build_attention_mask, get_adapter
+from drex_hf.calibration_file import CALIBRATION_FILES, choice_for, exits_off_notice, read_calibration, stale_files
 from drex_hf.config import CALIBRATION_NAME, CONFIG_NAME, EarlyExitConfig, parse_threshold
 from drex_hf.errors import (
     BaseModelMismatchError,
@@ -172,7 +173,7 @@ class EarlyExitModelForCausalLM(nn.Module):
         device's entry when there is one (exits that do not pay here are off), else the guaranteed
         thresholds with cost constants measured at start-up. A calibration made for other heads
         (its recorded heads sha256 differs) or malformed is refused; see
-        `drex_hf.calibration.files.read_calibration`.
+        `drex_hf.calibration_file.read_calibration`.
         """
         from drex_hf.hub import heads_folder, is_hub_id
 
@@ -196,8 +197,6 @@ class EarlyExitModelForCausalLM(nn.Module):
         _check_heads_file_fits(folder, config)
         calibrated = None
         if calibration and (folder / CALIBRATION_NAME).is_file():  # checked before the base is loaded
-            from drex_hf.calibration.files import read_calibration
-
             heads_sha256 = config.weights_sha256 or sha256_file(folder / WEIGHTS_NAME)  # the former was checked
             calibrated = read_calibration(folder / CALIBRATION_NAME, config.exit_layers, heads_sha256)
         if base_model is None:
@@ -240,7 +239,6 @@ class EarlyExitModelForCausalLM(nn.Module):
     def _apply_calibration(self, path: Path, data: dict[str, Any]) -> None:
         """Thresholds (and cost constants for this device) from a `drex calibrate` file, checked by
         `read_calibration` against these heads."""
-        from drex_hf.calibration.files import exits_off_notice
         from drex_hf.device import device_name
 
         entries = data.get("cost_models", {})
@@ -299,7 +297,7 @@ class EarlyExitModelForCausalLM(nn.Module):
         records the weights' sha256, so a save interrupted halfway is detected at load. A folder
         that cannot be written is refused (naming it) and left as it was.
         Other files in an existing folder are left alone, except a calibration made for other heads
-        (calibration.json, its plot and observations: see `drex_hf.calibration.files.stale_files`),
+        (calibration.json, its plot and observations: see `drex_hf.calibration_file.stale_files`),
         which is removed once the new heads are in place, and a README.md that drex_hf did not
         write, which is kept, our card then going beside it as README.drex_hf.md (a warning says so).
         A LoRA on the backbone (joint training) is saved as lora_adapter.safetensors. `card`
@@ -368,7 +366,6 @@ class EarlyExitModelForCausalLM(nn.Module):
         """`save_pretrained`'s work; returns the names of the heads' files now in `target`."""
         from safetensors.torch import save_file
 
-        from drex_hf.calibration.files import CALIBRATION_FILES, stale_files
         from drex_hf.lora import LORA_WEIGHTS_NAME, has_lora, lora_tensors
         from drex_hf.model_card import calibration_section, card_name, render_model_card
 
@@ -630,8 +627,6 @@ class EarlyExitModelForCausalLM(nn.Module):
     ) -> tuple[str, int | None, int | str | None]:
         """`generate`'s default policy: the calibrated choice for this device and batch size (its draft
         exit and k unless given), else drex."""
-        from drex_hf.calibration.choice import choice_for
-
         batch = int(input_ids.shape[0]) if getattr(input_ids, "dim", lambda: 0)() == 2 else 1
         choice = choice_for(self.policy_choice, batch)
         if choice is None:

@@ -29,7 +29,8 @@ def make_heads_dir(root):
 
 @contextlib.contextmanager
 def serving(heads_dir, **options):
-    from drex_hf.serve.server import ServeOptions, load, run_server
+    from drex_hf.cli.serve import load
+    from drex_hf.serve.server import ServeOptions, run_server
 
     model, tokenizer, name = load(str(heads_dir))
     with run_server(model, tokenizer, model_name=name, options=ServeOptions(**options)) as served:

@@ -16,7 +16,6 @@ from conftest import make_tiny, tiny_tokenizer
 
 from drex_hf import EarlyExitConfig, EarlyExitModelForCausalLM
 from drex_hf.calibration.calibrate import card_section, save
-from drex_hf.calibration.files import entry_guarantee, read_calibration
 from drex_hf.calibration.sequences import certify, lcs_length, ordered_candidates, rouge_l
 from drex_hf.calibration.thresholds import (
     CalibrationDataError,
@@ -25,6 +24,7 @@ from drex_hf.calibration.thresholds import (
     risk_p_value,
     tokens_needed,
 )
+from drex_hf.calibration_file import entry_guarantee, read_calibration
 from drex_hf.cli.main import main
 from drex_hf.device import device_name
 from drex_hf.errors import ConfigError

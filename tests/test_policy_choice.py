@@ -12,7 +12,8 @@ from conftest import make_tiny
 from test_bad_input_files import _calibrate_by_hand, _heads
 
 from drex_hf import EarlyExitModelForCausalLM
-from drex_hf.calibration.choice import _choose, choice_for, measure_policies
+from drex_hf.calibration.choice import _choose, measure_policies
+from drex_hf.calibration_file import choice_for
 from drex_hf.device import device_name
 from drex_hf.errors import ConfigError, GenerationInputError
 from drex_hf.generation.engine import EngineStats

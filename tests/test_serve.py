@@ -283,7 +283,7 @@ def test_sigterm_under_load_loses_no_completed_response_and_exits_0(heads_dir):
     grace = 30.0
     proc, url = _start_cli_server(heads_dir, "--max-batch", "2", "--max-len", "256", "--grace-s", str(grace))
     try:
-        from drex_hf.serve.server import load
+        from drex_hf.cli.serve import load
 
         model, _, name = load(str(heads_dir))
         prompts = [[5 + i, 11 + i] for i in range(6)]
@@ -340,7 +340,8 @@ def test_sigterm_under_load_loses_no_completed_response_and_exits_0(heads_dir):
 
 
 def test_a_synthetic_model_serves_with_a_byte_tokenizer():
-    from drex_hf.serve.server import ServeOptions, load, run_server
+    from drex_hf.cli.serve import load
+    from drex_hf.serve.server import ServeOptions, run_server
 
     model, tokenizer, name = load(synthetic="tiny")
     with run_server(model, tokenizer, model_name=name, options=ServeOptions(max_batch=2, max_len=128)) as served:

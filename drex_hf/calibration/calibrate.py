@@ -31,15 +31,6 @@ from drex_hf.calibration.costs import (
     prediction_errors,
     profile_runner,
 )
-from drex_hf.calibration.files import (
-    HEADS_SHA_KEY,
-    OBSERVATIONS_NAME,
-    PLOT_NAME,
-    entry_guarantee,
-    guarantee_kind,
-    read_json_object,
-    recorded_heads_sha256,
-)
 from drex_hf.calibration.sequences import (
     SequenceResult,
     certify,
@@ -55,6 +46,15 @@ from drex_hf.calibration.thresholds import (
     learn_prompts,
     learn_then_test,
     split_by_prompt,
+)
+from drex_hf.calibration_file import (
+    HEADS_SHA_KEY,
+    OBSERVATIONS_NAME,
+    PLOT_NAME,
+    entry_guarantee,
+    guarantee_kind,
+    read_json_object,
+    recorded_heads_sha256,
 )
 from drex_hf.config import CALIBRATION_NAME, CONFIDENCE_MEASURES, parse_threshold, thresholds_to_json
 from drex_hf.errors import ConfigError

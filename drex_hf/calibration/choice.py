@@ -8,7 +8,7 @@ the repeats), its ratio to full depth, what it keeps of full depth's output (exa
 ROUGE-L over token ids; self_spec keeps it all by construction — measured, not assumed) and, for
 self_spec, the acceptance rate. The choice is the fastest policy that beats full depth by
 `margin`; where none does, `full`, and the entry says why. `from_pretrained` reads the entry for
-its device, and `generate()` without `policy=` follows it (`choice_for`).
+its device, and `generate()` without `policy=` follows it (`drex_hf.calibration_file.choice_for`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from drex_hf.generation.settings import DecodeSettings
 
 if TYPE_CHECKING:
     from drex_hf.modeling import EarlyExitModelForCausalLM
-
-POLICY_CHOICES = ("full", "drex", "self_spec")
 
 
 def _new_engine(
@@ -154,38 +152,3 @@ def _choose(rows: dict[str, dict[str, Any]], margin: float) -> dict[str, Any]:
     if "drex" not in rows:  # not timed: with every exit off it is full depth
         entry["reason"] += "; drex is full depth here (every exit is off on this device)"
     return entry
-
-
-def choice_for(choices: dict[str, Any] | None, batch: int) -> dict[str, Any] | None:
-    """The calibrated choice for `batch` rows: the entry of the largest calibrated batch size not
-    above it (the smallest one when every one is above); None without choices."""
-    if not choices:
-        return None
-    sizes = sorted(int(b) for b in choices)
-    below = [b for b in sizes if b <= batch]
-    return choices[str(below[-1] if below else sizes[0])]
-
-
-def check_choices(path: Any, field: str, choices: Any, exit_layers: list[int]) -> None:
-    """Refuse a malformed `policy_choice` field (read_calibration's check), naming it."""
-    from drex_hf.errors import ConfigError
-
-    if not isinstance(choices, dict) or not choices:
-        raise ConfigError(f"{path}: field {field} must be a JSON object (batch size -> choice), got {choices!r}")
-    for batch, entry in choices.items():
-        where = f"{field}[{batch!r}]"
-        if not str(batch).isdigit() or int(batch) < 1:
-            raise ConfigError(f"{path}: field {field} keys must be batch sizes (positive integers), got {batch!r}")
-        if not isinstance(entry, dict) or entry.get("policy") not in POLICY_CHOICES:
-            policy = entry.get("policy") if isinstance(entry, dict) else entry
-            raise ConfigError(
-                f"{path}: field {where}.policy must be one of {', '.join(POLICY_CHOICES)}, got {policy!r}"
-            )
-        if entry["policy"] == "self_spec":
-            e, k = entry.get("draft_exit"), entry.get("draft_tokens")
-            if e not in exit_layers:
-                raise ConfigError(
-                    f"{path}: field {where}.draft_exit must be one of the exit layers {exit_layers}, got {e!r}"
-                )
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise ConfigError(f"{path}: field {where}.draft_tokens must be a positive integer, got {k!r}")

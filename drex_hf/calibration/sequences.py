@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from drex_hf.calibration.files import SEQUENCE_METRICS
 from drex_hf.calibration.thresholds import (
     BOUNDS,
     LEVELS,
@@ -30,6 +29,7 @@ from drex_hf.calibration.thresholds import (
     risk_p_value,
     tokens_needed,
 )
+from drex_hf.calibration_file import SEQUENCE_METRICS
 from drex_hf.config import thresholds_to_json
 
 METRICS = SEQUENCE_METRICS  # rouge_l, exact

@@ -305,7 +305,7 @@ def _load_heads(args: argparse.Namespace, dtype: torch.dtype, device: torch.devi
     if choice in ("calibrated", "trained"):
         return model.eval()
     if choice == "guaranteed":
-        from drex_hf.calibration.files import read_calibration
+        from drex_hf.calibration_file import read_calibration
         from drex_hf.fileio import sha256_file
         from drex_hf.modeling import WEIGHTS_NAME
 

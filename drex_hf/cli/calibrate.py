@@ -346,7 +346,7 @@ def choose_policy(
 
 def summary(result: dict, device: str) -> str:
     from drex_hf.calibration.calibrate import guarantee_cell, shown_thresholds
-    from drex_hf.calibration.files import guarantee_kind
+    from drex_hf.calibration_file import guarantee_kind
 
     g, entry = result["guarantee"], result["cost_models"][device]
     observed = f"observed {result['observations']['tokens']} tokens from {result['observations']['prompts']} prompts"

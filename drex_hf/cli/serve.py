@@ -62,6 +62,29 @@ def add_parser(sub: Any) -> None:
     parser.set_defaults(run=run)
 
 
+def load(
+    model: str | None = None, synthetic: str | None = None, device: str | None = None, dtype: str = "auto"
+) -> tuple[Any, Any, str]:
+    """(model, tokenizer, served name) for a model folder (an exit-heads folder, or a hub id) or a
+    synthetic shape (`drex_hf.bench.synthetic.SHAPES`, with a byte tokenizer), as `drex serve` loads them.
+    It lives with the command, not in drex_hf.serve: it reads the command's model options (cli.common)
+    and the benchmark's synthetic shapes, and the server package imports neither."""
+    from pathlib import Path
+
+    from drex_hf.cli.common import load_model, pick_device, pick_dtype, tokenizer_for
+    from drex_hf.serve.text import ByteTokenizer
+
+    if synthetic is not None:
+        from drex_hf.bench.synthetic import synthetic_model
+
+        where = pick_device(device)
+        wrapper = synthetic_model(synthetic, dtype=pick_dtype(dtype, where), device=where)
+        return wrapper, ByteTokenizer(wrapper.arch.vocab_size), f"synthetic-{synthetic}"
+    args = argparse.Namespace(exit_layers=None, head=None, confidence=None, threshold=None, dtype=dtype, device=device)
+    wrapper = load_model(model, args)
+    return wrapper, tokenizer_for(wrapper), Path(model).name or model
+
+
 def run(args: argparse.Namespace) -> int:
     if (args.model is None) == (args.synthetic_config is None):
         raise ConfigError("give MODEL_DIR or --synthetic-config SHAPE (exactly one)")
@@ -73,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         missing = f"drex serve needs the serve extra ({err.name} is missing): pip install 'drex-hf[serve]'"
         raise ConfigError(missing) from None
     from drex_hf.cli.common import load_model, tokenizer_for
-    from drex_hf.serve.server import ServeOptions, build_state, free_socket, load, make_server
+    from drex_hf.serve.server import ServeOptions, build_state, free_socket, make_server
 
     try:  # before the model loads: a port in use is one line, not a traceback after the load
         sock = free_socket(args.host, args.port)

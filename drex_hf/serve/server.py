@@ -171,28 +171,6 @@ class Served:
     server: DrexServer
 
 
-def load(
-    model: str | None = None, synthetic: str | None = None, device: str | None = None, dtype: str = "auto"
-) -> tuple[Any, Any, str]:
-    """(model, tokenizer, served name) for a model folder (an exit-heads folder, or a hub id) or a
-    synthetic shape (`drex_hf.bench.synthetic.SHAPES`, with a byte tokenizer), as `drex serve` loads them."""
-    import argparse
-    from pathlib import Path
-
-    from drex_hf.cli.common import load_model, pick_device, pick_dtype, tokenizer_for
-    from drex_hf.serve.text import ByteTokenizer
-
-    if synthetic is not None:
-        from drex_hf.bench.synthetic import synthetic_model
-
-        where = pick_device(device)
-        wrapper = synthetic_model(synthetic, dtype=pick_dtype(dtype, where), device=where)
-        return wrapper, ByteTokenizer(wrapper.arch.vocab_size), f"synthetic-{synthetic}"
-    args = argparse.Namespace(exit_layers=None, head=None, confidence=None, threshold=None, dtype=dtype, device=device)
-    wrapper = load_model(model, args)
-    return wrapper, tokenizer_for(wrapper), Path(model).name or model
-
-
 @contextlib.contextmanager
 def run_server(
     model: Any,
@@ -204,9 +182,9 @@ def run_server(
     port: int = 0,
     startup_timeout_s: float = 60.0,
 ) -> Iterator[Served]:
-    """Serve `model` (an `EarlyExitModelForCausalLM`, e.g. from `load()`) from a thread; yields a
-    `Served` whose `url` is http://host:port (a free port by default), and stops the server and its
-    engine thread on exit.
+    """Serve `model` (an `EarlyExitModelForCausalLM`, e.g. from `drex_hf.cli.serve.load()`) from a
+    thread; yields a `Served` whose `url` is http://host:port (a free port by default), and stops the
+    server and its engine thread on exit.
 
         model, tokenizer, name = load("path/to/heads")
         with run_server(model, tokenizer, model_name=name, options=ServeOptions(max_len=256)) as served:

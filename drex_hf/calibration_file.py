@@ -1,9 +1,15 @@
-"""calibration.json read back, and tied to the heads it was made for.
+"""The calibration.json file format: read back, checked, and tied to the heads it was made for.
 
-`drex calibrate` writes calibration.json (with a plot and its observations) beside the heads, and
-records the sha256 of their weights file as `heads_sha256`. `read_calibration` checks the file field
-by field before `from_pretrained` applies it; `stale_files` tells `save_pretrained` which of these
-files belong to other heads than the ones it just saved, so it can remove them.
+`drex calibrate` (drex_hf.calibration) writes calibration.json (with a plot and its observations)
+beside the heads, and records the sha256 of their weights file as `heads_sha256`. `read_calibration`
+checks the file field by field before `from_pretrained` applies it; `stale_files` tells
+`save_pretrained` which of these files belong to other heads than the ones it just saved, so it can
+remove them; `choice_for` is the policy `generate()` follows from a device entry's `policy_choice`.
+
+Why a top-level module and not drex_hf.calibration.files: the model class (drex_hf.modeling) reads
+and removes these files, and drex_hf.calibration sits above modeling (it measures a model). The
+format therefore lives at the bottom layer beside config.py (exit_config.json's format), imports
+only config and errors, and both modeling and calibration import it from here.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ HEADS_SHA_KEY = "heads_sha256"
 # greedy answers scoring against full depth's (`sequences`); a file or entry naming none is the former
 GUARANTEE_KINDS = ("token_agreement", "sequence")
 SEQUENCE_METRICS = ("rouge_l", "exact")  # the scores drex_hf.calibration.sequences certifies
+POLICY_CHOICES = ("full", "drex", "self_spec")  # what a device entry's policy_choice may name
 
 
 def read_calibration(path: Path, exit_layers: list[int], heads_sha256: str | None) -> dict[str, Any]:
@@ -95,8 +102,6 @@ def read_calibration(path: Path, exit_layers: list[int], heads_sha256: str | Non
                 raise ConfigError(f"{path}: field {field}.guarantee must be a JSON object, got {entry['guarantee']!r}")
             _check_guarantee(path, f"{field}.guarantee", entry["guarantee"])
         if "policy_choice" in entry:
-            from drex_hf.calibration.choice import check_choices
-
             check_choices(path, f"{field}.policy_choice", entry["policy_choice"], layers)
     return data
 
@@ -176,6 +181,39 @@ def stale_files(folder: Path, new_sha256: str, old_sha256: str | None) -> list[s
     if data is not None and data.get(HEADS_SHA_KEY) is None and old_sha256 == new_sha256:
         return []
     return present
+
+
+def choice_for(choices: dict[str, Any] | None, batch: int) -> dict[str, Any] | None:
+    """The calibrated choice for `batch` rows: the entry of the largest calibrated batch size not
+    above it (the smallest one when every one is above); None without choices."""
+    if not choices:
+        return None
+    sizes = sorted(int(b) for b in choices)
+    below = [b for b in sizes if b <= batch]
+    return choices[str(below[-1] if below else sizes[0])]
+
+
+def check_choices(path: Any, field: str, choices: Any, exit_layers: list[int]) -> None:
+    """Refuse a malformed `policy_choice` field (read_calibration's check), naming it."""
+    if not isinstance(choices, dict) or not choices:
+        raise ConfigError(f"{path}: field {field} must be a JSON object (batch size -> choice), got {choices!r}")
+    for batch, entry in choices.items():
+        where = f"{field}[{batch!r}]"
+        if not str(batch).isdigit() or int(batch) < 1:
+            raise ConfigError(f"{path}: field {field} keys must be batch sizes (positive integers), got {batch!r}")
+        if not isinstance(entry, dict) or entry.get("policy") not in POLICY_CHOICES:
+            policy = entry.get("policy") if isinstance(entry, dict) else entry
+            raise ConfigError(
+                f"{path}: field {where}.policy must be one of {', '.join(POLICY_CHOICES)}, got {policy!r}"
+            )
+        if entry["policy"] == "self_spec":
+            e, k = entry.get("draft_exit"), entry.get("draft_tokens")
+            if e not in exit_layers:
+                raise ConfigError(
+                    f"{path}: field {where}.draft_exit must be one of the exit layers {exit_layers}, got {e!r}"
+                )
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ConfigError(f"{path}: field {where}.draft_tokens must be a positive integer, got {k!r}")
 
 
 def _is_sha256(value: Any) -> bool:
