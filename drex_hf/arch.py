@@ -240,15 +240,14 @@ class LlamaAdapter(ArchAdapter):
         plain = all(type(p) is nn.Linear for pair in projections for p in pair)
         if not plain or len(eps) != 1 or None in eps or not all(type(n).__name__.endswith("RMSNorm") for n in norms):
             return None
-        weights, biases = [], []
-        for norm, (k_proj, v_proj) in zip(norms, projections):
-            scale = norm.weight.float()
-            weights.append(torch.cat([k_proj.weight.float(), v_proj.weight.float()]) * scale)
-            if k_proj.bias is not None:
-                biases.append(torch.cat([k_proj.bias.float(), v_proj.bias.float()]))
         dtype = projections[0][0].weight.dtype
-        bias = torch.stack(biases).to(dtype) if biases else None
-        return torch.stack(weights).to(dtype), bias
+        weights, biases = [], []
+        for norm, (k_proj, v_proj) in zip(norms, projections):  # folded in fp32 one layer at a time, kept in dtype
+            scale = norm.weight.float()
+            weights.append((torch.cat([k_proj.weight.float(), v_proj.weight.float()]) * scale).to(dtype))
+            if k_proj.bias is not None:
+                biases.append(torch.cat([k_proj.bias, v_proj.bias]).to(dtype))
+        return torch.stack(weights), torch.stack(biases) if biases else None
 
     def kv_fill_normalize(self, hidden: torch.Tensor) -> torch.Tensor:
         eps = self.input_norm(0).variance_epsilon
@@ -326,15 +325,15 @@ class GPT2Adapter(ArchAdapter):
         if len({n.eps for n in norms}) != 1 or not all(type(n) is nn.LayerNorm and n.weight is not None for n in norms):
             return None
         hidden = self.hidden_size
+        dtype = self.layers[0].attn.c_attn.weight.dtype
         weights, biases = [], []
-        for norm, layer in zip(norms, self.layers):
+        for norm, layer in zip(norms, self.layers):  # folded in fp32 one layer at a time, kept in dtype
             # Conv1D: y = x @ W + b with W [H, 3H]; keys and values are its last two thirds
             w_kv = layer.attn.c_attn.weight[:, hidden:].float()
             b_kv = layer.attn.c_attn.bias[hidden:].float()
-            weights.append((w_kv * norm.weight.float().unsqueeze(1)).T)
-            biases.append(norm.bias.float() @ w_kv + b_kv)
-        dtype = self.layers[0].attn.c_attn.weight.dtype
-        return torch.stack(weights).to(dtype), torch.stack(biases).to(dtype)
+            weights.append((w_kv * norm.weight.float().unsqueeze(1)).T.to(dtype))
+            biases.append((norm.bias.float() @ w_kv + b_kv).to(dtype))
+        return torch.stack(weights), torch.stack(biases)
 
     def kv_fill_normalize(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.layer_norm(hidden, (hidden.shape[-1],), eps=self.input_norm(0).eps)

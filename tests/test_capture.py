@@ -1,15 +1,12 @@
-"""The fast path's step programs are safe to capture as CUDA graphs (DESIGN.md §10), checked on the CPU.
-
-A step is: plan upload, the executor's programs, verdict read. Under a TorchDispatchMode every decode
-step fails on any op that would synchronise or read device data on the host on CUDA (`.item()`,
-`nonzero`, boolean-mask indexing, `masked_select`, tensors made from Python data, copies across
-devices, `.tolist()`/`.numpy()` of a device tensor), and counts the copies that touch the host
-staging buffers: exactly the upload and the read, once each per step. The programs run through the
-graph cache with a recorder that "replays" a program by running it again: every replay must
-dispatch exactly the ops its first run did, on the same external buffers (same storage, offset,
-shape, stride) with the same scalars — what makes a recording valid for every later step — and a
-program's ops must not depend on how many rows it holds (no loop over rows). The tokens must still
-equal the reference decoder's.
+"""Every program the engines capture as a CUDA graph, captured and replayed on the CPU with CUDA-graph
+semantics (DESIGN.md §10): `recorder.ReplayRecorder` records the ops a program dispatches on the exact
+tensors it reads and writes, refuses any read of a tensor made outside its static buffers (and any
+host read, tensor from host data or data-dependent shape), and replays the recorded ops — never the
+Python — so each later step's inputs reach a replay only through the static buffers, as on a GPU.
+Each segment at each bucket (its exit check and token pick inside), the deferred projection, the KV
+fill, the verdict report, self-speculation's draft and verify: all replayed over many steps with
+changing rows, against the reference decoders (eager). A broken program that reads a tensor made
+outside its static buffers is caught.
 """
 
 import math
@@ -17,125 +14,18 @@ import math
 import pytest
 import torch
 from conftest import make_tiny, padded_batch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from drex_hf import EarlyExitConfig, EarlyExitModelForCausalLM
 from drex_hf.generation.engine import DrexEngine
 from drex_hf.generation.exits import ExitDistribution
-from drex_hf.generation.graphs import GraphCache
+from drex_hf.generation.recorder import CaptureError, ReplayRecorder
 from drex_hf.generation.reference import generate_reference
+from drex_hf.generation.sampling import RequestSampling
 from drex_hf.generation.scheduler import CostModel
 from drex_hf.generation.settings import DecodeSettings
+from drex_hf.generation.spec.engine import SpecEngine
 
-aten = torch.ops.aten
-# ops whose result the host must wait for on CUDA, or that make a tensor from host data
-SYNCING = {
-    aten._local_scalar_dense.default,
-    aten.item.default,
-    aten.nonzero.default,
-    aten.masked_select.default,
-    aten.is_nonzero.default,
-    aten.equal.default,
-    aten.allclose.default,
-    aten.lift_fresh.default,
-    aten.lift_fresh_copy.default,
-    aten._unique2.default,
-    aten.unique_consecutive.default,
-}
-INDEXING = {aten.index.Tensor, aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default}
-
-
-def _storage(t):
-    return t.untyped_storage().data_ptr()
-
-
-class StepGuard(TorchDispatchMode):
-    """Fails on a syncing op anywhere in a step; counts copies into and out of the host buffers, and
-    fails on any other use of them; records each program's ops (see `start`)."""
-
-    def __init__(self, host_buffers):
-        super().__init__()
-        self.host = host_buffers
-        self.uploads = self.reads = 0
-        self.trace = None  # the running program's ops, when one runs
-        self.internal = set()
-
-    def start(self):
-        self.trace, self.internal = [], set()
-
-    def stop(self):
-        trace, self.trace = self.trace, None
-        return trace
-
-    def _describe(self, value):
-        if isinstance(value, torch.Tensor):
-            if _storage(value) in self.internal:
-                return ("made here", tuple(value.shape), value.dtype)
-            return ("buffer", _storage(value), value.storage_offset(), tuple(value.shape), value.stride(), value.dtype)
-        return repr(value)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        assert func not in SYNCING, f"{func} in a step would synchronise with the host on CUDA"
-        if func in INDEXING:
-            indices = args[1]
-            assert not any(i is not None and i.dtype == torch.bool for i in indices), f"boolean-mask indexing: {func}"
-        tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
-        touched = [t for t in tensors if _storage(t) in self.host]
-        if touched:
-            assert self.trace is None, f"a program touched a host staging buffer ({func})"
-            assert func is aten.copy_.default and len(tensors) == 2, f"{func} on a host staging buffer"
-            if _storage(tensors[1]) in self.host:
-                self.uploads += 1
-            else:
-                self.reads += 1
-        if func in (aten._to_copy.default, aten.copy_.default):
-            devices = {t.device for t in tensors} | (
-                {torch.device(kwargs["device"])} if kwargs.get("device") else set()
-            )
-            assert len(devices) == 1, f"{func} copies across devices"
-        descriptor = (str(func), tuple(self._describe(a) for a in tree_flatten((args, kwargs))[0]))
-        out = func(*args, **kwargs)
-        if self.trace is not None:
-            self.trace.append(descriptor)
-            self.internal.update(_storage(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
-        return out
-
-
-class ReplayRecorder:
-    """A `GraphCache` recorder for the CPU: a program's first run under the guard is its recording;
-    every replay runs it again and must dispatch the same ops on the same buffers."""
-
-    def __init__(self):
-        self.guard = None
-        self.first = {}
-        self.replays = {}
-
-    def warm_up(self, programs):
-        for program in programs.values():
-            program()
-
-    def record(self, key, program):
-        def replay():
-            if self.guard is None:  # the start-up profile, before the test watches
-                return program()
-            self.guard.start()
-            program()
-            trace = self.guard.stop()
-            if key not in self.first:
-                self.first[key] = trace
-            else:
-                assert trace == self.first[key], f"program {key} dispatched other ops or buffers than when recorded"
-            self.replays[key] = self.replays.get(key, 0) + 1
-
-        return replay
-
-    def finish(self):
-        pass
-
-    def memory(self):
-        return 0
+BUCKETS = (1, 2, 4, 6)
 
 
 def _model(kind, confidence, seed=0):
@@ -148,35 +38,34 @@ def _model(kind, confidence, seed=0):
     return model
 
 
-def _guarded_run(engine, prompts, seeds, sampling=None):
-    recorder = engine.executor.graphs.recorder
-    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-        engine.add_request(prompt, seed=seed, sampling=None if sampling is None else sampling[i])
-    engine.step()  # the prefill: not a step program
-    guard = StepGuard(engine.executor.host_buffers)
-    recorder.guard = guard
-    originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy", "item")}
+def _prompts(lengths=(5, 9, 3, 12, 1, 7)):
+    ids, mask = padded_batch(list(lengths))
+    return [ids[b, mask[b].bool()] for b in range(len(lengths))]
 
-    def forbid(name):
-        def call(self, *a, **k):
-            assert _storage(self) in guard.host, f"Tensor.{name}() of a device tensor in a step"
-            return originals[name](self, *a, **k)
 
-        return call
+def _recorder(holder):
+    """A recorder whose static buffers are the engine's runner's (known once the engine exists)."""
+    return ReplayRecorder(lambda: holder["engine"].runner.static_tensors())
 
-    steps = 0
-    try:
-        for name in originals:
-            setattr(torch.Tensor, name, forbid(name))
-        with torch.no_grad():
-            while engine.requests or engine.prefill_queue:
-                with guard:
-                    assert engine.step()
-                steps += 1
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
-    return guard, steps
+
+def _drex(model, recorder, holder, lazy=True, **kwargs):
+    engine = DrexEngine(
+        model, max_batch=6, max_len=24, static_shapes=True, buckets=BUCKETS, cost_model=CostModel.constant(4),
+        graphs=recorder, lazy_capture=lazy, **kwargs,
+    )  # fmt: skip
+    holder["engine"] = engine
+    return engine
+
+
+def _run(engine, prompts, seeds, sampling=None):
+    with torch.no_grad():
+        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+            engine.add_request(prompt, seed=seed, **({} if sampling is None else {"sampling": sampling[i]}))
+        steps = 0
+        while engine.step():
+            steps += 1
+            assert engine.runner.transfers["uploads"] == engine.runner.transfers["reads"] + engine.runner.in_flight
+    return steps
 
 
 CASES = [
@@ -188,11 +77,11 @@ CASES = [
 
 
 @pytest.mark.parametrize(("kind", "confidence", "source", "sample"), CASES)
-def test_every_decode_step_is_capture_safe_and_replays_its_recording(kind, confidence, source, sample):
+def test_every_drex_program_replays_its_recording_and_equals_the_reference(kind, confidence, source, sample):
+    from test_engine import _thresholds
+
     model = _model(kind, confidence)
-    _, mask = padded_batch([5, 9, 3, 12, 1, 7])
-    ids, _ = padded_batch([5, 9, 3, 12, 1, 7])
-    prompts = [ids[b, mask[b].bool()] for b in range(6)]
+    prompts = _prompts()
     sampling = dict(do_sample=True, temperature=2.0, top_k=20, top_p=0.9) if sample else {}
     settings = DecodeSettings(max_new_tokens=10, **sampling)
     seeds = [40 + i for i in range(6)]
@@ -201,86 +90,75 @@ def test_every_decode_step_is_capture_safe_and_replays_its_recording(kind, confi
         kwargs = dict(exit_source="trace", exit_distribution=ExitDistribution((0.25, 0.25, 0.25, 0.25), seed=3))
         thresholds = [math.inf] * 3
     else:
-        from test_engine import _thresholds
-
         thresholds = _thresholds(model, prompts)
-    engine = DrexEngine(
-        model, max_batch=6, max_len=24, settings=settings, thresholds=thresholds, static_shapes=True,
-        buckets=(1, 2, 4, 6), cost_model=CostModel.constant(4), **kwargs,
-    )  # fmt: skip
-    recorder = ReplayRecorder()
-    report = engine.capture_graphs(GraphCache("cpu", recorder=recorder))
-    assert report["graphs"] == len(engine.executor.program_keys()) == 4 * (4 + 1 + 3)
-    assert engine.policy.ride is False
-    guard, steps = _guarded_run(engine, prompts, seeds)
-
-    # every step ran captured programs only, each with one upload and one read
-    assert guard.uploads == guard.reads == steps == engine.stats.steps
-    assert sum(recorder.replays.values()) == engine.executor.graphs.replays >= steps
-    assert any(n > 1 for n in recorder.replays.values())  # recordings really were replayed
+    holder = {}
+    recorder = _recorder(holder)
+    engine = _drex(model, recorder, holder, settings=settings, thresholds=thresholds, **kwargs)
+    steps = _run(engine, prompts, seeds)
+    graphs = engine.runner.graphs
+    kinds = {key[0] for key in graphs.graphs}
+    assert {("segment", s) for s in range(4)} <= {key[:2] for key in graphs.graphs}
+    assert kinds >= {"segment", "report", "fill"} | (
+        {"project"} if confidence in ("classifier", "saturation") else set()
+    )
+    assert graphs.replays > len(graphs.graphs) and steps > 20  # recordings really were replayed, many times
+    assert len({key[2] for key in graphs.graphs if key[0] == "segment"}) > 1  # at more than one bucket
     assert engine.stats.padded_layer_rows > 0  # the buckets really padded some steps
-    # a program's ops do not depend on its rows: the same segment at 2 and 4 rows dispatches the same ops
-    for s in range(4):
-        two, four = recorder.first.get(("segment", s, 2)), recorder.first.get(("segment", s, 4))
-        if two is not None and four is not None:
-            assert [op for op, _ in two] == [op for op, _ in four]
-    # and the tokens are the reference decoder's
-    if source == "trace":
-        exits = [engine.finished[i].exit_layers for i in range(6)]
-        assert {layer for row in exits for layer in row[1:]} == {0, 1, 2, 3}
+    assert recorder.memory() > 0
+    exits = [engine.finished[i].exit_layers for i in range(6)]
+    assert {layer for row in exits for layer in row[1:]} == {0, 1, 2, 3}
+    if source == "trace":  # the same draws as an eager engine's
+        eager = DrexEngine(
+            model, max_batch=6, max_len=24, settings=settings, cost_model=CostModel.constant(4), **kwargs
+        )
+        _run(eager, prompts, seeds)
+        assert [eager.finished[i].exit_layers for i in range(6)] == exits
         return
     reference = generate_reference(model, prompts, settings, thresholds, seeds)
     for i, want in enumerate(reference):
         got = engine.finished[i]
         assert (got.tokens, got.exit_layers) == (want.tokens, want.exit_layers), i
-    assert {layer for r in reference for layer in r.exit_layers[1:]} == {0, 1, 2, 3}
 
 
-def test_a_step_of_the_eager_cpu_path_also_makes_one_upload_and_one_read():
-    """The default CPU engine (eager programs, exact row counts) keeps the same two transfers a step."""
-    model = _model("llama", "classifier")
-    ids, mask = padded_batch([5, 9, 3, 12])
-    prompts = [ids[b, mask[b].bool()] for b in range(4)]
-    dist = ExitDistribution((0.25, 0.25, 0.25, 0.25), seed=1)
-    engine = DrexEngine(
-        model, max_batch=4, max_len=20, settings=DecodeSettings(max_new_tokens=8), exit_source="trace",
-        exit_distribution=dist, cost_model=CostModel.constant(4),
-    )  # fmt: skip
-    for prompt in prompts:
-        engine.add_request(prompt)
-    engine.step()
-    guard = StepGuard(engine.executor.host_buffers)
-    steps = 0
-    with torch.no_grad():
-        while engine.requests:
-            with guard:
-                engine.step()
-            steps += 1
-    assert guard.uploads == guard.reads == steps
-    assert engine.executor.transfers == {"uploads": steps, "reads": steps}
+def test_programs_captured_up_front_replay_from_the_first_step():
+    """Capture before any request (the queues empty, so warm-up and capture write only the scratch
+    slot): every program of every bucket, then a run that only replays."""
+    from test_engine import _thresholds
+
+    model = _model("qwen2", "classifier")
+    prompts = _prompts()
+    thresholds = _thresholds(model, prompts)
+    settings = DecodeSettings(max_new_tokens=8)
+    holder = {}
+    engine = _drex(model, _recorder(holder), holder, lazy=True, settings=settings, thresholds=thresholds)
+    report = engine.capture_graphs(progress=False)
+    assert report["graphs"] == len(engine.runner.program_keys()) == 1 + len(BUCKETS) * (4 + 1 + 3)
+    assert report["capture_s"] > 0 and report["warmup_s"] > 0 and report["pool_bytes"] > 0  # reported
+    assert engine.stats.graphs == report
+    captured = dict(engine.runner.graphs.graphs)
+    _run(engine, prompts, [0] * 6)
+    assert engine.runner.graphs.graphs == captured  # nothing was captured later: every step replayed
+    reference = generate_reference(model, prompts, settings, thresholds)
+    for i, want in enumerate(reference):
+        assert engine.finished[i].tokens == want.tokens and engine.finished[i].exit_layers == want.exit_layers
 
 
-def test_per_request_sampling_steps_are_capture_safe_and_equal_each_requests_reference():
+def test_per_request_sampling_programs_replay_each_rows_own_parameters():
     """A server's engine: each row samples with its own parameters (greedy rows among them), read from
-    its slot on the device inside the captured programs."""
-    from drex_hf.generation.sampling import RequestSampling
+    its slot inside the replayed programs."""
+    from test_engine import _thresholds
 
     model = _model("llama", "max_prob")
-    ids, mask = padded_batch([5, 9, 3, 12, 1, 7])
-    prompts = [ids[b, mask[b].bool()] for b in range(6)]
+    prompts = _prompts()
     params = [RequestSampling(0.0), RequestSampling(2.0, 0.9, 20), RequestSampling(0.7), RequestSampling(1.0, 0.8),
               RequestSampling(0.0), RequestSampling(1.5, 1.0, 5)]  # fmt: skip
     seeds = [40 + i for i in range(6)]
-    from test_engine import _thresholds
-
     thresholds = _thresholds(model, prompts)
-    engine = DrexEngine(
-        model, max_batch=6, max_len=24, settings=DecodeSettings(max_new_tokens=10), thresholds=thresholds,
-        static_shapes=True, buckets=(1, 2, 4, 6), cost_model=CostModel.constant(4), per_request_sampling=True,
-    )  # fmt: skip
-    engine.capture_graphs(GraphCache("cpu", recorder=ReplayRecorder()))
-    guard, steps = _guarded_run(engine, prompts, seeds, params)
-    assert guard.uploads == guard.reads == steps == engine.stats.steps
+    holder = {}
+    engine = _drex(model, _recorder(holder), holder, settings=DecodeSettings(max_new_tokens=10),
+                   thresholds=thresholds, per_request_sampling=True)  # fmt: skip
+    _run(engine, prompts, seeds, params)
+    assert engine.runner.graphs.replays > 0
     for i, p in enumerate(params):
         settings = DecodeSettings(
             max_new_tokens=10, do_sample=not p.greedy, temperature=p.temperature if not p.greedy else 1.0,
@@ -289,3 +167,61 @@ def test_per_request_sampling_steps_are_capture_safe_and_equal_each_requests_ref
         (want,) = generate_reference(model, [prompts[i]], settings, thresholds, [seeds[i]])
         got = engine.finished[i]
         assert (got.tokens, got.exit_layers) == (want.tokens, want.exit_layers), i
+
+
+@pytest.mark.parametrize(("k", "sample"), [(2, False), (3, True)])
+def test_self_spec_draft_and_verify_replay_their_recordings_and_equal_full_depth(k, sample):
+    from drex_hf.generation.spec.reference import generate_self_spec
+
+    model = _model("llama", "max_prob")
+    prompts = _prompts()
+    sampling = dict(do_sample=True, temperature=1.5, top_k=30) if sample else {}
+    settings = DecodeSettings(max_new_tokens=10, **sampling)
+    seeds = [7 + i for i in range(6)]
+    holder = {}
+    engine = SpecEngine(model, max_batch=6, max_len=24, draft_exit=1, draft_tokens=k, settings=settings,
+                        graphs=_recorder(holder), static_shapes=True, buckets=BUCKETS)  # fmt: skip
+    holder["engine"] = engine
+    _run(engine, prompts, seeds)
+    graphs = engine.runner.graphs
+    assert {key[0] for key in graphs.graphs} == {"draft", "verify"}
+    assert graphs.replays > len(graphs.graphs)
+    reference = generate_self_spec(model, prompts, settings, 1, k, seeds)
+    for i, want in enumerate(reference):
+        assert engine.finished[i].tokens == want.tokens, i
+
+
+def test_a_program_that_reads_a_tensor_made_outside_its_static_buffers_is_caught():
+    """The negative check: a broken segment program that reads a per-step tensor the host made outside
+    the static buffers (instead of copying it into one) fails at capture, naming the op; without the
+    check (strict=False) its replays read the stale tensor and decode wrongly."""
+    from drex_hf.generation.runner import Runner
+
+    model = _model("llama", "max_prob")
+    prompts = _prompts()
+    original = Runner._segment
+
+    def broken(self, s, bucket):
+        original(self, s, bucket)
+        tokens = self.state.tokens  # shifted by the step's own tensor, made on the host each step
+        tokens.copy_(torch.remainder(tokens + self._outside, 90))
+
+    def launch(self, plan, _launch=Runner.launch):
+        self._outside = torch.zeros((), dtype=torch.long) + plan.step % 3  # a new tensor every step
+        return _launch(self, plan)
+
+    settings = DecodeSettings(max_new_tokens=6)
+    holder = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Runner, "_segment", broken)
+        patch.setattr(Runner, "launch", launch)
+        engine = _drex(model, _recorder(holder), holder, settings=settings, thresholds=[0.5] * 3)
+        with pytest.raises(CaptureError, match=r"aten.add.*reads a tensor made outside the program"):
+            _run(engine, prompts, [0] * 6)
+        stale = ReplayRecorder(lambda: holder["engine"].runner.static_tensors(), strict=False)
+        engine = _drex(model, stale, holder, settings=settings, thresholds=[0.5] * 3)
+        _run(engine, prompts, [0] * 6)
+        eager = DrexEngine(model, max_batch=6, max_len=24, settings=settings, thresholds=[0.5] * 3,
+                           static_shapes=True, buckets=BUCKETS, cost_model=CostModel.constant(4))  # fmt: skip
+        _run(eager, prompts, [0] * 6)
+    assert [engine.finished[i].tokens for i in range(6)] != [eager.finished[i].tokens for i in range(6)]

@@ -107,22 +107,27 @@ def test_every_confidence_measure_is_batch_independent(kind, confidence):
 
 # ---------------------------------------------------------------- invariant 4: scheduling never changes output
 def _watch_fills(engine):
-    """Record every early exit (slot, position, layer) and every KV fill (slot, position, first layer).
-    Returns the fills that do not match an exit one to one: a fill from elsewhere than the layer after
-    the exit, a position filled twice, a fill with no exit. Rides never fill: a skipped layer's keys/
-    values have one way of being computed, the folded product."""
+    """Record every early exit (slot, position, layer) and every KV fill (slot, position, first layer)
+    the device programs make (the CPU's tensors are read as they run). Returns the fills that do not
+    match an exit one to one: a fill from elsewhere than the layer after the exit, a position filled
+    twice, a fill with no exit."""
     exits, fills = {}, []
-    exit_row, execute = engine._exit, engine.executor.execute
+    programs = engine.runner.programs
+    leave, fill = programs.leave, programs.fill
 
-    def watched_exit(req, s, layer, token):
-        exits[(req.slot, req.position)] = layer
-        return exit_row(req, s, layer, token)
+    def watched_leave(s, rows, confidence):
+        out, own = leave(s, rows, confidence)
+        for slot, pos in zip(rows.slots[out].tolist(), rows.positions[out].tolist()):
+            exits[(slot, pos)] = programs.boundaries[s]
+        return out, own
 
-    def watched_execute(plan):
-        fills.extend(zip(plan.fill_slots, plan.fill_positions, plan.fill_first))
-        return execute(plan)
+    def watched_fill(rows, layers_from):
+        first = programs.state.fill_from.index_select(0, rows.slots) + 1
+        live = rows.valid
+        fills.extend(zip(rows.slots[live].tolist(), rows.positions[live].tolist(), first[live].tolist()))
+        return fill(rows, layers_from)
 
-    engine._exit, engine.executor.execute = watched_exit, watched_execute
+    programs.leave, programs.fill = watched_leave, watched_fill
 
     def wrong():
         seen = [(slot, pos) for slot, pos, _ in fills]
@@ -130,6 +135,22 @@ def _watch_fills(engine):
         return twice + [(slot, pos, first) for slot, pos, first in fills if exits.get((slot, pos), -9) + 1 != first]
 
     return wrong, fills
+
+
+def _watch_partial_takes(engine):
+    """Count the decisions that took only part of a buffer, and those that ran a shallower buffer
+    while a deeper one waited: what random decisions must really do."""
+    counts = {"partial": 0, "shallower": 0}
+    pick = engine.policy.pick
+
+    def watched(view):
+        decision = pick(view)
+        counts["partial"] += decision.rows < view.counts[decision.segment]
+        counts["shallower"] += decision.segment < max(s for s, n in enumerate(view.counts) if n)
+        return decision
+
+    engine.policy.pick = watched
+    return counts
 
 
 @pytest.mark.parametrize(
@@ -144,25 +165,25 @@ def test_random_legal_decisions_give_the_reference_tokens(kind, confidence, defe
     settings = DecodeSettings(max_new_tokens=10, **SAMPLING)
     seeds = list(range(8))
     reference = generate_reference(model, prompts, settings, thresholds, seeds)
-    riders = filled = 0
+    partial = shallower = filled = 0
     for seed in range(4):
         engine = DrexEngine(
             model, max_batch=8, max_len=24, policy=RandomPolicy(num_segments=4, seed=seed), settings=settings,
             thresholds=thresholds, defer_projection=defer,
         )  # fmt: skip
         wrong, fills = _watch_fills(engine)
+        takes = _watch_partial_takes(engine)
         with torch.no_grad():
             ids = [engine.add_request(p, seed=s) for p, s in zip(prompts, seeds)]
             results = engine.run()
         _assert_same_as_reference([results[i] for i in ids], reference)
         assert wrong() == []  # each exited token filled once, by the product, from the layer after its exit
-        riders += engine.stats.ride_along_rows
-        filled += len(fills)
-    assert riders > 0 and filled > 0  # the random decisions really rode along, and rows really were filled
+        partial, shallower, filled = partial + takes["partial"], shallower + takes["shallower"], filled + len(fills)
+    assert partial > 0 and shallower > 0 and filled > 0  # the decisions really split buffers and reordered rows
 
 
-def _row_states(engine):
-    return {s: (r.position, r.draw) for s, r in engine.requests.items()}, [list(b) for b in engine.buffers]
+def _device_state(engine):
+    return {name: t.clone() for name, t in vars(engine.runner.state).items() if isinstance(t, torch.Tensor)}
 
 
 def test_illegal_decisions_are_refused_before_they_touch_state():
@@ -179,19 +200,20 @@ def test_illegal_decisions_are_refused_before_they_touch_state():
     model = _model("llama")
     _, _, prompts = _prompts([3, 4, 5, 6])
     for decision, message in (
-        (Decision(1, (0,)), "not waiting for segment 1"),
-        (Decision(0, (0, 3), (1, 1)), "named a rider twice"),
-        (Decision(0, (0, 3), (-1,)), "ride segment 0 illegally"),
-        (Decision(0, (0, 3), (2,)), "ride segment 0 illegally"),  # slot 2 waits for segment 0 itself
+        (Decision(1, 1), "chose 1 rows of segment 1, where 0 wait"),
+        (Decision(0, 0), "chose 0 rows of segment 0, where 4 wait"),
+        (Decision(0, 5), "chose 5 rows of segment 0, where 4 wait"),
+        (Decision(7, 1), "chose 1 rows of segment 7"),
     ):
         engine = DrexEngine(model, max_batch=4, max_len=16, policy=Scripted(decision), thresholds=[0.5] * 3)
         for p in prompts:
             engine.add_request(p, max_new_tokens=4)
-        engine.step()  # the prefill
-        before = _row_states(engine)
+        engine.step()  # the prefill's launch
+        before = _device_state(engine)
         with pytest.raises(RuntimeError, match=message):
             engine.step()
-        assert _row_states(engine) == before
+        after = _device_state(engine)
+        assert all(torch.equal(before[name], after[name]) for name in before)
     with pytest.raises(GenerationInputError, match="built for 3 segments; this engine has 4"):
         DrexEngine(model, max_batch=2, max_len=8, policy=RandomPolicy(num_segments=3), thresholds=[0.5] * 3)
 
@@ -274,7 +296,7 @@ def test_continuous_batching_200_requests_all_finish_identical_to_reference(poli
         requests.append((rng.randint(0, 600), prompt, new, 1000 + i))  # arrival step, prompt, tokens, seed
     requests.sort(key=lambda r: r[0])
     settings = DecodeSettings(max_new_tokens=12, eos_token_ids=(5,), **SAMPLING)
-    chosen = RandomPolicy(num_segments=4, seed=3) if policy == "random" else "drex"  # random: freed slots ride too
+    chosen = RandomPolicy(num_segments=4, seed=3) if policy == "random" else "drex"
     engine = DrexEngine(model, max_batch=8, max_len=32, policy=chosen, settings=settings, thresholds=thresholds)
     ids, waiting, step = {}, list(requests), 0
     with torch.no_grad():
@@ -331,21 +353,27 @@ def test_a_drawn_trace_is_seeded_per_request_and_follows_its_distribution():
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
 def test_kv_fill_equals_each_layers_own_projection(kind, folded):
     """Rows that left at different exits are filled in one product, each only for the layers it skipped."""
-    from drex_hf.generation.plan import StepPlan
+    from drex_hf.generation.programs import Rows
 
     model = _model(kind)
-    engine = DrexEngine(model, max_batch=3, max_len=8, policy="full")
-    executor, arch = engine.executor, model.arch
-    assert executor.fill_weights is not None  # every supported architecture folds its norms
+    engine = DrexEngine(model, max_batch=3, max_len=8, thresholds=[0.5] * 3, cost_model=CostModel.constant(4))
+    runner, arch = engine.runner, model.arch
+    assert runner._fill_weights is None  # built at the first fill, not before
+    programs = runner.programs
     if not folded:
-        executor.fill_weights = None  # the layer-by-layer path
+        programs.fill_weights = None  # the layer-by-layer path
     x = torch.randn(3, arch.hidden_size)
-    executor.hidden[:3] = x  # an exited row's hidden state stays in its slot until its fill
+    state = runner.state
+    state.hidden[:3] = x  # an exited row's hidden state stays in its slot until its fill
     positions, exits = [2, 5, 7], [0, 1, 0]
-    first = [e + 1 for e in exits]
-    plan = StepPlan(segment=None, fill_slots=[0, 1, 2], fill_positions=positions, fill_first=first, fill_layers_from=1)
+    state.fill_from[:3] = torch.tensor(exits)
+    slots = torch.arange(3)
     with torch.no_grad():
-        executor.execute(plan)
+        programs.fill(Rows(slots, slots, torch.ones(3, dtype=torch.bool), torch.tensor(positions)), 1)
+        assert (runner._fill_weights is not None) == folded  # every supported architecture folds its norms
+        if folded:
+            weight = runner._fill_weights[0]
+            assert weight.dtype == next(model.base_model.parameters()).dtype  # built in the model's dtype
         rotary = arch.position_embeddings(x.unsqueeze(1), torch.tensor(positions).unsqueeze(1))
         for layer in (1, 2, 3):
             keys, values = arch.kv_projection(layer, x.unsqueeze(1), rotary)
@@ -360,39 +388,33 @@ def test_kv_fill_equals_each_layers_own_projection(kind, folded):
         assert engine.store.keys(0).abs().sum() == 0
 
 
+def test_fill_weights_are_built_only_by_engines_that_fill():
+    model = _model("llama")
+    full = DrexEngine(model, max_batch=2, max_len=8, policy="full")
+    spec_like = DrexEngine(model, max_batch=2, max_len=8, thresholds=[math.inf] * 3)  # no exit point checked
+    for engine in (full, spec_like):
+        assert engine.runner.programs.fill_weights is None and engine.runner._fill_weights is None
+        with torch.no_grad():
+            engine.add_request(torch.tensor([3, 4]), max_new_tokens=3)
+            engine.run()
+        assert engine.runner._fill_weights is None
+
+
 # ---------------------------------------------------------------- the scheduler, without tensors
-def _view(buffers, done, ages=None, waits=None, buckets=None):
-    return SchedulerView(buffers, ages or {}, waits or {}, done, context=128, buckets=buckets)
-
-
-def test_drex_rides_along_when_regrouping_costs_more_than_the_extra_rows():
-    # slots 0..7: rows 1, 4, 6 exited at segment 0 (done_through 0) and wait to start; the rest wait for segment 1
-    done = [0, 0, 0, 0, 0, 0, 0, 0]
-    buffers = [[1, 4, 6], [0, 2, 3, 5, 7], [], []]
-    cheap_regroup = CostModel([5.0] * 4, [1.0] * 4, [0.001] * 4)
-    costly_regroup = CostModel([5.0] * 4, [1.0] * 4, [1.0] * 4)
-    split = DrexPolicy(4, cheap_regroup).pick(_view(buffers, done))
-    ride = DrexPolicy(4, costly_regroup).pick(_view(buffers, done))
-    assert split.segment == ride.segment == 1
-    assert split.riders == () and set(ride.riders) == {1, 4, 6}
-    assert ride.predicted_ms == pytest.approx(5.0 + 1.0 * 8)
-    # a row that finished its token at full depth holds real keys/values: it may not ride
-    done_final = [0, 3, 0, 0, 0, 0, 0, 0]
-    assert DrexPolicy(4, costly_regroup).pick(_view(buffers, done_final)).riders == ()
+def _view(counts, waited=None, ages=None, buckets=None):
+    return SchedulerView(list(counts), waited or [0] * len(counts), ages, context=128, buckets=buckets)
 
 
 def test_drex_runs_deepest_first_unless_a_shallower_buffer_is_far_more_efficient():
     cost = CostModel([10.0] * 3, [1.0] * 3, [0.0] * 3)
-    done = [-1] * 16
-    assert DrexPolicy(3, cost).pick(_view([[0, 1, 2, 3, 4], [5, 6, 7, 8], []], done)).segment == 1
-    assert DrexPolicy(3, cost).pick(_view([list(range(15)), [], [15]], done)).segment == 2  # deepest-first
-    assert DrexPolicy(3, cost, slack=0.75).pick(_view([list(range(15)), [], [15]], done)).segment == 0
-    # ... but a row that has waited too long, or is about to break the SLA, goes first
-    waits = {15: 12}
-    assert DrexPolicy(3, cost, slack=0.75).pick(_view([list(range(15)), [], [15]], done, waits=waits)).segment == 2
-    ages = {15: 40.0}
+    assert DrexPolicy(3, cost).pick(_view([5, 4, 0])).segment == 1
+    assert DrexPolicy(3, cost).pick(_view([15, 0, 1])).segment == 2  # deepest-first
+    assert DrexPolicy(3, cost, slack=0.75).pick(_view([15, 0, 1])).segment == 0
+    # ... but a buffer whose oldest row has waited too long, or is about to break the SLA, goes first
+    assert DrexPolicy(3, cost, slack=0.75).pick(_view([15, 0, 1], waited=[0, 0, 12])).segment == 2
     sla = DrexPolicy(3, cost, sla_tpot_ms=50.0, slack=0.75)
-    assert sla.pick(_view([list(range(15)), [], [15]], done, ages=ages)).segment == 2
+    assert sla.pick(_view([15, 0, 1], ages=[0.0, 0.0, 40.0])).segment == 2
+    assert sla.pick(_view([15, 0, 1], ages=[0.0, 0.0, 1.0])).segment == 0
 
 
 def test_cost_model_from_a_calibration_file(tmp_path):
@@ -473,12 +495,6 @@ def test_cost_model_table_is_interpolated_and_the_line_fits_it():
     cost = CostModel([2.0] * 3, [1.0] * 3, [0.1] * 3, rows=[1, 2, 4, 8], table_ms=table)
     assert cost.segment_ms(0, 1) == 1.0 and cost.segment_ms(0, 3) == 5.0
     assert cost.segment_ms(0, 6) == pytest.approx(5.5) and cost.segment_ms(0, 16) == pytest.approx(8.0)
-    # so riding 2 extra rows to stay contiguous costs less than gathering 3, and the policy rides
-    decision = DrexPolicy(3, cost).pick(_view([[], [0, 2, 4], []], [0, 0, 0, 0, 0]))
-    assert decision.segment == 1 and decision.riders == (1, 3)
-    assert decision.predicted_ms == pytest.approx(5.25)
-    line = CostModel([2.0] * 3, [1.0] * 3, [0.1] * 3)  # the fitted line alone would split
-    assert DrexPolicy(3, line).pick(_view([[], [0, 2, 4], []], [0, 0, 0, 0, 0])).riders == ()
 
 
 def test_eager_attention_engine_equals_the_reference_decoder():
@@ -561,14 +577,14 @@ def test_at_row_buckets_drex_weighs_padding_against_running_the_bucket_below():
     """Programs run at 1, 2, 4, 8 rows: 5 waiting rows pay for 8. Where a step costs in proportion to
     its rows, 4 now and 1 later (4 + 1 ms) beats 8 ms; where it is flat, padding up to 8 is cheaper."""
     rows = [1, 2, 4, 8]
-    waiting = _view([[], [0, 1, 2, 3, 4]], [0] * 8, buckets=rows)
+    waiting = _view([0, 5], buckets=rows)
     proportional = CostModel([0.0] * 2, [1.0] * 2, [0.0] * 2, rows=rows, table_ms=[[1, 2, 4, 8]] * 2, buckets=rows)
     flat = CostModel([5.0] * 2, [0.1] * 2, [0.0] * 2, rows=rows, table_ms=[[5, 5, 5, 6]] * 2, buckets=rows)
     assert proportional.segment_ms(1, 5) == 8.0 and proportional.segment_ms(1, 4) == 4.0  # a step costs its bucket
-    split = DrexPolicy(2, proportional, ride=False).pick(waiting)
-    assert split.rows == (0, 1, 2, 3) and split.predicted_ms == 4.0 and "rebucket" in split.reason
-    padded = DrexPolicy(2, flat, ride=False).pick(waiting)
-    assert padded.rows == (0, 1, 2, 3, 4) and padded.predicted_ms == 6.0 and "split" in padded.reason
+    split = DrexPolicy(2, proportional).pick(waiting)
+    assert split.rows == 4 and split.predicted_ms == 4.0 and "rebucket" in split.reason
+    padded = DrexPolicy(2, flat).pick(waiting)
+    assert padded.rows == 5 and padded.predicted_ms == 6.0 and "whole" in padded.reason
 
 
 def test_every_decision_is_recorded_with_its_bucket_padding_and_reason():
@@ -589,11 +605,14 @@ def test_every_decision_is_recorded_with_its_bucket_padding_and_reason():
     padding = 0
     for d in decisions:
         assert d["reason"] and d["measured_ms"] > 0 and d["predicted_ms"] is not None
-        run = d["rows"] + d["riders"]
+        if d["segment"] is None:  # the last deferred tokens, projected on their own once no row waits
+            assert d["reason"] == "deferred projections" and d["projections"] > 0 and d["bucket"] == 0
+            continue
+        run = d["rows"]
         assert d["bucket"] == (0 if run == 0 else min(b for b in (1, 2, 4, 8) if b >= run))
         padding += (d["bucket"] - run) * len(engine.segments[d["segment"]])
     assert engine.stats.padded_layer_rows == padding > 0
-    assert {d["segment"] for d in decisions} == {0, 1, 2, 3}
+    assert {d["segment"] for d in decisions} - {None} == {0, 1, 2, 3}
     assert engine.stats.to_dict()["decisions"] == decisions
 
 

@@ -9,7 +9,7 @@ device data on the host or have data-dependent shapes must fail at record time, 
 import pytest
 import torch
 
-from drex_hf.generation.graphs import GraphCache
+from drex_hf.generation.graphs import GraphRunner
 from drex_hf.generation.recorder import CaptureError, ReplayRecorder
 
 MODES = [torch.no_grad, torch.inference_mode]  # composite ops reach the recorder whole under inference mode
@@ -245,7 +245,7 @@ def test_without_the_outside_check_a_replay_reads_stale_inputs():
         assert torch.equal(out, eager)
 
 
-def test_the_recorder_works_through_the_graph_cache():
+def test_the_recorder_works_through_the_graph_runner():
     lin = torch.nn.Linear(6, 6)
     x, out = torch.zeros(4, 6), torch.zeros(4, 6)
 
@@ -258,17 +258,17 @@ def test_the_recorder_works_through_the_graph_cache():
         return program
 
     recorder = ReplayRecorder(lambda: [x, out, *lin.parameters()])
-    cache = GraphCache("cpu", recorder=recorder)
+    runner = GraphRunner(build, recorder)
     with torch.inference_mode():
-        report = cache.capture([("lin", 2), ("lin", 4)], build, bucket_of_key=lambda key: key[1])
-        assert report["graphs"] == 2 and cache.order == [("lin", 4), ("lin", 2)]
+        report = runner.capture([("lin", 2), ("lin", 4)], bucket_of_key=lambda key: key[1], progress=False)
+        assert report["graphs"] == 2 and runner.order == [("lin", 4), ("lin", 2)]
         assert report["pool_bytes"] == recorder.memory() > 0
         for rows in (4, 2, 4):
             x.copy_(torch.randn(4, 6))
             build(("lin", rows))()
             eager = out.clone()
             out.zero_()
-            assert cache.replay(("lin", rows))
+            runner.run(("lin", rows))
             assert torch.equal(out[:rows], eager[:rows])
-        assert not cache.replay(("lin", 3))
-    assert cache.replays == 3
+        assert ("lin", 3) not in runner.graphs
+    assert runner.replays == 3

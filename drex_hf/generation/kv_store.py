@@ -103,6 +103,10 @@ class RowKVCache(Cache):
     def nbytes(self) -> int:
         return self.key_store.nbytes + self.value_store.nbytes
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The store's own tensors (what a captured program may touch besides the model's)."""
+        return [self.key_store, self.value_store, self._arange, self._layer_index]
+
     # ------------------------------------------------------------------ the attention interface
     def bind(
         self,

@@ -1,11 +1,12 @@
-"""What the host hands the device for one step, and what comes back (DESIGN.md §10).
+"""What the host hands the device for one step, and the layout of what comes back (DESIGN.md §10).
 
-The engine decides on plain Python state; a `StepPlan` is that decision spelled out in slots and
-positions: which rows run which segment (riders and padding included, padded to a row bucket),
-which exited rows get their skipped layers' keys/values filled first, and which rows' tokens are
-projected onto the vocabulary. The executor uploads it in one copy and answers with one `Verdict`:
-each checked row's confidence, the tokens picked at an exit that computed logits, and the projected
-tokens. Row buckets are chosen here, so that the programs a device may capture are known up front.
+The rows themselves live on the device: each segment's buffer is a queue of slot tickets there, and
+a step's program takes its rows from the front of one queue. So a `StepPlan` names programs, not
+rows — which queue, how many rows to take at most (its bucket), whether the exited rows' deferred
+projections and KV fills run first — plus the rare host events (slots to kill). `build_plan` is pure:
+a scheduler `Decision` and the host's mirror of the device's counts in, a plan out. The `Verdict` is
+one small read-back: every queue's count, and the rows the step ran with the tokens it emitted.
+Row buckets are chosen here, so that the programs a device may capture are known up front.
 """
 
 from __future__ import annotations
@@ -14,6 +15,15 @@ import bisect
 from dataclasses import dataclass, field
 
 import numpy as np
+
+# flags of a verdict row
+VALID = 1  # a live row that ran (not padding, not a stale ticket)
+EMITTED = 2  # its token is final: emitted at `layer`
+FINISHED = 4  # the token ended the request (end of sequence, or max_new_tokens)
+INVOLUNTARY = 8  # it left below its own threshold (batch_majority)
+MISSED = 16  # it passed a shallower exit point it did not leave at (batch policies)
+EOS = 32  # the token is an end-of-sequence id
+ROW_FIELDS = ("ticket", "token", "layer", "flags", "confidence")
 
 
 def row_buckets(max_rows: int, graphs: bool) -> list[int]:
@@ -43,50 +53,86 @@ def bucket_of(buckets: list[int], n: int) -> int:
 
 
 @dataclass
+class Book:
+    """The host's mirror of the device's queues, as of the last verdict read: rows (tickets, stale
+    ones included) waiting per segment, deferred projections and KV fills pending, the shallowest
+    first layer among those fills, and per segment the step its oldest entry joined and the step its
+    oldest token started (-1: empty / not tracked). A step takes min(count, its bucket) entries."""
+
+    counts: list[int]
+    projections: int = 0
+    fills: int = 0
+    fill_from: int = 0
+    joined: list[int] = field(default_factory=list)
+    token_started: list[int] = field(default_factory=list)
+
+    @property
+    def waiting(self) -> bool:
+        return any(self.counts)
+
+
+@dataclass(frozen=True)
 class StepPlan:
-    """One step, in columns (one entry per row, in this order; padding is added by the executor).
+    """One step: `kills` (slots whose requests the host ended) first; then, when `project` > 0, the
+    vocabulary projection of that many deferred tokens; when `fill` > 0, the KV fill of that many
+    exited rows from layer `fill_from` on; then `segment` (None: none) on the first min(count, `bucket`)
+    entries of its queue. `step` numbers it (the device stamps rows' waiting and token starts with it)."""
 
-    * run: `segment` (None: no segment runs) on `slots` — riders included; in slot order when `span`
-      is set — each writing its state to `writes` (its own slot, or the scratch slot for riders,
-      whose results are discarded), at `positions`; `riders` marks them; `token_index`/`seeds` are
-      each row's draw for a token picked at this exit (sampling only). `kv_len` (eager programs) is
-      the longest row + 1; `span` the slot range when the rows are one contiguous run of slots
-      (eager programs read it as views).
-    * fill: rows whose previous token left at an exit: their keys/values of layers `fill_first` ..
-      L-1 at `fill_positions`, from the hidden state still in their slot; `fill_layers_from` is the
-      smallest first layer (the one product covers layers from it).
-    * project: features of `project_slots` onto the vocabulary, tokens drawn with
-      `project_index`/`project_seeds`; before the segment when `project_first` (the segment embeds
-      those tokens), after it otherwise (the final segment's rows are among them);
-      `project_lengths`: each one's tokens so far, prompt included (what logits processors see).
-    """
-
+    step: int
     segment: int | None
-    slots: list[int] = field(default_factory=list)
-    writes: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    riders: list[int] = field(default_factory=list)
-    token_index: list[int] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=list)
-    kv_len: int = 0
-    span: tuple[int, int] | None = None
-    fill_slots: list[int] = field(default_factory=list)
-    fill_positions: list[int] = field(default_factory=list)
-    fill_first: list[int] = field(default_factory=list)
-    fill_layers_from: int = 0
-    project_slots: list[int] = field(default_factory=list)
-    project_index: list[int] = field(default_factory=list)
-    project_seeds: list[int] = field(default_factory=list)
-    project_first: bool = False
-    project_lengths: list[int] = field(default_factory=list)
+    bucket: int = 0
+    project: int = 0
+    fill: int = 0
+    fill_from: int = 0
+    kills: tuple[int, ...] = ()
+
+    @property
+    def rows(self) -> int:
+        """Verdict rows the step fills: its segment's bucket, then its projections' bucket."""
+        return self.bucket + self.project
+
+
+def build_plan(
+    step: int,
+    decision: tuple[int, int] | None,
+    book: Book,
+    buckets: list[int],
+    *,
+    first_projects: bool,
+    kills: tuple[int, ...] = (),
+) -> StepPlan:
+    """The plan for a decision `(segment, rows)` (None: only the pending projections); `rows` is a
+    bucket or the queue's whole count, since the device takes min(count, bucket). A step of the
+    first segment fills every exited row's keys/values first (before its next token overwrites the
+    hidden state they come from) and, when `first_projects`, projects every deferred token first (its
+    rows embed them); the projections' and fills' buckets cover all that is pending."""
+    largest = buckets[-1]  # a queue may hold stale tickets too: the device takes at most a bucket
+    project = bucket_of(buckets, min(book.projections, largest))
+    if decision is None:
+        return StepPlan(step, None, project=project, kills=kills)
+    segment, rows = decision
+    bucket = bucket_of(buckets, min(rows, largest))
+    if segment != 0:
+        return StepPlan(step, segment, bucket, kills=kills)
+    fill = bucket_of(buckets, min(book.fills, largest))
+    return StepPlan(step, 0, bucket, project if first_projects else 0, fill, book.fill_from if fill else 0, kills)
 
 
 @dataclass
 class Verdict:
-    """What one step's single read-back holds: per run row its confidence (checked segments) and
-    the token its exit's logits picked (confidences that compute logits), and the projected tokens
-    (float32 views of the host staging buffer: read them before the next step)."""
+    """One step's read-back (numpy views of the host staging buffer, valid until the next read):
+    `counts [queues]` after the step (segment queues, then projections, then fills), `fill_from`,
+    `joined [segments]` and `token_started [segments]` (see `Book`), `ran` (live rows the segment
+    ran), and per verdict row the columns of `ROW_FIELDS` — the segment's rows first, then the
+    projected ones."""
 
-    confidence: np.ndarray | None
-    tokens: np.ndarray | None
-    projected: np.ndarray | None
+    step: int
+    segment: int | None
+    counts: np.ndarray
+    fill_from: int
+    joined: np.ndarray
+    token_started: np.ndarray
+    ran: int
+    rows: dict[str, np.ndarray]
+    bucket: int
+    block: np.ndarray | None = None  # the rows as one [n, 5] array (the columns of `rows` are its views)

@@ -1,6 +1,6 @@
 """A CPU recorder with CUDA-graph semantics, so that every captured program is checked without a GPU.
 
-`ReplayRecorder` plugs into `graphs.GraphCache` in place of `CudaRecorder` (DESIGN.md §10): it runs a
+`ReplayRecorder` plugs into `graphs.GraphRunner` in place of `CudaRecorder` (DESIGN.md §10): it runs a
 program once, records the aten ops it dispatched on the tensors they ran on, and replays those ops —
 never the Python — so new inputs reach a replay only through the static buffers, as on a GPU.
 """
@@ -224,7 +224,7 @@ class _HostReads(TorchFunctionMode):
 
 
 class ReplayRecorder:
-    """A `GraphCache` recorder for the CPU with the semantics of CUDA graphs.
+    """A `GraphRunner` recorder for the CPU with the semantics of CUDA graphs.
 
     `static()` returns the tensors that exist outside the programs (the runner's static buffers, the
     model's parameters and buffers, the KV store); views of them count as static (compared by

@@ -1,545 +1,495 @@
-"""The step executor: runs a `StepPlan` on the device, one upload in, one verdict out (DESIGN.md §10).
+"""The runner: slot tensors, staging, `launch(plan)` and `read() -> Verdict`, and the prefill.
 
-It owns the per-slot device state beside the `RowKVCache` — hidden states between segments (an
-exited row's stays in its slot until its KV fill has run), exit-head features awaiting the
-vocabulary projection, each slot's last token, the previous exit's state for saturation — plus the
-rotary tables, and the three programs a step is made of, each a function of its bucket alone:
+It owns the device side of an engine: the `RowState` beside the `RowKVCache`, the `Programs` over
+them, a `GraphRunner` that runs each program by key (a captured graph where there is one), and the
+host staging buffers — a small pinned plan buffer (the step number and the slots to kill: the step's
+one upload) and two pinned verdict buffers, used in turn, so the host can read one step's verdict
+while the next step's copy is in flight (the step's one read). A step's programs, by key:
 
-* `fill`: keys/values of the layers exited rows skipped, one folded matrix product for all of them;
-* `segment`: embed the rows' tokens (segment 0) or gather their states, run the segment's decoder
-  layers unmodified (attention reads the store in place, KV append writes it), then the exit check
-  (or the final norm);
-* `project`: exit-head or final features onto the vocabulary, and the token pick.
+    ("project", p)        the p deferred tokens waiting: onto the vocabulary, picked
+    ("fill", f, first)    KV fill of the f exited rows waiting, layers first.. in one product
+    ("segment", s, b)     up to b rows of segment s's queue: layers, exit check, routing
+    ("report",)           every queue's count (and oldest waits) into the verdict header
 
-A program reads its rows from the static plan buffer and writes only into the state, the store and
-the static verdict buffer: no `.item()`, no tensors from Python data, no boolean-mask indexing, no
-loop over rows. So on CUDA each is captured once as a CUDA graph per bucket (`graphs.py`) and a step
-is one pinned upload, a few replays and one read-back after a CUDA event; on the CPU the same
-programs run eagerly (there, `static=False` lets them read contiguous rows as views and attend only
-up to the longest row, both known on the host).
+The prefill is eager (its shapes are the prompts'). `probe` runs pieces on chosen rows, for timing.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from drex_hf import kernels
 from drex_hf.arch import build_attention_mask
-from drex_hf.errors import UnsupportedArchitectureError
-from drex_hf.generation.attention import indexed_attention
+from drex_hf.generation.graphs import CudaRecorder, GraphRunner
 from drex_hf.generation.kv_store import RowKVCache
-from drex_hf.generation.plan import StepPlan, Verdict, bucket_of
-from drex_hf.generation.sampling import RequestSampling, as_seed, pick_rows, pick_tokens
-from drex_hf.heads import margin_confidence, max_prob_confidence, saturation_confidence
+from drex_hf.generation.plan import ROW_FIELDS, StepPlan, Verdict, bucket_of
+from drex_hf.generation.programs import Programs, Rows, RowState
+from drex_hf.generation.sampling import pick_rows, pick_tokens
 
-if TYPE_CHECKING:
-    from drex_hf.generation.graphs import GraphCache
-    from drex_hf.generation.processors import RowProcessors
-    from drex_hf.generation.protocol import EarlyExitModel
-
-# plan buffer columns, each `rows` long: the run section, the fill section, the projection section
-RUN = ("slot", "write", "position", "length", "index", "seed")
-FILL = ("fill_slot", "fill_position", "fill_first")
-PROJECT = ("project_slot", "project_index", "project_seed", "project_length")
-COLUMNS = (*RUN, *FILL, *PROJECT)
-VERDICT = ("confidence", "token", "projected")  # float32 columns of the verdict buffer
-LOGIT_MEASURES = ("max_prob", "margin")
+FIELDS = len(ROW_FIELDS)
 
 
 @dataclass
-class _Views:
-    """A bucket's views of the static buffers (made once per bucket: a step makes none)."""
+class Options:
+    """How an engine's programs decide: `boundaries` (exit layers where segments end), their
+    `thresholds`, the exit `rule` (own | all | majority | none) and `quorum`; `trace`: exits from a
+    trace (`distribution`: probabilities per exit point then full depth, or None: replayed only);
+    `static`: shapes and reads depend on the bucket and the store's capacity only (graphs);
+    sampling: `do_sample`/`warpers`, or `per_request` parameters per slot; `processors`: HF's logits
+    processors (`processors.RowProcessors`); `eos`; `track_token_age` (the SLA's clock)."""
 
-    plan: dict[str, torch.Tensor]
-    positions: torch.Tensor  # [n, 1]
-    verdict: dict[str, torch.Tensor]
+    boundaries: list[int]
+    thresholds: list[float]
+    buckets: list[int]
+    static: bool
+    rule: str = "own"
+    quorum: float = 0.5
+    trace: bool = False
+    distribution: tuple[float, ...] | None = None
+    do_sample: bool = False
+    warpers: tuple[Any, ...] = ()
+    per_request: bool = False
+    processors: Any = None
+    eos: tuple[int, ...] = ()
+    track_token_age: bool = False
+    fills: bool = True
 
 
-class StepExecutor:
-    """Device side of the engine. `boundaries`: the exit layers where segments end (sorted, a subset
-    of the model's exits); `buckets`: the row counts programs are built for (`plan.row_buckets`);
-    `static`: programs whose shapes and reads depend on the bucket and the store's capacity only
-    (what a CUDA graph needs; on the CPU the default is off); `do_sample`/`warpers`: the token pick;
-    `processors`: HF's logits processors applied before it (`processors.RowProcessors`), which read
-    a per-slot token history kept here only then (written as tokens are picked; a pick for a row that
-    does not exit writes its token's place provisionally, overwritten by the token it emits before
-    any later pick reads that place)."""
+def _bucket_of_key(key: tuple) -> int:
+    """The row bucket of a program key (graphs are captured largest first)."""
+    return key[2] if key[0] == "segment" else (key[1] if len(key) > 1 else 0)
 
-    def __init__(
-        self,
-        model: EarlyExitModel,
-        store: RowKVCache,
-        boundaries: list[int],
-        *,
-        buckets: list[int],
-        static: bool,
-        do_sample: bool = False,
-        warpers: list[Any] | None = None,
-        processors: RowProcessors | None = None,
-        per_request_sampling: bool = False,
-    ) -> None:
-        self.model, self.arch, self.store = model, model.arch, store
-        self.num_layers = self.arch.num_layers
-        self.boundaries = list(boundaries)
-        starts = [0, *(b + 1 for b in self.boundaries)]
-        ends = [*(b + 1 for b in self.boundaries), self.num_layers]
-        self.segments = [range(a, b) for a, b in zip(starts, ends)]
-        head_of = dict(zip(model.exit_layers, model.heads))
-        self.heads = [head_of[b] for b in self.boundaries]
-        self.measure = model.exit_config.confidence
-        # saturation compares with the hidden state after the previous exit *point*, checked or not:
-        # when a segment swallows unchecked exit points, the last of them is captured during the run
-        self.capture: list[int | None] = []
-        for seg in self.segments[:-1]:
-            inside = [e for e in model.exit_layers if seg.start <= e < seg.stop - 1]
-            self.capture.append(inside[-1] if inside and self.measure == "saturation" else None)
-        self.capture.append(None)
-        self.buckets = list(buckets)
-        self.static = static
-        # per-request sampling: every row carries its seed and draw; its parameters live in its slot
-        self.do_sample, self.warpers = do_sample or per_request_sampling, list(warpers or [])
-        self.graphs: GraphCache | None = None
 
-        rows = self.buckets[-1]
-        self.rows = rows
-        device, dtype = model.heads_device, store.key_store.dtype
-        self.device = torch.device(device)
-        slots, hidden = store.slots + 1, self.arch.hidden_size  # + the scratch slot
-        self.hidden = torch.zeros(slots, hidden, dtype=dtype, device=device)
-        self.features = torch.zeros_like(self.hidden)  # what the lm_head projects: exit-head or final-normed
-        self.previous = torch.zeros_like(self.hidden) if self.measure == "saturation" else None
-        self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # each slot's last token
-        # per-request sampling: each slot's `RequestSampling.row()`, written at its prefill (scratch: greedy)
-        self.row_sampling = torch.zeros(slots, 3, device=device) if per_request_sampling else None
-        self.processors = processors
+class Picker:
+    """Tokens from logits: HF's logits processors on each row's own history (when asked for), then
+    greedy, the engine's sampling, or each slot's own parameters; picked tokens enter the history."""
+
+    def __init__(self, options: Options, slots: int, max_len: int, vocab: int, device: torch.device) -> None:
+        self.options = options
+        self.row_sampling = torch.zeros(slots, 3, device=device) if options.per_request else None
         self.history = self.prompt_lengths = None
-        if processors is not None:  # each slot's prompt + tokens; a token's place is its sequence index
-            self.history = torch.zeros(slots, store.max_len + 1, dtype=torch.long, device=device)
+        if options.processors is not None:  # each slot's prompt + tokens; a token's place is its sequence index
+            self.history = torch.zeros(slots, max_len + 1, dtype=torch.long, device=device)
             self.prompt_lengths = torch.zeros(slots, dtype=torch.long, device=device)
-        self.cos, self.sin = self._rotary_tables(dtype)
-        self.fill_weights = self.arch.kv_fill_weights()
-        self.windows = [self.arch.layer_window(i) for i in range(self.num_layers)]
-        self.attention = self.arch.attention_modules()
-        # the kernel backend is resolved once, here: on the torch path the programs call the kernels'
-        # references directly (a launcher's checks and dispatch cost more than the op on small rows)
-        self.triton = kernels.backend(self.device) == "triton"
-        self.indexed = static or self.triton
-        self._key_index = torch.arange(store.max_len, device=device)
-        self._masked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
-        self._visible = torch.zeros((), dtype=dtype, device=device)
 
-        pinned = self.device.type == "cuda"
-        self.plan = torch.zeros(len(COLUMNS) * rows, dtype=torch.long, device=device)
-        self.verdict = torch.zeros(len(VERDICT) * rows, dtype=torch.float32, device=device)
-        self.host_plan = torch.zeros(self.plan.shape, dtype=torch.long, pin_memory=pinned)
-        self.host_verdict = torch.zeros(self.verdict.shape, dtype=torch.float32, pin_memory=pinned)
-        self._plan_np = self.host_plan.numpy()
-        self._verdict_np = self.host_verdict.numpy()
-        self._done = torch.cuda.Event() if self.device.type == "cuda" else None
-        self._uploaded = torch.cuda.Event() if self.device.type == "cuda" else None
-        self._in_flight = False
-        self._column = {name: i * rows for i, name in enumerate(COLUMNS)}
-        # every bucket's views, made here once (a step makes none, and none is made in inference mode)
-        self._views = {bucket: self._make_views(bucket) for bucket in self.buckets}
+    def __call__(
+        self, logits: torch.Tensor, slots: torch.Tensor, seeds: torch.Tensor, draws: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        scores = logits.float()
+        if self.history is not None:
+            processors = self.options.processors
+            window = processors.window(self.history, slots, lengths)
+            scores = processors(scores, window, lengths - self.prompt_lengths.index_select(0, slots))
+        if self.row_sampling is not None:
+            tokens = pick_rows(scores, self.row_sampling.index_select(0, slots), seeds, draws)
+        else:
+            tokens = pick_tokens(scores, self.options.do_sample, list(self.options.warpers), seeds, draws)
+        if self.history is not None:
+            self.history.index_put_((slots, lengths), tokens)
+        return tokens
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.row_sampling, self.history, self.prompt_lengths) if t is not None]
+
+
+class Runner:
+    """The device side of an engine; see the module docstring. `graphs`: None (eager), True (CUDA
+    graphs) or a recorder (`recorder.ReplayRecorder` on the CPU); `lazy`: capture each program the
+    first time a step runs it instead of all of them up front (`capture`)."""
+
+    def __init__(self, model: Any, store: RowKVCache, options: Options, graphs: Any = None, lazy: bool = False) -> None:
+        self.model, self.arch, self.store, self.options = model, model.arch, store, options
+        self.device = torch.device(model.heads_device)
+        self.num_layers = self.arch.num_layers
+        self.buckets = list(options.buckets)
+        self.rows = rows = self.buckets[-1]
+        dtype = store.key_store.dtype
+        self.state = st = RowState(store.slots, self.arch.hidden_size, self.num_layers,
+                                   len(options.boundaries) + 1, dtype, self.device)  # fmt: skip
+        if model.exit_config.confidence == "saturation":
+            st.previous = torch.zeros_like(st.hidden)
+        if options.trace:
+            st.replay = torch.full((st.total, store.max_len + 1), -1, dtype=torch.long, device=self.device)
+        self.picker = Picker(options, st.total, store.max_len, self.arch.vocab_size, self.device)
+        self._fill_weights: tuple | None = None
+        self.programs = Programs(
+            model, store, st, options.boundaries, thresholds=options.thresholds, rule=options.rule,
+            quorum=options.quorum, trace=options.trace, static=options.static, eos=options.eos, picker=self.picker,
+            fill_weights=self.fill_weights if options.fills else None, track_token_age=options.track_token_age,
+        )  # fmt: skip
+        if options.distribution is not None:
+            import itertools
+
+            cumulative = list(itertools.accumulate(options.distribution))
+            self.programs.cumulative = torch.tensor(cumulative, dtype=torch.float64, device=self.device)
+            self.programs.points = torch.tensor([*model.exit_layers, self.num_layers - 1], device=self.device)
+        self.segments = self.programs.segments
+        self.boundaries = list(options.boundaries)
+        self._staging(rows)
+        recorder = CudaRecorder(self.device) if graphs is True else (graphs or None)
+        self.graphs = GraphRunner(self._build, recorder, lazy=lazy)
+        if recorder is not None and options.fills:
+            self.fill_weights()  # a captured fill reads them: they exist before any recording
         self.transfers = {"uploads": 0, "reads": 0}
+        self._extensions: dict[str, Any] = {}
+        self._extension_tensors: list[Any] = []
+
+    # ------------------------------------------------------------------ buffers
+    def _staging(self, rows: int) -> None:
+        st, pinned = self.state, self.device.type == "cuda"
+        segments = len(self.options.boundaries) + 1
+        self.plan = torch.zeros(2 + rows, dtype=torch.long, device=self.device)  # step | kills | kill slots
+        self.host_plan = torch.zeros(self.plan.shape, dtype=torch.long, pin_memory=pinned)
+        self._plan_np = self.host_plan.numpy()
+        st.step = self.plan[0]
+        q = st.queues
+        self.layout = {"counts": (0, q), "fill_from": (q, q + 1), "joined": (q + 1, q + 1 + segments),
+                       "token_started": (q + 1 + segments, q + 1 + 2 * segments),
+                       "ran": (q + 1 + 2 * segments, q + 2 + 2 * segments)}  # fmt: skip
+        header = q + 2 + 2 * segments
+        self.verdict = torch.zeros(header + 2 * rows * FIELDS, dtype=torch.float64, device=self.device)
+        self.header = {name: self.verdict[a:b] for name, (a, b) in self.layout.items()}
+        self.row_block = self.verdict[header:].view(2 * rows, FIELDS)
+        self._header = header
+        self.host_verdicts = [torch.zeros(self.verdict.shape, dtype=torch.float64, pin_memory=pinned) for _ in range(2)]
+        self._verdict_np = [v.numpy() for v in self.host_verdicts]
+        self._turn = 0
+        self._done = self._uploaded = None
+        if pinned:
+            with torch.cuda.device(self.device):
+                self._done = [torch.cuda.Event(), torch.cuda.Event()]
+                self._uploaded = torch.cuda.Event()
+        self._pending: tuple[int, int, int | None, int, int] | None = None
 
     @property
     def host_buffers(self) -> set[int]:
         """Storage addresses of the host staging buffers (the only tensors a step copies to or from)."""
-        return {self.host_plan.untyped_storage().data_ptr(), self.host_verdict.untyped_storage().data_ptr()}
+        return {t.untyped_storage().data_ptr() for t in (self.host_plan, *self.host_verdicts)}
 
-    def _rotary_tables(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """cos/sin `[max_len, 1, head_dim]` for every position a slot holds, computed once by the
-        model's own rotary embedding (a step gathers its rows' lines instead of recomputing them)."""
-        rotary = getattr(getattr(self.arch, "backbone", None), "rotary_emb", None)
-        if "dynamic" in str(getattr(rotary, "rope_type", "")):
-            raise UnsupportedArchitectureError(
-                f"rope_type {rotary.rope_type!r} rescales with the sequence seen; drex_hf's engine needs "
-                f"position embeddings that depend on the position alone"
-            )
-        positions = torch.arange(self.store.max_len, device=self.device).unsqueeze(1)
-        probe = torch.zeros((), dtype=dtype, device=self.device)
-        tables = self.arch.position_embeddings(probe, positions)
-        if tables is None:
-            return None, None
-        return tables[0].contiguous(), tables[1].contiguous()
+    def static_tensors(self) -> list[torch.Tensor]:
+        """What captured programs may read and write besides intermediates: the row state, the store,
+        the staging buffers on the device, the model's parameters and buffers, the tables."""
+        out = [*self.state.tensors(), *self.picker.tensors(), self.plan, self.verdict]
+        out += [self.store.key_store, self.store.value_store, *self.store.tensors()]
+        out += [*self.model.parameters(), *self.model.buffers()]
+        out += [t for t in vars(self.programs).values() if isinstance(t, torch.Tensor)]
+        out += list(self.programs._ranges.values())
+        for tensors in self._extension_tensors:
+            out += list(tensors())
+        if self._fill_weights is not None:
+            out += [t for t in self._fill_weights if t is not None]
+        return out
 
-    # ------------------------------------------------------------------ static buffers
-    def _make_views(self, bucket: int) -> _Views:
-        rows = self.rows
-        plan = {name: self.plan[i * rows : i * rows + bucket] for i, name in enumerate(COLUMNS)}
-        verdict = {name: self.verdict[i * rows : i * rows + bucket] for i, name in enumerate(VERDICT)}
-        return _Views(plan, plan["position"].view(bucket, 1), verdict)
-
-    def views(self, bucket: int) -> _Views:
-        """Views of the plan and verdict buffers for `bucket` rows."""
-        return self._views[bucket]
-
-    def _put(self, column: str, values: list[int], pad: int, bucket: int) -> None:
-        start = self._column[column]
-        n = len(values)
-        self._plan_np[start : start + n] = values
-        if bucket > n:
-            self._plan_np[start + n : start + bucket] = pad
-
-    def write_plan(self, plan: StepPlan, buckets: tuple[int, int, int]) -> None:
-        """Spell `plan` into the host staging buffer, padding each section to its bucket with rows
-        that read and write the scratch slot only."""
-        run, fill, project = buckets
-        scratch = self.store.scratch
-        if self._in_flight:  # an upload with no read since (a step's read waits for its upload, same stream)
-            self._uploaded.synchronize()  # before the pinned buffer it copies from is written again
-            self._in_flight = False
-        if run:
-            self._put("slot", plan.slots, scratch, run)
-            self._put("write", plan.writes, scratch, run)
-            self._put("position", plan.positions, 0, run)
-            at, to = self._column["position"], self._column["length"]
-            self._plan_np[to : to + run] = self._plan_np[at : at + run] + 1
-            if self.do_sample:  # the draws; greedy picks need none
-                self._put("index", plan.token_index, 0, run)
-                self._put("seed", plan.seeds, 0, run)
-        if fill:
-            self._put("fill_slot", plan.fill_slots, scratch, fill)
-            self._put("fill_position", plan.fill_positions, 0, fill)
-            self._put("fill_first", plan.fill_first, self.num_layers, fill)
-        if project:
-            self._put("project_slot", plan.project_slots, scratch, project)
-            if self.do_sample:
-                self._put("project_index", plan.project_index, 0, project)
-                self._put("project_seed", plan.project_seeds, 0, project)
-            if self.processors is not None:
-                self._put("project_length", plan.project_lengths, 0, project)
-
-    def upload(self) -> None:
-        """The step's one host-to-device copy: the whole plan buffer."""
-        self.plan.copy_(self.host_plan, non_blocking=True)
-        if self._uploaded is not None:
-            self._uploaded.record()
-            self._in_flight = True
-        self.transfers["uploads"] += 1
-
-    def read(self) -> np.ndarray:
-        """The step's one device-to-host copy: the verdict buffer, after the step's work is done."""
-        self.host_verdict.copy_(self.verdict, non_blocking=self._done is not None)
-        if self._done is not None:
-            self._done.record()
-            self._done.synchronize()
-            self._in_flight = False
-        self.transfers["reads"] += 1
-        return self._verdict_np
-
-    # ------------------------------------------------------------------ one step
-    def execute(self, plan: StepPlan) -> Verdict:
-        """Upload `plan`, run its programs (projection before the segment when the segment embeds
-        the projected tokens; KV fill; the segment; the final projection), read the verdict."""
-        buckets = (
-            bucket_of(self.buckets, len(plan.slots)),
-            bucket_of(self.buckets, len(plan.fill_slots)),
-            bucket_of(self.buckets, len(plan.project_slots)),
-        )
-        run, fill, project = buckets
-        self.write_plan(plan, buckets)
-        self.upload()
-        if project and plan.project_first:
-            self.run_program(("project", project))
-        if fill:
-            self.run_program(("fill", fill, plan.fill_layers_from))
-        if run:
-            self.run_program(("segment", plan.segment, run), plan.kv_len, plan.span)
-        if project and not plan.project_first:
-            self.run_program(("project", project))
-        verdict = self.read()
-        n, rows = len(plan.slots), self.rows
-        checked = bool(run) and plan.segment < len(self.segments) - 1
-        logits = checked and self.measure in LOGIT_MEASURES
-        return Verdict(  # views of the staging buffer: valid until the next step
-            confidence=verdict[:n] if checked else None,
-            tokens=verdict[rows : rows + n] if logits else None,
-            projected=verdict[2 * rows : 2 * rows + len(plan.project_slots)] if project else None,
-        )
-
-    def run_unchecked(self, plan: StepPlan) -> None:
-        """The plan's segment without its exit check, then (the final segment) its projection, with
-        no read-back: what a segment's layers cost on their own (calibration)."""
-        run = bucket_of(self.buckets, len(plan.slots))
-        project = bucket_of(self.buckets, len(plan.project_slots))
-        self.write_plan(plan, (run, 0, project))
-        self.upload()
-        self.run_program(("layers", plan.segment, run), plan.kv_len, plan.span)
-        if project:
-            self.run_program(("project", project))
-
-    def run_program(self, key: tuple, kv_len: int = 0, span: tuple[int, int] | None = None) -> None:
-        """Replay `key`'s graph when one was captured, else run the program eagerly."""
-        if self.graphs is not None and self.graphs.replay(key):
-            return
-        self.program(key, kv_len, span)()
-
-    def program(self, key: tuple, kv_len: int = 0, span: tuple[int, int] | None = None) -> Callable[[], None]:
-        """The program for `key` as a function of nothing: ("segment", s, bucket), ("layers", s,
-        bucket) (the segment without its exit check: the measured oracle's), ("fill", bucket, first
-        layer of the product) or ("project", bucket). Static programs attend over the store's whole
-        capacity; eager ones over `kv_len`, reading `span` as views."""
-        kind, *args = key
-        if self.static:
-            kv_len, span = self.store.max_len, None
-        if kind in ("segment", "layers"):
-            s, bucket = args
-            return lambda: self.segment(s, bucket, kv_len, span, check=kind == "segment")
-        if kind == "fill":
-            return lambda: self.fill(*args)
-        if kind == "project":
-            return lambda: self.project(*args)
-        raise ValueError(f"unknown program {key!r}")
-
-    def program_keys(self) -> list[tuple]:
-        """Every program a static step can run (what graph capture prepares): each segment at each
-        bucket, the projection at each bucket, the KV fill at each bucket from each exit point."""
-        keys: list[tuple] = []
-        for bucket in self.buckets:
-            keys += [("segment", s, bucket) for s in range(len(self.segments))]
-            keys.append(("project", bucket))
-            if self.boundaries:
-                keys += [("fill", bucket, exit_layer + 1) for exit_layer in self.boundaries]
-        return keys
+    def fill_weights(self) -> tuple | None:
+        """The folded KV-fill weights, built at the first fill, in the model's dtype (layer by layer:
+        no fp32 copy of every layer at once)."""
+        if self._fill_weights is None:
+            self._fill_weights = self.arch.kv_fill_weights() or (None,)
+        return None if self._fill_weights == (None,) else self._fill_weights
 
     # ------------------------------------------------------------------ programs
-    def _gather(self, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        if self.triton:
-            return kernels.gather_rows(source, index, check_indices=False)
-        return source.index_select(0, index)
+    def _build(self, key: tuple) -> Any:
+        kind, *args = key
+        if kind == "segment":
+            return lambda: self._segment(*args)
+        if kind == "project":
+            return lambda: self._project(*args)
+        if kind == "fill":
+            return lambda: self._fill(*args)
+        if kind == "report":
+            return self._report
+        if kind in self._extensions:
+            return lambda: self._extensions[kind](*args)
+        raise ValueError(f"unknown program {key!r}")
 
-    def _scatter(self, target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
-        if self.triton:
-            kernels.scatter_rows(target, index, rows.to(target.dtype), check_indices=False)
-        else:
-            target.index_copy_(0, index, rows.to(target.dtype))
+    def extend(self, programs: dict[str, Any], tensors: Any) -> None:
+        """More programs by kind (`programs[kind](*key[1:])`, e.g. self-speculation's draft and verify)
+        and a function giving the tensors they keep (static for capture)."""
+        self._extensions.update(programs)
+        self._extension_tensors.append(tensors)
 
-    def _masks(self, layers: range, positions: torch.Tensor, kv_len: int) -> dict[int | None, torch.Tensor]:
-        """Additive masks `[n, 1, 1, kv_len]` per sliding window of `layers` (eager attention adds
-        them: float, not boolean), from the rows' positions `[n, 1]`."""
-        keys = self._key_index[:kv_len]
-        out = {}
-        for window in {self.windows[i] for i in layers}:
-            visible = keys <= positions
-            if window is not None:
-                visible = visible & (keys > positions - window)
-            out[window] = torch.where(visible, self._visible, self._masked).view(len(positions), 1, 1, kv_len)
-        return out
+    def bucket(self, n: int) -> int:
+        """The row bucket a step of n rows runs at."""
+        return bucket_of(self.buckets, n)
 
-    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.cos is None:
-            return None
-        return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
+    def program_keys(self) -> list[tuple]:
+        """Every program a step can run (what up-front capture prepares)."""
+        keys: list[tuple] = [("report",)]
+        for bucket in self.buckets:
+            keys += [("segment", s, bucket) for s in range(len(self.segments))]
+            if self.boundaries:
+                keys.append(("project", bucket))
+                if self.options.fills:
+                    keys += [("fill", bucket, exit_layer + 1) for exit_layer in self.boundaries]
+        return keys
 
-    def fill(self, bucket: int, layers_from: int) -> None:
-        """KV fill: each row's keys/values of layers `fill_first` .. L-1 at its position, from the
-        hidden state in its slot (the exit state: the next token has not overwritten it yet)."""
-        plan = self.views(bucket).plan
-        slots, positions, first = plan["fill_slot"], plan["fill_position"], plan["fill_first"]
-        x = self._gather(self.hidden, slots)
-        rotary = self._rotary(positions)
-        if self.fill_weights is None or (rotary is not None and not self.arch.rotary_half):
-            layers = range(layers_from, self.num_layers)
-            keys, values = [], []
-            for layer in layers:
-                k, v = self.arch.kv_projection(layer, x.unsqueeze(1), rotary)
-                keys.append(k[:, :, 0])
-                values.append(v[:, :, 0])
-            self.store.write(layers, slots, positions, torch.stack(keys, 1), torch.stack(values, 1), first)
-            return
-        weight, bias = self.fill_weights
-        fill = kernels.kv_fill_project if self.triton else kernels.kv_fill.kv_fill_project_reference
-        extra = {"check_indices": False} if self.triton else {}
-        fill(
-            self.arch.kv_fill_normalize(x),
-            weight,
-            bias,
-            self.store.key_store,
-            self.store.value_store,
-            slots,
-            positions,
-            first,
-            None if rotary is None else (rotary[0].view(bucket, -1), rotary[1].view(bucket, -1)),
-            layers_from=layers_from,
-            **extra,
-        )
+    def capture(self, progress: bool | None = None) -> dict[str, float | int]:
+        """Capture every program up front, largest bucket first (the queues are empty: the programs
+        take no rows, so warm-up and capture write only the scratch slot)."""
+        self.programs.arange(self.state.capacity)
+        for bucket in self.buckets:
+            self.programs.arange(bucket)
+        with torch.inference_mode():  # as the steps that replay them run
+            return self.graphs.capture(self.program_keys(), _bucket_of_key, progress)
 
-    def segment(self, s: int, bucket: int, kv_len: int, span: tuple[int, int] | None, check: bool = True) -> None:
-        """Segment s on the bucket's rows: its layers, then the exit check into the verdict (the
-        final segment: the final norm into `features`). Every row's state goes to its `write` slot
-        (riders and padding: the scratch slot), so what is written never depends on the outcome.
-        `check=False` leaves the exit check out (timing the layers alone; the measured oracle)."""
-        view = self.views(bucket)
-        plan, positions = view.plan, view.positions
-        slots, write = plan["slot"], plan["write"]
+    def _segment(self, s: int, bucket: int) -> None:
+        p, st = self.programs, self.state
+        rows = p.take(s, bucket)
         if s == 0:
-            ids = self.tokens.index_select(0, slots).unsqueeze(1)
-            x = self.arch.embed(ids, positions)[:, 0]
-            if self.previous is not None:  # the first exit's saturation compares with the embedding
-                self._scatter(self.previous, write, x)
-        elif span is not None:
-            x = self.hidden[span[0] : span[1]]
+            p.start_tokens(rows)
+        out = p.run_layers(s, rows, p.embed(rows) if s == 0 else None, self.store.max_len)
+        if s < len(self.segments) - 1:
+            p.scatter(st.hidden, rows.slots, out)
+            confidence, tokens = p.check(s, rows, out)
+            verdict = p.route_exit(s, rows, confidence, tokens)
         else:
-            x = self._gather(self.hidden, slots)
-        rotary = self._rotary(plan["position"])
-        self.store.bind(slots, positions, kv_len=kv_len, span=span, lengths=plan["length"], indexed=self.indexed)
-        layers = self.segments[s]
-        masks = None if self.indexed else self._masks(layers, positions, kv_len)
-        hidden = x.unsqueeze(1)
-        with indexed_attention(self.attention) if self.indexed else contextlib.nullcontext():
-            for index in layers:
-                hidden = self._layer(index, hidden, masks, positions, rotary)
-                if index == self.capture[s]:
-                    self._scatter(self.previous, write, hidden[:, 0])
-        out = hidden[:, 0]
-        if s == len(self.segments) - 1:
-            self._scatter(self.features, write, self.arch.final_norm(out))
-            return
-        self._scatter(self.hidden, write, out)
-        if check:
-            self.check(s, view, out)
+            logits = self.arch.lm_head(self.arch.final_norm(out))
+            verdict = p.route_final(rows, p.pick(logits, rows.slots, rows.positions + 1))
+        self.row_block[:bucket].copy_(verdict)
+        self.header["ran"].copy_(rows.valid.sum())
 
-    def _layer(
-        self, index: int, hidden: torch.Tensor, masks: dict | None, positions: torch.Tensor, rotary: Any
-    ) -> torch.Tensor:
-        """Decoder layer `index`, unmodified, on the rows bound to the store (indexed: the attention
-        reads them through the store's `indexed_rows()`)."""
-        if masks is None:
-            extra = {"drex_rows": self.store.indexed_rows(), "drex_window": self.windows[index]}
-            mask = None
-        else:
-            extra, mask = {}, masks[self.windows[index]]
-        return self.arch.run_layer(
-            index,
-            hidden,
-            attention_mask=mask,
-            position_ids=positions,
-            position_embeddings=rotary,
-            cache=self.store,
-            **extra,
+    def _project(self, bucket: int) -> None:
+        rows = self.programs.take(self.state.project_queue, bucket)
+        self.row_block[self.rows : self.rows + bucket].copy_(self.programs.project(rows))
+
+    def _fill(self, bucket: int, layers_from: int) -> None:
+        self.programs.fill(self.programs.take(self.state.fill_queue, bucket), layers_from)
+
+    def _report(self) -> None:
+        """The verdict header: every queue's count, the shallowest first layer among the pending
+        fills, and per segment queue the step its head entry joined and its oldest token started."""
+        p, st, h = self.programs, self.state, self.header
+        h["counts"].copy_(st.count)
+        ring, cap, segments = p._ring, st.capacity, len(self.segments)
+        fill = st.fill_queue
+        tickets = st.queue[fill].index_select(0, (st.head[fill] + ring) % cap)
+        slots = tickets % st.total
+        valid = (ring < st.count[fill]) & (st.epoch.index_select(0, slots) == tickets // st.total)
+        valid = valid & st.alive.index_select(0, slots)
+        first = torch.where(valid, st.fill_from.index_select(0, slots) + 1, self.num_layers)
+        h["fill_from"].copy_(first.min())
+        waiting = st.count[:segments] > 0
+        heads = st.queue[:segments].gather(1, st.head[:segments].unsqueeze(1)).squeeze(1) % st.total
+        h["joined"].copy_(torch.where(waiting, st.join_step.index_select(0, heads), -1))
+        if self.options.track_token_age:
+            at = (st.head[:segments].unsqueeze(1) + ring) % cap
+            tickets = st.queue[:segments].gather(1, at)
+            slots = tickets % st.total
+            valid = (
+                (ring < st.count[:segments].unsqueeze(1)) & (st.epoch[slots] == tickets // st.total) & st.alive[slots]
+            )
+            oldest = torch.where(valid, st.token_step[slots], torch.iinfo(torch.long).max).amin(1)
+            h["token_started"].copy_(torch.where(waiting, oldest, -1))
+
+    # ------------------------------------------------------------------ a step
+    def launch(self, plan: StepPlan) -> None:
+        """Upload the plan (step number, kills), run its programs, and start the verdict's copy back."""
+        self._upload(plan.step, plan.kills)
+        if plan.kills:
+            self.programs.kill(self.plan[2 : 2 + len(plan.kills)])
+        if plan.project:
+            self.graphs.run(("project", plan.project))
+        if plan.fill:
+            self.graphs.run(("fill", plan.fill, plan.fill_from))
+        if plan.segment is not None:
+            self.graphs.run(("segment", plan.segment, plan.bucket))
+        self.graphs.run(("report",))
+        self._download(plan.step, plan.segment, plan.bucket, plan.project)
+
+    def _upload(self, step: int, kills: tuple[int, ...] = ()) -> None:
+        if self._uploaded is not None:
+            self._uploaded.synchronize()  # the pinned buffer's last copy is done before it is rewritten
+        k = len(kills)
+        self._plan_np[0], self._plan_np[1] = step, k
+        if k:
+            self._plan_np[2 : 2 + k] = kills
+        self.plan[: 2 + k].copy_(self.host_plan[: 2 + k], non_blocking=True)
+        if self._uploaded is not None:
+            self._uploaded.record(torch.cuda.current_stream(self.device))
+        self.transfers["uploads"] += 1
+
+    def _download(self, step: int, segment: int | None, bucket: int, project: int) -> None:
+        self._turn ^= 1
+        self.host_verdicts[self._turn].copy_(self.verdict, non_blocking=self._done is not None)
+        if self._done is not None:
+            self._done[self._turn].record(torch.cuda.current_stream(self.device))
+        self._pending = (step, self._turn, segment, bucket, project)
+
+    @property
+    def in_flight(self) -> bool:
+        return self._pending is not None
+
+    def read(self) -> Verdict:
+        """Wait for the step in flight and parse its verdict (views, valid until the next read)."""
+        step, turn, segment, bucket, project = self._pending
+        self._pending = None
+        if self._done is not None:
+            self._done[turn].synchronize()
+        self.transfers["reads"] += 1
+        buf = self._verdict_np[turn]
+        lay = self.layout
+        block = buf[self._header :].reshape(2 * self.rows, FIELDS)
+        rows = np.concatenate([block[:bucket], block[self.rows : self.rows + project]]) if project else block[:bucket]
+        return Verdict(
+            step=step,
+            segment=segment,
+            counts=buf[slice(*lay["counts"])],
+            fill_from=int(buf[lay["fill_from"][0]]),
+            joined=buf[slice(*lay["joined"])],
+            token_started=buf[slice(*lay["token_started"])],
+            ran=int(buf[lay["ran"][0]]) if segment is not None else 0,
+            rows={name: rows[:, i] for i, name in enumerate(ROW_FIELDS)},
+            bucket=bucket,
+            block=rows,
         )
-
-    def check(self, s: int, view: _Views, out: torch.Tensor) -> None:
-        """The exit check at segment s's end: confidence into the verdict; the exit head's features
-        kept for a deferred projection, or — for a confidence that needs the logits — the token they
-        give picked now (into the verdict and the slot's last token)."""
-        head, plan, verdict = self.heads[s], view.plan, view.verdict
-        write = plan["write"]
-        if self.measure in LOGIT_MEASURES:
-            logits = head.logits(out)
-            measure = max_prob_confidence if self.measure == "max_prob" else margin_confidence
-            confidence = measure(logits)  # of the exit's own logits: processors pick the token, not the exit
-            scores = self._processed(logits, plan["slot"], plan["length"])
-            tokens = self._pick(scores, plan["slot"], plan["seed"], plan["index"])
-            self._remember(write, plan["length"], tokens)
-            self.tokens.index_copy_(0, write, tokens)
-            verdict["token"].copy_(tokens)
-        else:
-            features = head.features(out)
-            if self.measure == "classifier":
-                confidence = head.classifier(features)
-            else:
-                confidence = saturation_confidence(out, self._gather(self.previous, plan["slot"]))
-                self._scatter(self.previous, write, out)
-            self._scatter(self.features, write, features)
-        verdict["confidence"].copy_(confidence)
-
-    def project(self, bucket: int) -> None:
-        """The vocabulary projection of the rows' features, one product, and their tokens."""
-        view = self.views(bucket)
-        plan = view.plan
-        slots = plan["project_slot"]
-        logits = self.arch.lm_head(self._gather(self.features, slots))
-        scores = self._processed(logits, slots, plan["project_length"])
-        tokens = self._pick(scores, slots, plan["project_seed"], plan["project_index"])
-        self._remember(slots, plan["project_length"], tokens)
-        self.tokens.index_copy_(0, slots, tokens)
-        view.verdict["projected"].copy_(tokens)
-
-    def _pick(
-        self, scores: torch.Tensor, slots: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor
-    ) -> torch.Tensor:
-        """The rows' tokens: with the engine's sampling settings, or each with its slot's own."""
-        if self.row_sampling is not None:
-            return pick_rows(scores, self.row_sampling.index_select(0, slots), seeds, counters)
-        return pick_tokens(scores, self.do_sample, self.warpers, seeds, counters)
-
-    def _processed(self, logits: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """The rows' scores through HF's logits processors, each row seeing its own `lengths` tokens of
-        history (prompt + tokens so far); the float32 logits as they are without processors."""
-        scores = logits.float()
-        if self.processors is None:
-            return scores
-        window = self.processors.window(self.history, slots, lengths)
-        return self.processors(scores, window, lengths - self.prompt_lengths.index_select(0, slots))
-
-    def _remember(self, slots: torch.Tensor, places: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Write picked tokens into the history at their places (when processors read it)."""
-        if self.history is not None:
-            self.history.index_put_((slots, places), tokens)
 
     # ------------------------------------------------------------------ prefill
-    def prefill(
-        self,
-        slots: list[int],
-        prompts: list[torch.Tensor],
-        seeds: list[int],
-        sampling: list[RequestSampling] | None = None,
-    ) -> list[int]:
-        """Full-depth pass over the prompts (right-padded, causal, batched), writing their keys/values;
-        each one's first token is picked (draw 0 of its seed), kept in its slot and returned. With
-        per-request sampling, `sampling` gives each prompt's parameters, kept in its slot."""
-        if self.row_sampling is not None and (sampling is None or len(sampling) != len(slots)):
-            raise ValueError("per-request sampling needs one RequestSampling per prompt")
-        order = sorted(range(len(slots)), key=lambda i: slots[i])
-        slots = [slots[i] for i in order]
-        prompts = [prompts[i] for i in order]
-        lengths = [p.shape[0] for p in prompts]
-        width = max(lengths)
-        host = torch.zeros(len(prompts), width + 3, dtype=torch.long)  # ids | length | slot | seed
-        for i, prompt in enumerate(prompts):
-            host[i, : lengths[i]] = prompt.cpu()
-        host[:, width] = torch.tensor(lengths)
-        host[:, width + 1] = torch.tensor(slots)
-        host[:, width + 2] = torch.tensor([as_seed(seeds[i]) for i in order])
+    def prefill(self, step: int, requests: list[Any], kills: tuple[int, ...] = (), enqueue: bool = True) -> None:
+        """Launch the full-depth pass over the requests' prompts (right-padded, causal, batched): their
+        keys/values, first tokens (draw 0 of each seed), row state, and tickets into the first queue;
+        `read()` gives the verdict (one row per request, in slot order). `kills` go first; without
+        `enqueue` the rows join no queue (self-speculation plans its rows on the host). One upload:
+        the prompts, each request's columns and the step's own (its number, its kills)."""
+        requests = sorted(requests, key=lambda r: r.slot)
+        ids, columns, replay = self._prefill_upload(step, kills, requests)
+        if kills:
+            self.programs.kill(self.plan[2 : 2 + len(kills)])
+        length, slots, seeds, epochs, budget, trace_seeds, replayed = columns.unbind(1)
+        st = self.state
+        if self.picker.row_sampling is not None:
+            rows = torch.tensor([r.sampling.row() for r in requests], dtype=torch.float32)
+            self.picker.row_sampling.index_copy_(0, slots, rows.to(self.device))
+        if replay is not None:
+            st.replay.index_copy_(0, slots, replay)
+        tokens = self._prefill_tokens(ids, length, slots, seeds)
+        st.tokens.index_copy_(0, slots, tokens)
+        for name, value in (("position", length - 1), ("draw", torch.zeros_like(slots)), ("seed", seeds),
+                            ("epoch", epochs), ("max_new", budget), ("trace_seed", trace_seeds)):  # fmt: skip
+            getattr(st, name).index_copy_(0, slots, value)
+        st.replayed.index_copy_(0, slots, replayed.bool())
+        st.passed_at.index_fill_(0, slots, self.num_layers)
+        st.fill_from.index_fill_(0, slots, self.num_layers - 1)
+        tickets = slots + st.total * epochs
+        valid = torch.ones_like(slots, dtype=torch.bool)
+        rows = Rows(slots, tickets, valid, length - 1)
+        done, eos = self.programs.finished(rows, tokens, valid)
+        st.alive.index_copy_(0, slots, ~done)
+        if enqueue:
+            self.programs.append(0, tickets, ~done)
+            self.programs.joined(slots, ~done)
+        flags = self.programs._flags(valid, valid, done, eos, torch.zeros_like(valid), torch.zeros_like(valid))
+        layers = torch.full_like(slots, self.num_layers - 1)
+        zero = torch.zeros(slots.shape, dtype=torch.float32, device=self.device)
+        self.row_block[: len(requests)].copy_(self.programs._verdict_rows(tickets, tokens, layers, flags, zero))
+        self._report()
+        self._download(step, None, len(requests), 0)
+
+    def _prefill_upload(
+        self, step: int, kills: tuple[int, ...], requests: list[Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The prompts and each request's columns, after a first line holding the step's plan (its
+        number, its kills), in one host tensor and one copy."""
+        lengths = [int(r.prompt.shape[0]) for r in requests]
+        width, n = max(lengths), len(requests)
+        replays = self.state.replay is not None and any(r.trace is not None for r in requests)
+        extra = self.store.max_len + 1 if replays else 0
+        host = torch.zeros(n + 1, max(width + 7 + extra, 2 + len(kills)), dtype=torch.long)
+        host[0, :2] = torch.tensor([step, len(kills)])
+        host[0, 2 : 2 + len(kills)] = torch.tensor(kills, dtype=torch.long)
+        for i, r in enumerate(requests, start=1):
+            host[i, : lengths[i - 1]] = r.prompt.cpu()
+            host[i, width : width + 7] = torch.tensor(
+                [lengths[i - 1], r.slot, r.seed, r.epoch, r.max_new_tokens, r.trace_seed, int(r.trace is not None)]
+            )
+            if replays:
+                row = list(r.trace or ())[:extra]
+                host[i, width + 7 :] = -1
+                host[i, width + 7 : width + 7 + len(row)] = torch.tensor(row, dtype=torch.long)
         device = host.to(self.device)
-        ids, length, index, seed = device[:, :width], device[:, width], device[:, width + 1], device[:, width + 2]
-        if self.row_sampling is not None:  # each slot's own parameters, by the slot index just uploaded
-            rows = torch.tensor([sampling[i].row() for i in order], dtype=torch.float32)
-            self.row_sampling.index_copy_(0, index, rows.to(self.device))
-        positions = torch.arange(width, device=self.device).expand(len(prompts), width)
+        self.plan[: 2 + len(kills)].copy_(device[0, : 2 + len(kills)])
+        self.transfers["uploads"] += 1
+        body = device[1:]
+        return body[:, :width], body[:, width : width + 7], body[:, width + 7 : width + 7 + extra] if replays else None
+
+    def _prefill_tokens(self, ids: torch.Tensor, length: torch.Tensor, slots: torch.Tensor, seeds: torch.Tensor) -> Any:
+        n, width = ids.shape
+        positions = torch.arange(width, device=self.device).expand(n, width)
         hidden = self.arch.embed(ids, positions)
         rotary = self.arch.position_embeddings(hidden, positions)
-        contiguous = slots[-1] - slots[0] + 1 == len(slots)
-        self.store.bind(index, positions, kv_len=width, span=(slots[0], slots[-1] + 1) if contiguous else None)
-        masks = {w: build_attention_mask(positions, width, window=w, dtype=hidden.dtype) for w in set(self.windows)}
+        self.store.bind(slots, positions, kv_len=width)
+        windows = {self.arch.layer_window(i) for i in range(self.num_layers)}
+        masks = {w: build_attention_mask(positions, width, window=w, dtype=hidden.dtype) for w in windows}
         for layer in range(self.num_layers):
-            hidden = self._layer(layer, hidden, masks, positions, rotary)
-        last = hidden[torch.arange(len(prompts), device=self.device), length - 1]
+            window = self.arch.layer_window(layer)
+            hidden = self.arch.run_layer(layer, hidden, attention_mask=masks[window], position_ids=positions,
+                                         position_embeddings=rotary, cache=self.store)  # fmt: skip
+        last = hidden[torch.arange(n, device=self.device), length - 1]
         logits = self.arch.lm_head(self.arch.final_norm(last))
-        if self.history is not None:  # the prompts are the histories' start
-            self.history[index, :width] = ids
-            self.prompt_lengths.index_copy_(0, index, length)
-        scores = self._processed(logits, index, length)
-        tokens = self._pick(scores, index, seed, torch.zeros_like(seed))
-        self._remember(index, length, tokens)
-        self.tokens.index_copy_(0, index, tokens)
-        picked = tokens.tolist()
-        out = [0] * len(order)
-        for i, token in zip(order, picked):
-            out[i] = token
-        return out
+        picker = self.picker
+        if picker.history is not None:  # the prompts are the histories' start
+            picker.history[slots, :width] = ids
+            picker.prompt_lengths.index_copy_(0, slots, length)
+        return picker(logits, slots, seeds, torch.zeros_like(seeds), length)
+
+    # ------------------------------------------------------------------ timing and tests
+    @torch.no_grad()
+    def stage(self, queue: int, slots: list[int], position: int) -> None:
+        """Put `slots` (empty ones: no request holds them) in `queue` as live rows whose tokens run at
+        `position`, with budgets that never end them: what a step of timing runs on. `clear()` after."""
+        st = self.state
+        index = torch.tensor(slots, dtype=torch.long, device=self.device)
+        st.alive.index_fill_(0, index, True)
+        st.epoch.index_fill_(0, index, 0)
+        st.position.index_fill_(0, index, position - 1 if queue == 0 else position)
+        st.draw.index_fill_(0, index, 0)
+        st.max_new.index_fill_(0, index, 2**40)
+        st.passed_at.index_fill_(0, index, self.num_layers)
+        self.programs.append(queue, index, torch.ones_like(index, dtype=torch.bool))
+
+    @torch.no_grad()
+    def probe(self, kind: str, index: int, slots: list[int], position: int) -> Any:
+        """A piece of a step on chosen (empty) slots, for timing, as a function of nothing: "layers"
+        (segment `index`'s layers alone; the last with the final norm, the lm_head and the pick),
+        "check" (exit point `index`'s check on the hidden states in the slots), "fill" (the KV fill
+        after exit point `index`) or "project" (deferred projections of the slots' features). The
+        rows' tokens run at `position`; nothing here changes a queue."""
+        p, st = self.programs, self.state
+        index_t = torch.tensor(slots, dtype=torch.long, device=self.device)
+        st.alive.index_fill_(0, index_t, True)
+        st.position.index_fill_(0, index_t, position)
+        st.max_new.index_fill_(0, index_t, 2**40)
+        st.fill_from.index_fill_(0, index_t, self.boundaries[index] if kind == "fill" else self.num_layers - 1)
+        rows = Rows(index_t, index_t, torch.ones_like(index_t, dtype=torch.bool), st.position.index_select(0, index_t))
+        if kind == "layers":
+            last = index == len(self.segments) - 1
+
+            def layers() -> None:
+                out = p.run_layers(index, rows, p.embed(rows) if index == 0 else None, self.store.max_len)
+                if last:
+                    p.pick(self.arch.lm_head(self.arch.final_norm(out)), rows.slots, rows.positions + 1)
+
+            return layers
+        if kind == "check":
+            x = st.hidden.index_select(0, index_t)
+            return lambda: p.check(index, rows, x)
+        if kind == "fill":
+            return lambda: p.fill(rows, self.boundaries[index] + 1)
+        if kind == "project":
+            return lambda: p.project(rows)
+        raise ValueError(f"unknown probe {kind!r}")
+
+    @torch.no_grad()
+    def clear(self) -> None:
+        """Every queue empty and every slot free of rows (after timing on staged rows)."""
+        st = self.state
+        st.head.zero_()
+        st.count.zero_()
+        st.alive.zero_()
 
     def nbytes(self) -> int:
         """Bytes of the per-slot state kept beside the KV cache (and the rotary tables)."""
-        kept = [self.hidden, self.features, self.previous, self.tokens, self.cos, self.sin]
-        kept += [self.history, self.row_sampling]  # with logits processors / per-request sampling only
-        return sum(t.nbytes for t in kept if t is not None)
+        tables = [t for t in (self.programs.cos, self.programs.sin) if t is not None]
+        return self.state.nbytes() + sum(t.nbytes for t in [*self.picker.tensors(), *tables])

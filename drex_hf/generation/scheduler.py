@@ -1,19 +1,21 @@
 """Scheduling policies: plain decisions from buffer contents, ages and a cost model; no tensors.
 
-Every policy sees a `SchedulerView` (which slots wait in which segment's buffer, how long their
-current token has taken, which slots could ride along through a segment) and returns a `Decision`:
-run segment s on these rows (plus these riders), exiting by this rule. The engine executes it.
+Every policy sees a `SchedulerView` (counts per segment buffer, waits, token ages) and returns a
+`Decision`: run segment s on that many rows, exiting by this rule. The engine executes it.
 
 * `full`: one segment, every row, no exits.
 * `batch_all`: rows move together; the batch exits at an exit point only when every row is
   confident there (the others' exits are *missed*).
 * `batch_majority`: rows move together; the batch exits when a fraction >= q is confident, forcing
   the rest out (*involuntary* exits).
-* `drex`: per-row exits into per-segment buffers. A cost model `T_s(n) = a_s + b_s·n` plus a
-  regrouping cost (a non-contiguous row set pays a gathered copy of its keys/values) picks the buffer
-  to run (deepest first unless a shallower one runs far more efficiently), whether exited rows ride
-  along to keep a batch contiguous instead of splitting it, and — with `sla_tpot_ms` — runs the
-  buffer of any row about to exceed its time per output token first.
+* `drex`: per-row exits into per-segment buffers. A cost model `T_s(n) = a_s + b_s·n` picks the
+  buffer to run (deepest first unless a shallower one runs far more efficiently), whether to run only
+  the row bucket below a buffer's count, and — with `sla_tpot_ms` — runs the buffer whose oldest
+  token is about to exceed its time per output token first.
+
+The rows themselves live on the device (DESIGN.md §10): a policy sees how many wait in each buffer,
+how long the oldest has waited and how old its oldest token is, and names a count; the device takes
+that many from the front of the buffer.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from drex_hf.errors import GenerationInputError
 
@@ -34,9 +35,11 @@ POLICY_NAMES = ("drex", "full", "batch_all", "batch_majority")
 
 @dataclass(frozen=True)
 class Decision:
+    """Run `segment` on `rows` rows from the front of its buffer (a row bucket, or the buffer's whole
+    count: the device takes min(count, bucket)), exiting by `exit_rule`."""
+
     segment: int
-    rows: tuple[int, ...]
-    riders: tuple[int, ...] = ()
+    rows: int
     exit_rule: str = "own"  # own | all | majority | none
     quorum: float = 0.5
     predicted_ms: float | None = None
@@ -45,28 +48,24 @@ class Decision:
 
 @dataclass
 class SchedulerView:
-    """What a policy may look at (read-only: a policy copies what it keeps). Each buffer lists its slots
-    in the order they joined it (the first has waited longest). Per slot, indexable and
-    with `.get()`: `token_age_ms` (how long its current token has taken), `steps_waiting` (steps it
-    has waited in its buffer), `done_through` (the last segment whose layers already hold this slot's
-    keys/values at its current position, -1 when none or free); a slot may ride through segment s when
-    done_through < s and it is not itself waiting for s."""
+    """What a policy may look at — counts, not rows: the rows live on the device. Per segment buffer:
+    `counts` (entries waiting), `waited` (steps its oldest entry has waited), `token_age_ms` (how
+    long its oldest token has taken; None when no SLA is tracked). `context`: cached positions of the
+    longest request (for the cost model); `buckets`: the row counts programs run at (None: any)."""
 
-    buffers: list[list[int]]
-    token_age_ms: Any
-    steps_waiting: Any
-    done_through: Any
+    counts: list[int]
+    waited: list[int]
+    token_age_ms: list[float] | None = None
     context: int = 1
-    buckets: list[int] | None = None  # the row counts programs run at (None: any count)
+    buckets: list[int] | None = None
 
-    def riders_for(self, s: int, rows: list[int]) -> list[int] | None:
-        """Slots filling the gaps between `rows`, if every one of them may ride through `s`."""
-        lo, hi = min(rows), max(rows)
-        chosen = set(rows)
-        holes = [slot for slot in range(lo, hi + 1) if slot not in chosen]
-        if all(self.done_through[slot] < s for slot in holes):
-            return holes
-        return None
+    def takes(self, s: int) -> list[int]:
+        """The row counts a decision on buffer s may name: every count up to it, or at row buckets the
+        buckets below it and the count itself."""
+        n = self.counts[s]
+        if self.buckets is None:
+            return list(range(1, n + 1))
+        return [b for b in self.buckets if b < n] + [n]
 
 
 def interpolate(rows: list[int], table: list[float], n: int, slope: float = 0.0) -> float:
@@ -212,15 +211,10 @@ class Policy:
         self.num_segments = num_segments
         self.cost = cost
 
-    def predict(self, view: SchedulerView, s: int, rows: list[int], riders: list[int]) -> float | None:
+    def predict(self, view: SchedulerView, s: int, rows: int) -> float | None:
         if self.cost is None:
             return None
-        n = len(rows) + len(riders)
-        lo, hi = min(rows), max(rows)
-        if riders:
-            lo, hi = min(lo, min(riders)), max(hi, max(riders))
-        contiguous = hi - lo + 1 == n  # the slots are distinct
-        return self.cost.predict(s, n, contiguous, view.context)
+        return self.cost.predict(s, rows, s == 0, view.context)
 
     def pick(self, view: SchedulerView) -> Decision:
         raise NotImplementedError
@@ -231,8 +225,8 @@ class FullPolicy(Policy):
     exit_rule = "none"
 
     def pick(self, view: SchedulerView) -> Decision:
-        rows = list(view.buffers[0])
-        return Decision(0, tuple(rows), (), "none", predicted_ms=self.predict(view, 0, rows, []), reason="every row")
+        rows = view.counts[0]
+        return Decision(0, rows, "none", predicted_ms=self.predict(view, 0, rows), reason="every row")
 
 
 class BatchPolicy(Policy):
@@ -243,10 +237,9 @@ class BatchPolicy(Policy):
         self.quorum = quorum
 
     def pick(self, view: SchedulerView) -> Decision:
-        s = max(i for i, b in enumerate(view.buffers) if b)
-        rows = list(view.buffers[s])
-        predicted = self.predict(view, s, rows, [])
-        return Decision(s, tuple(rows), (), self.exit_rule, self.quorum, predicted, reason="the deepest group")
+        s = max(i for i, n in enumerate(view.counts) if n)
+        rows = view.counts[s]
+        return Decision(s, rows, self.exit_rule, self.quorum, self.predict(view, s, rows), reason="the deepest group")
 
 
 class BatchAllPolicy(BatchPolicy):
@@ -270,7 +263,7 @@ class DrexPolicy(Policy):
     the predicted time. The deepest buffer runs unless its efficiency is below (1 - slack) × the
     best one's: finishing tokens first keeps a static batch in step, so each segment runs once per
     token round with every row that needs it. The default, slack 1.0, is pure deepest-first (SLA and
-    stalled rows aside): strictly most-efficient-first desynchronised the rows and cost ~10 % more
+    stalled buffers aside): strictly most-efficient-first desynchronised the rows and cost ~10 % more
     steps (CPU), slack 0.75 gave the same steps as 1.0 on the moderate shape and on an H200, and on
     the tiny shape, whose steps cost the same at any row count, it let a noisy cost table skip a
     one-row deepest buffer and desynchronise the rows (60 -> 69 steps for 15 rounds)."""
@@ -279,71 +272,68 @@ class DrexPolicy(Policy):
     cost: CostModel
     sla_tpot_ms: float | None = None
     slack: float = 1.0
-    ride_tolerance: float = 0.0
     max_wait_steps: int | None = None
-    ride: bool = True  # may exited rows ride along to keep a batch contiguous (off with CUDA graphs)
     name: str = field(default="drex", init=False)
     exit_rule: str = field(default="own", init=False)
+    _plans: dict = field(default_factory=dict, init=False, repr=False)  # the plans' costs, by (s, n, context)
 
-    def plan(self, view: SchedulerView, s: int) -> tuple[list[int], list[int], float, str]:
-        """Rows, riders, predicted ms and how, for running buffer s: split (gathered), ride along,
-        or — when programs run at row buckets — only the rows that fill the bucket below, if its step
-        and a later one for the rest cost less than padding all of them up to the next bucket."""
-        rows = list(view.buffers[s])
-        n = len(rows)
-        split_ms = self.predict(view, s, rows, [])
-        riders = view.riders_for(s, rows) if self.ride else None
-        if riders:
-            ride_ms = self.cost.predict(s, n + len(riders), True, view.context)
-            # a contiguous batch reads its keys/values in place (eager programs); a ride's own work is
-            # thrown away (it fills no keys/values), so only a predicted saving rides (measured on the
-            # 2-core CPU, moderate shape, batch 32: a 5 % tolerance rode 4x as many rows, 2-3 % slower)
-            if ride_ms <= split_ms * (1.0 + self.ride_tolerance):
-                return rows, riders, ride_ms, "ride"
+    def plan(self, view: SchedulerView, s: int) -> tuple[int, float, str]:
+        """Rows, predicted ms and how, for running buffer s: all of it, or — when programs run at row
+        buckets — only the bucket below, if its step and a later one for the rest cost less than
+        padding all of them up to the next bucket. (The cost model does not change: each answer is
+        worked out once.)"""
+        key = (s, view.counts[s], view.context, view.buckets is None)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan(view, s)
+        return plan
+
+    def _plan(self, view: SchedulerView, s: int) -> tuple[int, float, str]:
+        n = view.counts[s]
+        whole = self.predict(view, s, n)
         below = [b for b in (view.buckets or ()) if b < n]
         if below and self.cost.padded(n) > n:
-            first = self.predict(view, s, rows[: below[-1]], [])
-            rest = self.predict(view, s, rows[below[-1] :], [])
-            if first + rest < split_ms:
-                return rows[: below[-1]], [], first, "rebucket"
-        return rows, [], split_ms, "split"
+            first = self.predict(view, s, below[-1])
+            if first + self.predict(view, s, n - below[-1]) < whole:
+                return below[-1], first, "rebucket"
+        return n, whole, "whole"
 
     def pick(self, view: SchedulerView) -> Decision:
-        waiting = [s for s, b in enumerate(view.buffers) if b]
+        waiting = [s for s, n in enumerate(view.counts) if n]
         plans = {s: self.plan(view, s) for s in waiting}
         urgent, why = self._urgent(view, plans)
         if urgent is not None:
             s = urgent
         else:
-            eff = {s: self.cost.b_ms[s] * len(plans[s][0]) / max(plans[s][2], 1e-9) for s in waiting}
+            eff = {s: self.cost.b_ms[s] * plans[s][0] / max(plans[s][1], 1e-9) for s in waiting}
             best = max(eff.values())
             s = max(x for x in waiting if eff[x] >= (1.0 - self.slack) * best)
             why = "deepest" if s == max(waiting) else "more efficient"
-        rows, riders, ms, how = plans[s]
-        return Decision(s, tuple(rows), tuple(riders), "own", predicted_ms=ms, reason=f"{why}, {how}")
+        rows, ms, how = plans[s]
+        return Decision(s, rows, "own", predicted_ms=ms, reason=f"{why}, {how}")
 
     def _urgent(self, view: SchedulerView, plans: dict) -> tuple[int | None, str]:
-        """The buffer of the row closest to breaking the SLA (or waiting too many steps), if any."""
+        """The buffer closest to breaking the SLA (or waiting too many steps), if any."""
         limit = self.max_wait_steps if self.max_wait_steps is not None else 4 * self.num_segments
-        # a buffer lists its slots in the order they joined it: its first has waited longest
-        stalled = [s for s in plans if view.buffers[s] and view.steps_waiting.get(view.buffers[s][0], 0) >= limit]
+        stalled = [s for s in plans if view.waited[s] >= limit]
         if stalled:
             return max(stalled), "stalled"
-        if self.sla_tpot_ms is None:
+        if self.sla_tpot_ms is None or view.token_age_ms is None:
             return None, ""
         worst, where = None, None
         for s in plans:
-            later = range(s, self.num_segments)
-            remaining = sum(plans[j][2] if j in plans else self.cost.segment_ms(j, 1) for j in later)
-            for row in view.buffers[s]:
-                slack = self.sla_tpot_ms - view.token_age_ms.get(row, 0.0) - remaining
-                if slack < 0.5 * self.sla_tpot_ms and (worst is None or slack < worst):
-                    worst, where = slack, s
+            remaining = sum(
+                plans[j][1] if j in plans else self.cost.segment_ms(j, 1) for j in range(s, self.num_segments)
+            )
+            slack = self.sla_tpot_ms - view.token_age_ms[s] - remaining
+            if slack < 0.5 * self.sla_tpot_ms and (worst is None or slack < worst):
+                worst, where = slack, s
         return where, "sla"
 
 
 class RandomPolicy(Policy):
-    """Random legal decisions (tests: invariant 4, scheduling never changes output)."""
+    """Random legal decisions: any waiting buffer, any number of its rows (tests: invariant 4,
+    scheduling never changes output)."""
 
     name = "random"
 
@@ -352,13 +342,8 @@ class RandomPolicy(Policy):
         self.rng = random.Random(seed)
 
     def pick(self, view: SchedulerView) -> Decision:
-        s = self.rng.choice([i for i, b in enumerate(view.buffers) if b])
-        buffer = list(view.buffers[s])
-        rows = self.rng.sample(buffer, self.rng.randint(1, len(buffer)))
-        eligible = [slot for slot, done in enumerate(view.done_through) if done < s and slot not in rows]
-        eligible = [slot for slot in eligible if slot not in buffer]
-        riders = self.rng.sample(eligible, self.rng.randint(0, len(eligible))) if eligible else []
-        return Decision(s, tuple(rows), tuple(riders), "own", reason="random")
+        s = self.rng.choice([i for i, n in enumerate(view.counts) if n])
+        return Decision(s, self.rng.choice(view.takes(s)), "own", reason="random")
 
 
 def make_policy(
