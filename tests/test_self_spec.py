@@ -11,8 +11,8 @@ from conftest import make_tiny, padded_batch
 from drex_hf import EarlyExitConfig, EarlyExitModelForCausalLM
 from drex_hf.errors import GenerationInputError, GenerationTypeError
 from drex_hf.generation.reference import generate_reference
-from drex_hf.generation.self_spec import generate_self_spec
 from drex_hf.generation.settings import DecodeSettings
+from drex_hf.generation.spec.reference import generate_self_spec
 
 EXITS = (0, 1, 2)
 LENGTHS = [5, 9, 3, 12, 1]  # prompts of different lengths

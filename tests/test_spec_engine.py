@@ -12,9 +12,10 @@ import torch
 from test_self_spec import EXITS, SAMPLING, _eos_cut_draft, _full, _model, _prompts
 
 from drex_hf.errors import GenerationInputError, GenerationTypeError
-from drex_hf.generation.self_spec import generate_self_spec
 from drex_hf.generation.settings import DecodeSettings
-from drex_hf.generation.spec_engine import SpecCost, SpecEngine, adaptive_k
+from drex_hf.generation.spec.cost import SpecCost, adaptive_k
+from drex_hf.generation.spec.engine import SpecEngine
+from drex_hf.generation.spec.reference import generate_self_spec
 
 LENGTHS_8 = [5, 9, 3, 12, 1, 7, 2, 10]
 NEW = 13
@@ -108,7 +109,7 @@ def test_requests_joining_mid_run_equal_full_depth():
     while waiting or engine.active:
         while waiting and engine.has_free_slot:
             i = waiting.pop(0)
-            joined_mid_round += any(r.drafting for r in engine.requests.values())
+            joined_mid_round += any(r.drafting for r in engine.rounds.values())
             ids[engine.add_request(prompts[i], max_new_tokens=budgets[i])] = i
         engine.step()
     assert joined_mid_round > 0, "no request joined while others were drafting"

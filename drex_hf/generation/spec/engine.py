@@ -1,0 +1,455 @@
+"""`SpecEngine`: batched self-speculative decoding with continuous batching — lossless early exit.
+
+Each row decodes in rounds. A round drafts up to k tokens with the exit head after layer
+`draft_exit` (layers 0..draft_exit run for each draft's input, so their keys/values there are exact),
+then one verify pass runs the drafted positions through the remaining layers — the last input
+through all of them — and keeps the longest prefix on which the drafts agree with full depth, plus
+one token from full depth. Rejected positions are dropped by shortening the row: its pending
+position moves back, and whatever the rejected drafts wrote past it is rewritten before anything
+reads it. `spec.reference.SelfSpecDecoder` is the one-request reference this engine equals.
+
+It runs on the same `Runner` as `DrexEngine` (slot state, store, prefill, graphs), whose segments
+are the draft exit's, with two more programs (`spec.programs`): a step is the prefill, a draft
+step (every row still drafting drafts one token) or, when none drafts, one verify pass over every
+row. The host plans each step from the last (which rows draft, how many): one upload, one program
+at the rows' bucket (a captured graph on CUDA), one read. Greedy output equals full depth token for
+token; sampling uses the standard speculative acceptance rule with counter-based draws (sub-streams
+FULL / DRAFT / ACCEPT of the request's seed), so a request's tokens are distributed as full depth's
+and do not depend on its neighbours.
+
+`draft_tokens`: a fixed k, or "adaptive": each round, the k in 0..max_draft_tokens that maximises
+expected tokens per unit of cost under the row's own per-draft acceptance and the engine's `SpecCost`
+(k = 0 is a plain full-depth step). `draft_confidence`: a row stops drafting at a draft whose head
+confidence is below it (not proposed; its input's layers have run, the verify pass redoes them).
+`exit_source="trace"` replays acceptance instead: each draft accepted with probability `acceptance`
+(seeded per request) — the machinery's cost on random-weight models of real sizes.
+"""
+
+from __future__ import annotations
+
+import numbers
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from drex_hf.device import time_ms
+from drex_hf.errors import GenerationInputError, GenerationTypeError
+from drex_hf.generation.checks import check_request, check_special_tokens
+from drex_hf.generation.engine import SlotEngine, TokenRates, _graph_mode
+from drex_hf.generation.kv_store import RowKVCache
+from drex_hf.generation.plan import row_buckets
+from drex_hf.generation.protocol import EarlyExitModel
+from drex_hf.generation.runner import Options, Runner
+from drex_hf.generation.sampling import as_seed
+from drex_hf.generation.settings import DecodeSettings
+from drex_hf.generation.spec.cost import SpecCost, adaptive_k, judged_drafts
+from drex_hf.generation.spec.programs import SpecPrograms
+from drex_hf.generation.spec.reference import DRAFT, check_spec_arguments, spec_counter
+from drex_hf.generation.state import FinishCallback, Phase, Request, RequestOutput, Requests, TokenCallback
+from drex_hf.seeds import check_seed
+
+MAX_ADAPTIVE_DRAFT = 8  # the largest k adaptive drafting considers, unless max_draft_tokens says otherwise
+
+
+@dataclass
+class SpecRequestOutput(RequestOutput):
+    """A request's tokens (every one full depth's: `exit_layers` hold L-1) and, per verify round, how
+    many tokens it drafted and how many of them were accepted."""
+
+    drafted: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        total = sum(self.drafted)
+        return sum(self.accepted) / total if total else 0.0
+
+
+@dataclass
+class SpecStats(TokenRates):
+    """What a run did. `layer_rows`: layer evaluations on real positions (drafts' shallow layers, the
+    verify pass's, the prefill's excluded), of which `draft_layer_rows` the draft steps' (draft_exit + 1
+    per drafting row: the verify pass's own shallow pass for a round's last input counts as verify);
+    `padded_layer_rows`: those a verify pass spent on padding positions (rows verifying fewer drafts
+    than the longest); `tested`: drafts the verify pass judged (a round's drafts up to and including
+    its first rejection: later ones are dropped unjudged); `uploads`/`reads`: host-device copies."""
+
+    policy: str = "self_spec"
+    tokens: int = 0
+    decoded_tokens: int = 0
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    tested: int = 0
+    layer_rows: int = 0
+    draft_layer_rows: int = 0
+    padded_layer_rows: int = 0
+    steps: int = 0
+    draft_steps: int = 0
+    verify_steps: int = 0
+    prefill_steps: int = 0
+    wall_s: float = 0.0
+    prefill_s: float = 0.0
+    uploads: int = 0
+    reads: int = 0
+    draft_lengths: dict[int, int] = field(default_factory=dict)  # rounds per k chosen
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted drafts over drafted ones (a rejection also drops the round's later drafts)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def per_draft_acceptance(self) -> float:
+        """Accepted drafts over judged ones: the chance that a draft the verify pass reaches is
+        accepted — the `a` of `SpecCost.speedup`'s model, and what a trace's `acceptance` states."""
+        return self.accepted / self.tested if self.tested else 0.0
+
+    @property
+    def mean_draft_tokens(self) -> float:
+        """Drafts per round (adaptive drafting's mean k; a fixed k's, less rounds cut by the budget)."""
+        return self.drafted / self.rounds if self.rounds else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        return self.decoded_tokens / self.rounds if self.rounds else 0.0
+
+    @property
+    def layers_per_token(self) -> float:
+        return self.layer_rows / self.decoded_tokens if self.decoded_tokens else 0.0
+
+    @property
+    def draft_layers_per_token(self) -> float:
+        return self.draft_layer_rows / self.decoded_tokens if self.decoded_tokens else 0.0
+
+    @property
+    def verify_layers_per_token(self) -> float:
+        return (self.layer_rows - self.draft_layer_rows) / self.decoded_tokens if self.decoded_tokens else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        out["draft_lengths"] = {str(k): v for k, v in sorted(self.draft_lengths.items())}
+        for name in ("acceptance_rate", "per_draft_acceptance", "mean_draft_tokens", "tokens_per_round",
+                     "layers_per_token", "draft_layers_per_token", "verify_layers_per_token", "tokens_per_s",
+                     "decode_tokens_per_s"):  # fmt: skip
+            out[name] = getattr(self, name)
+        return out
+
+
+@dataclass
+class _Round:
+    """A running request's round, on the host: its pending token (the last emitted, whose keys/values
+    are not stored yet) sits at `position`; `drafts` are this round's proposals after it."""
+
+    request: Request
+    position: int = 0
+    k: int = 0  # drafts this round may make
+    drafts: list[int] = field(default_factory=list)
+    drafting: bool = False
+
+    @property
+    def index(self) -> int:
+        """The number of the first token this round decides (tokens so far)."""
+        return len(self.request.output.tokens)
+
+
+class SpecEngine(SlotEngine):
+    """Continuous batching by self-speculation; see the module docstring.
+
+    Args:
+        model: an early-exit model.
+        max_batch / max_len: slots, and positions per slot (a request needs prompt + max_new_tokens).
+        draft_exit: the exit layer whose head drafts (one of `model.exit_layers`).
+        draft_tokens: k, the drafts per round, or "adaptive" (see the module docstring).
+        max_draft_tokens: adaptive: the largest k considered (default 8).
+        draft_confidence: stop drafting at a draft whose head confidence is below this (None: never).
+        settings: decoding settings; logits processors and stop strings are refused (not supported yet).
+        cost: the `SpecCost` adaptive drafting weighs k with (default: `measure_spec_cost` at start-up).
+        prior_acceptance: adaptive: the acceptance a row starts from, worth two drafts.
+        exit_source: `heads`, or `trace` with `acceptance`: each draft accepted with that probability.
+        trace_seed: a trace's coins: request i's come from trace_seed + i (or + its seed when given).
+        graphs / lazy_capture / static_shapes / buckets: as `DrexEngine`'s (CUDA graphs by default on CUDA).
+        keep_finished: keep finished requests in `finished` (what `run()` returns).
+    """
+
+    def __init__(self, model: EarlyExitModel, *, max_batch: int, max_len: int, draft_exit: int,
+                 draft_tokens: int | str = 4, max_draft_tokens: int | None = None,
+                 draft_confidence: float | None = None, settings: DecodeSettings | None = None,
+                 cost: SpecCost | None = None, exit_source: str = "heads", acceptance: float | None = None,
+                 trace_seed: int = 0, keep_finished: bool = True, prior_acceptance: float = 0.5,
+                 graphs: Any = None, lazy_capture: bool = True, static_shapes: bool | None = None,
+                 buckets: Sequence[int] | None = None, progress: bool | None = None) -> None:  # fmt: skip
+        model.arch.check_attention_implementation()
+        for name, value, low in (("max_batch", max_batch, 1), ("max_len", max_len, 2)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise GenerationInputError(f"{name} must be an integer >= {low}, got {value!r}")
+        settings = settings or DecodeSettings(max_new_tokens=32)
+        self.adaptive = draft_tokens == "adaptive"
+        k_max = _k_max(draft_tokens, max_draft_tokens, self.adaptive)
+        check_spec_arguments(model, settings, draft_exit, k_max)
+        _check_spec_options(draft_confidence, exit_source, acceptance, prior_acceptance, cost)
+        check_special_tokens(settings, model.arch.vocab_size)
+        self.model, self.arch, self.settings = model, model.arch, settings
+        self.num_layers = self.arch.num_layers
+        self.draft_exit, self.k_max = draft_exit, k_max
+        self.fixed_k = None if self.adaptive else draft_tokens
+        self.draft_confidence, self.prior_acceptance = draft_confidence, prior_acceptance
+        self.exit_source, self.acceptance, self.trace_seed = exit_source, acceptance, int(trace_seed)
+        self.eos, self.keep_finished = set(settings.eos_token_ids), keep_finished
+        limit = self.arch.position_limit
+        self.max_len = min(max_len, limit) if limit is not None else max_len
+        graphs, static = _graph_mode(settings, graphs, static_shapes, torch.device(model.heads_device))
+        # k + 1 spare positions: a verify pass over a shorter round writes past the row's last draft
+        self.store = RowKVCache.for_model(model, max_batch, self.max_len + k_max + 1)
+        options = Options(boundaries=[draft_exit], thresholds=[float("inf")],
+                          buckets=list(buckets) if buckets else row_buckets(max_batch, static), static=static,
+                          eos=tuple(settings.eos_token_ids), do_sample=settings.do_sample,
+                          warpers=tuple(settings.warpers()), fills=False)  # fmt: skip
+        self.runner = Runner(model, self.store, options, graphs=graphs, lazy=lazy_capture)
+        self.head = model.heads[model.exit_layers.index(draft_exit)]
+        self.programs = SpecPrograms(self.runner, self.head, k_max, acceptance if exit_source == "trace" else None,
+                                     settings, draft_confidence)  # fmt: skip
+        self.device = self.runner.device
+        self.shallow, self.deep = range(0, draft_exit + 1), range(draft_exit + 1, self.num_layers)
+        self.requests = Requests(self.store.allocate, self.store.release)
+        self.rounds: dict[int, _Round] = {}  # by slot
+        self.finished: dict[int, SpecRequestOutput] = {}
+        self.stats = SpecStats()
+        self._stepping, self._cancels, self.step_count = False, [], 0
+        self._step_start = time.perf_counter()
+        if cost is None and self.adaptive:
+            cost = measure_spec_cost(self)
+        self.cost = cost or SpecCost.from_layers(self.num_layers, draft_exit)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt: torch.Tensor | Sequence[int], *, max_new_tokens: int | None = None,
+                    seed: int | None = None, callback: TokenCallback | None = None,
+                    on_finish: FinishCallback | None = None) -> int:  # fmt: skip
+        """Queue a prompt (1-D token ids); returns its request id. Errors before any work, as
+        `DrexEngine.add_request`: an empty prompt, ids outside the vocabulary, no room, no free slot."""
+        default = self.settings.max_new_tokens if max_new_tokens is None else max_new_tokens
+        ids, max_new = check_request(prompt, default, self.arch, self.max_len)
+        seed = None if seed is None else check_seed(seed)
+
+        def make(rid: int, slot: int, epoch: int) -> Request:
+            trace_seed = as_seed(self.trace_seed + (rid if seed is None else int(seed)))
+            drawn = seed if seed is not None else (int(torch.randint(0, 2**62, (1,))) if self.settings.do_sample else 0)
+            output = SpecRequestOutput(rid, int(ids.numel()))
+            return Request(output, ids, int(max_new), as_seed(drawn), slot, epoch, callback, on_finish,
+                           trace_seed=trace_seed)  # fmt: skip
+
+        return self.requests.admit(make).output.request_id
+
+    # ------------------------------------------------------------------ stepping (`SlotEngine.step`)
+    def _step(self) -> bool:
+        start = self._step_start = time.perf_counter()
+        if self.requests.queued:
+            self._prefill()
+        elif not self.rounds:
+            return False
+        elif any(r.drafting for r in self.rounds.values()):
+            self._draft_step([r for r in self.rounds.values() if r.drafting])
+        else:
+            self._verify_step(list(self.rounds.values()))
+        self.stats.steps += 1
+        self.stats.wall_s += time.perf_counter() - start
+        self.stats.uploads, self.stats.reads = self.runner.transfers["uploads"], self.runner.transfers["reads"]
+        return True
+
+    def _prefill(self) -> None:
+        """One batched full-depth pass over the queued prompts: each gets its first token (FULL draw
+        0, as full depth's), then starts its first round."""
+        start = time.perf_counter()
+        batch = self.requests.take_queued()
+        self.step_count += 1
+        self.runner.prefill(self.step_count, batch, enqueue=False)
+        verdict = self.runner.read()
+        tokens = verdict.rows["token"].astype(int).tolist()
+        by_slot = {r.slot: r for r in batch}
+        for slot, token in zip(sorted(by_slot), tokens):
+            request = by_slot[slot]
+            round_ = self.rounds[slot] = _Round(request, position=request.output.prompt_length)
+            if self._emit(round_, token):
+                self._start_round(round_)
+        self.stats.prefill_steps += 1
+        self.stats.prefill_s += time.perf_counter() - start
+
+    def _start_round(self, round_: _Round) -> None:
+        """The row's pending token now sits at `position`: choose this round's k (no more than tokens
+        the row may still emit, one of them full depth's) and start drafting."""
+        round_.drafts = []
+        out = round_.request.output
+        room = round_.request.max_new_tokens - round_.index - 1
+        k = self.fixed_k if self.fixed_k is not None else adaptive_k(
+            self.cost, out.drafted, out.accepted, self.prior_acceptance, self.k_max)  # fmt: skip
+        round_.k = max(0, min(k, room))
+        round_.drafting = round_.k > 0
+
+    def _draft_step(self, rounds: list[_Round]) -> None:
+        """Every drafting row drafts one token: its last input through layers 0..draft_exit, the draft
+        head's pick (DRAFT draw of the token's index), and its confidence."""
+        offsets = [len(r.drafts) for r in rounds]
+        columns = [[r.request.slot for r in rounds], [r.position for r in rounds], offsets,
+                   [spec_counter(r.index + o, DRAFT) for r, o in zip(rounds, offsets)],
+                   [r.request.seed for r in rounds], [0] * len(rounds)]  # fmt: skip
+        result = self.programs.run("draft", columns).tolist()
+        self.stats.draft_steps += 1
+        self.stats.layer_rows += len(rounds) * len(self.shallow)
+        self.stats.draft_layer_rows += len(rounds) * len(self.shallow)
+        for round_, (token, confidence, *_) in zip(rounds, result):
+            if self.draft_confidence is not None and self.exit_source == "heads" and confidence < self.draft_confidence:
+                round_.drafting = False  # not proposed; the verify pass reruns its input
+                continue
+            round_.drafts.append(int(token))
+            if len(round_.drafts) >= round_.k or int(token) in self.eos:
+                round_.drafting = False
+
+    def _verify_step(self, rounds: list[_Round]) -> None:
+        """Every row's round at once: the last input's shallow pass, the deep pass over each row's
+        drafted positions + 1, the acceptance of each draft, then each row's tokens."""
+        width = max(len(r.drafts) for r in rounds)
+        columns = [[r.request.slot for r in rounds], [r.position for r in rounds], [len(r.drafts) for r in rounds],
+                   [r.index for r in rounds], [r.request.seed for r in rounds],
+                   [r.request.trace_seed for r in rounds]]  # fmt: skip
+        drafts = [r.drafts + [0] * (width - len(r.drafts)) for r in rounds]
+        result = self.programs.run("verify", columns, drafts).tolist()
+        self.stats.verify_steps += 1
+        real = sum(len(r.drafts) + 1 for r in rounds)
+        self.stats.layer_rows += len(rounds) * len(self.shallow) + real * len(self.deep)
+        self.stats.padded_layer_rows += (len(rounds) * (width + 1) - real) * len(self.deep)
+        k = self.k_max
+        for round_, values in zip(rounds, result):
+            self._finish_round(round_, values[:width], values[k : k + width + 1])
+
+    def _finish_round(self, round_: _Round, accepted: list[float], full: list[float]) -> None:
+        """Emit the row's accepted drafts and full depth's next token; the rejected positions go (the
+        row's pending position moves only past what it kept)."""
+        n, kept, emitted = len(round_.drafts), 0, []
+        for j in range(n):
+            if not accepted[j]:
+                emitted.append(int(full[j]))
+                break
+            emitted.append(round_.drafts[j])
+            kept += 1
+            if round_.drafts[j] in self.eos:
+                break
+        else:
+            emitted.append(int(full[n]))
+        out = round_.request.output
+        out.drafted.append(n)
+        out.accepted.append(kept)
+        stats = self.stats
+        stats.rounds, stats.drafted, stats.accepted = stats.rounds + 1, stats.drafted + n, stats.accepted + kept
+        stats.tested += judged_drafts(n, kept)
+        stats.draft_lengths[round_.k] = stats.draft_lengths.get(round_.k, 0) + 1
+        for token in emitted:
+            if not self._emit(round_, token):
+                return
+            round_.position += 1
+        self._start_round(round_)
+
+    def _emit(self, round_: _Round, token: int) -> bool:
+        """Append one token; False when it ended the request (eos or max_new_tokens)."""
+        request = round_.request
+        out = request.output
+        out.tokens.append(int(token))
+        out.exit_layers.append(self.num_layers - 1)
+        out.token_times.append(self.stats.wall_s + time.perf_counter() - self._step_start)
+        self.stats.tokens += 1
+        if len(out.tokens) > 1:
+            self.stats.decoded_tokens += 1
+        if request.callback is not None:
+            request.callback(out.request_id, int(token), self.num_layers - 1)
+        if int(token) in self.eos:
+            self._end(request, "stop")
+            return False
+        if len(out.tokens) >= request.max_new_tokens:
+            self._end(request, "length")
+            return False
+        return True
+
+    def _end(self, request: Request, reason: str) -> None:
+        if request.phase is Phase.RUNNING:
+            self.rounds.pop(request.slot, None)
+        self._finished(request, reason)
+
+    def row_state_bytes(self) -> int:
+        """Bytes of the per-slot tensors besides the KV cache: the runner's, this round's exit states
+        and (sampling) the drafts' distributions."""
+        return self.runner.nbytes() + sum(t.nbytes for t in self.programs.tensors())
+
+    def reset_stats(self) -> None:
+        """Start counting afresh (and forget finished requests); benchmarks reuse one engine."""
+        if len(self.requests):
+            raise RuntimeError("reset_stats() while requests are running")
+        self.stats = SpecStats()
+        self.finished = {}
+        self.requests.next_id = 0  # a trace's per-request coins are those of a new engine
+
+
+def _k_max(draft_tokens: Any, max_draft_tokens: int | None, adaptive: bool) -> int:
+    if adaptive:
+        return MAX_ADAPTIVE_DRAFT if max_draft_tokens is None else max_draft_tokens
+    if isinstance(draft_tokens, str):
+        raise GenerationInputError(f"draft_tokens must be a positive integer or 'adaptive', got {draft_tokens!r}")
+    if max_draft_tokens is not None:
+        raise GenerationInputError("max_draft_tokens applies to draft_tokens='adaptive'")
+    return draft_tokens
+
+
+def _check_spec_options(
+    draft_confidence: Any, exit_source: str, acceptance: Any, prior_acceptance: Any, cost: Any
+) -> None:
+    """Refuse self-speculation's own options when they are malformed, naming them."""
+    if draft_confidence is not None and (
+        isinstance(draft_confidence, bool) or not isinstance(draft_confidence, numbers.Real)
+        or not 0 <= draft_confidence <= 1
+    ):  # fmt: skip
+        raise GenerationInputError(
+            f"draft_confidence must be a probability in [0, 1] or None, got {draft_confidence!r}"
+        )
+    if exit_source not in ("heads", "trace"):
+        raise GenerationInputError(f"unknown exit source {exit_source!r}; choose 'heads' or 'trace'")
+    if exit_source == "trace":
+        if acceptance is None or isinstance(acceptance, bool) or not isinstance(acceptance, numbers.Real):
+            raise GenerationInputError("exit_source='trace' needs acceptance=, the probability a draft is accepted")
+        if not 0 <= acceptance <= 1:
+            raise GenerationInputError(f"acceptance must be in [0, 1], got {acceptance}")
+    elif acceptance is not None:
+        raise GenerationInputError("acceptance applies to exit_source='trace'")
+    if isinstance(prior_acceptance, bool) or not isinstance(prior_acceptance, numbers.Real):
+        raise GenerationTypeError(f"prior_acceptance must be a number, got {prior_acceptance!r}")
+    if not 0 < prior_acceptance < 1:
+        raise GenerationInputError(f"prior_acceptance must be in (0, 1), got {prior_acceptance}")
+    if cost is not None and not isinstance(cost, SpecCost):
+        raise GenerationTypeError(f"cost must be a SpecCost, got {type(cost).__name__}")
+
+
+def measure_spec_cost(engine: SpecEngine, repeats: int = 5) -> SpecCost:
+    """Time the engine's own programs on its still-empty slots, all `max_batch` of them (it runs
+    before any request, so what it writes no request reads): a draft step, and a verify pass over 1
+    and over k_max + 1 positions per row; a straight line through the two verify times gives its
+    fixed and per-position parts, and the one-position verify (a full-depth step) is what rounds
+    must beat."""
+    n = engine.store.slots
+    position = max(min(16, engine.max_len - engine.k_max - 2), 0)
+    slots, zeros = list(range(n)), [0] * n
+    columns = [slots, [position] * n, zeros, zeros, zeros, zeros]
+    run = engine.programs.run
+
+    def verify(q: int) -> Callable[[], None]:
+        return lambda: run("verify", columns, [[0] * (q - 1)] * n)
+
+    t_draft = time_ms(lambda: run("draft", columns), repeats, engine.device)
+    t_one = time_ms(verify(1), repeats, engine.device)
+    q = engine.k_max + 1
+    t_many = time_ms(verify(q), repeats, engine.device)
+    per_position = max(t_many - t_one, 0.0) / (q - 1) if q > 1 else 0.0
+    return SpecCost(draft=t_draft, verify_fixed=max(t_one - per_position, 0.0), verify_per_position=per_position,
+                    full=t_one, source=f"measured at start-up ({n} rows)")  # fmt: skip
+
+
+__all__ = ["SpecEngine", "SpecRequestOutput", "SpecStats", "measure_spec_cost"]

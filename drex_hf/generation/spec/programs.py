@@ -1,0 +1,216 @@
+"""The device side of self-speculation: draft and verify, bucketed and capture-safe, on the runner.
+
+A `SpecPrograms` adds two programs to a `Runner` (whose segments are the draft exit's: layers
+0..e, then e+1..L-1) and keeps what a round needs beside its row state: each slot's exit states of
+the round's inputs, and (sampling) the drafts' warped distributions. Each step's rows come in one
+upload of plan columns (slots, positions, draft offsets or counts, counters, seeds, the drafts) and
+leave in one read:
+
+    ("draft", b)    each row's last input through layers 0..e at its next position; the draft
+                    head's token (DRAFT draw) and confidence; the token becomes the row's next input
+    ("verify", b, q)  the last input's shallow pass, then every row's q positions (the most drafts
+                    a row of the step made, + 1) through layers e+1..L-1 at once; each draft's
+                    acceptance and full depth's tokens; the row's next pending token into its slot
+
+Rows padded to the bucket point at the scratch slot. Nothing here reads the device on the host
+(eager CPU programs look at their rows in CPU memory to attend up to the longest), so on CUDA both
+are captured like drex's programs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from drex_hf.arch import build_attention_mask
+from drex_hf.generation.programs import Rows
+from drex_hf.generation.runner import Runner
+from drex_hf.generation.sampling import pick_tokens, uniforms
+from drex_hf.generation.spec.reference import ACCEPT, FULL
+
+TRACE_STREAM = 3  # a trace's acceptance coin: a sub-stream of the request's trace seed
+COLUMNS = ("slot", "position", "count", "index", "seed", "trace_seed")
+
+
+class SpecPrograms:
+    """Draft and verify on `runner`; `k_max`: the most drafts a round makes; `acceptance`: a trace's
+    (None: the heads decide); the engine's sampling `settings`; `draft_confidence`: a draft below it is
+    not proposed, so it does not become the row's next input (the host stops the row's drafting)."""
+
+    def __init__(
+        self, runner: Runner, head: Any, k_max: int, acceptance: float | None, settings: Any,
+        draft_confidence: float | None = None,
+    ) -> None:  # fmt: skip
+        self.runner, self.head, self.k_max = runner, head, k_max
+        self.draft_confidence = draft_confidence if acceptance is None else None
+        self.arch, self.state, self.programs = runner.arch, runner.state, runner.programs
+        self.acceptance = acceptance
+        self.do_sample, self.warpers = settings.do_sample, list(settings.warpers())
+        device, dtype, total, rows = runner.device, runner.state.hidden.dtype, runner.state.total, runner.rows
+        self.device, self.q = device, k_max + 1
+        self.states = torch.zeros(total, k_max + 1, self.arch.hidden_size, dtype=dtype, device=device)
+        self.draft_probs = None
+        if self.do_sample:
+            self.draft_probs = torch.zeros(total, k_max, self.arch.vocab_size, dtype=torch.float64, device=device)
+        width = len(COLUMNS) + k_max
+        pinned = device.type == "cuda"
+        self.plan = torch.zeros(width, rows, dtype=torch.long, device=device)
+        self.host_plan = torch.zeros(width, rows, dtype=torch.long, pin_memory=pinned)
+        self.out = torch.zeros(rows, 2 * k_max + 1, dtype=torch.float64, device=device)
+        self.host_out = torch.zeros(self.out.shape, dtype=torch.float64, pin_memory=pinned)
+        self._plan_np, self._out_np = self.host_plan.numpy(), self.host_out.numpy()
+        self._done = None
+        if pinned:
+            with torch.cuda.device(device):
+                self._done = torch.cuda.Event()
+        self._offsets = torch.arange(self.q, device=device)
+        runner.extend({"draft": self._draft, "verify": self._verify}, self.tensors)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.states, self.draft_probs, self.plan, self.out, self._offsets) if t is not None]
+
+    # ------------------------------------------------------------------ a step
+    def run(self, kind: str, columns: list[list[int]], drafts: list[list[int]] | None = None) -> np.ndarray:
+        """Upload the step's columns (`COLUMNS` order, one value per row; `drafts`: each row's, padded
+        to the longest), run `kind` at the rows' bucket, and return its verdict rows (a view until the
+        next step): a draft's token and confidence; a verify's acceptance per draft (`k_max` columns)
+        then full depth's tokens (from column `k_max`)."""
+        n = len(columns[0])
+        bucket = self.runner.bucket(n)
+        plan = self._plan_np
+        for i, column in enumerate(columns):
+            plan[i, :n] = column
+            plan[i, n:bucket] = self.state.scratch if i == 0 else 0
+        key: tuple = (kind, bucket)
+        if drafts is not None:
+            width = len(drafts[0])
+            if width:
+                plan[len(COLUMNS) : len(COLUMNS) + width, :n] = np.asarray(drafts, dtype=np.int64).reshape(n, width).T
+                plan[len(COLUMNS) : len(COLUMNS) + width, n:bucket] = 0
+            key = (kind, bucket, width + 1)
+        self.plan[:, :bucket].copy_(self.host_plan[:, :bucket], non_blocking=True)
+        self.runner.transfers["uploads"] += 1
+        self.runner.graphs.run(key)
+        self.host_out[:bucket].copy_(self.out[:bucket], non_blocking=self._done is not None)
+        if self._done is not None:
+            self._done.record(torch.cuda.current_stream(self.device))
+            self._done.synchronize()
+        self.runner.transfers["reads"] += 1
+        return self._out_np[:n]
+
+    def _rows(self, bucket: int, positions: torch.Tensor) -> Rows:
+        slots = self.plan[0, :bucket]
+        valid = slots != self.state.scratch
+        return Rows(slots, slots, valid, positions)
+
+    # ------------------------------------------------------------------ programs
+    def shallow(self, bucket: int, slots: torch.Tensor, positions: torch.Tensor, offsets: torch.Tensor) -> Any:
+        """Each row's next input (`tokens[slot]`) at `positions` through layers 0..e (keys/values
+        written there); its exit state into `states[slot, offset]`."""
+        rows = self._rows(bucket, positions)
+        out = self.programs.run_layers(0, rows, self.programs.embed(rows), self.runner.store.max_len)
+        self.states.index_put_((slots, offsets), out)
+        return out
+
+    def _draft(self, bucket: int) -> None:
+        plan = self.plan[:, :bucket]
+        slots, positions, offsets, counters, seeds = plan[0], plan[1], plan[2], plan[3], plan[4]
+        state = self.shallow(bucket, slots, positions + offsets, offsets)
+        logits = self.head.logits(state).float()
+        confidence = torch.softmax(logits, dim=-1).amax(dim=-1)
+        tokens = pick_tokens(logits, self.do_sample, self.warpers, seeds, counters)
+        if self.draft_probs is not None:
+            self.draft_probs.index_put_((slots, offsets.clamp(max=self.k_max - 1)), self._warped(logits))
+        if self.draft_confidence is not None:  # a draft not proposed leaves the row's last input as it was
+            kept = confidence.double() >= self.draft_confidence
+            tokens = torch.where(kept, tokens, self.state.tokens.index_select(0, slots))
+        self.state.tokens.index_copy_(0, slots, tokens)
+        self.out[:bucket, 0].copy_(tokens)
+        self.out[:bucket, 1].copy_(confidence)
+
+    def _verify(self, bucket: int, q: int) -> None:
+        plan = self.plan[:, :bucket]
+        slots, positions, lengths, index, seeds, trace_seeds = plan[: len(COLUMNS)]
+        k = q - 1
+        drafts = plan[len(COLUMNS) : len(COLUMNS) + k].T  # [b, k]
+        self.shallow(bucket, slots, positions + lengths, lengths)
+        offsets = self._offsets[:q]
+        grid = positions.unsqueeze(1) + offsets  # [b, q]
+        hidden = self.deep(slots, grid, self.states.index_select(0, slots)[:, :q])
+        logits = self.arch.lm_head(self.arch.final_norm(hidden)).float()  # [b, q, vocab]
+        accepted, tokens = self._accept(logits, slots, drafts, lengths, index, seeds)
+        if self.acceptance is not None:  # a trace: the replayed coin instead of the comparison
+            counters = index.unsqueeze(1) + offsets[:k] + (TRACE_STREAM << 30)
+            accepted = uniforms(trace_seeds.unsqueeze(1).expand_as(counters), counters) < self.acceptance
+        valid = offsets[:k].unsqueeze(0) < lengths.unsqueeze(1)
+        kept = torch.cumprod((accepted & valid).long(), dim=1).sum(dim=1, keepdim=True)
+        self.state.tokens.index_copy_(0, slots, tokens.gather(1, kept).squeeze(1))
+        self.out[:bucket, :k].copy_(accepted)
+        self.out[:bucket, self.k_max : self.k_max + q].copy_(tokens)
+
+    def deep(self, slots: torch.Tensor, grid: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Layers e+1..L-1 on every row's positions `grid [b, q]` at once (explicit causal masks over
+        the store's capacity, or — eager CPU programs — up to the furthest query)."""
+        store, programs = self.runner.store, self.programs
+        kv_len = store.max_len if self.runner.options.static else int(grid.max()) + 1
+        store.bind(slots, grid, kv_len=kv_len)
+        layers = programs.segments[1]
+        windows = {programs.windows[i] for i in layers}
+        masks = {w: build_attention_mask(grid, kv_len, window=w, dtype=hidden.dtype) for w in windows}
+        rotary = None
+        if programs.cos is not None:
+            flat, shape = grid.reshape(-1), (*grid.shape, -1)
+            rotary = (programs.cos.index_select(0, flat).view(shape), programs.sin.index_select(0, flat).view(shape))
+        for index in layers:
+            hidden = self.arch.run_layer(index, hidden, attention_mask=masks[programs.windows[index]],
+                                         position_ids=grid, position_embeddings=rotary, cache=store)  # fmt: skip
+        return hidden
+
+    # ------------------------------------------------------------------ acceptance
+    def _softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """The float64 softmax of `logits [n, vocab]` through the warpers (what `sample_rows` inverts)."""
+        scores = logits.float()
+        for warper in self.warpers:
+            scores = warper(scores)
+        return torch.softmax(scores, dim=-1).double()
+
+    def _warped(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = self._softmax(logits)
+        return probs / probs.sum(dim=-1, keepdim=True)
+
+    def _accept(self, logits: Any, slots: Any, drafts: Any, lengths: Any, index: Any, seeds: Any) -> tuple[Any, Any]:
+        """Per row and drafted position j: whether draft j is accepted `[b, k_max]`, and full depth's
+        token at each position `[b, q]` — on a rejection at j its correction, at j = the row's draft
+        count the token after an all-accepted round. Greedy: full depth's argmax; sampling: the
+        speculative test (ACCEPT draw), the residual max(0, p - q) (FULL draw) after a rejection, p
+        itself (FULL draw) after the last draft."""
+        n, q, vocab = logits.shape
+        k = q - 1
+        if not self.do_sample:
+            tokens = logits.argmax(dim=-1)
+            return (tokens[:, :k] == drafts) if k else tokens[:, :0].bool(), tokens
+        softmax = self._softmax(logits.reshape(n * q, vocab)).view(n, q, vocab)
+        p = softmax / softmax.sum(dim=-1, keepdim=True)
+        counters = index.unsqueeze(1) + self._offsets[:q]
+        row_seeds = seeds.unsqueeze(1).expand(n, q)
+        u_full = uniforms(row_seeds, counters + (FULL << 30))
+        cdf = softmax.cumsum(dim=-1)  # the bonus draw from p, exactly as full-depth sampling draws
+        total = cdf[..., -1:]
+        point = torch.minimum(u_full.unsqueeze(-1) * total, torch.nextafter(total, total.new_zeros(())))
+        plain = torch.searchsorted(cdf, point, right=True).squeeze(-1)
+        if not k:
+            return plain[:, :0].bool(), plain
+        qd = self.draft_probs.index_select(0, slots)[:, :k]
+        pd = p[:, :k]
+        picked = drafts.unsqueeze(-1)
+        u_accept = uniforms(row_seeds[:, :k], counters[:, :k] + (ACCEPT << 30))
+        accepted = u_accept * qd.gather(-1, picked).squeeze(-1) < pd.gather(-1, picked).squeeze(-1)
+        residual = (pd - qd).clamp(min=0)
+        residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, pd)
+        rcdf = (residual / residual.sum(dim=-1, keepdim=True)).cumsum(dim=-1)
+        rpoint = torch.minimum(u_full[:, :k].unsqueeze(-1), rcdf[..., -1:] * (1 - 2**-52))
+        corrected = torch.searchsorted(rcdf, rpoint, right=True).squeeze(-1)
+        at_end = self._offsets[:k].unsqueeze(0) >= lengths.unsqueeze(1)  # past the row's drafts: plain p
+        return accepted, torch.cat([torch.where(at_end, plain[:, :k], corrected), plain[:, k:]], dim=1)
