@@ -622,6 +622,13 @@ class EarlyExitModelForCausalLM(nn.Module):
             kwargs=kwargs,
         )
 
+    def release_engines(self) -> int:
+        """Release the engines `generate()` keeps for reuse (their KV stores and captured graphs; at
+        most two are kept, the least recently used released first); returns how many there were."""
+        from drex_hf.generation.api import release_engines
+
+        return release_engines(self)
+
     def _calibrated_policy(
         self, input_ids: Any, draft_exit: int | None, draft_tokens: int | str | None
     ) -> tuple[str, int | None, int | str | None]:

@@ -123,3 +123,24 @@ def test_a_rows_tokens_and_exits_do_not_depend_on_its_batch_in_bfloat16_with_gra
         assert run([prompts[i]], [i]) == [together[i]]
     layers = {layer for _, exits in together for layer in exits[1:]}
     assert layers >= {0, 1, 2, 3}, layers
+
+
+def test_self_spec_with_graphs_equals_full_depth_and_generate_reuses_its_engine_on_cuda():
+    """self_spec's draft and verify programs as CUDA graphs (captured lazily) give full depth's
+    greedy tokens; a second generate() with the same options reuses the engine and its graphs."""
+    from drex_hf.generation.api import engines
+
+    model = EarlyExitModelForCausalLM.from_base(
+        make_tiny("llama"), EarlyExitConfig(exit_layers=[1, 2], thresholds=math.inf), device="cuda"
+    )
+    ids, mask = padded_batch([5, 9, 3])
+    full = model.generate(ids, attention_mask=mask, max_new_tokens=12, policy="full")
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, policy="self_spec", draft_exit=1, draft_tokens=3)
+    first = model.generate(ids, **kwargs)
+    (spec,) = [e for e in engines.held(model) if hasattr(e, "draft_exit")]
+    captured = dict(spec.runner.graphs.graphs)
+    assert {key[0] for key in captured} == {"draft", "verify"}
+    again = model.generate(ids, **kwargs)
+    assert torch.equal(first, full) and torch.equal(again, full)
+    assert [e for e in engines.held(model) if hasattr(e, "draft_exit")] == [spec]
+    assert spec.runner.graphs.replays > 0 and model.release_engines() == 2

@@ -6,8 +6,11 @@ model class calls in here, never the other way.
 
 from __future__ import annotations
 
+import collections
 import copy
+import dataclasses
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,30 +58,72 @@ def generate(
     draft_confidence: float | None = None,
     kwargs: dict[str, Any],
 ) -> torch.Tensor | EarlyExitGenerateOutput:
-    """`model.generate(...)` with the policy resolved (see its docstring)."""
-    from drex_hf.generation.engine import DrexEngine
-    from drex_hf.generation.exits import ExitDistribution, ExitReplay
+    """`model.generate(...)` with the policy resolved (see its docstring): the batch through an engine
+    — reused from an earlier call with the same options (`engines`), its graphs and cost model with
+    it — and the results as HF's `generate` returns them."""
+    spec = policy == "self_spec"
+    _check_policy_options(policy, thresholds, exit_trace, cost_model, sla_tpot_ms, graphs, draft_exit,
+                          draft_tokens, draft_confidence)  # fmt: skip
+    input_ids, prompts, settings, return_dict_in_generate = prepare_batch(
+        model, input_ids, attention_mask, generation_config, kwargs, streamer, return_dict_in_generate
+    )
+    model.arch.check_attention_implementation()
+    replay, distribution = _trace(model, exit_trace, len(prompts))
+    input_ids = input_ids.to(model.heads_device)
+    seeds = request_seeds(seed, len(prompts)) if settings.do_sample else [None] * len(prompts)
+    max_len = max(p.shape[0] for p in prompts) + settings.max_new_tokens
+    if spec:
+        options = dict(draft_exit=model.exit_layers[-1] if draft_exit is None else draft_exit,
+                       draft_tokens=4 if draft_tokens is None else draft_tokens, draft_confidence=draft_confidence,
+                       graphs=graphs)  # fmt: skip
+    else:
+        programs = (graphs, settings.has_logits_processors)
+        options = dict(
+            policy=policy, thresholds=thresholds_for(model, thresholds), quorum=quorum, graphs=graphs,
+            exit_source="heads" if exit_trace is None else "trace", exit_distribution=distribution,
+            cost_model=cost_model, sla_tpot_ms=sla_tpot_ms, tokenizer=tokenizer,
+        )  # fmt: skip
+
+        def resolved(options: dict) -> dict:  # a new engine's cost model: calibrated, or measured once before
+            cost = cached_cost_model(model, cost_model, policy, len(prompts), thresholds, exit_trace is not None,
+                                     programs)  # fmt: skip
+            return options | {"cost_model": cost}
+
+    engine = engines.get(model, spec, len(prompts), max_len, settings, options, None if spec else resolved)
+    if policy == "drex" and cost_model is None:
+        model._cost_models[cost_key(model, thresholds, len(prompts), exit_trace is not None, programs)] = engine.cost
+    callback = streamer_callback(streamer, prompts[0])
+    ids = []
+    for b, prompt in enumerate(prompts):
+        extra = {} if spec else {"trace": replay.layers[b] if replay is not None else None}
+        ids.append(engine.add_request(prompt.to(model.heads_device), max_new_tokens=settings.max_new_tokens,
+                                      seed=seeds[b], callback=callback, **extra))  # fmt: skip
+    finished = engine.run()
+    if streamer is not None:
+        streamer.end()
+    sequences, exit_layers = sequences_of(input_ids, [finished[i] for i in ids], settings.pad_token_id)
+    if return_dict_in_generate:
+        return EarlyExitGenerateOutput(sequences, exit_layers, engine.stats)
+    return sequences
+
+
+def _check_policy_options(
+    policy: str, thresholds: Any, exit_trace: Any, cost_model: Any, sla_tpot_ms: Any, graphs: Any,
+    draft_exit: Any, draft_tokens: Any, draft_confidence: Any,
+) -> None:  # fmt: skip
+    """Refuse options that do not apply to `policy`, naming them."""
     from drex_hf.generation.scheduler import POLICY_NAMES
 
     if policy == "self_spec":
-        return generate_self_spec(
-            model,
-            input_ids,
-            attention_mask,
-            thresholds=thresholds,
-            seed=seed,
-            exit_trace=exit_trace,
-            cost_model=cost_model,
-            sla_tpot_ms=sla_tpot_ms,
-            graphs=graphs,
-            generation_config=generation_config,
-            streamer=streamer,
-            return_dict_in_generate=return_dict_in_generate,
-            draft_exit=draft_exit,
-            draft_tokens=draft_tokens,
-            draft_confidence=draft_confidence,
-            kwargs=kwargs,
-        )
+        given = {"thresholds": thresholds, "exit_trace": exit_trace, "cost_model": cost_model,
+                 "sla_tpot_ms": sla_tpot_ms}  # fmt: skip
+        unused = [name for name, value in given.items() if value is not None]
+        if unused:
+            raise GenerationInputError(
+                f"{', '.join(unused)} do not apply to policy='self_spec' (it never exits early: every token is "
+                f"full depth's, verified; draft_exit, draft_tokens and draft_confidence set its drafting)"
+            )
+        return
     if draft_exit is not None or draft_tokens is not None or draft_confidence is not None:
         raise GenerationInputError(
             f"draft_exit, draft_tokens and draft_confidence apply to policy='self_spec', not {policy!r}"
@@ -87,57 +132,126 @@ def generate(
         raise GenerationInputError(f"unknown policy {policy!r}; choose one of {', '.join(POLICY_NAMES)} or 'self_spec'")
     if policy == "full" and (thresholds is not None or exit_trace is not None):
         raise GenerationInputError("thresholds and exit_trace do not apply to policy='full' (it never exits)")
-    input_ids, prompts, settings, return_dict_in_generate = prepare_batch(
-        model, input_ids, attention_mask, generation_config, kwargs, streamer, return_dict_in_generate
-    )
-    model.arch.check_attention_implementation()
-    device = model.heads_device
-    input_ids = input_ids.to(device)
 
-    replay, distribution = None, None
+
+def _trace(model: EarlyExitModel, exit_trace: Any, batch: int) -> tuple[Any, Any]:
+    """(replayed rows, exit distribution) of `generate`'s `exit_trace`, checked."""
+    from drex_hf.generation.exits import ExitDistribution, ExitReplay
+
+    if exit_trace is None:
+        return None, None
     if isinstance(exit_trace, ExitDistribution):
-        distribution = exit_trace
-    elif exit_trace is not None:
-        if not isinstance(exit_trace, (torch.Tensor, list, tuple)):
-            raise GenerationInputError(
-                f"exit_trace must be a [batch, tokens] tensor or list of exit layers, or an ExitDistribution; "
-                f"got {type(exit_trace).__name__}"
-            )
-        replay = ExitReplay.from_output(exit_trace)
-        replay.check(model.exit_layers, model.num_layers, len(prompts))
-    seeds = request_seeds(seed, len(prompts)) if settings.do_sample else [None] * len(prompts)
-    programs = (graphs, settings.has_logits_processors)
-    engine = DrexEngine(
-        model,
-        max_batch=len(prompts),
-        max_len=max(p.shape[0] for p in prompts) + settings.max_new_tokens,
-        policy=policy,
-        settings=settings,
-        thresholds=thresholds_for(model, thresholds),
-        exit_source="heads" if exit_trace is None else "trace",
-        exit_distribution=distribution,
-        cost_model=cached_cost_model(
-            model, cost_model, policy, len(prompts), thresholds, exit_trace is not None, programs
-        ),
-        sla_tpot_ms=sla_tpot_ms,
-        quorum=quorum,
-        graphs=graphs,
-        tokenizer=tokenizer,
-    )
-    if policy == "drex" and cost_model is None:
-        model._cost_models[cost_key(model, thresholds, len(prompts), exit_trace is not None, programs)] = engine.cost
-    callback = streamer_callback(streamer, prompts[0])
-    with torch.no_grad():
-        for b, prompt in enumerate(prompts):
-            trace = replay.layers[b] if replay is not None else None
-            engine.add_request(prompt.to(device), seed=seeds[b], trace=trace, callback=callback)
-        results = engine.run()
-    if streamer is not None:
-        streamer.end()
-    sequences, exit_layers = sequences_of(input_ids, results, settings.pad_token_id)
-    if return_dict_in_generate:
-        return EarlyExitGenerateOutput(sequences, exit_layers, engine.stats)
-    return sequences
+        return None, exit_trace
+    if not isinstance(exit_trace, (torch.Tensor, list, tuple)):
+        raise GenerationInputError(
+            f"exit_trace must be a [batch, tokens] tensor or list of exit layers, or an ExitDistribution; "
+            f"got {type(exit_trace).__name__}"
+        )
+    replay = ExitReplay.from_output(exit_trace)
+    replay.check(model.exit_layers, model.num_layers, batch)
+    return replay, None
+
+
+class EngineCache:
+    """Engines `generate()` built, kept for the next call with the same options (its store, captured
+    graphs and cost model with it), per model, the most recently used first. At most `size` per
+    model: a new one beyond that releases the least recently used one before it is built (its store
+    and graph pool go before the new ones are allocated). `release(model)` drops them all."""
+
+    attribute = "_drex_engines"  # kept on the model itself, so they go when it goes
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+
+    def _of(self, model: Any) -> collections.OrderedDict:
+        cached = getattr(model, self.attribute, None)
+        if cached is None:
+            cached = collections.OrderedDict()
+            setattr(model, self.attribute, cached)
+        return cached
+
+    def get(
+        self, model: Any, spec: bool, batch: int, max_len: int, settings: Any, options: dict, resolve: Any = None
+    ) -> Any:
+        """An idle engine for `batch` rows of up to `max_len` positions with these settings and
+        options: a cached one, or a new one (`max_len` rounded up to a multiple of 64, so that calls
+        with slightly different lengths share it; `resolve(options)` completes a new one's options)."""
+        key = _engine_key(spec, batch, settings, options)
+        cached = self._of(model)
+        engine = cached.get(key)
+        if engine is not None and engine.store.max_len >= min(max_len, _limit(model, max_len)) and not engine.active:
+            cached.move_to_end(key, last=False)
+            engine.reset_stats()
+            return engine
+        cached.pop(key, None)
+        while len(cached) >= self.size:
+            _release_engine(cached.popitem()[1])
+        built = resolve(options) if resolve is not None else options
+        engine = _new_engine(model, spec, batch, -(-max_len // 64) * 64, settings, built)
+        cached[key] = engine
+        cached.move_to_end(key, last=False)
+        return engine
+
+    def release(self, model: Any) -> int:
+        """Drop every engine kept for `model` (their stores and graphs); returns how many there were."""
+        cached = self._of(model)
+        count = len(cached)
+        while cached:
+            _release_engine(cached.popitem()[1])
+        return count
+
+    def held(self, model: Any) -> list[Any]:
+        """The engines kept for `model`, the most recently used first."""
+        return list(self._of(model).values())
+
+
+def _engine_key(spec: bool, batch: int, settings: Any, options: dict) -> tuple:
+    fields = dataclasses.asdict(settings)
+    fields.pop("max_new_tokens")  # each request names its own
+    named = tuple(sorted((k, _frozen(v)) for k, v in options.items()))
+    return spec, batch, tuple(sorted((k, repr(v)) for k, v in fields.items())), named
+
+
+def _frozen(value: Any) -> Any:
+    """A key for an option: lists as tuples, unhashable objects (a cost model, a tokenizer) by identity."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    try:
+        hash(value)
+    except TypeError:
+        return ("id", id(value))
+    return value
+
+
+def _limit(model: Any, max_len: int) -> int:
+    limit = model.arch.position_limit
+    return max_len if limit is None else limit
+
+
+def _new_engine(model: Any, spec: bool, batch: int, max_len: int, settings: Any, options: dict) -> Any:
+    if spec:
+        from drex_hf.generation.spec.engine import SpecEngine
+
+        return SpecEngine(model, max_batch=batch, max_len=max_len, settings=settings, **options)
+    from drex_hf.generation.engine import DrexEngine
+
+    return DrexEngine(model, max_batch=batch, max_len=max_len, settings=settings, **options)
+
+
+def _release_engine(engine: Any) -> None:
+    engine.release()
+    device = torch.device(engine.model.heads_device)
+    del engine
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+engines = EngineCache()
+
+
+def release_engines(model: EarlyExitModel) -> int:
+    """Release the engines `generate()` keeps for `model` (their KV stores and captured graphs)."""
+    return engines.release(model)
 
 
 def prepare_batch(
@@ -171,69 +285,6 @@ def prepare_batch(
     if return_dict_in_generate is None:
         return_dict_in_generate = bool(gen_config.return_dict_in_generate)
     return input_ids, prompts, settings, return_dict_in_generate
-
-
-def generate_self_spec(
-    model: EarlyExitModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    *,
-    thresholds: Any,
-    seed: Any,
-    exit_trace: Any,
-    cost_model: Any,
-    sla_tpot_ms: Any,
-    graphs: Any,
-    generation_config: Any,
-    streamer: Any,
-    return_dict_in_generate: bool | None,
-    draft_exit: int | None,
-    draft_tokens: int | str | None,
-    draft_confidence: float | None,
-    kwargs: dict[str, Any],
-) -> torch.Tensor | EarlyExitGenerateOutput:
-    """`generate(policy="self_spec")`: the batch through one `SpecEngine`; see `generate`."""
-    from drex_hf.generation.spec_engine import SpecEngine
-
-    given = {
-        "thresholds": thresholds,
-        "exit_trace": exit_trace,
-        "cost_model": cost_model,
-        "sla_tpot_ms": sla_tpot_ms,
-        "graphs": graphs or None,
-    }
-    unused = [name for name, value in given.items() if value is not None]
-    if unused:
-        raise GenerationInputError(
-            f"{', '.join(unused)} do not apply to policy='self_spec' (it never exits early: every token is "
-            f"full depth's, verified; draft_exit, draft_tokens and draft_confidence set its drafting)"
-        )
-    input_ids, prompts, settings, return_dict_in_generate = prepare_batch(
-        model, input_ids, attention_mask, generation_config, kwargs, streamer, return_dict_in_generate
-    )
-    device = model.heads_device
-    input_ids = input_ids.to(device)
-    seeds = request_seeds(seed, len(prompts)) if settings.do_sample else [None] * len(prompts)
-    engine = SpecEngine(
-        model,
-        max_batch=len(prompts),
-        max_len=max(p.shape[0] for p in prompts) + settings.max_new_tokens,
-        draft_exit=model.exit_layers[-1] if draft_exit is None else draft_exit,
-        draft_tokens=4 if draft_tokens is None else draft_tokens,
-        draft_confidence=draft_confidence,
-        settings=settings,
-    )
-    callback = streamer_callback(streamer, prompts[0])
-    with torch.no_grad():
-        for b, prompt in enumerate(prompts):
-            engine.add_request(prompt.to(device), seed=seeds[b], callback=callback)
-        results = engine.run()
-    if streamer is not None:
-        streamer.end()
-    sequences, exit_layers = sequences_of(input_ids, results, settings.pad_token_id)
-    if return_dict_in_generate:
-        return EarlyExitGenerateOutput(sequences, exit_layers, engine.stats)
-    return sequences
 
 
 def cost_key(model: EarlyExitModel, thresholds: Any, batch: int, trace: bool, programs: tuple = ()) -> tuple:
@@ -303,11 +354,11 @@ def streamer_callback(streamer: Any, prompt: torch.Tensor) -> Any:
     return callback
 
 
-def sequences_of(input_ids: torch.Tensor, results: dict[int, Any], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`generate`'s outputs from an engine's results by request id (0..batch-1): the prompts followed by
-    each row's tokens, `pad` after its end, and each token's exit layer (-1 after the end)."""
+def sequences_of(input_ids: torch.Tensor, results: Sequence[Any], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`generate`'s outputs from an engine's results, one per row: the prompts followed by each row's
+    tokens, `pad` after its end, and each token's exit layer (-1 after the end)."""
     count, device = input_ids.shape[0], input_ids.device
-    steps = max(len(r.tokens) for r in results.values())
+    steps = max(len(r.tokens) for r in results)
     new = torch.full((count, steps), pad, dtype=input_ids.dtype, device=device)
     exit_layers = torch.full((count, steps), -1, dtype=torch.long, device=device)
     for b in range(count):
