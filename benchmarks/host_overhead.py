@@ -2,6 +2,15 @@
 
     python benchmarks/host_overhead.py                       # tiny shape, batch 8 and 32, CPU
     python benchmarks/host_overhead.py --device cuda --dtype bf16 --out runs/host-overhead-gpu
+    python benchmarks/host_overhead.py --stub-device         # the host alone: 64 and 256 rows
+
+**--stub-device**: the engine's device is replaced by `stub_device.StubRunner`, which answers every
+launch with the verdict the device would give (same queues, exits, budgets; made-up tokens) and
+times itself; what a round costs beyond that is the host's own work, as it would be under CUDA
+graphs, where a step's device side is a few replays. Per policy and row count: host µs per round
+(median of `--repeats` decodes, the policies interleaved; the first decode step also emits the
+prefill's first tokens, for every policy alike) and the host time the device would wait on per step
+— from reading one step's verdict to launching the next (mean, p95, max).
 
 On the `tiny` synthetic shape compute is close to nothing, so a round costs what the host spends on
 it. For each policy, on the same random prompts and trace exits (20/25/20/35 % by default), after the
@@ -39,6 +48,8 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # stub_device beside this script
 
 from drex_hf.bench.run import add, new_engine, random_prompts
 from drex_hf.bench.synthetic import SHAPES, synthetic_model
@@ -147,8 +158,8 @@ def counting(model: Any, host_buffers: set[int]) -> Iterator[tuple[HostCounter, 
 
 
 def host_buffers_of(engine: Any) -> set[int]:
-    executor = getattr(engine, "executor", None)
-    return set(getattr(executor, "host_buffers", ()))
+    runner = getattr(engine, "runner", None)
+    return set(getattr(runner, "host_buffers", ()))
 
 
 def prefilled(engine: Any, prompts: list, tokens: int, dist: ExitDistribution) -> Any:
@@ -207,6 +218,60 @@ def time_policies(engines: dict, prompts: list, tokens: int, dist: ExitDistribut
     return {p: statistics.median(t) for p, t in times.items()}
 
 
+@torch.no_grad()
+def stub_policies(engines: dict, prompts: list, tokens: int, dist: ExitDistribution, repeats: int) -> list[dict]:
+    """Host µs per round and the read-to-launch gaps, each engine on a `StubRunner`, interleaved."""
+    from stub_device import StubRunner
+
+    times: dict[str, list[float]] = {p: [] for p in engines}
+    gaps: dict[str, list[float]] = {p: [] for p in engines}
+    steps: dict[str, int] = {}
+    for _ in range(repeats):
+        for policy, engine in engines.items():
+            engine.reset_stats()
+            engine.runner = stub = StubRunner(engine.runner)
+            for i, prompt in enumerate(prompts):
+                add(engine, prompt, i, dist, tokens)
+            engine.step()  # the prefill's launch
+            reads, launches = [], []
+            read, launch = stub.read, stub.launch
+            stub.read = lambda read=read, reads=reads: (read(), reads.append(time.perf_counter()))[0]
+            stub.launch = lambda plan, launch=launch, at=launches: (at.append(time.perf_counter()), launch(plan))[1]
+            start, device = time.perf_counter(), stub.device_s
+            engine.run()
+            host = time.perf_counter() - start - (stub.device_s - device)
+            times[policy].append(host / (tokens - 1) * 1e6)
+            gaps[policy] += [(b - a) * 1e6 for a, b in zip(reads, launches)]
+            steps[policy] = engine.stats.steps
+            engine.runner = stub.real
+    out = []
+    for policy in engines:
+        g = sorted(gaps[policy])
+        out.append({
+            "policy": policy, "rows": len(prompts), "rounds": tokens - 1,
+            "steps_per_round": steps[policy] / (tokens - 1),
+            "host_us_per_round": statistics.median(times[policy]), "host_us_runs": times[policy],
+            "gap_us_mean": statistics.fmean(g), "gap_us_p95": g[int(0.95 * (len(g) - 1))], "gap_us_max": g[-1],
+        })  # fmt: skip
+    full = next((r for r in out if r["policy"] == "full"), out[0])
+    for r in out:
+        r["host_us_vs_full"] = r["host_us_per_round"] / full["host_us_per_round"]
+    return out
+
+
+def stub_table(results: list[dict]) -> str:
+    lines = [
+        "| rows | policy | steps / round | host µs / round | × full | read → launch µs per step: mean / p95 / max |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['rows']} | {r['policy']} | {r['steps_per_round']:.2f} | {r['host_us_per_round']:.0f} "
+            f"| {r['host_us_vs_full']:.2f} | {r['gap_us_mean']:.1f} / {r['gap_us_p95']:.1f} / {r['gap_us_max']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def table(results: list[dict]) -> str:
     lines = [
         "| rows | policy | steps / round | ops outside layers / round (heads + engine) | ops inside / round "
@@ -238,7 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="CUDA graphs (default: on for CUDA, where the engine supports them)")  # fmt: skip
     parser.add_argument("--out", default="runs/host-overhead", help="output folder (default: runs/host-overhead)")
+    parser.add_argument("--stub-device", action="store_true",
+                        help="replace the device by a stub that answers with verdicts: the host alone "
+                        "(default batch sizes then 64,256 and policies full,batch_all,drex)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.stub_device:
+        return stub_main(args)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     model = synthetic_model(args.shape, dtype, args.device)
     dist = ExitDistribution(tuple(float(v) for v in args.exit_dist.split(",")), seed=0)
@@ -268,6 +338,32 @@ def main(argv: list[str] | None = None) -> int:
     (out / "host_overhead.json").write_text(json.dumps({"setup": header, "results": results}, indent=1))
     text = f"{header}\n\n{table(results)}\n"
     (out / "host_overhead.md").write_text(text)
+    print(text)
+    return 0
+
+
+def stub_main(args: argparse.Namespace) -> int:
+    """`--stub-device`: host µs per round and read-to-launch gaps with the device stubbed out."""
+    model = synthetic_model(args.shape, torch.float32, "cpu")
+    dist = ExitDistribution(tuple(float(v) for v in args.exit_dist.split(",")), seed=0)
+    sizes = "64,256" if args.batch_sizes == "8,32" else args.batch_sizes
+    results = []
+    for rows in (int(v) for v in sizes.split(",")):
+        prompts = random_prompts(rows, 8, 16, SHAPES[args.shape].vocab, seed=0)
+        max_len = max(p.shape[0] for p in prompts) + args.max_new_tokens
+        engines = {p: new_engine(model, p, args.max_new_tokens, rows, max_len, dist) for p in args.policies.split(",")}
+        results += stub_policies(engines, prompts, args.max_new_tokens, dist, args.repeats)
+        del engines
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    header = (
+        f"device stubbed out (benchmarks/stub_device.py); {args.shape} shape's engine on {device_name('cpu')}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; trace exits {args.exit_dist}; "
+        f"{args.max_new_tokens} new tokens; median of {args.repeats} decodes"
+    )
+    (out / "host_overhead_stub.json").write_text(json.dumps({"setup": header, "results": results}, indent=1))
+    text = f"{header}\n\n{stub_table(results)}\n"
+    (out / "host_overhead_stub.md").write_text(text)
     print(text)
     return 0
 

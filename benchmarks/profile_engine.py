@@ -4,15 +4,15 @@
     python benchmarks/profile_engine.py moderate --batch 32 --out runs/profile-moderate
 
 For each policy (default full, batch_all, drex) on the same random prompts and trace exits: decode
-wall time, steps, and the time inside each piece of a step — the host's plan and its application of
-the verdict, the scheduler's decision, spelling the plan into the staging buffer, the upload, the
-executor's programs (KV fill, segment layers, exit check, vocabulary projection) and the verdict
-read — each timed with a device synchronisation before and after (which itself slows the run a
-little: compare the shares, not the totals, with `drex bench`'s; a piece called inside another is
-subtracted from it). For drex also: how many rows each segment step ran (own rows and riders) and
-how many steps each segment took, and every decision the engine made (segment, rows, riders,
-bucket, fills, projections, buffer sizes, predicted and measured ms, the policy's reason), so a
-surprising step count can be explained. Writes profile.json.
+wall time, steps, and the time inside each piece of a step — the host's decision and its application
+of the verdict (emitting tokens, statistics), the upload, the device programs (taking rows from a
+queue, the segment's layers, the exit check, routing rows to their next queues, KV fill, deferred
+projections, the verdict report) and the verdict read — each timed with a device synchronisation
+before and after (which itself slows the run a little: compare the shares, not the totals, with
+`drex bench`'s; a piece called inside another is subtracted from it). For drex also: how many live
+rows each segment step ran and how many steps each segment took, and every decision the engine made
+(segment, rows, bucket, fills, projections, buffer sizes, predicted and measured ms, the policy's
+reason), so a surprising step count can be explained. Writes profile.json.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from drex_hf.bench.synthetic import SHAPES, synthetic_model
 from drex_hf.device import device_name, synchronize
 from drex_hf.generation.exits import ExitDistribution
 
-EXECUTOR_METHODS = ("write_plan", "upload", "fill", "segment", "check", "project", "read")
-ENGINE_METHODS = ("_plan", "_apply")
+RUNNER_METHODS = ("_upload", "read")
+PROGRAM_METHODS = ("take", "run_layers", "check", "route_exit", "route_final", "fill", "project", "append")
+ENGINE_METHODS = ("_decide", "_apply")
 
 
 def build(model, prompts, policy, tokens, distribution, **kwargs):  # noqa: ANN001, ANN003, ANN201
@@ -73,26 +74,20 @@ def profiled(model, prompts, policy, tokens, distribution) -> dict:  # noqa: ANN
 
         setattr(owner, name, timed)
 
-    for name in EXECUTOR_METHODS:
-        wrap(engine.executor, name, name)
+    for name in RUNNER_METHODS:
+        wrap(engine.runner, name, name.strip("_"))
+    for name in PROGRAM_METHODS:
+        wrap(engine.runner.programs, name, name)
+    wrap(engine.runner, "_report", "report")
     for name in ENGINE_METHODS:
         wrap(engine, name, name.strip("_"))
     wrap(engine.policy, "pick", "scheduler")
-    shapes: list[tuple[int, int, int]] = []
-    execute = engine.executor.execute
-
-    def counted(plan):  # noqa: ANN001, ANN202
-        if plan.segment is not None:  # (a segment-0 step may only project tokens that end requests)
-            riders = sum(plan.riders)
-            shapes.append((plan.segment, len(plan.slots) - riders, riders))
-        return execute(plan)
-
-    engine.executor.execute = counted
     start = time.perf_counter()
     engine.run()
     synchronize(device)
     wall = time.perf_counter() - start
-    per_segment = collections.Counter(s for s, _, _ in shapes)
+    shapes = [(d["segment"], d["rows"]) for d in engine.stats.decisions if d["segment"] is not None]
+    per_segment = collections.Counter(s for s, _ in shapes)
     result = {
         "policy": policy,
         "decode_s": wall,
@@ -103,10 +98,7 @@ def profiled(model, prompts, policy, tokens, distribution) -> dict:  # noqa: ANN
         "other_s": wall - sum(spent.values()),
         "steps_per_segment": dict(sorted(per_segment.items())),
         "mean_rows_per_step": {
-            s: sum(n for t, n, _ in shapes if t == s) / max(per_segment[s], 1) for s in sorted(per_segment)
-        },
-        "mean_riders_per_step": {
-            s: sum(r for t, _, r in shapes if t == s) / max(per_segment[s], 1) for s in sorted(per_segment)
+            s: sum(n for t, n in shapes if t == s) / max(per_segment[s], 1) for s in sorted(per_segment)
         },
         # every decision with its reason, rows, bucket and predicted vs measured ms: what explains a step count
         "decisions": engine.stats.decisions,
@@ -143,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{policy:10s} decode {r['decode_s'] * 1e3:.0f} ms, {r['steps']} steps; {shares}; other "
             f"{r['other_s'] * 1e3:.0f} ms; steps per segment {r['steps_per_segment']}; rows per step "
-            f"{ {s: round(v, 1) for s, v in r['mean_rows_per_step'].items()} }; riders per step "
-            f"{ {s: round(v, 1) for s, v in r['mean_riders_per_step'].items()} }",
+            f"{ {s: round(v, 1) for s, v in r['mean_rows_per_step'].items()} }",
             flush=True,
         )
         if args.gpu_busy:

@@ -267,21 +267,21 @@ def test_decode_peak_grows_with_the_batch_and_the_measured_oracle_runs_the_given
 
 def test_measured_oracle_runs_each_segment_on_the_rows_that_reach_it(monkeypatch):
     """Every timed round runs full depth on the round's rows, and each segment on exactly the rows
-    whose token gets that far (recorded from the executor's segment programs)."""
+    whose token gets that far (recorded from the oracle's segment programs: the first slots, one
+    contiguous block, no exit check)."""
+    from drex_hf.bench import measure
     from drex_hf.bench.measure import measured_oracle, rows_per_segment
     from drex_hf.bench.run import random_prompts
     from drex_hf.bench.synthetic import synthetic_model
-    from drex_hf.generation.runner import StepExecutor
 
     calls = []
-    original = StepExecutor.segment
+    original = measure._oracle_layers
 
-    def recording(self, s, bucket, kv_len, span, check=True):
-        assert span == (0, bucket) and not check  # one contiguous block from slot 0, no exit check
-        calls.append((len(self.segments), s, bucket))
-        return original(self, s, bucket, kv_len, span, check)
+    def recording(runner, s, bucket):
+        calls.append((len(runner.segments), s, bucket))
+        return original(runner, s, bucket)
 
-    monkeypatch.setattr(StepExecutor, "segment", recording)
+    monkeypatch.setattr(measure, "_oracle_layers", recording)
     model = synthetic_model("tiny")
     layers = [[3, 0, 3, 1, 2], [3, 3, 0, 3, 0], [3, 2, 2, 3], [3, 1, 3, 3, 3]]  # the third ends early
     measured_oracle(model, random_prompts(4, 3, 6, 256, seed=2), layers)
@@ -338,40 +338,29 @@ def test_hf_static_cache_generate_gives_hf_eagers_tokens():
 
 
 def test_measured_oracle_with_graphs_replays_check_free_segments_at_buckets(monkeypatch):
-    """The CUDA branch of the measured oracle, run on the CPU with a recorder that replays a program by
-    running it again: both sides capture their programs, and each round replays each segment's layers
-    (no exit check) at the bucket of the rows that reach it, then one projection."""
+    """The CUDA branch of the measured oracle, run on the CPU with the replay recorder: both sides
+    capture their programs, and each round replays each segment's layers (no exit check) at the bucket
+    of the rows that reach it, then one projection."""
     from drex_hf.bench.measure import measured_oracle
     from drex_hf.bench.run import random_prompts
     from drex_hf.bench.synthetic import synthetic_model
-    from drex_hf.generation import graphs
+    from drex_hf.generation import runner
+    from drex_hf.generation.recorder import ReplayRecorder
 
-    replayed = []
-
-    class Recorder:
-        def warm_up(self, programs):
-            for program in programs.values():
-                program()
-
-        def record(self, key, program):
-            return lambda: (replayed.append(key), program())
-
-        def finish(self):
-            pass
-
-        def memory(self):
-            return 0
-
-    real = graphs.GraphCache
-    monkeypatch.setattr(graphs, "GraphCache", lambda device: real(device, recorder=Recorder()))
+    monkeypatch.setattr(runner, "CudaRecorder", lambda device: ReplayRecorder(strict=False))  # graphs on the CPU
     model = synthetic_model("tiny")
     layers = [[3, 0, 3, 1, 2], [3, 3, 0, 3, 0], [3, 2, 2, 3, 3]]
+    sides = []
+    monkeypatch.setattr(
+        runner.Runner, "extend", lambda self, *a, _real=runner.Runner.extend: (sides.append(self), _real(self, *a))
+    )
     result = measured_oracle(model, random_prompts(3, 3, 6, 256, seed=2), layers, graphs=True)
     assert result["graphs"] is True and result["full_s"] > 0 and result["oracle_s"] > 0
-    kinds = {key[0] for key in replayed}
-    assert kinds == {"layers", "project"}  # check-free segments and the projection, nothing else
+    keys = {key for side in sides for key in side.graphs.graphs}
+    assert {key[0] for key in keys} == {"oracle_layers", "oracle_head"}  # check-free segments and the projection
+    assert all(side.graphs.replays > 0 for side in sides)
     # rows reaching the segments in the first round: 3, 2, 2, 1, at buckets 3, 2, 2, 1 (the buckets: 1, 2, 3)
-    assert ("layers", 3, 1) in replayed and ("layers", 1, 2) in replayed and ("layers", 0, 3) in replayed
+    assert {("oracle_layers", 3, 1), ("oracle_layers", 1, 2), ("oracle_layers", 0, 3)} <= keys
 
 
 # ---------------------------------------------------------------------- self_spec rows
@@ -390,7 +379,7 @@ def test_self_spec_rows_under_the_heads_give_full_depths_tokens(heads):
     """Greedy self_spec from each exit keeps full depth's tokens (measured: agreement 1.0) and reports
     its acceptance, tokens per round, layer split and layer-count ceiling."""
     from drex_hf.bench.run import bench, expand_policies, random_prompts
-    from drex_hf.generation.spec_engine import spec_speedup_ceiling
+    from drex_hf.generation.spec.cost import spec_speedup_ceiling
 
     model = EarlyExitModelForCausalLM.from_pretrained(heads)
     policies = expand_policies(["full", "self_spec@1/2", "self_spec@2"], model.exit_layers, draft_tokens=[3])

@@ -67,7 +67,8 @@ def test_profile_engine_accounts_for_every_step_of_each_policy(tmp_path):
     full, drex = report["policies"]
     assert full["policy"] == "full" and drex["policy"] == "drex@1.0"
     for r in (full, drex):
-        assert sum(r["steps_per_segment"].values()) == r["steps"] == r["calls"]["scheduler"]
+        # every scheduled step is a segment's; steps beyond them only project deferred tokens
+        assert sum(r["steps_per_segment"].values()) == r["calls"]["scheduler"] <= r["steps"]
         assert 0 < sum(r["seconds"].values()) <= r["decode_s"]
     assert set(full["steps_per_segment"]) == {"0"} and {"0"} <= set(drex["steps_per_segment"]) <= {"0", "1", "2", "3"}
 

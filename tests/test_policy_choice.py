@@ -17,7 +17,7 @@ from drex_hf.calibration_file import choice_for
 from drex_hf.device import device_name
 from drex_hf.errors import ConfigError, GenerationInputError
 from drex_hf.generation.engine import EngineStats
-from drex_hf.generation.spec_engine import SpecStats
+from drex_hf.generation.spec.engine import SpecStats
 
 
 def test_measure_policies_measures_every_policy_and_keeps_quality():

@@ -343,7 +343,7 @@ def test_graphs_are_refused_with_processors_and_allowed_with_stop_strings_only()
         DrexEngine(model, max_batch=2, max_len=16, settings=settings, thresholds=[0.5] * 3, graphs=True)
     engine = DrexEngine(model, max_batch=2, max_len=16, settings=settings, thresholds=[0.5] * 3, static_shapes=True)
     with pytest.raises(GenerationInputError, match=r"graphs=True cannot capture HF's logits processors"):
-        engine.capture_graphs(cache=None)  # nor later, by hand
+        engine.capture_graphs()  # nor later, by hand
     ids, _, _ = _batch([4])
     with pytest.raises(GenerationInputError, match=r"graphs=True cannot capture.*no_repeat_ngram_size"):
         model.generate(ids, max_new_tokens=4, no_repeat_ngram_size=2, graphs=True)

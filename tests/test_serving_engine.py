@@ -117,7 +117,7 @@ def test_cancel_frees_the_slot_at_once_and_leaves_the_neighbours_unchanged(model
         assert cancelled.finish_reason == "cancelled" and 0 < len(cancelled.tokens) < NEW
         assert cancelled.tokens == references[1].tokens[: len(cancelled.tokens)]
         late = engine.add_request(prompts[3], seed=SEEDS[3], sampling=PARAMS[3], on_finish=ended.append)
-        assert engine.requests.get(1) is None and engine.prefill_queue[-1].slot == 1  # the cancelled one's slot
+        assert engine.requests.by_slot.get(1) is None and engine.prefill_queue[-1].slot == 1  # the cancelled one's slot
         queued = engine.add_request(prompts[4], seed=SEEDS[4], sampling=PARAMS[4], on_finish=ended.append)
         assert engine.cancel(queued) is True  # before its prefill
         engine.run()
@@ -179,7 +179,7 @@ def test_a_cancel_from_a_token_callback_waits_for_the_steps_end(model, prompts, 
     def on_token(rid, token, layer):
         if rid == ids[0] and len(seen) == 3:
             assert engine.cancel(ids[1]) is True  # deferred: still running at this point
-            assert ids[1] in {r.output.request_id for r in engine.requests.values()}
+            assert ids[1] in {r.output.request_id for r in engine.requests}
         seen.append(rid) if rid == ids[0] else None
 
     seen: list[int] = []

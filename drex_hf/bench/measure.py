@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import tempfile
@@ -32,20 +33,21 @@ import torch
 from drex_hf.device import synchronize
 from drex_hf.generation.engine import DrexEngine
 from drex_hf.generation.kv_store import RowKVCache
-from drex_hf.generation.plan import StepPlan, bucket_of, row_buckets
-from drex_hf.generation.runner import StepExecutor
-from drex_hf.generation.spec_engine import SpecEngine
+from drex_hf.generation.plan import bucket_of, row_buckets
+from drex_hf.generation.programs import Rows
+from drex_hf.generation.runner import Options, Runner
+from drex_hf.generation.spec.engine import SpecEngine
 
 if TYPE_CHECKING:
     from drex_hf.modeling import EarlyExitModelForCausalLM
 
 
 def row_state_bytes(engine: DrexEngine | SpecEngine) -> int:
-    """Bytes of the per-slot tensors the engine keeps besides the KV cache (its executor's; a
+    """Bytes of the per-slot tensors the engine keeps besides the KV cache (its runner's; a
     SpecEngine's round state too)."""
     if isinstance(engine, SpecEngine):
         return engine.row_state_bytes()
-    return engine.executor.nbytes()
+    return engine.runner.nbytes()
 
 
 def peak_decode_bytes(engine: DrexEngine | SpecEngine) -> int | None:
@@ -175,25 +177,20 @@ def measured_oracle(
     # tokens are does not matter to its time (so a long context costs the store once, not twice)
     store = RowKVCache.for_model(model, n, max_len)
 
-    def executor(bounds: list[int]) -> StepExecutor:
-        buckets = row_buckets(n, graphs)
-        run = StepExecutor(model, store, bounds, buckets=buckets, static=graphs)
-        run.hidden.normal_()
-        if graphs:
-            from drex_hf.generation.engine import _key_bucket
-            from drex_hf.generation.graphs import GraphCache
-
-            run.write_plan(StepPlan(segment=None), (run.rows,) * 3)
-            run.upload()
-            keys = [("layers", *k[1:]) if k[0] == "segment" else k for k in run.program_keys() if k[0] != "fill"]
-            cache = GraphCache(device)
-            cache.capture(keys, run.program, _key_bucket)
-            run.graphs = cache
+    def side(bounds: list[int]) -> Runner:
+        options = Options(boundaries=bounds, thresholds=[math.inf] * len(bounds), buckets=row_buckets(n, graphs),
+                          static=graphs, fills=False)  # fmt: skip
+        run = Runner(model, store, options, graphs=True if graphs else None, lazy=True)
+        run.state.hidden.normal_()
+        programs = {
+            "oracle_layers": lambda s, b: _oracle_layers(run, s, b),
+            "oracle_head": lambda b: _oracle_head(run, b),
+        }
+        run.extend(programs, list)
         return run
 
-    sides = {"full": executor([]), "oracle": executor(boundaries)}
+    sides = {"full": side([]), "oracle": side(boundaries)}
     rounds = rows_per_segment(exit_layers, boundaries)
-    positions = {name: list(starts) for name in sides}
 
     # a round on either side, as a decode step does it: one upload, segment 0 embeds each active row's
     # last token (advancing its position), each segment runs on the rows that reach it, as one
@@ -201,25 +198,23 @@ def measured_oracle(
     # read-back; the engine's own bookkeeping is left out on both sides. The segments read the
     # embedded states (their outputs are carried from one segment to the next; exited rows' are not)
     def round_on(name: str, reach: list[int]) -> None:
-        run, at = sides[name], positions[name]
+        run = sides[name]
         active = reach[0]
-        for i in range(active):
-            at[i] += 1
-        rows = list(range(active))
-        plan = StepPlan(segment=0, slots=rows, writes=rows, positions=at[:active], riders=[0] * active)
-        plan.project_slots, plan.project_index, plan.project_seeds = rows, [0] * active, [0] * active
-        run.write_plan(plan, (bucket_of(run.buckets, active), 0, bucket_of(run.buckets, active)))
-        run.upload()
+        run.state.position[:active] += 1
+        run.transfers["uploads"] += 1
         for s, count in enumerate(reach):
             if count:  # eager: exactly its rows, as views; with graphs: their bucket's program
-                run.run_program(("layers", s, bucket_of(run.buckets, count)), max(at[:count]) + 1, (0, count))
-        run.run_program(("project", bucket_of(run.buckets, active)))
-        run.read()
+                run.graphs.run(("oracle_layers", s, bucket_of(run.buckets, count)))
+        run.graphs.run(("oracle_head", bucket_of(run.buckets, active)))
+        run.host_verdicts[0].copy_(run.verdict)  # the step's one read-back
 
     full_reach = [[r[0]] for r in rounds]
+    for run in sides.values():
+        run.state.position[:n] = torch.tensor(starts, device=device)
     round_on("full", full_reach[0] if rounds else [n])  # warm-up
     round_on("oracle", rounds[0] if rounds else [n])
-    positions = {name: list(starts) for name in sides}
+    for run in sides.values():
+        run.state.position[:n] = torch.tensor(starts, device=device)
     spent = {"full": 0.0, "oracle": 0.0}
     for i, reach in enumerate(rounds):
         order = ["full", "oracle"] if i % 2 == 0 else ["oracle", "full"]
@@ -237,3 +232,20 @@ def measured_oracle(
         "segments": boundaries,
         "graphs": graphs,
     }
+
+
+def _oracle_layers(runner: Runner, s: int, bucket: int) -> None:
+    """Segment s's layers on the first `bucket` slots, no exit check: segment 0 embeds their tokens,
+    the others read the hidden states the previous segment left there."""
+    p = runner.programs
+    slots = p.arange(bucket)
+    rows = Rows(slots, slots, slots >= 0, runner.state.position.index_select(0, slots))
+    out = p.run_layers(s, rows, p.embed(rows) if s == 0 else None, runner.store.max_len)
+    runner.state.hidden.index_copy_(0, slots, out)
+
+
+def _oracle_head(runner: Runner, bucket: int) -> None:
+    """One vocabulary projection and pick for the first `bucket` slots' states."""
+    p, slots = runner.programs, runner.programs.arange(bucket)
+    hidden = runner.state.hidden.index_select(0, slots)
+    p.pick(runner.arch.lm_head(runner.arch.final_norm(hidden)), slots, runner.state.position.index_select(0, slots) + 1)

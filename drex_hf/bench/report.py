@@ -127,7 +127,7 @@ def render(results: Sequence[BatchResult], num_layers: int, exit_points: Sequenc
     lines += [
         "",
         "× columns: median over repeats of the ratio within each repeat (all policies ran interleaved). "
-        "Row state: the executor's per-slot tensors besides the KV cache. Decode peak: the most bytes decoding "
+        "Row state: the runner's per-slot tensors besides the KV cache. Decode peak: the most bytes decoding "
         "allocated above what was live when it began (a separate, untimed run of a few tokens). Measured "
         "oracle: the same rounds with each segment run on just the rows that reach it and one vocabulary "
         "projection per token, timed against full depth in alternation (drex_hf/bench/measure.py). GPU busy: the "

@@ -34,7 +34,8 @@ from drex_hf.generation.engine import DrexEngine, step_in_turn
 from drex_hf.generation.exits import ExitDistribution, ExitReplay
 from drex_hf.generation.scheduler import percentile
 from drex_hf.generation.settings import DecodeSettings, left_padded
-from drex_hf.generation.spec_engine import SpecEngine, spec_speedup_ceiling
+from drex_hf.generation.spec.cost import spec_speedup_ceiling
+from drex_hf.generation.spec.engine import SpecEngine
 
 if TYPE_CHECKING:
     from drex_hf.modeling import EarlyExitModelForCausalLM
@@ -118,7 +119,9 @@ def parse_spec(policy: str) -> SpecPolicy:
     (whether EXIT is one of the model's exit points is `expand_policies`' and the engine's check)."""
     spec, colon, _ = policy.partition(":")
     if colon:
-        raise GenerationInputError(f"{policy!r}: self_spec rows take no engine mode (they have no CUDA graphs yet)")
+        raise GenerationInputError(
+            f"{policy!r}: self_spec rows take no engine mode (--no-graphs runs every engine eagerly)"
+        )
     _, at, rest = spec.partition("@")
     if not at:
         return SpecPolicy()
@@ -241,10 +244,9 @@ def spec_engine(
 ) -> SpecEngine:
     """An empty `SpecEngine` for a complete self_spec row: greedy, drafting from EXIT, K drafts per
     round (or adaptive), with the row's acceptance replayed (trace mode, coins seeded by
-    `trace_seed` + each request's seed) when it names one. It has no CUDA graphs: `graphs` is
-    ignored here, as drex's and full's own options are."""
+    `trace_seed` + each request's seed) when it names one; `graphs` and `lazy_capture` as drex's."""
     spec = spec_policy(policy)
-    engine_kwargs.pop("graphs", None)
+    engine_kwargs = {k: v for k, v in engine_kwargs.items() if k in ("graphs", "lazy_capture")}
     return SpecEngine(
         model,
         max_batch=max_batch,

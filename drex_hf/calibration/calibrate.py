@@ -396,7 +396,7 @@ def calibrate(
     engine = DrexEngine(
         model, max_batch=max(rows + holdout_rows), max_len=long_context + 1, thresholds=[0.5] * len(exits)
     )
-    timer = profile_runner(engine.executor, context, repeats)
+    timer = profile_runner(engine.runner, context, repeats)
     tick = (lambda: progress("profile", 1)) if progress else None
     costs = CostTable.measure(
         timer,
@@ -415,7 +415,7 @@ def calibrate(
     # the real full-depth step (all layers as one segment: no boundaries, no checks) is what the exits
     # must beat; the sum of the segments also pays each boundary, measured here against one segment
     whole = DrexEngine(model, max_batch=decision_rows, max_len=context + 1, thresholds=[math.inf] * len(exits))
-    factor = boundary_factor(whole.executor, engine.executor, decision_rows, context)
+    factor = boundary_factor(whole.runner, engine.runner, decision_rows, context)
     full_step_ms = full_ms * factor
     del whole
     options = {}

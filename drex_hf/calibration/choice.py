@@ -32,7 +32,7 @@ def _new_engine(
     model: EarlyExitModelForCausalLM, policy: str, batch: int, max_len: int, settings: DecodeSettings, options: dict
 ) -> Any:
     """An empty engine of `policy` for `batch` rows (built once per batch size, reused every round)."""
-    from drex_hf.generation.spec_engine import SpecEngine
+    from drex_hf.generation.spec.engine import SpecEngine
 
     if policy == "self_spec":
         return SpecEngine(model, max_batch=batch, max_len=max_len, settings=settings, **options)

@@ -193,18 +193,15 @@ def choose_exits(
     return enabled, steps
 
 
-def profile_runner(executor, context: int, repeats: int = 5, statistic: str = "median") -> Timer:  # noqa: ANN001
-    """A timer over a real engine's `StepExecutor`: the median (or fastest) of `repeats` synchronised
-    runs after a warm-up, on the executor's still-empty slots, with every row's keys/values at
-    `context` positions. "layers" is a segment's layers alone (the last segment: with the final norm
-    and the vocabulary projection), "check" its exit check alone, "fill" and "project" those whole
-    steps. The median predicts what a step will take; the minimum, what it can take."""
+def profile_runner(runner, context: int, repeats: int = 5, statistic: str = "median") -> Timer:  # noqa: ANN001
+    """A timer over a real engine's `Runner`: the median (or fastest) of `repeats` synchronised runs
+    after a warm-up, on the runner's still-empty slots, with every row's keys/values at `context`
+    positions. "layers" is a segment's layers alone (the last segment: with the final norm and the
+    vocabulary projection), "check" its exit check alone, "fill" and "project" those programs. The
+    median predicts what a step will take; the minimum, what it can take."""
     from drex_hf.device import time_ms as timed_ms
-    from drex_hf.generation.plan import StepPlan, bucket_of
-    from drex_hf.generation.profile import segment_plan
 
-    device = executor.device
-    store = executor.store
+    device, store = runner.device, runner.store
 
     def position_at(positions: int | None) -> int:
         positions = min(context, store.max_len) if positions is None else positions
@@ -212,43 +209,25 @@ def profile_runner(executor, context: int, repeats: int = 5, statistic: str = "m
             raise ValueError(f"cannot time at {positions} cached positions: the store holds {store.max_len}")
         return max(0, positions - 1)
 
-    def time_ms(fn: Callable[[], object]) -> float:
-        return timed_ms(fn, repeats, device, statistic)
-
     @torch.no_grad()
     def timer(kind: str, index: int, n: int, positions: int | None = None) -> float:
         position = position_at(positions)
         rows = list(range(n))
-        if kind == "layers":
-            plan = segment_plan(executor, index, rows, position)
-            return time_ms(lambda: executor.run_unchecked(plan))
         if kind == "scattered":  # n rows on three slots in four: the gathered path
-            spread = [i for i in range(store.slots) if i % 4 != 3][:n]
-            plan = segment_plan(executor, index, spread, position)
-            return time_ms(lambda: executor.run_unchecked(plan))
-        if kind == "project":
-            plan = StepPlan(segment=None, project_slots=rows, project_index=[0] * n, project_seeds=[0] * n)
-            return time_ms(lambda: executor.execute(plan))
-        if kind == "fill":
-            first = executor.boundaries[index] + 1
-            plan = StepPlan(segment=None, fill_slots=rows, fill_positions=[position] * n, fill_first=[first] * n)
-            plan.fill_layers_from = first
-            return time_ms(lambda: executor.execute(plan))
-        bucket = bucket_of(executor.buckets, n)
-        executor.write_plan(segment_plan(executor, index, rows, position), (bucket, 0, 0))
-        executor.upload()
-        x = executor.hidden[:bucket].clone()
-        if kind == "check":
-            view = executor.views(bucket)
-            return time_ms(lambda: executor.check(index, view, x))
+            kind, rows = "layers", [i for i in range(store.slots) if i % 4 != 3][:n]
         if kind.startswith("check:"):  # another confidence measure's check on the same rows
             from drex_hf.heads import exit_confidence
 
             measure = kind.split(":", 1)[1]
+            x = runner.state.hidden[:n].clone()
             previous = x.clone()  # saturation compares with the previous exit's states: same shape, same cost
-            head = executor.heads[index]
-            return time_ms(lambda: exit_confidence(measure, head, x, previous))
-        raise ValueError(f"unknown timing kind {kind!r}")
+            head = runner.programs.heads[index]
+            return timed_ms(lambda: exit_confidence(measure, head, x, previous), repeats, device, statistic)
+        if kind not in ("layers", "check", "fill", "project"):
+            raise ValueError(f"unknown timing kind {kind!r}")
+        took = timed_ms(runner.probe(kind, index, rows, position), repeats, device, statistic)
+        runner.clear()
+        return took
 
     return timer
 
@@ -256,25 +235,24 @@ def profile_runner(executor, context: int, repeats: int = 5, statistic: str = "m
 @torch.no_grad()
 def boundary_factor(whole, segmented, rows: int, context: int, repeats: int = 9) -> float:  # noqa: ANN001
     """A full-depth step as one segment ÷ the same layers run segment by segment (the segment
-    boundaries' own cost, with no checks), both executors on `rows` rows at `context` positions,
+    boundaries' own cost, with no checks), both runners on `rows` rows at `context` positions,
     timed in alternation so that the machine's drift falls on both alike (medians of `repeats`)."""
     from drex_hf.device import synchronize
-    from drex_hf.generation.profile import segment_plan
 
     slots = list(range(rows))
 
-    def plans(executor) -> list:  # noqa: ANN001
-        position = max(0, min(context, executor.store.max_len) - 1)
-        return [segment_plan(executor, s, slots, position) for s in range(len(executor.segments))]
+    def probes(runner) -> list:  # noqa: ANN001
+        position = max(0, min(context, runner.store.max_len) - 1)
+        return [runner.probe("layers", s, slots, position) for s in range(len(runner.segments))]
 
-    steps = {id(whole): plans(whole), id(segmented): plans(segmented)}
+    steps = {id(whole): probes(whole), id(segmented): probes(segmented)}
 
-    def run(executor) -> float:  # noqa: ANN001
-        synchronize(executor.device)
+    def run(runner) -> float:  # noqa: ANN001
+        synchronize(runner.device)
         start = time.perf_counter()
-        for plan in steps[id(executor)]:
-            executor.run_unchecked(plan)
-        synchronize(executor.device)
+        for probe in steps[id(runner)]:
+            probe()
+        synchronize(runner.device)
         return time.perf_counter() - start
 
     run(whole), run(segmented)  # warm-up
@@ -282,4 +260,6 @@ def boundary_factor(whole, segmented, rows: int, context: int, repeats: int = 9)
     for _ in range(repeats):
         one.append(run(whole))
         many.append(run(segmented))
+    whole.clear()
+    segmented.clear()
     return statistics.median(one) / statistics.median(many)

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,21 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="instead of the table (synthetic configs): mean exit depths as fractions of L, e.g. 0.5,0.65,0.8,0.95; "
         "drex's gain over batch_all and full at each depth x batch size, drawn as a heat map (heatmap.png)",
+    )
+    parser.add_argument(
+        "--fit-memory",
+        type=positive_float,
+        default=None,
+        metavar="GIB",
+        help="synthetic configs: before anything is allocated, add up weights, key/value stores (one engine at a "
+        "time with --sequential, else one per policy, and HF's cache), fill weights, row state and a graph pool, "
+        "and shrink the largest batch (then the context) until it fits this many GiB, saying so (default: no check)",
+    )
+    parser.add_argument(
+        "--lazy-capture",
+        action="store_true",
+        help="capture each CUDA graph the first time a step needs it (only the buckets steps use) instead of every "
+        "bucket's at start-up; the warm-up run pays the capture",
     )
     parser.add_argument("--seed", type=seed_value, default=0, help="seed of prompt draws and trace exits")
     parser.add_argument(
@@ -407,6 +423,33 @@ def _prompts(args: argparse.Namespace, model: Any, count: int) -> tuple[list[tor
     return out, tokenizer
 
 
+def _fit_memory(args: argparse.Namespace, policies: list[str], dtype: torch.dtype) -> dict:
+    """`--fit-memory`: the batch sizes and context that fit the budget (`bench.preflight`), set on
+    `args` before the model is built, each change printed on one line."""
+    from drex_hf.bench.preflight import memory_plan
+    from drex_hf.bench.run import is_spec
+
+    if not args.synthetic_config:
+        raise ConfigError("--fit-memory sizes a synthetic config's run; a heads folder's model is what it is")
+    engines = 1 if args.sequential else len(policies) + (0 if args.no_hf else 1)
+    fills = any(not is_spec(p) and p.partition(":")[0].partition("@")[0] != "full" for p in policies)
+    context = args.context or 64
+    plan = memory_plan(args.synthetic_config, torch.tensor([], dtype=dtype).element_size(), list(args.batch_sizes),
+                       context, args.max_new_tokens, engines, fills, args.fit_memory)  # fmt: skip
+    for note in plan.notes:
+        print(f"fit-memory: {note}", file=sys.stderr)
+    if not plan.fits:
+        raise GenerationInputError(
+            f"--fit-memory {args.fit_memory:g}: even batch {plan.batch_sizes[-1]} at context {plan.context} needs "
+            f"{plan.need_bytes / 2**30:.1f} GiB"
+        )
+    args.batch_sizes = plan.batch_sizes
+    if args.context is not None:
+        args.context = plan.context
+    return {"budget_gib": args.fit_memory, "need_gib": plan.need_bytes / 2**30, "notes": plan.notes,
+            "engines_alive": engines}  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     from drex_hf.bench import report
     from drex_hf.bench.run import bench, check_policies, parse_distribution, policy_name
@@ -448,6 +491,7 @@ def run(args: argparse.Namespace) -> int:
     if args.graphs and device.type != "cuda":
         raise GenerationInputError(f"--graphs captures CUDA graphs: it needs a CUDA device, not {device}")
     dtype = pick_dtype(args.dtype, device)
+    fitted = _fit_memory(args, policies, dtype) if args.fit_memory is not None else None
     if args.synthetic_config:
         from drex_hf.bench.synthetic import synthetic_model
 
@@ -488,6 +532,7 @@ def run(args: argparse.Namespace) -> int:
             gpu_busy=args.gpu_busy and device.type == "cuda",
             trace_seed=args.seed,
             **({} if args.graphs is None else {"graphs": args.graphs}),
+            **({"lazy_capture": True} if args.lazy_capture else {}),
         )
     finally:
         bar.close()
@@ -509,6 +554,7 @@ def run(args: argparse.Namespace) -> int:
         "exits": None if exits is None else type(exits).__name__,
         "exit_distribution": list(getattr(exits, "probabilities", []) or []) or None,
         "policies": policies,
+        "fit_memory": fitted,
         "acceptance": args.acceptance,
         "max_new_tokens": args.max_new_tokens,
         "context": args.context,

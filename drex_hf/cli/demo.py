@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     stats = drex.stats
     print(
         f"drex: involuntary exits {stats.involuntary_exits}, missed exits {stats.missed_exits}, "
-        f"ride-along rows {stats.ride_along_rows}, layer-rows {stats.layer_rows} for a minimum of "
+        f"layer-rows {stats.layer_rows} for a minimum of "
         f"{stats.min_layer_rows}; cost model {stats.cost_source}"
     )
     print(

@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"exits per layer: {exit_histogram(out.exit_layers, model)}")
     print(
         f"involuntary exits {stats.involuntary_exits}, missed exits {stats.missed_exits}, "
-        f"ride-along rows {stats.ride_along_rows}, layer-rows {stats.layer_rows} (minimum {stats.min_layer_rows})"
+        f"layer-rows {stats.layer_rows} (minimum {stats.min_layer_rows})"
     )
     return 0
 
