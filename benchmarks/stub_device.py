@@ -173,7 +173,7 @@ class StubRunner:
 
     def _verdict(self, step: int, segment: Any, bucket: int, project: int, run: list, projected: list,
                  ran: int) -> Verdict:  # fmt: skip
-        counts = np.array([len(q) for q in self.queues], dtype=np.float64)
+        counts = [len(q) for q in self.queues]
         joined = []
         for s in range(len(self.segments)):
             head = self.queues[s][0] if self.queues[s] else None
@@ -182,10 +182,13 @@ class StubRunner:
         fills = [(t // self.total, self.rows_of.get(t % self.total)) for t in self.queues[-1]]
         fill_from = min((r["fill_from"] + 1 for e, r in fills if r and r["alive"] and r["epoch"] == e),
                         default=self.num_layers)  # fmt: skip
-        block = np.array(run + projected, dtype=np.float64).reshape(-1, len(ROW_FIELDS))
-        rows = {name: block[:, i] for i, name in enumerate(ROW_FIELDS)}
-        return Verdict(step, segment, counts, fill_from, np.array(joined, dtype=np.float64),
-                       np.full(len(self.segments), -1.0), ran, rows, bucket, block)  # fmt: skip
+        sections = []
+        for rows in (run, projected):  # each section with its emitted rows first, as the device writes them
+            sections.append(sorted(rows, key=lambda r: not r[3] & EMITTED))
+        block = np.array(sections[0] + sections[1], dtype=np.float64).reshape(-1, len(ROW_FIELDS))
+        emitted = tuple(sum(1 for r in rows if r[3] & EMITTED) for rows in (run, projected))
+        return Verdict(step, segment, len(run), len(projected), counts, fill_from, joined, [-1] * len(self.segments),
+                       ran, emitted, block)  # fmt: skip
 
     def prefill(self, step: int, requests: list[Any], kills: tuple[int, ...] = (), enqueue: bool = True) -> None:
         start = time.perf_counter()

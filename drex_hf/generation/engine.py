@@ -35,7 +35,7 @@ from drex_hf.errors import GenerationInputError, GenerationTypeError
 from drex_hf.generation.checks import check_request, check_special_tokens
 from drex_hf.generation.exits import ExitDistribution, check_trace_row
 from drex_hf.generation.kv_store import RowKVCache
-from drex_hf.generation.plan import EMITTED, EOS, FINISHED, INVOLUNTARY, MISSED, VALID, Book, build_plan, row_buckets
+from drex_hf.generation.plan import EOS, FINISHED, INVOLUNTARY, MISSED, VALID, Book, build_plan, row_buckets
 from drex_hf.generation.processors import RowProcessors, stop_criterion, stops
 from drex_hf.generation.protocol import EarlyExitModel
 from drex_hf.generation.runner import Options, Runner
@@ -156,18 +156,22 @@ class SlotEngine:
     def prefill_queue(self) -> list[Request]:
         return self.requests.queued
 
-    @torch.inference_mode()
     def step(self) -> bool:
         """Run one step (a prefill, or the engine's next decision); False when there was nothing to
-        do. A `cancel()` from a token callback during the step takes effect when the step ends."""
+        do. A `cancel()` from a token callback during the step takes effect when the step ends. It
+        runs under `torch.inference_mode` (entered here unless the caller, e.g. `run()`, has)."""
+        if not torch.is_inference_mode_enabled():
+            with torch.inference_mode():
+                return self.step()
         self._stepping = True
         try:
             return self._step()
         finally:
             self._stepping = False
-            cancels, self._cancels = self._cancels, []
-            for request_id in cancels:
-                self.cancel(request_id)
+            if self._cancels:
+                cancels, self._cancels = self._cancels, []
+                for request_id in cancels:
+                    self.cancel(request_id)
 
     def _step(self) -> bool:
         raise NotImplementedError
@@ -175,6 +179,7 @@ class SlotEngine:
     def _end(self, request: Request, reason: str) -> None:
         raise NotImplementedError
 
+    @torch.inference_mode()
     def run(self) -> dict[int, Any]:
         """Step until every request has finished; returns the finished requests by id."""
         while self.step():
@@ -304,7 +309,7 @@ class DrexEngine(SlotEngine):
         self.book = Book([0] * self.num_segments, joined=[-1] * self.num_segments,
                          token_started=[-1] * self.num_segments)  # fmt: skip
         self.step_count, self._last_read = 0, None
-        self._in_flight: dict[int, tuple[float, Decision | None, Any]] = {}  # step -> (launched, decision, plan)
+        self._flight: tuple[float, Decision | None, Any] | None = None  # the step in flight: launched, decision, plan
         self._started: dict[int, float] = {}  # step -> when it was launched (the SLA's clock)
         self._default_sampling = RequestSampling(
             temperature=settings.temperature if settings.do_sample else 0.0, top_p=settings.top_p or 1.0,
@@ -312,6 +317,12 @@ class DrexEngine(SlotEngine):
         )  # fmt: skip
         self.stats = self._new_stats(record_decisions)
         self._step_start, self._read_at = time.perf_counter(), None
+        self._overheads = self.cost is not None and bool(self.cost.fill_ms or self.cost.project_ms)
+        self._scheduler_view = SchedulerView(
+            [0] * self.num_segments,
+            [0] * self.num_segments,
+            buckets=self.buckets if len(self.buckets) < self.buckets[-1] else None,
+        )
 
     # ------------------------------------------------------------------ set-up
     def _build_runner(self, policy: str | Policy, static: bool, graphs: Any, lazy: bool, quorum: float) -> None:
@@ -430,13 +441,14 @@ class DrexEngine(SlotEngine):
         start = self._step_start = time.perf_counter()
         verdict = self.runner.read() if self.runner.in_flight else None
         self._read_at = time.perf_counter() if verdict is not None else None
+        flight = self._flight
         if verdict is not None:
-            if self._in_flight[verdict.step][2] is None:  # waiting for a prefill is prefill time
+            if flight[2] is None:  # waiting for a prefill is prefill time
                 self.stats.prefill_s += self._read_at - start
             self._mirror(verdict)
         launched = self._launch_next()
         if verdict is not None:
-            self._apply(verdict)
+            self._apply(verdict, flight)
         self.stats.wall_s += time.perf_counter() - start
         return launched or verdict is not None
 
@@ -444,7 +456,7 @@ class DrexEngine(SlotEngine):
         """Pick, plan and launch the next step (the queued prompts' prefill first); False when there
         is nothing to run."""
         self.step_count += 1
-        step, kills = self.step_count, tuple(self._kills)
+        step, kills = self.step_count, (tuple(self._kills) if self._kills else ())
         if self.requests.queued:
             self._kills = []
             batch = self.requests.take_queued()
@@ -474,7 +486,7 @@ class DrexEngine(SlotEngine):
 
     def _launched(self, step: int, decision: Decision | None, plan: Any) -> None:
         now = time.perf_counter()
-        self._in_flight[step] = (now, decision, plan)
+        self._flight = (now, decision, plan)
         if self.sla_tpot_ms is not None:
             self._started[step] = now
             oldest = min((t for t in self.book.token_started if t >= 0), default=step)
@@ -493,15 +505,17 @@ class DrexEngine(SlotEngine):
         return decision
 
     def _view(self) -> SchedulerView:
-        book, step = self.book, self.step_count
-        waited = [step - j if j >= 0 else 0 for j in book.joined]
-        ages = None
+        """The scheduler's view of the book (one object, refreshed each step)."""
+        book, step, view = self.book, self.step_count, self._scheduler_view
+        view.counts = book.counts
+        view.waited = [step - j if j >= 0 else 0 for j in book.joined]
         if self.sla_tpot_ms is not None:
             now = time.perf_counter()
-            ages = [(now - self._started[t]) * 1e3 if t in self._started else 0.0 for t in book.token_started]
-        context = self._context() if self.cost is not None and self.cost.context_ms else 1
-        buckets = self.buckets if len(self.buckets) < self.buckets[-1] else None
-        return SchedulerView(list(book.counts), waited, ages, context, buckets)
+            view.token_age_ms = [(now - self._started[t]) * 1e3 if t in self._started else 0.0
+                                 for t in book.token_started]  # fmt: skip
+        if self.cost is not None and self.cost.context_ms:
+            view.context = self._context()
+        return view
 
     def _context(self) -> int:
         """Cached positions of the longest running request (a bound: the host's tokens so far + 2)."""
@@ -520,74 +534,61 @@ class DrexEngine(SlotEngine):
 
     def _mirror(self, verdict: Any) -> None:
         """The book after the verdict's step: what the next decision sees."""
-        counts = verdict.counts.tolist()
-        book, segments = self.book, self.num_segments
-        book.counts = [int(c) for c in counts[:segments]]
-        book.projections, book.fills = int(counts[segments]), int(counts[segments + 1])
-        book.fill_from = verdict.fill_from
-        book.joined = [int(j) for j in verdict.joined.tolist()]
-        book.token_started = [int(t) for t in verdict.token_started.tolist()]
+        counts, book, segments = verdict.counts, self.book, self.num_segments
+        book.counts = counts[:segments]
+        book.projections, book.fills = counts[segments], counts[segments + 1]
+        book.fill_from, book.joined, book.token_started = verdict.fill_from, verdict.joined, verdict.token_started
 
     # ------------------------------------------------------------------ apply a verdict
-    def _apply(self, verdict: Any) -> None:
+    def _apply(self, verdict: Any, flight: tuple) -> None:
         """Emit the verdict's tokens (their requests' callbacks, ends and stop strings) and count."""
-        launched, decision, plan = self._in_flight.pop(verdict.step)
-        block = verdict.block
-        flags = block[:, 3].astype(np.int64)
+        launched, decision, plan = flight
+        block, (run, projected) = verdict.block, verdict.emitted
         if plan is None:  # a prefill: each request's first token
-            self._emit_rows(block, flags, decoded=False)
+            self._emit_rows(block[:run], decoded=False)
             self.stats.prefill_steps += 1
             self._last_read = time.perf_counter()
             return
-        run = verdict.bucket  # the segment's rows, then the projected ones
-        if plan.project:  # the deferred tokens first: the segment's checks belong to the rows' next tokens
-            self._emit_rows(block[run:], flags[run:], decoded=True)
+        if projected:  # the deferred tokens first: the segment's checks belong to the rows' next tokens
+            self._emit_rows(block[verdict.bucket : verdict.bucket + projected], decoded=True)
         if self.record_checks and verdict.segment is not None and verdict.segment < self.num_segments - 1:
-            self._record_checks(verdict, flags)
+            self._record_checks(verdict)
         if self._forcing:
-            self._count_involuntary(block[:run], flags[:run])
-        self._emit_rows(block[:run], flags[:run], decoded=True)
+            self._count_involuntary(block[: verdict.bucket])
+        if run:
+            self._emit_rows(block[:run], decoded=True)
         self._account(verdict, decision, plan, launched)
 
-    def _emit_rows(self, block: np.ndarray, flags: np.ndarray, decoded: bool) -> None:
-        """The emitted rows' tokens to their requests (a row of a request that has ended is dropped:
-        `wasted_rows`); the statistics counted over them at once."""
-        emitted = np.flatnonzero(flags & EMITTED)
-        if not emitted.size:
-            return
-        rows = block[emitted, :4].astype(np.int64)
+    def _emit_rows(self, block: np.ndarray, decoded: bool) -> None:
+        """Emitted verdict rows' tokens to their requests (a row of a request that has ended is dropped:
+        `wasted_rows`), and their statistics."""
         stats, total, by_slot = self.stats, self.runner.state.total, self.requests.by_slot
         clock = stats.wall_s + time.perf_counter() - self._step_start
         slow = self.record_checks or self.stop is not None
-        counted = rows
-        for ticket, token, layer, flag in rows.tolist():
+        counts: dict[int, int] = {}
+        emitted = depth = 0
+        for ticket, token, layer, flag in block[:, :4].astype(np.int64).tolist():
             request = by_slot.get(ticket % total)
             if request is None or request.epoch != ticket // total:
-                counted = None
+                stats.wasted_rows += 1
                 continue
             out = request.output
             out.tokens.append(token)
             out.exit_layers.append(layer)
             out.token_times.append(clock)
+            counts[layer] = counts.get(layer, 0) + 1
+            emitted += 1
+            depth += layer
             if flag & (MISSED | FINISHED) or slow or request.callback is not None:
+                if flag & MISSED:
+                    stats.missed_exits += decoded
                 self._emit_rest(request, token, layer, flag)
-        if counted is None:  # rows of ended requests: count only the others
-            live = [i for i, r in enumerate(rows.tolist()) if (q := by_slot.get(r[0] % total)) is not None
-                    and q.epoch == r[0] // total]  # fmt: skip
-            stats.wasted_rows += len(rows) - len(live)
-            counted = rows[live]
-        self._count_tokens(counted, decoded)
-
-    def _count_tokens(self, rows: np.ndarray, decoded: bool) -> None:
-        stats = self.stats
-        layers = rows[:, 2]
-        stats.tokens += len(rows)
-        for layer, count in zip(*np.unique(layers, return_counts=True)):
-            stats.exits_per_layer[int(layer)] = stats.exits_per_layer.get(int(layer), 0) + int(count)
+        stats.tokens += emitted
+        for layer, count in counts.items():
+            stats.exits_per_layer[layer] = stats.exits_per_layer.get(layer, 0) + count
         if decoded:
-            stats.decoded_tokens += len(rows)
-            stats.min_layer_rows += int(layers.sum()) + len(rows)
-            stats.missed_exits += int(np.count_nonzero(rows[:, 3] & MISSED))
+            stats.decoded_tokens += emitted
+            stats.min_layer_rows += depth + emitted
 
     def _emit_rest(self, request: Request, token: int, layer: int, flag: int) -> None:
         """What an emitted token does besides being appended: a missed exit counted, its checks kept,
@@ -605,10 +606,8 @@ class DrexEngine(SlotEngine):
         elif self.stop is not None and stops(self.stop, request.prompt_tokens + out.tokens):
             self._end(request, "stop")
 
-    def _count_involuntary(self, block: np.ndarray, flags: np.ndarray) -> None:
-        forced = np.flatnonzero(flags & INVOLUNTARY)
-        if not forced.size:
-            return
+    def _count_involuntary(self, block: np.ndarray) -> None:
+        forced = np.flatnonzero(block[:, 3].astype(np.int64) & INVOLUNTARY)
         total = self.runner.state.total
         for ticket in block[forced, 0].astype(np.int64).tolist():
             request = self.requests.owner(ticket % total, ticket // total)
@@ -616,13 +615,12 @@ class DrexEngine(SlotEngine):
                 request.output.involuntary += 1
                 self.stats.involuntary_exits += 1
 
-    def _record_checks(self, verdict: Any, flags: np.ndarray) -> None:
-        rows, layer, total = verdict.rows, self.boundaries[verdict.segment], self.runner.state.total
-        for i in np.flatnonzero((flags & VALID)[: verdict.bucket]).tolist():
-            ticket = int(rows["ticket"][i])
-            request = self.requests.owner(ticket % total, ticket // total)
-            if request is not None:
-                request.checks = [*(request.checks or []), (layer, float(np.float32(rows["confidence"][i])))]
+    def _record_checks(self, verdict: Any) -> None:
+        block, layer, total = verdict.block, self.boundaries[verdict.segment], self.runner.state.total
+        for ticket, flag, confidence in block[: verdict.bucket][:, [0, 3, 4]].tolist():
+            request = self.requests.owner(int(ticket) % total, int(ticket) // total)
+            if int(flag) & VALID and request is not None:
+                request.checks = [*(request.checks or []), (layer, float(np.float32(confidence)))]
 
     def _end(self, request: Request, reason: str) -> None:
         """The host ends a running request (a stop string, a cancel): the device drops its row at the
@@ -645,7 +643,7 @@ class DrexEngine(SlotEngine):
             stats.padded_layer_rows += depth * (plan.bucket - verdict.ran)
         predicted = None
         if decision is not None and decision.predicted_ms is not None:
-            predicted = decision.predicted_ms + self._overhead_ms(plan)
+            predicted = decision.predicted_ms + (self._overhead_ms(plan) if self._overheads else 0.0)
         elif decision is None and self.cost is not None:  # a step of deferred projections only
             predicted = self._overhead_ms(plan)
         stats.predicted_ms.append(predicted)
@@ -671,8 +669,10 @@ class DrexEngine(SlotEngine):
         """Start counting afresh (and forget finished requests; request ids start from 0 again, so a
         trace's per-request draws are those of a new engine), keeping the store, the captured graphs
         and the cost model: benchmarks and `generate()` reuse one engine for many runs."""
-        if len(self.requests) or self.runner.in_flight:
+        if len(self.requests):
             raise RuntimeError("reset_stats() while requests are running")
+        while self.step():  # a step still in flight (stale tickets only): finish it first
+            pass
         self.stats = self._new_stats(self.stats.decisions is not None)
         self.finished = {}
         self.requests.next_id = 0

@@ -46,6 +46,8 @@ def bucket_of(buckets: list[int], n: int) -> int:
     """The smallest bucket holding n rows (0 for none)."""
     if n <= 0:
         return 0
+    if n <= len(buckets) == buckets[-1]:  # every count is a bucket (eager programs)
+        return n
     i = bisect.bisect_left(buckets, n)
     if i == len(buckets):
         raise ValueError(f"{n} rows exceed the largest bucket {buckets[-1]}")
@@ -71,7 +73,7 @@ class Book:
         return any(self.counts)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StepPlan:
     """One step: `kills` (slots whose requests the host ended) first; then, when `project` > 0, the
     vocabulary projection of that many deferred tokens; when `fill` > 0, the KV fill of that many
@@ -118,21 +120,27 @@ def build_plan(
     return StepPlan(step, 0, bucket, project if first_projects else 0, fill, book.fill_from if fill else 0, kills)
 
 
-@dataclass
+@dataclass(slots=True)
 class Verdict:
-    """One step's read-back (numpy views of the host staging buffer, valid until the next read):
-    `counts [queues]` after the step (segment queues, then projections, then fills), `fill_from`,
-    `joined [segments]` and `token_started [segments]` (see `Book`), `ran` (live rows the segment
-    ran), and per verdict row the columns of `ROW_FIELDS` — the segment's rows first, then the
-    projected ones."""
+    """One step's read-back: the queues' `counts` after the step (segment queues, then projections,
+    then fills), `fill_from`, `joined` and `token_started` per segment (see `Book`), `ran` (live rows
+    the segment ran), and the rows: `block [bucket + project, 5]` (`ROW_FIELDS` columns, float64: a
+    view of the host staging buffer, valid until the next read) — the segment's `bucket` rows, then
+    the `project` projected ones, each section with its `emitted` rows first."""
 
     step: int
     segment: int | None
-    counts: np.ndarray
-    fill_from: int
-    joined: np.ndarray
-    token_started: np.ndarray
-    ran: int
-    rows: dict[str, np.ndarray]
     bucket: int
-    block: np.ndarray | None = None  # the rows as one [n, 5] array (the columns of `rows` are its views)
+    project: int
+    counts: list[int]
+    fill_from: int
+    joined: list[int]
+    token_started: list[int]
+    ran: int
+    emitted: tuple[int, int]
+    block: np.ndarray
+
+    @property
+    def rows(self) -> dict[str, np.ndarray]:
+        """The block's columns by name."""
+        return {name: self.block[:, i] for i, name in enumerate(ROW_FIELDS)}

@@ -25,7 +25,7 @@ import torch
 from drex_hf.arch import build_attention_mask
 from drex_hf.generation.graphs import CudaRecorder, GraphRunner
 from drex_hf.generation.kv_store import RowKVCache
-from drex_hf.generation.plan import ROW_FIELDS, StepPlan, Verdict, bucket_of
+from drex_hf.generation.plan import EMITTED, ROW_FIELDS, StepPlan, Verdict, bucket_of
 from drex_hf.generation.programs import Programs, Rows, RowState
 from drex_hf.generation.sampling import pick_rows, pick_tokens
 
@@ -148,8 +148,9 @@ class Runner:
         q = st.queues
         self.layout = {"counts": (0, q), "fill_from": (q, q + 1), "joined": (q + 1, q + 1 + segments),
                        "token_started": (q + 1 + segments, q + 1 + 2 * segments),
-                       "ran": (q + 1 + 2 * segments, q + 2 + 2 * segments)}  # fmt: skip
-        header = q + 2 + 2 * segments
+                       "ran": (q + 1 + 2 * segments, q + 2 + 2 * segments),
+                       "emitted": (q + 2 + 2 * segments, q + 4 + 2 * segments)}  # fmt: skip
+        header = q + 4 + 2 * segments
         self.verdict = torch.zeros(header + 2 * rows * FIELDS, dtype=torch.float64, device=self.device)
         self.header = {name: self.verdict[a:b] for name, (a, b) in self.layout.items()}
         self.row_block = self.verdict[header:].view(2 * rows, FIELDS)
@@ -248,12 +249,20 @@ class Runner:
         else:
             logits = self.arch.lm_head(self.arch.final_norm(out))
             verdict = p.route_final(rows, p.pick(logits, rows.slots, rows.positions + 1))
-        self.row_block[:bucket].copy_(verdict)
+        self._write_rows(0, verdict, 0)
         self.header["ran"].copy_(rows.valid.sum())
 
     def _project(self, bucket: int) -> None:
         rows = self.programs.take(self.state.project_queue, bucket)
-        self.row_block[self.rows : self.rows + bucket].copy_(self.programs.project(rows))
+        self._write_rows(self.rows, self.programs.project(rows), 1)
+
+    def _write_rows(self, offset: int, rows: torch.Tensor, section: int) -> None:
+        """Verdict rows into their section, the emitted ones first (in order), and how many there are:
+        the host reads only those, with no search."""
+        emitted = (rows[:, 3].long() & EMITTED) != 0
+        order = torch.argsort((~emitted).to(torch.int16), stable=True)
+        self.row_block[offset : offset + rows.shape[0]].copy_(rows.index_select(0, order))
+        self.header["emitted"][section].copy_(emitted.sum())
 
     def _fill(self, bucket: int, layers_from: int) -> None:
         self.programs.fill(self.programs.take(self.state.fill_queue, bucket), layers_from)
@@ -323,28 +332,24 @@ class Runner:
         return self._pending is not None
 
     def read(self) -> Verdict:
-        """Wait for the step in flight and parse its verdict (views, valid until the next read)."""
+        """Wait for the step in flight and parse its verdict (the rows are a view, valid until the next
+        read)."""
         step, turn, segment, bucket, project = self._pending
         self._pending = None
         if self._done is not None:
             self._done[turn].synchronize()
         self.transfers["reads"] += 1
         buf = self._verdict_np[turn]
+        head = buf[: self._header].astype(np.int64).tolist()
         lay = self.layout
         block = buf[self._header :].reshape(2 * self.rows, FIELDS)
         rows = np.concatenate([block[:bucket], block[self.rows : self.rows + project]]) if project else block[:bucket]
+        q, segments = self.state.queues, len(self.segments)
         return Verdict(
-            step=step,
-            segment=segment,
-            counts=buf[slice(*lay["counts"])],
-            fill_from=int(buf[lay["fill_from"][0]]),
-            joined=buf[slice(*lay["joined"])],
-            token_started=buf[slice(*lay["token_started"])],
-            ran=int(buf[lay["ran"][0]]) if segment is not None else 0,
-            rows={name: rows[:, i] for i, name in enumerate(ROW_FIELDS)},
-            bucket=bucket,
-            block=rows,
-        )
+            step, segment, bucket, project, head[:q], head[q], head[q + 1 : q + 1 + segments],
+            head[q + 1 + segments : q + 1 + 2 * segments], head[lay["ran"][0]] if segment is not None else 0,
+            (head[lay["emitted"][0]] if bucket else 0, head[lay["emitted"][0] + 1] if project else 0), rows,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, step: int, requests: list[Any], kills: tuple[int, ...] = (), enqueue: bool = True) -> None:
@@ -383,7 +388,7 @@ class Runner:
         flags = self.programs._flags(valid, valid, done, eos, torch.zeros_like(valid), torch.zeros_like(valid))
         layers = torch.full_like(slots, self.num_layers - 1)
         zero = torch.zeros(slots.shape, dtype=torch.float32, device=self.device)
-        self.row_block[: len(requests)].copy_(self.programs._verdict_rows(tickets, tokens, layers, flags, zero))
+        self._write_rows(0, self.programs._verdict_rows(tickets, tokens, layers, flags, zero), 0)
         self._report()
         self._download(step, None, len(requests), 0)
 

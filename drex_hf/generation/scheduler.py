@@ -33,7 +33,7 @@ from drex_hf.errors import GenerationInputError
 POLICY_NAMES = ("drex", "full", "batch_all", "batch_majority")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Decision:
     """Run `segment` on `rows` rows from the front of its buffer (a row bucket, or the buffer's whole
     count: the device takes min(count, bucket)), exiting by `exit_rule`."""
@@ -282,10 +282,13 @@ class DrexPolicy(Policy):
         buckets — only the bucket below, if its step and a later one for the rest cost less than
         padding all of them up to the next bucket. (The cost model does not change: each answer is
         worked out once.)"""
-        key = (s, view.counts[s], view.context, view.buckets is None)
+        key = (s, view.counts[s], view.context)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = self._plan(view, s)
+            if len(self._plans) > 4096:  # a cost model with a context term: keep the memo small
+                self._plans.clear()
+            rows, ms, how = self._plan(view, s)
+            plan = self._plans[key] = (rows, ms, how, {why: f"{why}, {how}" for why in ("deepest", "stalled")})
         return plan
 
     def _plan(self, view: SchedulerView, s: int) -> tuple[int, float, str]:
@@ -300,6 +303,12 @@ class DrexPolicy(Policy):
 
     def pick(self, view: SchedulerView) -> Decision:
         waiting = [s for s, n in enumerate(view.counts) if n]
+        if self.slack >= 1.0 and self.sla_tpot_ms is None:  # pure deepest-first: only the stalled rule decides
+            limit = self.max_wait_steps if self.max_wait_steps is not None else 4 * self.num_segments
+            stalled = [s for s in waiting if view.waited[s] >= limit]
+            s = max(stalled) if stalled else waiting[-1]
+            rows, ms, _, reasons = self.plan(view, s)
+            return Decision(s, rows, "own", 0.5, ms, reasons["stalled" if stalled else "deepest"])
         plans = {s: self.plan(view, s) for s in waiting}
         urgent, why = self._urgent(view, plans)
         if urgent is not None:
@@ -309,7 +318,7 @@ class DrexPolicy(Policy):
             best = max(eff.values())
             s = max(x for x in waiting if eff[x] >= (1.0 - self.slack) * best)
             why = "deepest" if s == max(waiting) else "more efficient"
-        rows, ms, how = plans[s]
+        rows, ms, how, _ = plans[s]
         return Decision(s, rows, "own", predicted_ms=ms, reason=f"{why}, {how}")
 
     def _urgent(self, view: SchedulerView, plans: dict) -> tuple[int | None, str]:
