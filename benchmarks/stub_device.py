@@ -63,8 +63,10 @@ class StubRunner:
             ticket = self.queues[queue].popleft()
             slot, epoch = ticket % self.total, ticket // self.total
             row = self.rows_of.get(slot)
-            out.append((slot, ticket, row is not None and row["epoch"] == epoch and row["alive"]))
-        return out + [(self.total - 1, 0, False)] * (bucket - len(out))
+            valid = row is not None and row["epoch"] == epoch and row["alive"]
+            out.append((slot if valid else self.total - 1, ticket, valid))
+        out += [(self.total - 1, 0, False)] * (bucket - len(out))
+        return out if self.options.static else sorted(out, key=lambda r: r[0])  # as eager programs take them
 
     def _trace_layer(self, row: dict, draw: int) -> int:
         if row["replay"] is not None:
@@ -82,11 +84,8 @@ class StubRunner:
             if slot in self.rows_of:
                 self.rows_of[slot]["alive"] = False
         projected, run = [], []
-        if plan.project:
-            projected = [
-                self._project(slot, ticket, valid)
-                for slot, ticket, valid in self._take(len(self.segments), plan.project)
-            ]
+        if plan.project and plan.project_first:
+            projected = self._projections(plan.project)
         if plan.fill:
             self._take(len(self.segments) + 1, plan.fill)
         ran = 0
@@ -99,6 +98,8 @@ class StubRunner:
                     self._start(row)
             leave = self._rule(plan.segment, live)
             run = [self._run(plan.segment, slot, ticket, valid, leave) for slot, ticket, valid in taken]
+        if plan.project and not plan.project_first:
+            projected = self._projections(plan.project)
         self._pending = self._verdict(plan.step, plan.segment, plan.bucket, plan.project, run, projected, ran)
         self.device_s += time.perf_counter() - start
 
@@ -122,8 +123,10 @@ class StubRunner:
         if not valid:
             return (ticket, 0, -1, 0, 0.0)
         row = self.rows_of[slot]
-        if s == len(self.segments) - 1:
-            return self._emit(row, ticket, self.num_layers - 1, 0)
+        if s == len(self.segments) - 1:  # its token is projected with the waiting ones, after the segment
+            row["exit_layer"] = self.num_layers - 1
+            self.queues[len(self.segments)].append(ticket)
+            return (ticket, -1, -1, VALID, 0.0)
         layer = self.boundaries[s]
         own = row["trace_layer"] <= layer
         leave = own if rule is None else rule
@@ -156,6 +159,9 @@ class StubRunner:
                 self.queues[len(self.segments) + 1].append(ticket)
         return (ticket, token, layer, flags, 0.0)
 
+    def _projections(self, bucket: int) -> list:
+        return [self._project(slot, ticket, valid) for slot, ticket, valid in self._take(len(self.segments), bucket)]
+
     def _project(self, slot: int, ticket: int, valid: bool) -> tuple:
         if not valid:
             return (ticket, 0, -1, 0, 0.0)
@@ -164,6 +170,8 @@ class StubRunner:
         done = row["draw"] + 1 >= row["max_new"]
         if done:
             row["alive"] = False
+        elif row["exit_layer"] == self.num_layers - 1:  # the last segment's row goes on from here
+            self._append(0, ticket, row)
         missed = MISSED if row["passed_at"] < row["exit_layer"] else 0
         return (ticket, token, row["exit_layer"], VALID | EMITTED | (FINISHED if done else 0) | missed, 0.0)
 

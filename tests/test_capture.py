@@ -192,18 +192,18 @@ def test_self_spec_draft_and_verify_replay_their_recordings_and_equal_full_depth
 
 
 def test_a_program_that_reads_a_tensor_made_outside_its_static_buffers_is_caught():
-    """The negative check: a broken segment program that reads a per-step tensor the host made outside
+    """The negative check: a broken projection program that reads a per-step tensor the host made outside
     the static buffers (instead of copying it into one) fails at capture, naming the op; without the
     check (strict=False) its replays read the stale tensor and decode wrongly."""
     from drex_hf.generation.runner import Runner
 
     model = _model("llama", "max_prob")
     prompts = _prompts()
-    original = Runner._segment
+    original = Runner._project
 
-    def broken(self, s, bucket):
-        original(self, s, bucket)
-        tokens = self.state.tokens  # shifted by the step's own tensor, made on the host each step
+    def broken(self, bucket):
+        original(self, bucket)
+        tokens = self.state.tokens  # the next inputs shifted by the step's own tensor, made on the host each step
         tokens.copy_(torch.remainder(tokens + self._outside, 90))
 
     def launch(self, plan, _launch=Runner.launch):
@@ -213,7 +213,7 @@ def test_a_program_that_reads_a_tensor_made_outside_its_static_buffers_is_caught
     settings = DecodeSettings(max_new_tokens=6)
     holder = {}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Runner, "_segment", broken)
+        patch.setattr(Runner, "_project", broken)
         patch.setattr(Runner, "launch", launch)
         engine = _drex(model, _recorder(holder), holder, settings=settings, thresholds=[0.5] * 3)
         with pytest.raises(CaptureError, match=r"aten.add.*reads a tensor made outside the program"):

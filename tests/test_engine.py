@@ -640,3 +640,45 @@ def test_a_prefill_into_scattered_free_slots_with_triton_kernels_equals_the_refe
     for rid, prompt, n in zip(ids, prompts, lengths):
         (want,) = generate_reference(model, [prompt], DecodeSettings(max_new_tokens=n), [math.inf] * 3)
         assert results[rid].tokens == want.tokens, rid
+
+
+def test_the_kv_fill_measured_faster_per_bucket_is_the_one_that_runs(monkeypatch):
+    """Where Triton runs (the interpreter here, a GPU in use), the engine times the fused fill kernel
+    against the plain product at every bucket and keeps the faster; mixed choices still give the
+    reference's tokens. (The timer is given: timing the interpreter would mean nothing.)"""
+    from drex_hf.kernels import dispatch
+
+    monkeypatch.setenv("DREX_KERNELS", "triton")
+    dispatch.reset()
+    model = _model("llama")
+    _, _, prompts = _prompts([5, 9, 3, 7])
+    settings = DecodeSettings(max_new_tokens=8)
+    thresholds = _thresholds(model, prompts)
+    engine = DrexEngine(model, max_batch=4, max_len=20, settings=settings, thresholds=thresholds,
+                        cost_model=CostModel.constant(4))  # fmt: skip
+    assert engine.fill_choice == {}  # not on a CPU unless asked: the interpreter's timings mean nothing
+    runs = {"triton": 0, "torch": 0}
+    bucket_now = [0]
+    real_probe = engine.runner.probe
+
+    def probe(kind, index, slots, position):
+        bucket_now[0] = len(slots)
+        return real_probe(kind, index, slots, position)
+
+    def timer(fn, repeats, device):  # the product is "faster" at even buckets, the kernel at odd ones
+        fn()
+        bucket = bucket_now[0]
+        backend = engine.runner.programs.fill_choice[bucket]  # what this timing runs
+        runs[backend] += 1
+        return 1.0 if (backend == "torch") == (bucket % 2 == 0) else 2.0
+
+    monkeypatch.setattr(engine.runner, "probe", probe)
+    choice = engine.runner.choose_fill(repeats=1, timer=timer)
+    assert choice == {b: "torch" if b % 2 == 0 else "triton" for b in engine.buckets}
+    assert runs["triton"] and runs["torch"]
+    with torch.no_grad():
+        ids = [engine.add_request(p) for p in prompts]
+        results = engine.run()
+    reference = generate_reference(model, prompts, settings, thresholds)
+    _assert_same_as_reference([results[i] for i in ids], reference)
+    assert dispatch.broken() == {}

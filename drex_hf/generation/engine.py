@@ -342,6 +342,7 @@ class DrexEngine(SlotEngine):
             fills=bool(boundaries),
         )  # fmt: skip
         self.runner = Runner(self.model, self.store, options, graphs=graphs, lazy=lazy)
+        self.fill_choice = self.runner.choose_fill()  # the faster KV fill per bucket, where Triton runs
 
     def _build_policy(self, policy: str | Policy, given: Any, sla_tpot_ms: float | None, quorum: float) -> None:
         if isinstance(policy, Policy):
@@ -472,7 +473,8 @@ class DrexEngine(SlotEngine):
             return False
         self._kills = []
         rows = None if decision is None else (decision.segment, decision.rows)
-        plan = build_plan(step, rows, self.book, self.buckets, first_projects=self.defer_projection, kills=kills)
+        plan = build_plan(step, rows, self.book, self.buckets, first_projects=self.defer_projection,
+                          last=self.num_segments - 1, kills=kills)  # fmt: skip
         self._gap()
         self.runner.launch(plan)
         self._launched(step, decision, plan)
@@ -663,7 +665,8 @@ class DrexEngine(SlotEngine):
         first = (
             self.boundaries.index(plan.fill_from - 1) if plan.fill and plan.fill_from - 1 in self.boundaries else None
         )
-        return self.cost.overhead_ms(first, plan.fill, plan.project)
+        own = plan.bucket if plan.segment == self.num_segments - 1 else 0  # the last segment's table has them
+        return self.cost.overhead_ms(first, plan.fill, max(plan.project - own, 0))
 
     def reset_stats(self) -> None:
         """Start counting afresh (and forget finished requests; request ids start from 0 again, so a

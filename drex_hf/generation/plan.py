@@ -75,10 +75,12 @@ class Book:
 
 @dataclass(slots=True)
 class StepPlan:
-    """One step: `kills` (slots whose requests the host ended) first; then, when `project` > 0, the
-    vocabulary projection of that many deferred tokens; when `fill` > 0, the KV fill of that many
-    exited rows from layer `fill_from` on; then `segment` (None: none) on the first min(count, `bucket`)
-    entries of its queue. `step` numbers it (the device stamps rows' waiting and token starts with it)."""
+    """One step: `kills` (slots whose requests the host ended) first; then `project` > 0 (a bucket)
+    projects the waiting tokens — before the segment when `project_first` (a first segment's rows
+    embed them), else after it (the last segment's rows with the deferred ones); `fill` > 0 fills
+    that many exited rows' keys/values from layer `fill_from` on, before the segment; `segment` (None:
+    none) runs on the first min(count, `bucket`) entries of its queue. `step` numbers it (the device
+    stamps rows' waiting and token starts with it)."""
 
     step: int
     segment: int | None
@@ -87,6 +89,7 @@ class StepPlan:
     fill: int = 0
     fill_from: int = 0
     kills: tuple[int, ...] = ()
+    project_first: bool = False
 
     @property
     def rows(self) -> int:
@@ -101,23 +104,29 @@ def build_plan(
     buckets: list[int],
     *,
     first_projects: bool,
+    last: int,
     kills: tuple[int, ...] = (),
 ) -> StepPlan:
     """The plan for a decision `(segment, rows)` (None: only the pending projections); `rows` is a
-    bucket or the queue's whole count, since the device takes min(count, bucket). A step of the
-    first segment fills every exited row's keys/values first (before its next token overwrites the
-    hidden state they come from) and, when `first_projects`, projects every deferred token first (its
-    rows embed them); the projections' and fills' buckets cover all that is pending."""
-    largest = buckets[-1]  # a queue may hold stale tickets too: the device takes at most a bucket
-    project = bucket_of(buckets, min(book.projections, largest))
+    bucket or the queue's whole count, since the device takes min(count, bucket). A step of the last
+    segment (`last`) projects its rows after it together with every deferred token waiting (one
+    product); a step of the first segment fills every exited row's keys/values first (before its next
+    token overwrites the hidden state they come from) and, when `first_projects`, projects the
+    deferred tokens first (its rows embed them). The buckets cover all that is pending (a queue may
+    hold stale tickets too: the device takes at most the largest bucket)."""
+    largest = buckets[-1]
     if decision is None:
-        return StepPlan(step, None, project=project, kills=kills)
+        return StepPlan(step, None, project=bucket_of(buckets, min(book.projections, largest)), kills=kills)
     segment, rows = decision
     bucket = bucket_of(buckets, min(rows, largest))
+    if segment == last:
+        project = bucket_of(buckets, min(book.projections + bucket, largest))
+        return StepPlan(step, segment, bucket, project, kills=kills)
     if segment != 0:
         return StepPlan(step, segment, bucket, kills=kills)
     fill = bucket_of(buckets, min(book.fills, largest))
-    return StepPlan(step, 0, bucket, project if first_projects else 0, fill, book.fill_from if fill else 0, kills)
+    project = bucket_of(buckets, min(book.projections, largest)) if first_projects else 0
+    return StepPlan(step, 0, bucket, project, fill, book.fill_from if fill else 0, kills, project_first=True)
 
 
 @dataclass(slots=True)

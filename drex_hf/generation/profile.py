@@ -23,7 +23,8 @@ def staged_step(runner: Runner, s: int, slots: list[int], position: int) -> None
     """One whole step of segment s on `slots`, each row's token at `position` (staged, then run:
     upload, programs, verdict read); the queues are emptied after it."""
     runner.stage(s, slots, position)
-    runner.launch(StepPlan(0, s, bucket_of(runner.buckets, len(slots))))
+    bucket = bucket_of(runner.buckets, len(slots))
+    runner.launch(StepPlan(0, s, bucket, bucket if s == len(runner.segments) - 1 else 0))
     runner.read()
     runner.clear()
 

@@ -184,6 +184,9 @@ class Programs:
         slots = torch.where(valid, slots, st.scratch)
         st.head[queue] = (head + n) % st.capacity
         st.count[queue] = count - n
+        if not self.static:  # eager: in slot order, so that rows that are a run of slots are read as views
+            slots, order = torch.sort(slots)
+            tickets, valid = tickets.index_select(0, order), valid.index_select(0, order)
         return Rows(slots, tickets, valid, st.position.index_select(0, slots))
 
     def append(self, queue: int, tickets: torch.Tensor, mask: torch.Tensor) -> None:
@@ -418,19 +421,19 @@ class Programs:
         layers = torch.where(emitted, layer, -1)
         return self._verdict_rows(rows.tickets, token, layers, flags, confidence)
 
-    def route_final(self, rows: Rows, tokens: torch.Tensor) -> torch.Tensor:
-        """After the last segment: every valid row's token is full depth's; it goes on unless it ended."""
-        st, slots, valid, last = self.state, rows.slots, rows.valid, self.num_layers - 1
-        done, eos = self.finished(rows, tokens, valid)
-        st.tokens.index_copy_(0, slots, tokens)
-        st.alive.index_copy_(0, slots, st.alive.index_select(0, slots) & ~done)
-        onward = valid & ~done
-        self.append(0, rows.tickets, onward)
-        self.joined(slots, onward)
-        missed = valid & (st.passed_at.index_select(0, slots) < last)
-        flags = self._flags(valid, valid, done, eos, torch.zeros_like(valid), missed)
+    def route_final(self, rows: Rows, out: torch.Tensor) -> torch.Tensor:
+        """After the last segment: the rows' final-normed states wait in their slots for the step's
+        projection, which projects them with every deferred token waiting, in one vocabulary product
+        (on a CPU, or a GPU at moderate batch, one pass over the lm_head's weights instead of two)."""
+        st, slots, valid = self.state, rows.slots, rows.valid
+        self.scatter(st.features, slots, self.arch.final_norm(out))
+        st.exit_layer.index_fill_(0, slots, self.num_layers - 1)
+        self.append(st.project_queue, rows.tickets, valid)
+        none = torch.zeros_like(valid)
+        flags = self._flags(valid, none, none, none, none, none)
         zero = torch.zeros(slots.shape, dtype=torch.float32, device=slots.device)
-        return self._verdict_rows(rows.tickets, tokens, torch.where(valid, last, -1), flags, zero)
+        minus = torch.full_like(slots, -1)
+        return self._verdict_rows(rows.tickets, minus, minus, flags, zero)
 
     @staticmethod
     def _flags(*masks: torch.Tensor) -> torch.Tensor:
@@ -451,8 +454,10 @@ class Programs:
 
     # ------------------------------------------------------------------ projections and fills
     def project(self, rows: Rows) -> torch.Tensor:
-        """Deferred tokens: the rows' exit-head features onto the vocabulary, one product, and their
-        tokens picked (each with its own draw); returns the verdict rows."""
+        """Waiting tokens — the last segment's rows and deferred exits: their features onto the
+        vocabulary, one product, and their tokens picked (each with its own draw). A row that ran the
+        last segment goes on to its next token unless this one ended it (an exited row went on when it
+        left). Returns the verdict rows."""
         st, slots, valid = self.state, rows.slots, rows.valid
         logits = self.arch.lm_head(self.gather(st.features, slots))
         tokens = self.pick(logits, slots, rows.positions + 1)
@@ -460,6 +465,9 @@ class Programs:
         st.tokens.index_copy_(0, slots, tokens)
         st.alive.index_copy_(0, slots, st.alive.index_select(0, slots) & ~done)
         layer = st.exit_layer.index_select(0, slots)
+        onward = valid & ~done & (layer == self.num_layers - 1)
+        self.append(0, rows.tickets, onward)
+        self.joined(slots, onward)
         missed = valid & (st.passed_at.index_select(0, slots) < layer)
         flags = self._flags(valid, valid, done, eos, torch.zeros_like(valid), missed)
         zero = torch.zeros(slots.shape, dtype=torch.float32, device=slots.device)

@@ -221,10 +221,9 @@ class Runner:
         keys: list[tuple] = [("report",)]
         for bucket in self.buckets:
             keys += [("segment", s, bucket) for s in range(len(self.segments))]
-            if self.boundaries:
-                keys.append(("project", bucket))
-                if self.options.fills:
-                    keys += [("fill", bucket, exit_layer + 1) for exit_layer in self.boundaries]
+            keys.append(("project", bucket))
+            if self.boundaries and self.options.fills:
+                keys += [("fill", bucket, exit_layer + 1) for exit_layer in self.boundaries]
         return keys
 
     def capture(self, progress: bool | None = None) -> dict[str, float | int]:
@@ -247,8 +246,7 @@ class Runner:
             confidence, tokens = p.check(s, rows, out)
             verdict = p.route_exit(s, rows, confidence, tokens)
         else:
-            logits = self.arch.lm_head(self.arch.final_norm(out))
-            verdict = p.route_final(rows, p.pick(logits, rows.slots, rows.positions + 1))
+            verdict = p.route_final(rows, out)
         self._write_rows(0, verdict, 0)
         self.header["ran"].copy_(rows.valid.sum())
 
@@ -299,12 +297,14 @@ class Runner:
         self._upload(plan.step, plan.kills)
         if plan.kills:
             self.programs.kill(self.plan[2 : 2 + len(plan.kills)])
-        if plan.project:
+        if plan.project and plan.project_first:
             self.graphs.run(("project", plan.project))
         if plan.fill:
             self.graphs.run(("fill", plan.fill, plan.fill_from))
         if plan.segment is not None:
             self.graphs.run(("segment", plan.segment, plan.bucket))
+        if plan.project and not plan.project_first:
+            self.graphs.run(("project", plan.project))
         self.graphs.run(("report",))
         self._download(plan.step, plan.segment, plan.bucket, plan.project)
 
@@ -485,6 +485,33 @@ class Runner:
         if kind == "project":
             return lambda: p.project(rows)
         raise ValueError(f"unknown probe {kind!r}")
+
+    @torch.no_grad()
+    def choose_fill(self, repeats: int = 3, timer: Any = None) -> dict[int, str]:
+        """On a GPU whose kernels are Triton's: time the KV fill at every bucket both ways — the fused
+        Triton kernel and the plain matrix product with an indexed write (the torch reference) — on
+        empty slots, from the shallowest exit point, and keep the faster per bucket
+        (`programs.fill_choice`; on the H200 the Triton fill ran at 0.62x the product's speed at 256
+        rows). Before any capture: a graph keeps the fill it was recorded with. `timer(fn, repeats,
+        device) -> ms` (default `device.time_ms`; given, it also runs off CUDA: tests). Returns the choice."""
+        from drex_hf.device import time_ms
+
+        programs = self.programs
+        if timer is None and self.device.type != "cuda":
+            return {}
+        if not programs.triton or not self.options.fills or self.fill_weights() is None:
+            return {}
+        timer = timer or time_ms
+        position = min(16, self.store.max_len - 1)
+        for bucket in self.buckets:
+            probe = self.probe("fill", 0, list(range(bucket)), position)
+            times = {}
+            for backend in ("triton", "torch"):
+                programs.fill_choice[bucket] = backend
+                times[backend] = timer(probe, repeats, self.device)
+            programs.fill_choice[bucket] = min(times, key=times.get)
+            self.clear()
+        return dict(programs.fill_choice)
 
     @torch.no_grad()
     def clear(self) -> None:
