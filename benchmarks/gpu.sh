@@ -10,9 +10,10 @@
 # 2. Host overhead on the tiny shape, graphs on and off (ops, copies, µs per round).
 # 3. Llama-7B shapes (random weights), bf16, trace exits 20/25/20/35, 32 new tokens, prompts of 128
 #    tokens, batch 64 and 256: full with graphs vs full eager, drex and batch_all with graphs, the
-#    measured oracle, GPU busy. Graphs are captured lazily (only the buckets steps use).
+#    measured oracle, GPU busy; one engine alive at a time (four 7B stores of 256 x 169 positions would
+#    be 85 GiB). Graphs are captured lazily (only the buckets steps use).
 # 4. The same at a 2048-token context: one engine alive at a time; the batch the memory preflight
-#    says fits 76 GiB (64 does not: its store alone is 66 GiB), full and drex with graphs.
+#    says fits 76 GiB (56: at 64 the store alone is 66 GiB, 84 GiB with the weights), full and drex.
 # 5. self_spec on Llama-7B shapes, trace acceptance 0.8, batch 1, 8 and 64: full vs self_spec drafting
 #    from the middle exit (layer 15 of 32) with k = 4, both with graphs.
 # Every bench step first checks its memory (--fit-memory 76): weights + stores + fill weights + row
@@ -44,7 +45,7 @@ step host_overhead "${T_HOST:-40}" python3 benchmarks/host_overhead.py --device 
   --policies full,full:eager,drex,drex:eager --out "$WORK/host"
 cp "$WORK/host/host_overhead.md" "$OUT/host_overhead-gpu.md" 2>/dev/null
 step bench7b_ctx128 "${T_SHORT:-140}" "${BENCH[@]}" --exit-dist 0.2,0.25,0.2,0.35 --batch-sizes 64,256 --context 128 \
-  --policies full,full:eager,batch_all,drex --gpu-busy --out "$WORK/ctx128"
+  --policies full,full:eager,batch_all,drex --sequential --gpu-busy --out "$WORK/ctx128"
 keep "$WORK/ctx128" bench7b-ctx128
 step bench7b_ctx2048 "${T_LONG:-120}" "${BENCH[@]}" --exit-dist 0.2,0.25,0.2,0.35 --batch-sizes 64 --context 2048 \
   --policies full,drex --sequential --no-measured-oracle --out "$WORK/ctx2048"

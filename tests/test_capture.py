@@ -102,6 +102,7 @@ def test_every_drex_program_replays_its_recording_and_equals_the_reference(kind,
         {"project"} if confidence in ("classifier", "saturation") else set()
     )
     assert graphs.replays > len(graphs.graphs) and steps > 20  # recordings really were replayed, many times
+    assert engine.stats.graphs["graphs"] == len(graphs.graphs) and engine.stats.graphs["pool_bytes"] > 0
     assert len({key[2] for key in graphs.graphs if key[0] == "segment"}) > 1  # at more than one bucket
     assert engine.stats.padded_layer_rows > 0  # the buckets really padded some steps
     assert recorder.memory() > 0

@@ -488,6 +488,10 @@ def test_cost_model_table_is_interpolated_and_the_line_fits_it():
     from drex_hf.generation.profile import fit_line, row_counts
 
     assert row_counts(1) == [1] and row_counts(8) == [1, 2, 4, 8] and row_counts(12) == [1, 2, 4, 8, 12]
+    from drex_hf.generation.plan import row_buckets  # at buckets: the powers of two among them, and the largest
+
+    assert row_counts(256, row_buckets(256, True)) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert row_counts(6, [1, 2, 4, 6]) == [1, 2, 4, 6] and row_counts(20, row_buckets(20, True)) == [1, 2, 4, 8, 16, 20]
     a, b = fit_line([1, 2, 4, 8], [3.0, 4.0, 6.0, 10.0])
     assert (a, b) == (pytest.approx(2.0), pytest.approx(1.0))
     # 2-7 rows as slow as 8: what the 2-core CPU's matrix products do

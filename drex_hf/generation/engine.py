@@ -302,6 +302,8 @@ class DrexEngine(SlotEngine):
         self.graph_report = None
         if graphs is not None and not lazy_capture:
             self.capture_graphs(progress)
+        elif graphs is not None:  # captured as steps need them: the report grows as they are
+            self.graph_report = self.runner.graphs.report
         self._build_policy(policy, cost_model, sla_tpot_ms, quorum)
         self.requests = Requests(self.store.allocate, self.store.release)
         self.finished: dict[int, RequestOutput] = {}

@@ -36,9 +36,12 @@ def step_time_ms(runner: Runner, s: int, slots: list[int], position: int, repeat
 
 
 def row_counts(slots: int, buckets: list[int] | None = None) -> list[int]:
-    """1, 2, 4, ... up to `slots`, and `slots` itself; at row buckets (graphs), the buckets."""
+    """1, 2, 4, ... up to `slots`, and `slots` itself; at row buckets (graphs), the buckets among
+    those, and the largest (the table is interpolated between them: timing all 35 buckets of 256
+    rows would capture and time every segment's 35 programs at start-up)."""
     if buckets is not None and len(buckets) < slots:
-        return [b for b in buckets if b <= slots] or [slots]
+        kept = [b for b in buckets if b <= slots and b & (b - 1) == 0]
+        return sorted({*kept, max(b for b in buckets if b <= slots)}) if kept else [slots]
     counts, n = [], 1
     while n < slots:
         counts.append(n)
