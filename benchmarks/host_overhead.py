@@ -329,15 +329,19 @@ def main(argv: list[str] | None = None) -> int:
             r["ops_outside_vs_full"] = r["ops_outside_per_round"] / full["ops_outside_per_round"]
             r["host_us_vs_full"] = micros[r["policy"]] / micros[full["policy"]]
             results.append(r)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     header = (
         f"{args.shape} shape, {args.dtype}, {device_name(model.heads_device)}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; trace exits {args.exit_dist}; {args.max_new_tokens} new tokens"
     )
-    (out / "host_overhead.json").write_text(json.dumps({"setup": header, "results": results}, indent=1))
-    text = f"{header}\n\n{table(results)}\n"
-    (out / "host_overhead.md").write_text(text)
+    return write(Path(args.out), "host_overhead", header, results, table(results))
+
+
+def write(out: Path, name: str, header: str, results: list[dict], text: str) -> int:
+    """`name`.json (the setup line and every row) and `name`.md (the line and the table), printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"setup": header, "results": results}, indent=1))
+    text = f"{header}\n\n{text}\n"
+    (out / f"{name}.md").write_text(text)
     print(text)
     return 0
 
@@ -354,18 +358,12 @@ def stub_main(args: argparse.Namespace) -> int:
         engines = {p: new_engine(model, p, args.max_new_tokens, rows, max_len, dist) for p in args.policies.split(",")}
         results += stub_policies(engines, prompts, args.max_new_tokens, dist, args.repeats)
         del engines
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     header = (
         f"device stubbed out (benchmarks/stub_device.py); {args.shape} shape's engine on {device_name('cpu')}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; trace exits {args.exit_dist}; "
         f"{args.max_new_tokens} new tokens; median of {args.repeats} decodes"
     )
-    (out / "host_overhead_stub.json").write_text(json.dumps({"setup": header, "results": results}, indent=1))
-    text = f"{header}\n\n{stub_table(results)}\n"
-    (out / "host_overhead_stub.md").write_text(text)
-    print(text)
-    return 0
+    return write(Path(args.out), "host_overhead_stub", header, results, stub_table(results))
 
 
 if __name__ == "__main__":
