@@ -4,13 +4,17 @@
     python benchmarks/host_overhead.py --device cuda --dtype bf16 --out runs/host-overhead-gpu
     python benchmarks/host_overhead.py --stub-device         # the host alone: 64 and 256 rows
 
-**--stub-device**: the engine's device is replaced by `stub_device.StubRunner`, which answers every
-launch with the verdict the device would give (same queues, exits, budgets; made-up tokens) and
-times itself; what a round costs beyond that is the host's own work, as it would be under CUDA
-graphs, where a step's device side is a few replays. Per policy and row count: host µs per round
-(median of `--repeats` decodes, the policies interleaved; the first decode step also emits the
-prefill's first tokens, for every policy alike) and the host time the device would wait on per step
-— from reading one step's verdict to launching the next (mean, p95, max).
+**--stub-device**: the engine's device is replaced by a stub that answers every launch with the
+verdict the device would give (`stub_device.StubRunner`: the same queues, exits, budgets, in numpy;
+made-up tokens). Each policy's decode runs once on it, recorded; the timed decodes replay the
+recorded verdicts (`stub_device.ReplayRunner`, which checks that the engine launches the same plans,
+and the outputs are checked against the recorded decode's), so the simulation neither costs host time
+nor crowds the host's caches, as a real device's work does not; what a round costs is the host's own
+work, as it would be under CUDA graphs, where a step's device side is a few replays. Per policy and
+row count: host µs per round (median of `--repeats` decodes, the policies interleaved; the first
+decode step also emits the prefill's first tokens, for every policy alike) and the host time the
+device would wait on per step — from reading one step's verdict to launching the next (mean, p95,
+max).
 
 On the `tiny` synthetic shape compute is close to nothing, so a round costs what the host spends on
 it. For each policy, on the same random prompts and trace exits (20/25/20/35 % by default), after the
@@ -220,30 +224,36 @@ def time_policies(engines: dict, prompts: list, tokens: int, dist: ExitDistribut
 
 @torch.no_grad()
 def stub_policies(engines: dict, prompts: list, tokens: int, dist: ExitDistribution, repeats: int) -> list[dict]:
-    """Host µs per round and the read-to-launch gaps, each engine on a `StubRunner`, interleaved."""
-    from stub_device import StubRunner
+    """Host µs per round and the read-to-launch gaps, the policies interleaved: each engine's decode
+    runs once on a `Recording` stub (untimed), then `repeats` times on a `ReplayRunner` of it (timed),
+    whose outputs must be the recorded decode's."""
+    from stub_device import Recording, ReplayRunner
 
     times: dict[str, list[float]] = {p: [] for p in engines}
     gaps: dict[str, list[float]] = {p: [] for p in engines}
     steps: dict[str, int] = {}
-    for _ in range(repeats):
+    recordings: dict[str, tuple[Recording, list]] = {}
+    for repeat in range(repeats + 1):
         for policy, engine in engines.items():
             engine.reset_stats()
-            engine.runner = stub = StubRunner(engine.runner)
+            real = engine.runner
+            engine.runner = stub = ReplayRunner(recordings[policy][0]) if repeat else Recording(real)
             for i, prompt in enumerate(prompts):
                 add(engine, prompt, i, dist, tokens)
             engine.step()  # the prefill's launch
-            reads, launches = [], []
-            read, launch = stub.read, stub.launch
-            stub.read = lambda read=read, reads=reads: (read(), reads.append(time.perf_counter()))[0]
-            stub.launch = lambda plan, launch=launch, at=launches: (at.append(time.perf_counter()), launch(plan))[1]
             start, device = time.perf_counter(), stub.device_s
             engine.run()
             host = time.perf_counter() - start - (stub.device_s - device)
+            engine.runner = real
+            outputs = [(o.tokens, o.exit_layers) for _, o in sorted(engine.finished.items())]
+            if not repeat:
+                recordings[policy] = (stub, outputs)
+                continue
+            if outputs != recordings[policy][1]:
+                raise RuntimeError(f"{policy}: the replayed decode's outputs differ from the recorded one's")
             times[policy].append(host / (tokens - 1) * 1e6)
-            gaps[policy] += [(b - a) * 1e6 for a, b in zip(reads, launches)]
+            gaps[policy] += [(b - a) * 1e6 for a, b in zip(stub.reads, stub.launches)]
             steps[policy] = engine.stats.steps
-            engine.runner = stub.real
     out = []
     for policy in engines:
         g = sorted(gaps[policy])
@@ -359,7 +369,8 @@ def stub_main(args: argparse.Namespace) -> int:
         results += stub_policies(engines, prompts, args.max_new_tokens, dist, args.repeats)
         del engines
     header = (
-        f"device stubbed out (benchmarks/stub_device.py); {args.shape} shape's engine on {device_name('cpu')}, "
+        f"device stubbed out (benchmarks/stub_device.py: recorded, then replayed); {args.shape} shape's engine on "
+        f"{device_name('cpu')}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; trace exits {args.exit_dist}; "
         f"{args.max_new_tokens} new tokens; median of {args.repeats} decodes"
     )

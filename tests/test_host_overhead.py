@@ -1,6 +1,8 @@
 """The stub device `benchmarks/host_overhead.py --stub-device` measures the host with: it must schedule
 and exit exactly as the real runner does (the same steps, segments, exit layers and counts), so that
-what the benchmark times is the engine's real host path; and the benchmark's table says what it ran."""
+what the benchmark times is the engine's real host path; its replay must answer a repeated decode as
+the recording did, and refuse a decode that schedules otherwise; and the benchmark's table says what
+it ran."""
 
 import json
 import subprocess
@@ -13,11 +15,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from stub_device import StubRunner  # noqa: E402
+from stub_device import Recording, ReplayRunner, StubRunner  # noqa: E402
 
 from drex_hf.bench.run import add, new_engine, random_prompts  # noqa: E402
 from drex_hf.bench.synthetic import synthetic_model  # noqa: E402
 from drex_hf.generation.exits import ExitDistribution  # noqa: E402
+from drex_hf.generation.scheduler import RandomPolicy  # noqa: E402
 
 
 @pytest.mark.parametrize("policy", ["drex", "batch_all", "batch_majority", "full"])
@@ -47,6 +50,41 @@ def test_the_stub_device_schedules_and_exits_as_the_real_runner(policy):
         assert real[3][key] == stub[3][key], key
     if policy == "drex":
         assert len({layer for row in real[0] for layer in row[1:]}) == 4  # every exit point was taken
+
+
+def _decode(engine, runner, prompts, dist, tokens):
+    engine.reset_stats()
+    real, engine.runner = engine.runner, runner
+    try:
+        with torch.no_grad():
+            for i, prompt in enumerate(prompts):
+                add(engine, prompt, i, dist, tokens)
+            engine.run()
+    finally:
+        engine.runner = real
+    return [(o.tokens, o.exit_layers) for _, o in sorted(engine.finished.items())], engine.stats.steps
+
+
+def test_a_replay_answers_a_repeated_decode_as_recorded_and_refuses_another():
+    model = synthetic_model("tiny")
+    dist = ExitDistribution((0.2, 0.25, 0.2, 0.35), seed=0)
+    prompts = random_prompts(8, 3, 9, 256, seed=2)
+    engine = new_engine(model, "drex", 6, 8, 24, dist)
+    recording = Recording(engine.runner)
+    recorded, steps = _decode(engine, recording, prompts, dist, 6)
+    assert len({layer for tokens, layers in recorded for layer in layers[1:]}) == 4  # every exit point
+    for _ in range(2):  # later decodes: new epochs and step numbers, the same answers
+        replay = ReplayRunner(recording)
+        assert _decode(engine, replay, prompts, dist, 6) == (recorded, steps)
+        assert len(replay.launches) == steps and len(replay.reads) == steps + 1  # the prefill's read too
+        assert all(b >= a for a, b in zip(replay.reads, replay.launches))
+    assert engine.runner is recording.real
+    with pytest.raises(RuntimeError, match="not the recorded ones"):  # other requests
+        _decode(new_engine(model, "drex", 6, 8, 24, dist), ReplayRunner(recording), prompts[:5], dist, 6)
+    other = new_engine(model, "drex", 6, 8, 24, dist)
+    other.policy = RandomPolicy(other.num_segments, seed=3)  # the same requests, scheduled otherwise
+    with pytest.raises(RuntimeError, match="the recording has"):
+        _decode(other, ReplayRunner(recording), prompts, dist, 6)
 
 
 def test_the_stub_benchmark_writes_its_table(tmp_path):
