@@ -320,6 +320,7 @@ class DrexEngine(SlotEngine):
         self.stats = self._new_stats(record_decisions)
         self._step_start, self._read_at = time.perf_counter(), None
         self._overheads = self.cost is not None and bool(self.cost.fill_ms or self.cost.project_ms)
+        self._overheads_memo: dict[tuple, float] = {}
         self._scheduler_view = SchedulerView(
             [0] * self.num_segments,
             [0] * self.num_segments,
@@ -636,7 +637,8 @@ class DrexEngine(SlotEngine):
     # ------------------------------------------------------------------ statistics
     def _account(self, verdict: Any, decision: Decision | None, plan: Any, launched: float) -> None:
         now = time.perf_counter()
-        measured = (now - max(launched, self._last_read or launched)) * 1e3
+        last = self._last_read
+        measured = (now - (launched if last is None or last < launched else last)) * 1e3
         self._last_read = now
         stats = self.stats
         stats.steps += 1
@@ -661,14 +663,20 @@ class DrexEngine(SlotEngine):
             })  # fmt: skip
 
     def _overhead_ms(self, plan: Any) -> float:
-        """Predicted work of a step besides its segment: KV fill and deferred projections."""
+        """Predicted work of a step besides its segment: KV fill and deferred projections (worked out
+        once per kind of step: the cost model does not change)."""
         if self.cost is None:
             return 0.0
-        first = (
-            self.boundaries.index(plan.fill_from - 1) if plan.fill and plan.fill_from - 1 in self.boundaries else None
-        )
-        own = plan.bucket if plan.segment == self.num_segments - 1 else 0  # the last segment's table has them
-        return self.cost.overhead_ms(first, plan.fill, max(plan.project - own, 0))
+        key = (plan.segment, plan.bucket, plan.fill, plan.fill_from, plan.project)
+        ms = self._overheads_memo.get(key)
+        if ms is None:
+            fill_from = plan.fill_from - 1
+            first = self.boundaries.index(fill_from) if plan.fill and fill_from in self.boundaries else None
+            own = plan.bucket if plan.segment == self.num_segments - 1 else 0  # the last segment's table has them
+            if len(self._overheads_memo) > 4096:
+                self._overheads_memo.clear()
+            ms = self._overheads_memo[key] = self.cost.overhead_ms(first, plan.fill, max(plan.project - own, 0))
+        return ms
 
     def reset_stats(self) -> None:
         """Start counting afresh (and forget finished requests; request ids start from 0 again, so a

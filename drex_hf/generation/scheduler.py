@@ -33,7 +33,7 @@ from drex_hf.errors import GenerationInputError
 POLICY_NAMES = ("drex", "full", "batch_all", "batch_majority")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class Decision:
     """Run `segment` on `rows` rows from the front of its buffer (a row bucket, or the buffer's whole
     count: the device takes min(count, bucket)), exiting by `exit_rule`."""
@@ -276,6 +276,7 @@ class DrexPolicy(Policy):
     name: str = field(default="drex", init=False)
     exit_rule: str = field(default="own", init=False)
     _plans: dict = field(default_factory=dict, init=False, repr=False)  # the plans' costs, by (s, n, context)
+    _decisions: dict = field(default_factory=dict, init=False, repr=False)  # deepest-first's, by (s, n, context, why)
 
     def plan(self, view: SchedulerView, s: int) -> tuple[int, float, str]:
         """Rows, predicted ms and how, for running buffer s: all of it, or — when programs run at row
@@ -288,7 +289,7 @@ class DrexPolicy(Policy):
             if len(self._plans) > 4096:  # a cost model with a context term: keep the memo small
                 self._plans.clear()
             rows, ms, how = self._plan(view, s)
-            plan = self._plans[key] = (rows, ms, how, {why: f"{why}, {how}" for why in ("deepest", "stalled")})
+            plan = self._plans[key] = (rows, ms, how)
         return plan
 
     def _plan(self, view: SchedulerView, s: int) -> tuple[int, float, str]:
@@ -302,13 +303,9 @@ class DrexPolicy(Policy):
         return n, whole, "whole"
 
     def pick(self, view: SchedulerView) -> Decision:
-        waiting = [s for s, n in enumerate(view.counts) if n]
         if self.slack >= 1.0 and self.sla_tpot_ms is None:  # pure deepest-first: only the stalled rule decides
-            limit = self.max_wait_steps if self.max_wait_steps is not None else 4 * self.num_segments
-            stalled = [s for s in waiting if view.waited[s] >= limit]
-            s = max(stalled) if stalled else waiting[-1]
-            rows, ms, _, reasons = self.plan(view, s)
-            return Decision(s, rows, "own", 0.5, ms, reasons["stalled" if stalled else "deepest"])
+            return self._deepest(view)
+        waiting = [s for s, n in enumerate(view.counts) if n]
         plans = {s: self.plan(view, s) for s in waiting}
         urgent, why = self._urgent(view, plans)
         if urgent is not None:
@@ -318,8 +315,28 @@ class DrexPolicy(Policy):
             best = max(eff.values())
             s = max(x for x in waiting if eff[x] >= (1.0 - self.slack) * best)
             why = "deepest" if s == max(waiting) else "more efficient"
-        rows, ms, how, _ = plans[s]
+        rows, ms, how = plans[s]
         return Decision(s, rows, "own", predicted_ms=ms, reason=f"{why}, {how}")
+
+    def _deepest(self, view: SchedulerView) -> Decision:
+        """Deepest-first's pick: the deepest waiting buffer, or the deepest stalled one. It runs every
+        step of a decode, so its decisions are kept (a decision is immutable)."""
+        limit = self.max_wait_steps if self.max_wait_steps is not None else 4 * self.num_segments
+        counts, waited = view.counts, view.waited
+        if max(waited) >= limit and any(n and w >= limit for n, w in zip(counts, waited)):
+            s, why = max(s for s, (n, w) in enumerate(zip(counts, waited)) if n and w >= limit), "stalled"
+        else:
+            s, why = len(counts) - 1, "deepest"
+            while not counts[s]:
+                s -= 1
+        key = (s, counts[s], view.context, why)
+        decision = self._decisions.get(key)
+        if decision is None:
+            if len(self._decisions) > 4096:
+                self._decisions.clear()
+            rows, ms, how = self.plan(view, s)
+            decision = self._decisions[key] = Decision(s, rows, "own", 0.5, ms, f"{why}, {how}")
+        return decision
 
     def _urgent(self, view: SchedulerView, plans: dict) -> tuple[int | None, str]:
         """The buffer closest to breaking the SLA (or waiting too many steps), if any."""
