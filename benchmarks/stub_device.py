@@ -25,7 +25,23 @@ from drex_hf.generation.plan import EMITTED, FINISHED, INVOLUNTARY, MISSED, ROW_
 from drex_hf.generation.sampling import host_uniforms
 
 
-class StubRunner:
+class _OneVerdict:
+    """The runner's read side: one verdict in flight at a time, counted as a read."""
+
+    _pending: Verdict | None
+    transfers: dict[str, int]
+
+    @property
+    def in_flight(self) -> bool:
+        return self._pending is not None
+
+    def read(self) -> Verdict:
+        verdict, self._pending = self._pending, None
+        self.transfers["reads"] += 1
+        return verdict
+
+
+class StubRunner(_OneVerdict):
     """A runner without a device (see the module docstring); built from the engine's real runner,
     whose options, segments and buckets it takes. Tokens are `1000 + slot`, never an eos id."""
 
@@ -57,15 +73,6 @@ class StubRunner:
         self.device_s = 0.0
         self._pending: Verdict | None = None
         self.step = 0
-
-    @property
-    def in_flight(self) -> bool:
-        return self._pending is not None
-
-    def read(self) -> Verdict:
-        verdict, self._pending = self._pending, None
-        self.transfers["reads"] += 1
-        return verdict
 
     # ------------------------------------------------------------------ queues
     def _take(self, q: int, bucket: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -277,7 +284,7 @@ def plan_key(plan: StepPlan) -> tuple:
     return (plan.segment, plan.bucket, plan.project, plan.fill, plan.fill_from, plan.kills, plan.project_first)
 
 
-class ReplayRunner:
+class ReplayRunner(_OneVerdict):
     """The device for a repeat of a recorded decode (the same requests, added in the same order, to the
     same engine): each step is answered with the `Recording`'s verdict, its tickets moved to the
     requests' new epochs. The engine decides from verdicts alone, so it launches the same plans again;
@@ -299,15 +306,9 @@ class ReplayRunner:
         self._verdicts: list[Verdict] = []
         self._pending: Verdict | None = None
 
-    @property
-    def in_flight(self) -> bool:
-        return self._pending is not None
-
     def read(self) -> Verdict:
-        verdict, self._pending = self._pending, None
-        self.transfers["reads"] += 1
         self.reads.append(time.perf_counter())
-        return verdict
+        return super().read()
 
     def prefill(self, step: int, requests: list[Any], kills: tuple[int, ...] = (), enqueue: bool = True) -> None:
         start = time.perf_counter()
