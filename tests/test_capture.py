@@ -192,6 +192,30 @@ def test_self_spec_draft_and_verify_replay_their_recordings_and_equal_full_depth
         assert engine.finished[i].tokens == want.tokens, i
 
 
+@pytest.mark.parametrize("sample", [False, True])
+def test_self_spec_text_drafts_replay_their_recordings_and_equal_eager(sample):
+    """Mixed drafting (issue 26): verify passes with some row's drafts from its own text (every input
+    through every layer) and without, each captured once and replayed, equal the eager engine."""
+    model = _model("llama", "max_prob")
+    prompts = _prompts()
+    sampling = dict(do_sample=True, temperature=1.5, top_k=30) if sample else {}
+    settings = DecodeSettings(max_new_tokens=10, **sampling)
+    seeds = [7 + i for i in range(6)]
+    holder = {}
+    options = dict(max_batch=6, max_len=24, draft_exit=1, draft_tokens=3, draft_source="mixed", settings=settings)
+    engine = SpecEngine(model, **options, graphs=_recorder(holder), static_shapes=True, buckets=BUCKETS)
+    holder["engine"] = engine
+    _run(engine, prompts, seeds)
+    graphs = engine.runner.graphs
+    fresh = {key[-1] for key in graphs.graphs if key[0] == "verify"}
+    assert fresh == {False, True} and graphs.replays > len(graphs.graphs)
+    eager = SpecEngine(model, **options)
+    _run(eager, prompts, seeds)
+    assert eager.stats.ngram_rounds > 0
+    for i in range(len(prompts)):
+        assert engine.finished[i].tokens == eager.finished[i].tokens, i
+
+
 def test_a_program_that_reads_a_tensor_made_outside_its_static_buffers_is_caught():
     """The negative check: a broken projection program that reads a per-step tensor the host made outside
     the static buffers (instead of copying it into one) fails at capture, naming the op; without the

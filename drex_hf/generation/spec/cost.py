@@ -75,8 +75,13 @@ def adaptive_k(
     (the draft exit's measured acceptance). Probing with one draft every few rounds was tried and
     cost more than it found at batch 8, where one row's draft step holds up the whole batch."""
     judged = sum(judged_drafts(d, a) for d, a in zip(drafted, accepted))
-    acceptance = (sum(accepted) + 2 * prior_acceptance) / (judged + 2)
-    return cost.best_k(acceptance, k_max)
+    return best_k(cost, sum(accepted), judged, prior_acceptance, k_max)
+
+
+def best_k(cost: SpecCost, accepted: int, judged: int, prior_acceptance: float, k_max: int) -> int:
+    """`cost.best_k` at the acceptance `accepted` of `judged` drafts show, with `prior_acceptance`
+    counted as two judged drafts."""
+    return cost.best_k((accepted + 2 * prior_acceptance) / (judged + 2), k_max)
 
 
 def spec_speedup_ceiling(num_layers: int, draft_exit: int, acceptance: float, k: int) -> float:

@@ -45,13 +45,15 @@ from drex_hf.generation.protocol import EarlyExitModel
 from drex_hf.generation.runner import Options, Runner
 from drex_hf.generation.sampling import as_seed
 from drex_hf.generation.settings import DecodeSettings
-from drex_hf.generation.spec.cost import SpecCost, adaptive_k, judged_drafts
+from drex_hf.generation.spec.cost import SpecCost, best_k, judged_drafts
+from drex_hf.generation.spec.ngram import MAX_NGRAM, MIN_NGRAM, NgramIndex, check_ngram_sizes
 from drex_hf.generation.spec.programs import SpecPrograms
 from drex_hf.generation.spec.reference import DRAFT, check_spec_arguments, spec_counter
 from drex_hf.generation.state import FinishCallback, Phase, Request, RequestOutput, Requests, TokenCallback
 from drex_hf.seeds import check_seed
 
 MAX_ADAPTIVE_DRAFT = 8  # the largest k adaptive drafting considers, unless max_draft_tokens says otherwise
+DRAFT_SOURCES = ("head", "ngram", "mixed")
 
 
 @dataclass
@@ -96,6 +98,10 @@ class SpecStats(TokenRates):
     uploads: int = 0
     reads: int = 0
     draft_lengths: dict[int, int] = field(default_factory=dict)  # rounds per k chosen
+    fresh_verify_steps: int = 0  # verify passes with some row's drafts from its text (every input, every layer)
+    ngram_rounds: int = 0  # rounds whose drafts came from the row's own text, and their drafts
+    ngram_drafted: int = 0
+    ngram_accepted: int = 0
 
     @property
     def acceptance_rate(self) -> float:
@@ -149,6 +155,9 @@ class _Round:
     k: int = 0  # drafts this round may make
     drafts: list[int] = field(default_factory=list)
     drafting: bool = False
+    source: str = "head"  # where this round's drafts come from: "head" (draft steps) or "ngram" (its text)
+    text: NgramIndex | None = None  # the row's prompt and tokens, indexed (n-gram drafting)
+    judged: dict[str, list[int]] = field(default_factory=dict)  # per source: [drafts accepted, judged]
 
     @property
     def index(self) -> int:
@@ -162,8 +171,15 @@ class SpecEngine(SlotEngine):
     Args:
         model: an early-exit model.
         max_batch / max_len: slots, and positions per slot (a request needs prompt + max_new_tokens).
-        draft_exit: the exit layer whose head drafts (one of `model.exit_layers`).
-        draft_tokens: k, the drafts per round, or "adaptive" (see the module docstring).
+        draft_exit: the exit layer whose head drafts (one of `model.exit_layers`; draft_source "ngram"
+            needs none).
+        draft_tokens: k, the drafts per round (at most, for n-gram drafts), or "adaptive" (see the
+            module docstring).
+        draft_source: "head" (the exit head drafts), "ngram" (each row drafts from an n-gram match in
+            its own prompt and tokens, `spec.ngram`; a row without a match makes a full-depth step) or
+            "mixed" (per row and round: its text's draft where it has one, else the head's).
+        ngram_min / ngram_max: the suffix lengths an n-gram draft matches, longest first.
+        ngram_prior: adaptive: the acceptance an n-gram draft starts from, worth two drafts.
         max_draft_tokens: adaptive: the largest k considered (default 8).
         draft_confidence: stop drafting at a draft whose head confidence is below this (None: never).
         settings: decoding settings; logits processors and stop strings are refused (not supported yet).
@@ -175,8 +191,9 @@ class SpecEngine(SlotEngine):
         keep_finished: keep finished requests in `finished` (what `run()` returns).
     """
 
-    def __init__(self, model: EarlyExitModel, *, max_batch: int, max_len: int, draft_exit: int,
-                 draft_tokens: int | str = 4, max_draft_tokens: int | None = None,
+    def __init__(self, model: EarlyExitModel, *, max_batch: int, max_len: int, draft_exit: int | None = None,
+                 draft_tokens: int | str = 4, max_draft_tokens: int | None = None, draft_source: str = "head",
+                 ngram_min: int = MIN_NGRAM, ngram_max: int = MAX_NGRAM, ngram_prior: float = 0.5,
                  draft_confidence: float | None = None, settings: DecodeSettings | None = None,
                  cost: SpecCost | None = None, exit_source: str = "heads", acceptance: float | None = None,
                  trace_seed: int = 0, keep_finished: bool = True, prior_acceptance: float = 0.5,
@@ -189,8 +206,12 @@ class SpecEngine(SlotEngine):
         settings = settings or DecodeSettings(max_new_tokens=32)
         self.adaptive = draft_tokens == "adaptive"
         k_max = _k_max(draft_tokens, max_draft_tokens, self.adaptive)
+        draft_exit = _draft_exit(model, draft_source, draft_exit)
         check_spec_arguments(model, settings, draft_exit, k_max)
         _check_spec_options(draft_confidence, exit_source, acceptance, prior_acceptance, cost)
+        check_ngram_sizes(ngram_min, ngram_max)
+        _check_prior("ngram_prior", ngram_prior)
+        self.source, self.ngram_sizes, self.ngram_prior = draft_source, (ngram_min, ngram_max), ngram_prior
         check_special_tokens(settings, model.arch.vocab_size)
         self.model, self.arch, self.settings = model, model.arch, settings
         self.num_layers = self.arch.num_layers
@@ -220,9 +241,13 @@ class SpecEngine(SlotEngine):
         self.stats = SpecStats()
         self._stepping, self._cancels, self.step_count = False, [], 0
         self._step_start = time.perf_counter()
+        self.ngram_cost = None
         if cost is None and self.adaptive:
-            cost = measure_spec_cost(self)
+            cost, self.ngram_cost = measure_spec_cost(self), measure_ngram_cost(self)
         self.cost = cost or SpecCost.from_layers(self.num_layers, draft_exit)
+        self.ngram_cost = self.ngram_cost or SpecCost(draft=0.0, verify_fixed=self.cost.verify_fixed,
+                                                      verify_per_position=self.cost.verify_per_position,
+                                                      full=self.cost.full, source=self.cost.source)  # fmt: skip
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: torch.Tensor | Sequence[int], *, max_new_tokens: int | None = None,
@@ -264,6 +289,7 @@ class SpecEngine(SlotEngine):
         0, as full depth's), then starts its first round."""
         start = time.perf_counter()
         batch = self.requests.take_queued()
+        texts = {r.slot: self._text(r.prompt) for r in batch}
         self.step_count += 1
         self.runner.prefill(self.step_count, batch, enqueue=False)
         verdict = self.runner.read()
@@ -271,7 +297,7 @@ class SpecEngine(SlotEngine):
         by_slot = {r.slot: r for r in batch}
         for slot, token in zip(sorted(by_slot), tokens):
             request = by_slot[slot]
-            round_ = self.rounds[slot] = _Round(request, position=request.output.prompt_length)
+            round_ = self.rounds[slot] = _Round(request, position=request.output.prompt_length, text=texts[slot])
             if self._emit(round_, token):
                 self._start_round(round_)
         self.stats.prefill_steps += 1
@@ -280,13 +306,30 @@ class SpecEngine(SlotEngine):
     def _start_round(self, round_: _Round) -> None:
         """The row's pending token now sits at `position`: choose this round's k (no more than tokens
         the row may still emit, one of them full depth's) and start drafting."""
-        round_.drafts = []
-        out = round_.request.output
         room = round_.request.max_new_tokens - round_.index - 1
-        k = self.fixed_k if self.fixed_k is not None else adaptive_k(
-            self.cost, out.drafted, out.accepted, self.prior_acceptance, self.k_max)  # fmt: skip
-        round_.k = max(0, min(k, room))
+        round_.drafts, round_.source, round_.drafting = [], "head", False
+        if round_.text is not None:  # "ngram" / "mixed": the row's own text first
+            round_.drafts = round_.text.draft(min(self._k("ngram", round_), room))
+            if round_.drafts:
+                round_.source, round_.k = "ngram", len(round_.drafts)
+                return
+        round_.k = max(0, min(self._k("head", round_), room)) if self.source != "ngram" else 0
         round_.drafting = round_.k > 0
+
+    def _k(self, source: str, round_: _Round) -> int:
+        """This round's k from `source`: the fixed one, or adaptive drafting's under the row's own
+        acceptance of that source's drafts so far."""
+        if self.fixed_k is not None:
+            return self.fixed_k
+        cost, prior = (self.ngram_cost, self.ngram_prior) if source == "ngram" else (self.cost, self.prior_acceptance)
+        accepted, judged = round_.judged.get(source, (0, 0))
+        return best_k(cost, accepted, judged, prior, self.k_max)
+
+    def _text(self, prompt: Any) -> NgramIndex | None:
+        if self.source == "head":
+            return None
+        ids = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
+        return NgramIndex(ids, min_n=self.ngram_sizes[0], max_n=self.ngram_sizes[1])
 
     def _draft_step(self, rounds: list[_Round]) -> None:
         """Every drafting row drafts one token: its last input through layers 0..draft_exit, the draft
@@ -313,13 +356,17 @@ class SpecEngine(SlotEngine):
         width = max(len(r.drafts) for r in rounds)
         columns = [[r.request.slot for r in rounds], [r.position for r in rounds], [len(r.drafts) for r in rounds],
                    [r.index for r in rounds], [r.request.seed for r in rounds],
-                   [r.request.trace_seed for r in rounds]]  # fmt: skip
+                   [r.request.trace_seed for r in rounds], [r.request.output.tokens[-1] for r in rounds],
+                   [int(r.source == "ngram") for r in rounds]]  # fmt: skip
         drafts = [r.drafts + [0] * (width - len(r.drafts)) for r in rounds]
+        fresh = any(r.source == "ngram" for r in rounds)
         result = self.programs.run("verify", columns, drafts).tolist()
         self.stats.verify_steps += 1
         real = sum(len(r.drafts) + 1 for r in rounds)
-        self.stats.layer_rows += len(rounds) * len(self.shallow) + real * len(self.deep)
-        self.stats.padded_layer_rows += (len(rounds) * (width + 1) - real) * len(self.deep)
+        self.stats.fresh_verify_steps += fresh
+        layers = self.num_layers if fresh else len(self.deep)  # a fresh pass runs every input through all
+        self.stats.layer_rows += (0 if fresh else len(rounds) * len(self.shallow)) + real * layers
+        self.stats.padded_layer_rows += (len(rounds) * (width + 1) - real) * layers
         k = self.k_max
         for round_, values in zip(rounds, result):
             self._finish_round(round_, values[:width], values[k : k + width + 1])
@@ -341,7 +388,13 @@ class SpecEngine(SlotEngine):
         out = round_.request.output
         out.drafted.append(n)
         out.accepted.append(kept)
+        if n:
+            tally = round_.judged.setdefault(round_.source, [0, 0])
+            tally[0], tally[1] = tally[0] + kept, tally[1] + judged_drafts(n, kept)
         stats = self.stats
+        if n and round_.source == "ngram":
+            stats.ngram_rounds, stats.ngram_drafted = stats.ngram_rounds + 1, stats.ngram_drafted + n
+            stats.ngram_accepted += kept
         stats.rounds, stats.drafted, stats.accepted = stats.rounds + 1, stats.drafted + n, stats.accepted + kept
         stats.tested += judged_drafts(n, kept)
         stats.draft_lengths[round_.k] = stats.draft_lengths.get(round_.k, 0) + 1
@@ -357,6 +410,8 @@ class SpecEngine(SlotEngine):
         out = request.output
         out.tokens.append(int(token))
         out.exit_layers.append(self.num_layers - 1)
+        if round_.text is not None:
+            round_.text.append(token)
         out.token_times.append(self.stats.wall_s + time.perf_counter() - self._step_start)
         self.stats.tokens += 1
         if len(out.tokens) > 1:
@@ -400,6 +455,25 @@ def _k_max(draft_tokens: Any, max_draft_tokens: int | None, adaptive: bool) -> i
     return draft_tokens
 
 
+def _check_prior(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise GenerationTypeError(f"{name} must be a number, got {value!r}")
+    if not 0 < value < 1:
+        raise GenerationInputError(f"{name} must be in (0, 1), got {value}")
+
+
+def _draft_exit(model: EarlyExitModel, source: Any, draft_exit: int | None) -> int:
+    """The exit whose head drafts; n-gram drafting needs none (the runner's split is then the deepest
+    exit's, which only rounds without a match use)."""
+    if source not in DRAFT_SOURCES:
+        raise GenerationInputError(f"draft_source must be one of {list(DRAFT_SOURCES)}, got {source!r}")
+    if draft_exit is None:
+        if source != "ngram":
+            raise GenerationInputError(f"draft_source {source!r} needs draft_exit=, the exit layer whose head drafts")
+        return model.exit_layers[-1]
+    return draft_exit
+
+
 def _check_spec_options(
     draft_confidence: Any, exit_source: str, acceptance: Any, prior_acceptance: Any, cost: Any
 ) -> None:
@@ -420,12 +494,32 @@ def _check_spec_options(
             raise GenerationInputError(f"acceptance must be in [0, 1], got {acceptance}")
     elif acceptance is not None:
         raise GenerationInputError("acceptance applies to exit_source='trace'")
-    if isinstance(prior_acceptance, bool) or not isinstance(prior_acceptance, numbers.Real):
-        raise GenerationTypeError(f"prior_acceptance must be a number, got {prior_acceptance!r}")
-    if not 0 < prior_acceptance < 1:
-        raise GenerationInputError(f"prior_acceptance must be in (0, 1), got {prior_acceptance}")
+    _check_prior("prior_acceptance", prior_acceptance)
     if cost is not None and not isinstance(cost, SpecCost):
         raise GenerationTypeError(f"cost must be a SpecCost, got {type(cost).__name__}")
+
+
+def measure_ngram_cost(engine: SpecEngine, repeats: int = 5) -> SpecCost | None:
+    """What a round of drafts from the rows' own text costs (None for head drafting): nothing to
+    draft, and a fresh verify pass (every input through every layer), timed over 1 and k_max + 1
+    positions per row on the still-empty slots, as `measure_spec_cost` times its passes."""
+    if engine.source == "head":
+        return None
+    n = engine.store.slots
+    position = max(min(16, engine.max_len - engine.k_max - 2), 0)
+    slots, zeros, ones = list(range(n)), [0] * n, [1] * n
+    run = engine.programs.run
+
+    def verify(q: int, fresh: bool) -> Callable[[], None]:
+        columns = [slots, [position] * n, [q - 1] * n, zeros, zeros, zeros, zeros, ones if fresh else zeros]
+        return lambda: run("verify", columns, [[0] * (q - 1)] * n)
+
+    t_full = time_ms(verify(1, False), repeats, engine.device)
+    t_one = time_ms(verify(1, True), repeats, engine.device)
+    q = engine.k_max + 1
+    per_position = max(time_ms(verify(q, True), repeats, engine.device) - t_one, 0.0) / (q - 1) if q > 1 else 0.0
+    return SpecCost(draft=0.0, verify_fixed=max(t_one - per_position, 0.0), verify_per_position=per_position,
+                    full=t_full, source=f"measured at start-up ({n} rows, drafts from the rows' text)")  # fmt: skip
 
 
 def measure_spec_cost(engine: SpecEngine, repeats: int = 5) -> SpecCost:
@@ -437,7 +531,7 @@ def measure_spec_cost(engine: SpecEngine, repeats: int = 5) -> SpecCost:
     n = engine.store.slots
     position = max(min(16, engine.max_len - engine.k_max - 2), 0)
     slots, zeros = list(range(n)), [0] * n
-    columns = [slots, [position] * n, zeros, zeros, zeros, zeros]
+    columns = [slots, [position] * n, zeros, zeros, zeros, zeros, zeros, zeros]
     run = engine.programs.run
 
     def verify(q: int) -> Callable[[], None]:
@@ -452,4 +546,4 @@ def measure_spec_cost(engine: SpecEngine, repeats: int = 5) -> SpecCost:
                     full=t_one, source=f"measured at start-up ({n} rows)")  # fmt: skip
 
 
-__all__ = ["SpecEngine", "SpecRequestOutput", "SpecStats", "measure_spec_cost"]
+__all__ = ["SpecEngine", "SpecRequestOutput", "SpecStats", "measure_ngram_cost", "measure_spec_cost"]

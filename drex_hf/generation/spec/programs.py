@@ -8,9 +8,12 @@ leave in one read:
 
     ("draft", b)    each row's last input through layers 0..e at its next position; the draft
                     head's token (DRAFT draw) and confidence; the token becomes the row's next input
-    ("verify", b, q)  the last input's shallow pass, then every row's q positions (the most drafts
-                    a row of the step made, + 1) through layers e+1..L-1 at once; each draft's
-                    acceptance and full depth's tokens; the row's next pending token into its slot
+    ("verify", b, q, fresh)  the last input's shallow pass, then every row's q positions (the most
+                    drafts a row of the step made, + 1) through layers e+1..L-1 at once; each draft's
+                    acceptance and full depth's tokens; the row's next pending token into its slot.
+                    `fresh`: some row's drafts came from its own text (`spec.ngram`), not from draft
+                    steps, so every row's q inputs (its last emitted token, then its drafts) run
+                    through all the layers; such a row's proposal is a point, not a distribution
 
 Rows padded to the bucket point at the scratch slot. Nothing here reads the device on the host
 (eager CPU programs look at their rows in CPU memory to attend up to the longest), so on CUDA both
@@ -31,7 +34,8 @@ from drex_hf.generation.sampling import pick_tokens, uniforms
 from drex_hf.generation.spec.reference import ACCEPT, FULL
 
 TRACE_STREAM = 3  # a trace's acceptance coin: a sub-stream of the request's trace seed
-COLUMNS = ("slot", "position", "count", "index", "seed", "trace_seed")
+COLUMNS = ("slot", "position", "count", "index", "seed", "trace_seed", "last", "ngram")
+NGRAM = COLUMNS.index("ngram")
 
 
 class SpecPrograms:
@@ -89,7 +93,7 @@ class SpecPrograms:
             if width:
                 plan[len(COLUMNS) : len(COLUMNS) + width, :n] = np.asarray(drafts, dtype=np.int64).reshape(n, width).T
                 plan[len(COLUMNS) : len(COLUMNS) + width, n:bucket] = 0
-            key = (kind, bucket, width + 1)
+            key = (kind, bucket, width + 1, bool(plan[NGRAM, :n].any()))
         self.plan[:, :bucket].copy_(self.host_plan[:, :bucket], non_blocking=True)
         self.runner.transfers["uploads"] += 1
         self.runner.graphs.run(key)
@@ -130,17 +134,21 @@ class SpecPrograms:
         self.out[:bucket, 0].copy_(tokens)
         self.out[:bucket, 1].copy_(confidence)
 
-    def _verify(self, bucket: int, q: int) -> None:
+    def _verify(self, bucket: int, q: int, fresh: bool = False) -> None:
         plan = self.plan[:, :bucket]
-        slots, positions, lengths, index, seeds, trace_seeds = plan[: len(COLUMNS)]
+        slots, positions, lengths, index, seeds, trace_seeds, last, ngram = plan[: len(COLUMNS)]
         k = q - 1
         drafts = plan[len(COLUMNS) : len(COLUMNS) + k].T  # [b, k]
-        self.shallow(bucket, slots, positions + lengths, lengths)
         offsets = self._offsets[:q]
         grid = positions.unsqueeze(1) + offsets  # [b, q]
-        hidden = self.deep(slots, grid, self.states.index_select(0, slots)[:, :q])
+        if fresh:  # every input through every layer: the last emitted token, then the drafts
+            inputs = torch.cat([last.unsqueeze(1), drafts], dim=1)
+            hidden = self.layers(range(self.arch.num_layers), slots, grid, self.arch.embed(inputs, grid))
+        else:
+            self.shallow(bucket, slots, positions + lengths, lengths)
+            hidden = self.layers(self.programs.segments[1], slots, grid, self.states.index_select(0, slots)[:, :q])
         logits = self.arch.lm_head(self.arch.final_norm(hidden)).float()  # [b, q, vocab]
-        accepted, tokens = self._accept(logits, slots, drafts, lengths, index, seeds)
+        accepted, tokens = self._accept(logits, slots, drafts, lengths, index, seeds, ngram.bool())
         if self.acceptance is not None:  # a trace: the replayed coin instead of the comparison
             counters = index.unsqueeze(1) + offsets[:k] + (TRACE_STREAM << 30)
             accepted = uniforms(trace_seeds.unsqueeze(1).expand_as(counters), counters) < self.acceptance
@@ -150,13 +158,12 @@ class SpecPrograms:
         self.out[:bucket, :k].copy_(accepted)
         self.out[:bucket, self.k_max : self.k_max + q].copy_(tokens)
 
-    def deep(self, slots: torch.Tensor, grid: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """Layers e+1..L-1 on every row's positions `grid [b, q]` at once (explicit causal masks over
-        the store's capacity, or — eager CPU programs — up to the furthest query)."""
+    def layers(self, layers: range, slots: torch.Tensor, grid: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """`layers` on every row's positions `grid [b, q]` at once (explicit causal masks over the
+        store's capacity, or — eager CPU programs — up to the furthest query)."""
         store, programs = self.runner.store, self.programs
         kv_len = store.max_len if self.runner.options.static else int(grid.max()) + 1
         store.bind(slots, grid, kv_len=kv_len)
-        layers = programs.segments[1]
         windows = {programs.windows[i] for i in layers}
         masks = {w: build_attention_mask(grid, kv_len, window=w, dtype=hidden.dtype) for w in windows}
         rotary = None
@@ -180,12 +187,15 @@ class SpecPrograms:
         probs = self._softmax(logits)
         return probs / probs.sum(dim=-1, keepdim=True)
 
-    def _accept(self, logits: Any, slots: Any, drafts: Any, lengths: Any, index: Any, seeds: Any) -> tuple[Any, Any]:
+    def _accept(
+        self, logits: Any, slots: Any, drafts: Any, lengths: Any, index: Any, seeds: Any, from_text: Any
+    ) -> tuple[Any, Any]:
         """Per row and drafted position j: whether draft j is accepted `[b, k_max]`, and full depth's
         token at each position `[b, q]` — on a rejection at j its correction, at j = the row's draft
         count the token after an all-accepted round. Greedy: full depth's argmax; sampling: the
         speculative test (ACCEPT draw), the residual max(0, p - q) (FULL draw) after a rejection, p
-        itself (FULL draw) after the last draft."""
+        itself (FULL draw) after the last draft. A `from_text` row's drafts were proposed with
+        probability one (its own text's): accepted with probability p, residual p without the draft."""
         n, q, vocab = logits.shape
         k = q - 1
         if not self.do_sample:
@@ -203,6 +213,8 @@ class SpecPrograms:
         if not k:
             return plain[:, :0].bool(), plain
         qd = self.draft_probs.index_select(0, slots)[:, :k]
+        one_hot = torch.zeros_like(qd).scatter_(-1, drafts.unsqueeze(-1), 1.0)
+        qd = torch.where(from_text.view(n, 1, 1), one_hot, qd)
         pd = p[:, :k]
         picked = drafts.unsqueeze(-1)
         u_accept = uniforms(row_seeds[:, :k], counters[:, :k] + (ACCEPT << 30))
