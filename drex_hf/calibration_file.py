@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from drex_hf.config import CALIBRATION_NAME, CONFIDENCE_MEASURES, parse_threshold
+from drex_hf.config import CALIBRATION_NAME, CONFIDENCE_MEASURES, DRAFT_SOURCES, parse_threshold
 from drex_hf.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -193,6 +193,16 @@ def choice_for(choices: dict[str, Any] | None, batch: int) -> dict[str, Any] | N
     return choices[str(below[-1] if below else sizes[0])]
 
 
+def describe_choice(choice: dict[str, Any]) -> str:
+    """A policy choice in words: 'full', or 'self_spec (own text, k 8)' / '(draft exit 23, k 4)'."""
+    policy = choice["policy"]
+    if policy != "self_spec":
+        return policy
+    source = choice.get("draft_source", "head")
+    where = "own text" if source == "ngram" else f"draft exit {choice['draft_exit']}"
+    return f"{policy} ({where}{', else the head' if source == 'mixed' else ''}, k {choice['draft_tokens']})"
+
+
 def check_choices(path: Any, field: str, choices: Any, exit_layers: list[int]) -> None:
     """Refuse a malformed `policy_choice` field (read_calibration's check), naming it."""
     if not isinstance(choices, dict) or not choices:
@@ -207,13 +217,19 @@ def check_choices(path: Any, field: str, choices: Any, exit_layers: list[int]) -
                 f"{path}: field {where}.policy must be one of {', '.join(POLICY_CHOICES)}, got {policy!r}"
             )
         if entry["policy"] == "self_spec":
-            e, k = entry.get("draft_exit"), entry.get("draft_tokens")
-            if e not in exit_layers:
+            source, e, k = entry.get("draft_source", "head"), entry.get("draft_exit"), entry.get("draft_tokens")
+            if source not in DRAFT_SOURCES:
+                raise ConfigError(
+                    f"{path}: field {where}.draft_source must be one of {', '.join(DRAFT_SOURCES)}, got {source!r}"
+                )
+            if e not in exit_layers and not (source == "ngram" and e is None):
                 raise ConfigError(
                     f"{path}: field {where}.draft_exit must be one of the exit layers {exit_layers}, got {e!r}"
                 )
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise ConfigError(f"{path}: field {where}.draft_tokens must be a positive integer, got {k!r}")
+            if k != "adaptive" and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+                raise ConfigError(
+                    f"{path}: field {where}.draft_tokens must be a positive integer or 'adaptive', got {k!r}"
+                )
 
 
 def _is_sha256(value: Any) -> bool:

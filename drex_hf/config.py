@@ -24,6 +24,7 @@ CONFIG_NAME = "exit_config.json"
 CALIBRATION_NAME = "calibration.json"  # written by `drex calibrate` beside the heads
 HEAD_TYPES = ("shared", "norm", "adapter")
 CONFIDENCE_MEASURES = ("classifier", "saturation", "max_prob", "margin")
+DRAFT_SOURCES = ("head", "ngram", "mixed")  # where self_spec drafts come from (generation.spec)
 KV_FILL_METHODS = ("project",)
 
 

@@ -551,6 +551,7 @@ class EarlyExitModelForCausalLM(nn.Module):
         draft_exit: int | None = None,
         draft_tokens: int | str | None = None,
         draft_confidence: float | None = None,
+        draft_source: str | None = None,
         **kwargs: Any,
     ) -> torch.Tensor | EarlyExitGenerateOutput:
         """Generate with per-token early exit (greedy or sampling), like HF's `generate`.
@@ -560,11 +561,11 @@ class EarlyExitModelForCausalLM(nn.Module):
 
         Args:
             policy: `drex` (per-token exits with rebatching), `full` (full depth), `self_spec`
-                (lossless: the exit head at `draft_exit` drafts, the remaining layers verify; the
-                output is full depth's — `SpecEngine`), or the batch-wide baselines `batch_all` and
-                `batch_majority` (whose outputs depend on the batch). Default: the policy `drex
-                calibrate --choose-policy` measured fastest on this device for this batch size (with its
-                draft exit and k), else `drex`.
+                (lossless: drafts from each row's own text or from the exit head at `draft_exit`, verified
+                by full depth; the output is full depth's — `SpecEngine`), or the batch-wide baselines
+                `batch_all` and `batch_majority` (whose outputs depend on the batch). Default: the policy
+                `drex calibrate --choose-policy` measured fastest on this device for this batch size
+                (with its draft source, exit and k), else `drex`.
             thresholds: override the config's thresholds for this call (one value or one per exit;
                 `float("inf")` never exits); None (the default) keeps the config's.
             seed: sampling seed, an integer in [0, 2**64) (numpy integers too; larger or negative
@@ -588,6 +589,10 @@ class EarlyExitModelForCausalLM(nn.Module):
                 processors and `StopStringCriteria`, each row seeing only its own prompt and tokens;
                 the exit confidence stays the head's own; processors turn CUDA graphs off), as in HF.
             tokenizer: the tokenizer `stop_strings` are matched with, as in HF.
+            draft_source: self_spec: where drafts come from: `head` (the exit head at `draft_exit`, the
+                default), `ngram` (each row's own prompt and tokens: what followed the latest earlier
+                occurrence of its last tokens, as HF's prompt lookup, batched) or `mixed` (per row and
+                round: its text where it matches, else the head).
             draft_exit: self_spec: the exit layer whose head drafts (default: the deepest exit point).
             draft_tokens: self_spec: drafts per round, an integer k (default 4) or "adaptive" (per row,
                 from its measured acceptance and costs timed at start-up).
@@ -599,7 +604,9 @@ class EarlyExitModelForCausalLM(nn.Module):
         from drex_hf.generation import api
 
         if policy is None:
-            policy, draft_exit, draft_tokens = self._calibrated_policy(input_ids, draft_exit, draft_tokens)
+            policy, draft_source, draft_exit, draft_tokens = self._calibrated_policy(
+                input_ids, draft_source, draft_exit, draft_tokens
+            )
         return api.generate(
             self,
             input_ids,
@@ -619,6 +626,7 @@ class EarlyExitModelForCausalLM(nn.Module):
             draft_exit=draft_exit,
             draft_tokens=draft_tokens,
             draft_confidence=draft_confidence,
+            draft_source=draft_source,
             kwargs=kwargs,
         )
 
@@ -630,20 +638,22 @@ class EarlyExitModelForCausalLM(nn.Module):
         return release_engines(self)
 
     def _calibrated_policy(
-        self, input_ids: Any, draft_exit: int | None, draft_tokens: int | str | None
-    ) -> tuple[str, int | None, int | str | None]:
+        self, input_ids: Any, draft_source: str | None, draft_exit: int | None, draft_tokens: int | str | None
+    ) -> tuple[str, str | None, int | None, int | str | None]:
         """`generate`'s default policy: the calibrated choice for this device and batch size (its draft
-        exit and k unless given), else drex."""
+        source, exit and k unless given), else drex."""
         batch = int(input_ids.shape[0]) if getattr(input_ids, "dim", lambda: 0)() == 2 else 1
         choice = choice_for(self.policy_choice, batch)
         if choice is None:
-            return "drex", draft_exit, draft_tokens
+            return "drex", draft_source, draft_exit, draft_tokens
         if choice["policy"] == "self_spec":
+            if draft_source is None:
+                draft_source = choice.get("draft_source", "head")
             if draft_exit is None:
-                draft_exit = choice["draft_exit"]
+                draft_exit = choice.get("draft_exit")
             if draft_tokens is None:
                 draft_tokens = choice["draft_tokens"]
-        return choice["policy"], draft_exit, draft_tokens
+        return choice["policy"], draft_source, draft_exit, draft_tokens
 
 
 def _check_base_sizes(config: EarlyExitConfig, arch: ArchAdapter, what: str) -> None:

@@ -496,3 +496,32 @@ def test_sla_mode_serves_self_spec_rows_too(tmp_path):
     runs = json.loads((out / "sla.json").read_text())["runs"]
     assert [r["policy"] for r in runs] == ["full", "self_spec@1/2/a0.8"]
     assert all(r["met_sla"] == r["requests"] == 5 and r["involuntary_exits"] == 0 for r in runs)
+
+
+def test_text_drafting_rows_and_hfs_lossless_peers_at_batch_1_and_their_refusal_beyond(heads):
+    """Issue 26: self_spec@ngram/K and self_spec@ngram+EXIT/K rows keep full depth's tokens; HF's prompt
+    lookup and assistant_early_exit run at batch 1 (their tokens are HF's greedy ones) and are
+    refused at batch 2, which the table says."""
+    from drex_hf.bench.report import render
+    from drex_hf.bench.run import bench, expand_policies, parse_spec, random_prompts
+
+    model = EarlyExitModelForCausalLM.from_pretrained(heads)
+    policies = expand_policies(["full", "self_spec@ngram/3", "self_spec@ngram+1"], model.exit_layers, draft_tokens=[2])
+    assert policies == ["full", "self_spec@ngram/3", "self_spec@ngram+1/2"]
+    assert [parse_spec(p).draft_source for p in policies[1:]] == ["ngram", "mixed"]
+    prompts = [torch.arange(3, model.arch.vocab_size)] + random_prompts(1, 3, 7, model.arch.vocab_size, seed=4)
+    results = bench(model, prompts, [1, 2], 7, policies, memory=False, oracle=False, hf_lossless=True)
+    for result in results:
+        full = result.policies["full"]
+        for name in policies[1:]:
+            s = result.policies[name]
+            assert s["outputs"] == full["outputs"] and s["draft_source"] == parse_spec(name).draft_source, name
+            assert s["layer_ceiling"] is None
+        assert result.policies["self_spec@ngram/3"]["draft_steps"] == 0
+    one, two = results
+    assert one.policies["self_spec@ngram/3"]["ngram_rounds"] > 0  # the first prompt holds every token
+    for name, peer in one.hf_peers.items():
+        assert peer["outputs"] == one.hf["outputs"] and peer["decode_tokens_per_s"] > 0, name
+    assert all("batch_size = 1" in peer["refused"] for peer in two.hf_peers.values())
+    table = render(results, model.num_layers, model.exit_layers, "test")
+    assert "HF prompt lookup (10 tokens) |" in table and "HF prompt lookup (10 tokens): HF refuses batch 2" in table

@@ -46,7 +46,9 @@ def test_generate_self_spec_prints_full_depths_text_and_its_rounds(heads_dir, ca
     assert out.split("=== policy")[0] == full  # the same text, every token at full depth (@3)
     assert "self_spec: " in out and "drafts accepted" in out and "layers per token (full depth: 4)" in out
     assert main([*args, "--draft-tokens", "2"]) == 2
-    assert "--draft-exit and --draft-tokens apply to --policy self_spec" in capsys.readouterr().err
+    assert "--draft-source, --draft-exit and --draft-tokens apply to --policy self_spec" in capsys.readouterr().err
+    assert main([*args, "--policy", "self_spec", "--draft-source", "ngram", "--draft-tokens", "3"]) == 0
+    assert capsys.readouterr().out.split("=== policy")[0] == full  # drafts from the prompts' own text
     assert main([*args, "--policy", "self_spec", "--draft-exit", "0"]) == 2
     assert "draft_exit must be one of the model's exit layers [1, 2]" in capsys.readouterr().err
 

@@ -99,6 +99,38 @@ def test_generate_follows_the_calibrated_choice(folder):
     assert drex.stats.policy == "drex"
 
 
+def test_generate_follows_a_calibrated_choice_of_text_drafts(folder):
+    """Issue 26: a choice of drafts from each row's own text (no draft exit) is followed, losslessly."""
+    _with_choice(folder, {"1": {"policy": "self_spec", "draft_source": "ngram", "draft_exit": None,
+                                "draft_tokens": 4}})  # fmt: skip
+    model = EarlyExitModelForCausalLM.from_pretrained(folder, base_model=make_tiny("llama"))
+    prompt = torch.arange(3, 99).unsqueeze(0)  # every token of the vocabulary but three: each one has a match
+    out = model.generate(prompt, max_new_tokens=8, return_dict_in_generate=True)
+    assert isinstance(out.stats, SpecStats) and out.stats.ngram_rounds > 0 and out.stats.draft_steps == 0
+    assert torch.equal(out.sequences, model.generate(prompt, policy="full", max_new_tokens=8))
+
+
+def test_measure_policies_times_each_draft_source_and_checks_the_choice_on_other_prompts():
+    model = _heads(seed=3)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 99, (n,), generator=gen) for n in (4, 6, 5, 7)]
+    check = [torch.randint(1, 99, (n,), generator=gen) for n in (5, 4)]
+    choices = measure_policies(model, prompts, batch_sizes=[1, 2], max_new_tokens=8, draft_exits=[2],
+                               draft_tokens=[2, "adaptive"], draft_sources=("head", "ngram", "mixed"), repeats=1,
+                               margin=0.0, check_prompts=check)  # fmt: skip
+    for entry in choices.values():
+        spec = {n for n in entry["measured"] if n.startswith("self_spec")}
+        assert spec == {f"self_spec:{w}:{k}" for w in ("2", "ngram", "ngram+2") for k in (2, "adaptive")}
+        assert all(entry["measured"][n]["exact"] == 1.0 for n in spec)
+        assert entry["policy"] != "full"  # margin 0: the fastest policy is chosen, and checked
+        assert entry["checked"]["prompts"] == 2 and entry["checked"]["ratio"] > 0
+        if entry["policy"] == "self_spec":
+            assert entry["draft_source"] in ("head", "ngram", "mixed")
+    with pytest.raises(GenerationInputError, match="draft sources"):
+        measure_policies(model, prompts, batch_sizes=[1], max_new_tokens=4, draft_exits=[2], draft_tokens=[1],
+                         draft_sources=("lookup",))  # fmt: skip
+
+
 def test_without_a_choice_generate_defaults_to_drex(folder):
     _calibrate_by_hand(folder, [0.5, 0.5], cost_models={device_name("cpu"): {"thresholds": [0.5, 0.5]}})
     model = EarlyExitModelForCausalLM.from_pretrained(folder, base_model=make_tiny("llama"))
@@ -114,6 +146,14 @@ def test_without_a_choice_generate_defaults_to_drex(folder):
         ({"1": {"policy": "fast"}}, "policy_choice['1'].policy"),
         ({"1": {"policy": "self_spec", "draft_exit": 1, "draft_tokens": 2}}, "policy_choice['1'].draft_exit"),
         ({"1": {"policy": "self_spec", "draft_exit": 2, "draft_tokens": 0}}, "policy_choice['1'].draft_tokens"),
+        (
+            {"1": {"policy": "self_spec", "draft_source": "lookup", "draft_exit": 2, "draft_tokens": 2}},
+            "policy_choice['1'].draft_source",
+        ),
+        (
+            {"1": {"policy": "self_spec", "draft_source": "mixed", "draft_exit": None, "draft_tokens": 2}},
+            "policy_choice['1'].draft_exit",
+        ),
     ],
 )
 def test_a_malformed_choice_is_refused_naming_the_field(folder, choice, field):

@@ -68,12 +68,32 @@ def to_json(results: Sequence[BatchResult], num_layers: int) -> list[dict]:
         spec = best_spec(r)
         if spec is not None:
             entry["self_spec"] = spec
+        if r.hf_peers is not None:
+            entry["hf_peers"] = r.hf_peers
         if r.hf_static is not None:
             entry["hf_generate_static"] = r.hf_static
             if full and r.hf_static.get("decode_tokens_per_s"):
                 entry["full_vs_hf_static"] = full["decode_tokens_per_s"] / r.hf_static["decode_tokens_per_s"]
         out.append(entry)
     return out
+
+
+PEER_LABELS = {"hf_prompt_lookup": "HF prompt lookup (10 tokens)", "hf_assistant_early_exit": "HF assistant_early_exit"}
+
+
+def _peer_lines(r: BatchResult) -> list[str]:
+    """HF's lossless peers' rows: tokens/s and × full, or HF's refusal (they take one request at a time)."""
+    lines = []
+    full = r.policies.get("full")
+    for name, peer in (r.hf_peers or {}).items():
+        label = PEER_LABELS.get(name, name)
+        if "refused" in peer:
+            lines.append(f"| {r.batch} | {label}: HF refuses batch {r.batch} ({peer['refused']}) | – |" + " |" * 14)
+            continue
+        tps = peer["decode_tokens_per_s"]
+        ratio = tps / full["decode_tokens_per_s"] if full else None
+        lines.append(f"| {r.batch} | {label} | {tps:.1f} | {_num(ratio, '.2f')} |" + " |" * 13)
+    return lines
 
 
 def render(results: Sequence[BatchResult], num_layers: int, exit_points: Sequence[int], machine: str) -> str:
@@ -103,6 +123,7 @@ def render(results: Sequence[BatchResult], num_layers: int, exit_points: Sequenc
             )
         if hf is not None:
             lines.append(f"| {r.batch} | HF generate (full depth) | {hf:.1f} |" + " |" * 14)
+        lines += _peer_lines(r)
         if r.hf_static is not None:
             static = r.hf_static.get("decode_tokens_per_s")
             label = "HF generate, static cache" + (" + its torch.compile" if r.hf_static.get("compiled") else "")
@@ -162,7 +183,7 @@ def render_spec(results: Sequence[BatchResult], num_layers: int) -> list[str]:
                 f"{s['acceptance_rate']:.1%} / {s['per_draft_acceptance']:.1%} | {s['mean_draft_tokens']:.2f} | "
                 f"{s['tokens_per_round']:.2f} | {s['layers_per_token']:.2f} ({s['draft_layers_per_token']:.2f} + "
                 f"{s['verify_layers_per_token']:.2f}) | {_num(s.get('agreement_with_full'), '.1%')} | "
-                f"{_num(s.get('rouge_l_vs_full'), '.3f')} | {s['layer_ceiling']:.2f} | "
+                f"{_num(s.get('rouge_l_vs_full'), '.3f')} | {_num(s.get('layer_ceiling'), '.2f')} | "
                 f"{_num(tpot['p50'], '.1f')} / {_num(tpot['p99'], '.1f')} | {s['kv_cache_bytes'] / 2**20:.1f} |"
             )
         ratio = best["speedup_vs_full"]
@@ -262,7 +283,9 @@ def spec_plot(results: Sequence[BatchResult], out: Path) -> list[Path]:
         lines: dict[str, list[tuple[int, float]]] = {}
         for s in batch.values():
             acceptance = s["acceptance_setting"]
-            label = f"exit {s['draft_exit']}" + ("" if acceptance is None else f", a={acceptance:g}")
+            where = {"ngram": "own text", "mixed": f"own text, else exit {s['draft_exit']}"}
+            label = where.get(s.get("draft_source", "head"), f"exit {s['draft_exit']}")
+            label += "" if acceptance is None else f", a={acceptance:g}"
             lines.setdefault(label, []).append((ks.index(s["draft_tokens"]), s["decode_tokens_per_s"]))
         for label, points in lines.items():
             points.sort()

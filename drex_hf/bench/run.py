@@ -79,11 +79,15 @@ class SpecPolicy:
     draft_exit: int | None = None
     draft_tokens: int | str | None = None
     acceptance: float | None = None
+    draft_source: str = "head"
 
     @property
     def name(self) -> str:
-        """The row's name in bench.json and the tables: self_spec@EXIT/K, then /aP in trace mode."""
-        return f"{SELF_SPEC}@{self.draft_exit}/{self.draft_tokens}" + (
+        """The row's name in bench.json and the tables: self_spec@EXIT/K (ngram/K: drafts from each
+        row's own text; ngram+EXIT/K: its text where it matches, else EXIT's head), then /aP in trace
+        mode."""
+        where = {"head": f"{self.draft_exit}", "ngram": "ngram", "mixed": f"ngram+{self.draft_exit}"}
+        return f"{SELF_SPEC}@{where[self.draft_source]}/{self.draft_tokens}" + (
             "" if self.acceptance is None else f"/a{self.acceptance:.15g}"
         )
 
@@ -128,15 +132,22 @@ def parse_spec(policy: str) -> SpecPolicy:
     parts = rest.split("/")
     if len(parts) > 3 or not parts[0]:
         raise GenerationInputError(f"{policy!r}: spell a self_spec row self_spec@EXIT/K or self_spec@EXIT/K/aP")
-    if not parts[0].strip().isdigit():
-        raise GenerationInputError(f"{policy!r}: the draft exit must be a layer index, got {parts[0]!r}")
+    source, where = "head", parts[0].strip()
+    if where == "ngram" or where.startswith("ngram+"):
+        source, where = ("ngram", "") if where == "ngram" else ("mixed", where[len("ngram+") :])
+        if source == "ngram" and len(parts) < 2:
+            raise GenerationInputError(f"{policy!r}: spell an n-gram row self_spec@ngram/K or self_spec@ngram+EXIT/K")
+    if source != "ngram" and not where.isdigit():
+        raise GenerationInputError(
+            f"{policy!r}: the draft exit must be a layer index (or ngram, ngram+EXIT), got {parts[0]!r}"
+        )
     k = draft_tokens_value(parts[1], repr(policy)) if len(parts) > 1 else None
     acceptance = None
     if len(parts) > 2:
         if not parts[2].startswith("a"):
             raise GenerationInputError(f"{policy!r}: the third part is the trace acceptance, spelled aP (e.g. a0.8)")
         acceptance = acceptance_value(parts[2][1:], repr(policy))
-    return SpecPolicy(int(parts[0]), k, acceptance)
+    return SpecPolicy(int(where) if where else None, k, acceptance, source)
 
 
 def expand_policies(
@@ -166,16 +177,18 @@ def expand_policies(
                 f"{policy!r}: draft exit {spec.draft_exit} is not one of the model's exit points {exit_points}"
             )
         exits = [spec.draft_exit] if spec.draft_exit is not None else list(draft_exits or exit_points)
+        if spec.draft_source == "ngram":
+            exits = [None]
         ks = [spec.draft_tokens] if spec.draft_tokens is not None else list(draft_tokens)
         chances = [spec.acceptance] if spec.acceptance is not None else list(acceptances or [None])
-        out += [SpecPolicy(e, k, a).name for e in exits for k in ks for a in chances]
+        out += [SpecPolicy(e, k, a, spec.draft_source).name for e in exits for k in ks for a in chances]
     return list(dict.fromkeys(out))
 
 
 def spec_policy(policy: str) -> SpecPolicy:
     """A complete self_spec row (EXIT and K given), as an engine is built from."""
     spec = parse_spec(policy)
-    if spec.draft_exit is None or spec.draft_tokens is None:
+    if (spec.draft_exit is None and spec.draft_source != "ngram") or spec.draft_tokens is None:
         raise GenerationInputError(
             f"{policy!r}: an engine needs self_spec@EXIT/K (expand_policies fills a plain self_spec in)"
         )
@@ -253,6 +266,7 @@ def spec_engine(
         max_len=max_len,
         draft_exit=spec.draft_exit,
         draft_tokens=spec.draft_tokens,
+        draft_source=spec.draft_source,
         settings=DecodeSettings(max_new_tokens=new_tokens),
         exit_source="heads" if spec.acceptance is None else "trace",
         acceptance=spec.acceptance,
@@ -337,14 +351,18 @@ def spec_summary(engine: SpecEngine) -> dict:
     stats = engine.stats
     k = engine.fixed_k if engine.fixed_k is not None else stats.mean_draft_tokens
     return {
-        "draft_exit": engine.draft_exit,
+        "draft_source": engine.source,
+        "draft_exit": None if engine.source == "ngram" else engine.draft_exit,
+        "ngram_acceptance": stats.ngram_accepted / stats.ngram_drafted if stats.ngram_drafted else None,
         "draft_tokens": "adaptive" if engine.adaptive else engine.fixed_k,
         "exit_source": engine.exit_source,
         "acceptance_setting": engine.acceptance,
         "mean_layers": stats.layers_per_token,
         "kv_cache_bytes": engine.store.nbytes(),
         "spec_cost": engine.cost.to_dict(),
-        "layer_ceiling": spec_speedup_ceiling(engine.num_layers, engine.draft_exit, stats.per_draft_acceptance, k),
+        "layer_ceiling": spec_speedup_ceiling(engine.num_layers, engine.draft_exit, stats.per_draft_acceptance, k)
+        if engine.source == "head"
+        else None,  # text drafts cost no layers and their verify runs every layer: no layer-count ceiling
     }
 
 
@@ -373,10 +391,33 @@ def rouge_l(candidates: Sequence[str], references: Sequence[str]) -> float | Non
     return _mean(scores)
 
 
+HF_PEERS = {  # HF's own lossless tricks, beside its plain generate: name -> generate() keywords
+    "hf_prompt_lookup": lambda model: {"prompt_lookup_num_tokens": 10},
+    "hf_assistant_early_exit": lambda model: {"assistant_early_exit": model.exit_layers[0] + 1},
+}
+
+
+def hf_peers(model: EarlyExitModelForCausalLM, prompts: Sequence[torch.Tensor], new_tokens: int) -> dict[str, dict]:
+    """HF's prompt lookup (10 tokens, its default n-gram sizes) and its `assistant_early_exit` (the
+    base model's first exit_layers[0] + 1 layers and its own lm_head draft; no trained heads) on the
+    same batch, as `hf_generate` times them; a peer HF refuses (batch > 1) gets its refusal, quoted."""
+    out = {}
+    for name, keywords in HF_PEERS.items():
+        try:
+            out[name] = hf_generate(model, prompts, new_tokens, name, **keywords(model))
+        except ValueError as error:  # "assisted generate is only supported for batch_size = 1"
+            out[name] = {"policy": name, "refused": str(error).splitlines()[0][:200]}
+    return out
+
+
 @torch.no_grad()
-def hf_generate(model: EarlyExitModelForCausalLM, prompts: Sequence[torch.Tensor], new_tokens: int) -> dict:
+def hf_generate(
+    model: EarlyExitModelForCausalLM, prompts: Sequence[torch.Tensor], new_tokens: int, name: str = "hf_generate",
+    **keywords: Any,
+) -> dict:  # fmt: skip
     """HF's own greedy `generate` on the base model (full depth), left-padded batch: decode tokens/s
-    from the difference of a `new_tokens` run and a 1-token run (which is the prefill)."""
+    from the difference of a `new_tokens` run and a 1-token run (which is the prefill). `keywords`:
+    more `generate()` arguments (HF's peers, `hf_peers`)."""
     device, pad = model.heads_device, 0
     ids, mask = left_padded(list(prompts), pad, device)
     width = ids.shape[1]
@@ -385,8 +426,9 @@ def hf_generate(model: EarlyExitModelForCausalLM, prompts: Sequence[torch.Tensor
         synchronize(device)
         start = time.perf_counter()
         out = model.base_model.generate(
-            ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad
-        )
+            ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad,
+            **keywords,
+        )  # fmt: skip
         synchronize(device)
         return time.perf_counter() - start, out[:, width:]
 
@@ -396,7 +438,7 @@ def hf_generate(model: EarlyExitModelForCausalLM, prompts: Sequence[torch.Tensor
     decoded = len(prompts) * (new_tokens - 1)
     decode_s = max(total_s - prefill_s, 1e-9)
     return {
-        "policy": "hf_generate",
+        "policy": name,
         "decode_tokens_per_s": decoded / decode_s,
         "wall_s": total_s,
         "prefill_s": prefill_s,
@@ -476,6 +518,7 @@ class BatchResult:
     hf: dict | None = None
     measured_oracle: dict | None = None  # see drex_hf.bench.measure.measured_oracle
     hf_static: dict | None = None  # HF's static cache + torch.compile (CUDA)
+    hf_peers: dict[str, dict] | None = None  # HF's prompt lookup and assistant_early_exit (`hf_peers`)
 
     def measured_oracle_tokens_per_s(self) -> float | None:
         """Full depth's tokens/s × the measured oracle's speed-up (drex's exits at no exit cost)."""
@@ -558,6 +601,7 @@ def bench(
     memory: bool = True,
     oracle: bool = True,
     hf_static: bool = False,
+    hf_lossless: bool = False,
     sequential: bool = False,
     gpu_busy: bool = False,
     trace_seed: int = 0,
@@ -573,8 +617,10 @@ def bench(
     `MEMORY_TOKENS` tokens; with `gpu_busy` (CUDA), the share of time its kernels kept the GPU busy;
     with `oracle` (and both full and drex run), the measured oracle on the kept drex run's exits.
     `hf_static` adds HF's static-cache generate (compiled by transformers itself on CUDA) beside HF's
-    eager one. Self_spec rows must be complete (`expand_policies`); they get `speedup_vs_full` (the
-    median within-repeat ratio), and their trace coins are seeded by `trace_seed`."""
+    eager one; `hf_lossless` HF's prompt lookup and assistant_early_exit (`hf_peers`: batch 1 only,
+    HF refuses more, and the refusal is recorded). Self_spec rows must be complete (`expand_policies`);
+    they get `speedup_vs_full` (the median within-repeat ratio), and their trace coins are seeded by
+    `trace_seed`."""
     check_policies(policies)
     for policy in policies:
         if is_spec(policy):
@@ -610,6 +656,8 @@ def bench(
         result = BatchResult(batch, kept, hf_generate(model, chosen, new_tokens) if hf else None)
         if hf_static:
             result.hf_static = hf_generate_static(model, chosen, new_tokens)
+        if hf and hf_lossless:
+            result.hf_peers = hf_peers(model, chosen, new_tokens)
         if oracle and "full" in kept and "drex" in kept:
             result.measured_oracle = measured_oracle(model, chosen, kept["drex"]["exit_layers"])
         out.append(result)

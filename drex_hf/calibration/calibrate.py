@@ -51,6 +51,7 @@ from drex_hf.calibration_file import (
     HEADS_SHA_KEY,
     OBSERVATIONS_NAME,
     PLOT_NAME,
+    describe_choice,
     entry_guarantee,
     guarantee_kind,
     read_json_object,
@@ -752,9 +753,7 @@ def card_section(calibration: dict) -> str:
         )
     for device, entry in calibration["cost_models"].items():
         for batch, choice in (entry.get("policy_choice") or {}).items():
-            policy = choice["policy"]
-            if policy == "self_spec":
-                policy += f" (draft exit {choice['draft_exit']}, k {choice['draft_tokens']})"
+            policy = describe_choice(choice)
             lines.append(f"\nOn {device} at batch {batch}, `generate()` uses **{policy}**: {choice['reason']}.")
     lines += ["", "![calibration](calibration.png)", CALIBRATION_END]
     return "\n".join(lines) + "\n"

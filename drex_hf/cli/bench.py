@@ -92,7 +92,9 @@ def add_parser(sub: Any) -> None:
         "(e.g. full,full:eager to compare them); self_spec@EXIT/K is a self-speculative row drafting K tokens "
         "(or K=adaptive) per round from exit layer EXIT, self_spec@EXIT/K/aP one accepting each draft with "
         "probability P (trace mode); a plain self_spec is a row per --draft-exits x --draft-tokens "
-        "(x --acceptance), self_spec@EXIT one per --draft-tokens",
+        "(x --acceptance), self_spec@EXIT one per --draft-tokens; self_spec@ngram/K drafts up to K tokens from "
+        "each row's own prompt and tokens (prompt lookup, batched), self_spec@ngram+EXIT/K from its text where "
+        "it matches, else from EXIT's head",
     )
     parser.add_argument(
         "--draft-exits",
@@ -123,6 +125,14 @@ def add_parser(sub: Any) -> None:
     )
     parser.add_argument("--repeats", type=int, default=1, help="interleaved runs per batch; the median run counts")
     parser.add_argument("--no-hf", action="store_true", help="skip timing HF's own generate")
+    parser.add_argument(
+        "--hf-lossless",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also time HF's own lossless tricks on the same prompts: generate(prompt_lookup_num_tokens=10) and "
+        "generate(assistant_early_exit=first exit + 1); HF refuses them at batch > 1, and the table says so "
+        "(default: off)",
+    )
     parser.add_argument(
         "--hf-compile",
         action=argparse.BooleanOptionalAction,
@@ -528,6 +538,7 @@ def run(args: argparse.Namespace) -> int:
             memory=not args.no_memory,
             oracle=not args.no_measured_oracle,
             hf_static=not args.no_hf and (args.hf_compile if args.hf_compile is not None else device.type == "cuda"),
+            hf_lossless=args.hf_lossless and not args.no_hf,
             sequential=args.sequential,
             gpu_busy=args.gpu_busy and device.type == "cuda",
             trace_seed=args.seed,

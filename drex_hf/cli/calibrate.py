@@ -140,7 +140,38 @@ def add_parser(sub: Any) -> None:
         help="with --choose-policy: self_spec's draft exits to try (default: every exit point)",
     )
     parser.add_argument(
-        "--draft-tokens", type=count_list, default=[1, 2, 4], help="with --choose-policy: self_spec's k to try"
+        "--draft-tokens",
+        type=draft_tokens_list,
+        default=[1, 2, 4],
+        help="with --choose-policy: self_spec's k to try, positive integers or 'adaptive' (default: 1,2,4)",
+    )
+    parser.add_argument(
+        "--draft-sources",
+        type=source_list,
+        default=["head"],
+        help="with --choose-policy: where self_spec's drafts come from, some of head (the exit head at each "
+        "--draft-exits), ngram (each row's own prompt and tokens), mixed (its text where it matches, else the "
+        "head) (default: head)",
+    )
+    parser.add_argument(
+        "--choice-prompts",
+        default=None,
+        help="with --choose-policy: the prompts to time on instead of the windows of --data: comma-separated "
+        "sets (chat, shakespeare, kjv: drex_hf.training.prompts) or prompt files (.txt one per line, .jsonl with "
+        "a 'prompt' field), chat template applied; allows --reuse-observations",
+    )
+    parser.add_argument(
+        "--choice-check-prompts",
+        default=None,
+        help="with --choose-policy: prompts the choice is not made on (same spelling as --choice-prompts), on "
+        "which the chosen policy is timed against full depth again: the entry records that ratio and the "
+        "prediction's error (default: none)",
+    )
+    parser.add_argument(
+        "--choice-prompt-count",
+        type=positive_int,
+        default=16,
+        help="with --choice-prompts / --choice-check-prompts: prompts drawn from each (default: 16)",
     )
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed repeats (their median counts)")
     parser.add_argument("--seed", type=seed_value, default=0, help="seed of the prompt draw and the learn/test split")
@@ -311,6 +342,43 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def source_list(text: str) -> list[str]:
+    from drex_hf.config import DRAFT_SOURCES
+
+    sources = [s.strip() for s in text.split(",") if s.strip()]
+    wrong = [s for s in sources if s not in DRAFT_SOURCES]
+    if wrong or not sources:
+        raise argparse.ArgumentTypeError(f"draft sources are some of {', '.join(DRAFT_SOURCES)}, got {text!r}")
+    return sources
+
+
+def draft_tokens_list(text: str) -> list[int | str]:
+    out: list[int | str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "adaptive":
+            out.append(part)
+            continue
+        if not part.isdigit() or int(part) < 1:
+            raise argparse.ArgumentTypeError(f"k must be positive integers or 'adaptive', got {text!r}")
+        out.append(int(part))
+    return out
+
+
+def chat_prompts(model: Any, spelling: str, count: int, seed: int) -> list[torch.Tensor]:
+    """--choice-prompts: `count` prompts drawn from the named sets or files, each in the chat template."""
+    from drex_hf.cli.common import encode_prompts
+    from drex_hf.training.prompts import draw_prompts as draw_texts
+
+    sets = [s.strip() for s in spelling.split(",") if s.strip()]
+    for name in sets:
+        if name not in ("chat", "shakespeare", "kjv") and not Path(name).is_file():
+            raise CalibrationDataError(f"--choice-prompts: {name!r} is neither chat, shakespeare, kjv nor a file")
+    texts = [text for _, text in draw_texts(sets, count, seed)]
+    batch = encode_prompts(tokenizer_for(model), texts, "auto", torch.device("cpu"))
+    return [ids[mask.bool()].to(model.heads_device) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+
+
 def choose_policy(
     model: Any, prompts: list[torch.Tensor], entry: dict, args: argparse.Namespace, max_new_tokens: int, show: bool
 ) -> None:
@@ -318,16 +386,20 @@ def choose_policy(
     from drex_hf.calibration.choice import measure_policies
     from drex_hf.config import parse_threshold
 
+    if args.choice_prompts is not None:
+        prompts = chat_prompts(model, args.choice_prompts, args.choice_prompt_count, args.seed)
     if not prompts:
         raise CalibrationDataError(
-            "--choose-policy times decoding on prompts: give --data (not only --reuse-observations)"
+            "--choose-policy times decoding on prompts: give --data or --choice-prompts (not only --reuse-observations)"
         )
+    check = None
+    if args.choice_check_prompts is not None:
+        check = chat_prompts(model, args.choice_check_prompts, args.choice_prompt_count, args.seed + 1)
     model.exit_config.thresholds = [parse_threshold(t, "thresholds") for t in entry["thresholds"]]
     model.exit_config.confidence = entry.get("confidence", model.exit_config.confidence)
     exits = args.draft_exits or list(model.exit_layers)
-    bar = progress_bar(
-        len(args.choice_batch_sizes) * (args.repeats + 1), "choose policy (timed decoding)", "round", show
-    )
+    rounds = len(args.choice_batch_sizes) * args.repeats * (2 if check else 1)
+    bar = progress_bar(rounds, "choose policy (timed decoding)", "repeat", show)
     try:
         entry["policy_choice"] = measure_policies(
             model,
@@ -336,8 +408,10 @@ def choose_policy(
             max_new_tokens=max_new_tokens,
             draft_exits=exits,
             draft_tokens=args.draft_tokens,
+            draft_sources=args.draft_sources,
             repeats=args.repeats,
             margin=args.min_speedup,
+            check_prompts=check,
             progress=lambda _: bar.update(1),
         )
     finally:
@@ -399,12 +473,16 @@ def summary(result: dict, device: str) -> str:
 
 def choice_lines(choices: dict | None) -> list[str]:
     """Per batch size: the policy chosen, why, and every policy's measured speed and quality."""
+    from drex_hf.calibration_file import describe_choice
+
     lines = []
     for batch, choice in (choices or {}).items():
-        policy = choice["policy"]
-        if policy == "self_spec":
-            policy += f" (draft exit {choice['draft_exit']}, k {choice['draft_tokens']})"
+        policy = describe_choice(choice)
         lines.append(f"policy at batch {batch}: {policy} — {choice['reason']}")
+        if "checked" in choice:
+            c = choice["checked"]
+            lines.append(f"  on {c['prompts']} prompts it was not chosen on: {c['ratio']:.2f}x full depth "
+                         f"({c['error']:+.0%} against the choice's)")  # fmt: skip
         for name, row in choice["measured"].items():
             extra = f", acceptance {row['acceptance_rate']:.0%}" if "acceptance_rate" in row else ""
             lines.append(

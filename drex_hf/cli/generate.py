@@ -55,6 +55,14 @@ def add_parser(sub: Any) -> None:
         "batch_all / batch_majority: the batch-wide early-exit baselines (their tokens depend on the batch)",
     )
     parser.add_argument(
+        "--draft-source",
+        choices=("head", "ngram", "mixed"),
+        default=None,
+        help="self_spec: where drafts come from: head (the exit head at --draft-exit), ngram (each prompt's own "
+        "text and tokens, as HF's prompt lookup, batched) or mixed (its text where it matches, else the head) "
+        "(default: head)",
+    )
+    parser.add_argument(
         "--draft-exit",
         type=int,
         default=None,
@@ -125,8 +133,10 @@ def _draft_tokens(text: str) -> int | str:
 
 def run(args: argparse.Namespace) -> int:
     spec = args.policy == "self_spec"
-    if not spec and (args.draft_exit is not None or args.draft_tokens != 4):
-        raise GenerationInputError(f"--draft-exit and --draft-tokens apply to --policy self_spec, not {args.policy}")
+    if not spec and (args.draft_exit is not None or args.draft_tokens != 4 or args.draft_source is not None):
+        raise GenerationInputError(
+            f"--draft-source, --draft-exit and --draft-tokens apply to --policy self_spec, not {args.policy}"
+        )
     if spec and args.threshold is not None:
         raise GenerationInputError(
             f"--threshold {args.threshold:g} does not apply to --policy self_spec (every token is full depth's)"
@@ -149,7 +159,11 @@ def run(args: argparse.Namespace) -> int:
         policy=args.policy,
         max_new_tokens=args.max_new_tokens,
         return_dict_in_generate=True,
-        **({"draft_exit": args.draft_exit, "draft_tokens": args.draft_tokens} if spec else {}),
+        **(
+            {"draft_exit": args.draft_exit, "draft_tokens": args.draft_tokens, "draft_source": args.draft_source}
+            if spec
+            else {}
+        ),
         **sampling,
         **_processor_options(args, tokenizer),
     )

@@ -56,6 +56,7 @@ def generate(
     draft_exit: int | None = None,
     draft_tokens: int | str | None = None,
     draft_confidence: float | None = None,
+    draft_source: str | None = None,
     kwargs: dict[str, Any],
 ) -> torch.Tensor | EarlyExitGenerateOutput:
     """`model.generate(...)` with the policy resolved (see its docstring): the batch through an engine
@@ -63,7 +64,7 @@ def generate(
     it — and the results as HF's `generate` returns them."""
     spec = policy == "self_spec"
     _check_policy_options(policy, thresholds, exit_trace, cost_model, sla_tpot_ms, graphs, draft_exit,
-                          draft_tokens, draft_confidence)  # fmt: skip
+                          draft_tokens, draft_confidence, draft_source)  # fmt: skip
     input_ids, prompts, settings, return_dict_in_generate = prepare_batch(
         model, input_ids, attention_mask, generation_config, kwargs, streamer, return_dict_in_generate
     )
@@ -73,9 +74,11 @@ def generate(
     seeds = request_seeds(seed, len(prompts)) if settings.do_sample else [None] * len(prompts)
     max_len = max(p.shape[0] for p in prompts) + settings.max_new_tokens
     if spec:
-        options = dict(draft_exit=model.exit_layers[-1] if draft_exit is None else draft_exit,
-                       draft_tokens=4 if draft_tokens is None else draft_tokens, draft_confidence=draft_confidence,
-                       graphs=graphs)  # fmt: skip
+        source = draft_source or "head"
+        if draft_exit is None and source != "ngram":
+            draft_exit = model.exit_layers[-1]
+        options = dict(draft_exit=draft_exit, draft_tokens=4 if draft_tokens is None else draft_tokens,
+                       draft_confidence=draft_confidence, draft_source=source, graphs=graphs)  # fmt: skip
     else:
         programs = (graphs, settings.has_logits_processors)
         options = dict(
@@ -109,7 +112,7 @@ def generate(
 
 def _check_policy_options(
     policy: str, thresholds: Any, exit_trace: Any, cost_model: Any, sla_tpot_ms: Any, graphs: Any,
-    draft_exit: Any, draft_tokens: Any, draft_confidence: Any,
+    draft_exit: Any, draft_tokens: Any, draft_confidence: Any, draft_source: Any = None,
 ) -> None:  # fmt: skip
     """Refuse options that do not apply to `policy`, naming them."""
     from drex_hf.generation.scheduler import POLICY_NAMES
@@ -121,12 +124,13 @@ def _check_policy_options(
         if unused:
             raise GenerationInputError(
                 f"{', '.join(unused)} do not apply to policy='self_spec' (it never exits early: every token is "
-                f"full depth's, verified; draft_exit, draft_tokens and draft_confidence set its drafting)"
+                f"full depth's, verified; draft_source, draft_exit, draft_tokens and draft_confidence set its "
+                f"drafting)"
             )
         return
-    if draft_exit is not None or draft_tokens is not None or draft_confidence is not None:
+    if any(v is not None for v in (draft_exit, draft_tokens, draft_confidence, draft_source)):
         raise GenerationInputError(
-            f"draft_exit, draft_tokens and draft_confidence apply to policy='self_spec', not {policy!r}"
+            f"draft_source, draft_exit, draft_tokens and draft_confidence apply to policy='self_spec', not {policy!r}"
         )
     if policy not in POLICY_NAMES:
         raise GenerationInputError(f"unknown policy {policy!r}; choose one of {', '.join(POLICY_NAMES)} or 'self_spec'")

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from drex_hf.config import DRAFT_SOURCES
 from drex_hf.device import time_ms
 from drex_hf.errors import GenerationInputError, GenerationTypeError
 from drex_hf.generation.checks import check_request, check_special_tokens
@@ -53,7 +54,6 @@ from drex_hf.generation.state import FinishCallback, Phase, Request, RequestOutp
 from drex_hf.seeds import check_seed
 
 MAX_ADAPTIVE_DRAFT = 8  # the largest k adaptive drafting considers, unless max_draft_tokens says otherwise
-DRAFT_SOURCES = ("head", "ngram", "mixed")
 
 
 @dataclass
