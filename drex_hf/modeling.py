@@ -94,6 +94,7 @@ class EarlyExitModelForCausalLM(nn.Module):
         self.calibration_path: Path | None = None  # calibration.json with cost constants for this device
         # `drex calibrate --choose-policy`: this device's fastest policy per batch size (`generate(policy=None)`)
         self.policy_choice: dict[str, Any] | None = None
+        self.draft_corpus: Any = None  # a CorpusIndex of the model's own answers (draft_corpus.safetensors)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -232,6 +233,10 @@ class EarlyExitModelForCausalLM(nn.Module):
                 )
             load_lora(wrapper, lora_path, lora)
         wrapper = _place(wrapper, device)
+        from drex_hf.generation.spec.ngram import DRAFT_CORPUS_NAME, read_draft_corpus
+
+        if (folder / DRAFT_CORPUS_NAME).is_file():  # n-gram drafts for rows whose own text has no match
+            wrapper.draft_corpus = read_draft_corpus(folder / DRAFT_CORPUS_NAME)
         if calibrated is not None:
             wrapper._apply_calibration(folder / CALIBRATION_NAME, calibrated)
         return wrapper

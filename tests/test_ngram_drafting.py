@@ -9,7 +9,7 @@ import torch
 from test_self_spec import CHI2_CRITICAL_0001, SAMPLING, _chi_square, _full, _model, _prompts
 from test_spec_engine import LENGTHS_8, NEW, _run
 
-from drex_hf.errors import GenerationInputError
+from drex_hf.errors import GenerationInputError, GenerationTypeError
 from drex_hf.generation.settings import DecodeSettings
 from drex_hf.generation.spec.engine import SpecEngine
 from drex_hf.generation.spec.ngram import NgramIndex
@@ -192,3 +192,45 @@ def test_engine_refusals_name_the_argument(options, match):
     call.update(options)
     with pytest.raises(GenerationInputError, match=match):
         SpecEngine(model, **call)
+
+
+# ---------------------------------------------------------------- the model's own answers
+def test_corpus_drafts_the_most_frequent_continuation_longest_context_first(tmp_path):
+    from drex_hf.generation.spec.ngram import CorpusIndex, read_draft_corpus, write_draft_corpus
+
+    answers = [[1, 2, 3, 4], [1, 2, 3, 4], [9, 2, 3, 7], [5, 2, 3, 7], [5, 2, 3, 7]]
+    corpus = CorpusIndex(answers, min_n=2, max_n=3, min_count=2)
+    assert corpus.draft([8, 1, 2, 3], 2) == [4]  # (1, 2, 3) -> 4 twice; (2, 3, 4) was never followed
+    assert corpus.draft([8, 2, 3], 2) == [7]  # (2, 3) -> 7 three times, 4 twice
+    assert corpus.draft([9, 2, 3], 2) == [7]  # (9, 2, 3) seen once: below min_count, so (2, 3) decides
+    assert corpus.draft([6, 6], 3) == [] and corpus.draft([1], 3) == []
+    path = tmp_path / "draft_corpus.safetensors"
+    write_draft_corpus(path, answers)
+    assert read_draft_corpus(path).draft([8, 2, 3], 2) == [7]
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(GenerationInputError, match="cannot read the draft corpus"):
+        read_draft_corpus(path)
+
+
+def test_rows_without_a_match_draft_from_the_corpus_and_keep_full_depths_tokens():
+    from drex_hf.generation.spec.ngram import CorpusIndex
+
+    model = _model("llama")
+    prompts = _prompts(LENGTHS_8)
+    settings = DecodeSettings(max_new_tokens=NEW)
+    want = _full(model, prompts, settings)
+    others = _full(model, _prompts(LENGTHS_8, seed=5), DecodeSettings(max_new_tokens=24))  # its own answers
+    corpus = CorpusIndex(others + want[:2], min_n=1, min_count=1)
+    plain, _ = _run(model, prompts, settings, None, 4, draft_source="ngram")
+    outs, engine = _run(model, prompts, settings, None, 4, draft_source="ngram", draft_corpus=corpus)
+    assert [o.tokens for o in outs] == want
+    more = sum(map(sum, (o.drafted for o in outs))) - sum(map(sum, (o.drafted for o in plain)))
+    assert more > 0 and engine.stats.ngram_accepted > 0  # the corpus drafted where the text had no match
+    sampled = DecodeSettings(max_new_tokens=NEW, **SAMPLING)
+    seeds = list(range(8))
+    batch, _ = _run(model, prompts, sampled, None, 3, seeds, draft_source="ngram", draft_corpus=corpus)
+    alone = [_run(model, [p], sampled, None, 3, [s], draft_source="ngram", draft_corpus=corpus)[0][0]
+             for p, s in zip(prompts, seeds)]  # fmt: skip
+    assert [o.tokens for o in alone] == [o.tokens for o in batch]
+    with pytest.raises(GenerationTypeError, match="draft_corpus"):
+        SpecEngine(model, max_batch=1, max_len=16, draft_source="ngram", draft_corpus=[[1, 2]])

@@ -38,6 +38,8 @@ def _new_engine(
     from drex_hf.generation.spec.engine import SpecEngine
 
     if policy == "self_spec":
+        if options.get("draft_source", "head") != "head":  # rows without a match draft from the model's answers
+            options = {**options, "draft_corpus": getattr(model, "draft_corpus", None)}
         return SpecEngine(model, max_batch=batch, max_len=max_len, settings=settings, **options)
     return DrexEngine(model, max_batch=batch, max_len=max_len, policy=policy, settings=settings, **options)
 
@@ -196,6 +198,31 @@ def _chosen_name(entry: dict[str, Any], rows: dict[str, dict[str, Any]]) -> str:
         return entry["policy"]
     return next(name for name in rows if name.startswith("self_spec") and _spec_options(name) == {
         k: entry[k] for k in ("draft_source", "draft_exit", "draft_tokens")})  # fmt: skip
+
+
+def model_answers(
+    model: EarlyExitModelForCausalLM, prompts: list[torch.Tensor], max_new_tokens: int, eos: Sequence[int],
+    batch: int = 32, progress: Callable[[str], None] | None = None,
+) -> list[list[int]]:  # fmt: skip
+    """Full depth's greedy answers to `prompts` (continuous batching, `batch` rows at a time), ending
+    at `eos`: what a draft corpus (`spec.ngram.CorpusIndex`) is built from."""
+    settings = DecodeSettings(max_new_tokens=max_new_tokens, eos_token_ids=tuple(eos))
+    max_len = max(p.shape[0] for p in prompts) + max_new_tokens
+    engine = DrexEngine(model, max_batch=min(batch, len(prompts)), max_len=max_len, policy="full", settings=settings)
+    ids, waiting = {}, list(range(len(prompts)))
+    while waiting or engine.active:
+        while waiting and engine.has_free_slot:
+            i = waiting.pop(0)
+            ids[engine.add_request(prompts[i])] = i
+        done = len(engine.finished)
+        engine.step()
+        for _ in range(len(engine.finished) - done):
+            if progress is not None:
+                progress("answer")
+    out: list[list[int]] = [[] for _ in prompts]
+    for rid, i in ids.items():
+        out[i] = engine.finished[rid].tokens
+    return out
 
 
 def _choose(rows: dict[str, dict[str, Any]], margin: float) -> dict[str, Any]:

@@ -78,7 +78,13 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="heads folder: score exits with this measure instead of the one --thresholds comes with",
     )
-    parser.add_argument("--prompts", type=Path, default=None, help="a text file, one prompt per line")
+    parser.add_argument(
+        "--prompts",
+        type=Path,
+        default=None,
+        help="a text file, one prompt per line, or .jsonl with a 'prompt' field per line (default: drawn from the "
+        "chat and Shakespeare sets)",
+    )
     parser.add_argument(
         "--num-prompts", type=positive_int, default=None, help="prompts to use (default: the largest batch)"
     )
@@ -425,7 +431,12 @@ def _prompts(args: argparse.Namespace, model: Any, count: int) -> tuple[list[tor
     else:
         if not args.prompts.is_file():
             raise ModelNotFoundError(f"--prompts {args.prompts}: no such file")
-        texts = [line.strip() for line in args.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if args.prompts.suffix == ".jsonl":  # one JSON object per line with a "prompt" (passages span lines)
+            from drex_hf.training.prompts import read_prompt_file
+
+            texts = read_prompt_file(args.prompts)
+        else:
+            texts = [line.strip() for line in args.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not texts:
             raise GenerationInputError(f"--prompts {args.prompts} holds no prompt (one per line)")
     batch = encode_prompts(tokenizer, texts[:count], args.chat, torch.device("cpu"))  # the chat template, once

@@ -168,6 +168,15 @@ def add_parser(sub: Any) -> None:
         "prediction's error (default: none)",
     )
     parser.add_argument(
+        "--draft-corpus",
+        type=int,
+        default=0,
+        help="with --choose-policy: first answer this many prompts of the chat, shakespeare and kjv sets at full "
+        "depth (up to 128 tokens each) and save the answers beside the heads as draft_corpus.safetensors: rows "
+        "drafting from their own text (ngram, mixed) draft from these when their text has no match "
+        "(default: 0, keep the folder's corpus if it has one)",
+    )
+    parser.add_argument(
         "--choice-prompt-count",
         type=positive_int,
         default=16,
@@ -379,6 +388,26 @@ def chat_prompts(model: Any, spelling: str, count: int, seed: int) -> list[torch
     return [ids[mask.bool()].to(model.heads_device) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
 
 
+def build_corpus(model: Any, folder: Path, count: int, seed: int, show: bool) -> None:
+    """--draft-corpus: full depth's answers to `count` prompts, saved beside the heads and used at once."""
+    from drex_hf.calibration.choice import model_answers
+    from drex_hf.generation.spec.ngram import DRAFT_CORPUS_NAME, CorpusIndex, write_draft_corpus
+
+    tokenizer = tokenizer_for(model)
+    eos = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    eos = [t for t in dict.fromkeys(eos) if isinstance(t, int) and t != tokenizer.unk_token_id]
+    prompts = chat_prompts(model, "chat,shakespeare,kjv", count, seed)
+    bar = progress_bar(len(prompts), "draft corpus (full-depth answers)", "answer", show)
+    try:
+        answers = model_answers(model, prompts, 128, eos, progress=lambda _: bar.update(1))
+    finally:
+        bar.close()
+    write_draft_corpus(folder / DRAFT_CORPUS_NAME, answers)
+    model.draft_corpus = CorpusIndex(answers)
+    print(f"wrote {folder / DRAFT_CORPUS_NAME}: {sum(map(len, answers))} tokens of {len(answers)} answers, "
+          f"{len(model.draft_corpus)} contexts")  # fmt: skip
+
+
 def choose_policy(
     model: Any, prompts: list[torch.Tensor], entry: dict, args: argparse.Namespace, max_new_tokens: int, show: bool
 ) -> None:
@@ -392,6 +421,8 @@ def choose_policy(
         raise CalibrationDataError(
             "--choose-policy times decoding on prompts: give --data or --choice-prompts (not only --reuse-observations)"
         )
+    if args.draft_corpus > 0:
+        build_corpus(model, Path(args.model), args.draft_corpus, args.seed + 2, show)
     check = None
     if args.choice_check_prompts is not None:
         check = chat_prompts(model, args.choice_check_prompts, args.choice_prompt_count, args.seed + 1)

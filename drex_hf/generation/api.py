@@ -78,7 +78,8 @@ def generate(
         if draft_exit is None and source != "ngram":
             draft_exit = model.exit_layers[-1]
         options = dict(draft_exit=draft_exit, draft_tokens=4 if draft_tokens is None else draft_tokens,
-                       draft_confidence=draft_confidence, draft_source=source, graphs=graphs)  # fmt: skip
+                       draft_confidence=draft_confidence, draft_source=source, graphs=graphs,
+                       draft_corpus=getattr(model, "draft_corpus", None))  # fmt: skip
     else:
         programs = (graphs, settings.has_logits_processors)
         options = dict(

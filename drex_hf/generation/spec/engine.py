@@ -47,7 +47,7 @@ from drex_hf.generation.runner import Options, Runner
 from drex_hf.generation.sampling import as_seed
 from drex_hf.generation.settings import DecodeSettings
 from drex_hf.generation.spec.cost import SpecCost, best_k, judged_drafts
-from drex_hf.generation.spec.ngram import MAX_NGRAM, MIN_NGRAM, NgramIndex, check_ngram_sizes
+from drex_hf.generation.spec.ngram import MAX_NGRAM, MIN_NGRAM, CorpusIndex, NgramIndex, check_ngram_sizes
 from drex_hf.generation.spec.programs import SpecPrograms
 from drex_hf.generation.spec.reference import DRAFT, check_spec_arguments, spec_counter
 from drex_hf.generation.state import FinishCallback, Phase, Request, RequestOutput, Requests, TokenCallback
@@ -180,6 +180,8 @@ class SpecEngine(SlotEngine):
             "mixed" (per row and round: its text's draft where it has one, else the head's).
         ngram_min / ngram_max: the suffix lengths an n-gram draft matches, longest first.
         ngram_prior: adaptive: the acceptance an n-gram draft starts from, worth two drafts.
+        draft_corpus: "ngram" / "mixed": a `CorpusIndex` (the model's own answers) a row drafts from
+            when its own text has no match (default: none).
         max_draft_tokens: adaptive: the largest k considered (default 8).
         draft_confidence: stop drafting at a draft whose head confidence is below this (None: never).
         settings: decoding settings; logits processors and stop strings are refused (not supported yet).
@@ -194,6 +196,7 @@ class SpecEngine(SlotEngine):
     def __init__(self, model: EarlyExitModel, *, max_batch: int, max_len: int, draft_exit: int | None = None,
                  draft_tokens: int | str = 4, max_draft_tokens: int | None = None, draft_source: str = "head",
                  ngram_min: int = MIN_NGRAM, ngram_max: int = MAX_NGRAM, ngram_prior: float = 0.5,
+                 draft_corpus: CorpusIndex | None = None,
                  draft_confidence: float | None = None, settings: DecodeSettings | None = None,
                  cost: SpecCost | None = None, exit_source: str = "heads", acceptance: float | None = None,
                  trace_seed: int = 0, keep_finished: bool = True, prior_acceptance: float = 0.5,
@@ -212,6 +215,9 @@ class SpecEngine(SlotEngine):
         check_ngram_sizes(ngram_min, ngram_max)
         _check_prior("ngram_prior", ngram_prior)
         self.source, self.ngram_sizes, self.ngram_prior = draft_source, (ngram_min, ngram_max), ngram_prior
+        if draft_corpus is not None and not isinstance(draft_corpus, CorpusIndex):
+            raise GenerationTypeError(f"draft_corpus must be a CorpusIndex, got {type(draft_corpus).__name__}")
+        self.corpus = draft_corpus if draft_source != "head" else None
         check_special_tokens(settings, model.arch.vocab_size)
         self.model, self.arch, self.settings = model, model.arch, settings
         self.num_layers = self.arch.num_layers
@@ -308,8 +314,11 @@ class SpecEngine(SlotEngine):
         the row may still emit, one of them full depth's) and start drafting."""
         room = round_.request.max_new_tokens - round_.index - 1
         round_.drafts, round_.source, round_.drafting = [], "head", False
-        if round_.text is not None:  # "ngram" / "mixed": the row's own text first
-            round_.drafts = round_.text.draft(min(self._k("ngram", round_), room))
+        if round_.text is not None:  # "ngram" / "mixed": the row's own text first, then the model's answers
+            k = min(self._k("ngram", round_), room)
+            round_.drafts = round_.text.draft(k)
+            if not round_.drafts and self.corpus is not None:
+                round_.drafts = self.corpus.draft(round_.text.tokens, k)
             if round_.drafts:
                 round_.source, round_.k = "ngram", len(round_.drafts)
                 return

@@ -143,11 +143,18 @@ class SpecPrograms:
         grid = positions.unsqueeze(1) + offsets  # [b, q]
         if fresh:  # every input through every layer: the last emitted token, then the drafts
             inputs = torch.cat([last.unsqueeze(1), drafts], dim=1)
-            hidden = self.layers(range(self.arch.num_layers), slots, grid, self.arch.embed(inputs, grid))
+            layers, hidden = range(self.arch.num_layers), self.arch.embed(inputs, grid)
         else:
             self.shallow(bucket, slots, positions + lengths, lengths)
-            hidden = self.layers(self.programs.segments[1], slots, grid, self.states.index_select(0, slots)[:, :q])
-        logits = self.arch.lm_head(self.arch.final_norm(hidden)).float()  # [b, q, vocab]
+            layers, hidden = self.programs.segments[1], self.states.index_select(0, slots)[:, :q]
+        if self.runner.options.static:  # fixed shapes (capture): every row's q positions, padding included
+            logits = self.logits(self.layers(layers, slots, grid, hidden))  # [b, q, vocab]
+        else:  # eager: only the rows' real positions (drafts + 1 each), packed into one column
+            real = (offsets.unsqueeze(0) <= lengths.unsqueeze(1)) & (slots != self.state.scratch).unsqueeze(1)
+            rows = slots.unsqueeze(1).expand_as(grid)[real]
+            packed = self.logits(self.layers(layers, rows, grid[real].unsqueeze(1), hidden[real].unsqueeze(1)))
+            logits = packed.new_zeros(*grid.shape, packed.shape[-1])
+            logits[real] = packed[:, 0]  # padding positions read zeros, and no row keeps what they say
         accepted, tokens = self._accept(logits, slots, drafts, lengths, index, seeds, ngram.bool())
         if self.acceptance is not None:  # a trace: the replayed coin instead of the comparison
             counters = index.unsqueeze(1) + offsets[:k] + (TRACE_STREAM << 30)
@@ -157,6 +164,9 @@ class SpecPrograms:
         self.state.tokens.index_copy_(0, slots, tokens.gather(1, kept).squeeze(1))
         self.out[:bucket, :k].copy_(accepted)
         self.out[:bucket, self.k_max : self.k_max + q].copy_(tokens)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.arch.lm_head(self.arch.final_norm(hidden)).float()
 
     def layers(self, layers: range, slots: torch.Tensor, grid: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """`layers` on every row's positions `grid [b, q]` at once (explicit causal masks over the
