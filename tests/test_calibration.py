@@ -417,10 +417,15 @@ def test_a_step_prediction_includes_the_kv_fill_and_projections_it_triggers():
     assert any(e >= 7.0 for e, s in zip(extra, segments) if s == 3)  # deferred projections at the last segment
 
 
-def test_calibrate_chooses_among_draft_sources_on_prompt_sets_with_a_corpus_and_a_check(heads_and_text, capsys):
+def test_calibrate_chooses_among_draft_sources_on_prompt_sets_with_a_corpus_and_a_check(
+    heads_and_text, capsys, monkeypatch
+):
     """Issue 26: --draft-sources, --choice-prompts (a prompt file), --draft-corpus (full depth's answers,
     saved beside the heads and loaded with them) and --choice-check-prompts (the choice timed again on
     other prompts)."""
+    from test_policy_choice import _prefer_spec
+
+    _prefer_spec(monkeypatch)
     heads, text = heads_and_text
     words = [" ".join(f"w{(7 * i + j) % 40}" for j in range(6)) for i in range(12)]
     fit, check = heads.parent / "fit.txt", heads.parent / "check.txt"
@@ -428,7 +433,7 @@ def test_calibrate_chooses_among_draft_sources_on_prompt_sets_with_a_corpus_and_
     check.write_text("\n".join(words[8:]) + "\n")
     extra = ["--choose-policy", "--choice-batch-sizes", "1,2", "--draft-tokens", "2,adaptive", "--draft-exits", "2",
              "--draft-sources", "head,ngram,mixed", "--choice-prompts", str(fit), "--choice-check-prompts", str(check),
-             "--choice-prompt-count", "4", "--draft-corpus", "3", "--min-speedup", "0"]  # fmt: skip
+             "--choice-prompt-count", "4", "--draft-corpus", "3"]  # fmt: skip
     assert _calibrate(heads, text, *extra) == 0
     out = capsys.readouterr().out
     assert "draft_corpus.safetensors" in out
@@ -436,7 +441,7 @@ def test_calibrate_chooses_among_draft_sources_on_prompt_sets_with_a_corpus_and_
     for batch, choice in entry["policy_choice"].items():
         spec = {name for name in choice["measured"] if name.startswith("self_spec")}
         assert spec == {f"self_spec:{w}:{k}" for w in ("2", "ngram", "ngram+2") for k in (2, "adaptive")}
-        assert choice["policy"] != "full" and choice["checked"]["prompts"] == 4 // int(batch) * int(batch)
+        assert choice["policy"] == "self_spec" and choice["checked"]["prompts"] == 4 // int(batch) * int(batch)
         assert f"on {choice['checked']['prompts']} prompts it was not chosen on" in out
     model = EarlyExitModelForCausalLM.from_pretrained(heads)
     assert model.draft_corpus is not None and len(model.draft_corpus) > 0
