@@ -72,13 +72,15 @@ def measure_policies(
     repeats: int = 3,
     margin: float = 1.05,
     check_prompts: list[torch.Tensor] | None = None,
+    eos: Sequence[int] = (),
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per batch size (the JSON key), every policy's measurements and the choice; see the module
     docstring. `prompts` must hold at least max(batch_sizes) prompts; at each batch size b they run
     in batches of b (a last short batch is dropped). `check_prompts`: prompts the choice was not made
     on, on which the chosen policy is timed against full depth again (`checked`: its ratio there and
-    the prediction's error) — what a user's new prompts would see."""
+    the prediction's error) — what a user's new prompts would see. `eos`: answers end there (chat
+    prompts: the end of the turn); default none, every answer `max_new_tokens` long."""
     if not prompts or max(batch_sizes) > len(prompts):
         raise GenerationInputError(
             f"choosing a policy at batch sizes {list(batch_sizes)} needs at least {max(batch_sizes)} prompts, "
@@ -91,7 +93,7 @@ def measure_policies(
     unknown = [s for s in draft_sources if s not in DRAFT_SOURCES]
     if unknown or not draft_sources:
         raise GenerationInputError(f"draft sources must be some of {', '.join(DRAFT_SOURCES)}, got {unknown!r}")
-    settings = DecodeSettings(max_new_tokens=max_new_tokens, eos_token_ids=())
+    settings = DecodeSettings(max_new_tokens=max_new_tokens, eos_token_ids=tuple(eos))
     out: dict[str, dict[str, Any]] = {}
     for batch in batch_sizes:
         policies = candidate_policies(model, draft_exits, draft_tokens, draft_sources)

@@ -158,7 +158,8 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="with --choose-policy: the prompts to time on instead of the windows of --data: comma-separated "
         "sets (chat, shakespeare, kjv: drex_hf.training.prompts) or prompt files (.txt one per line, .jsonl with "
-        "a 'prompt' field), chat template applied; allows --reuse-observations",
+        "a 'prompt' field), chat template applied, answers ending at the end of the turn; allows "
+        "--reuse-observations",
     )
     parser.add_argument(
         "--choice-check-prompts",
@@ -388,18 +389,22 @@ def chat_prompts(model: Any, spelling: str, count: int, seed: int) -> list[torch
     return [ids[mask.bool()].to(model.heads_device) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
 
 
+def answer_ends(model: Any) -> list[int]:
+    """The token ids a chat answer ends at: the tokenizer's eos and, where it has one, <|im_end|>."""
+    tokenizer = tokenizer_for(model)
+    ends = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    return [t for t in dict.fromkeys(ends) if isinstance(t, int) and t != tokenizer.unk_token_id]
+
+
 def build_corpus(model: Any, folder: Path, count: int, seed: int, show: bool) -> None:
     """--draft-corpus: full depth's answers to `count` prompts, saved beside the heads and used at once."""
     from drex_hf.calibration.choice import model_answers
     from drex_hf.generation.spec.ngram import DRAFT_CORPUS_NAME, CorpusIndex, write_draft_corpus
 
-    tokenizer = tokenizer_for(model)
-    eos = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    eos = [t for t in dict.fromkeys(eos) if isinstance(t, int) and t != tokenizer.unk_token_id]
     prompts = chat_prompts(model, "chat,shakespeare,kjv", count, seed)
     bar = progress_bar(len(prompts), "draft corpus (full-depth answers)", "answer", show)
     try:
-        answers = model_answers(model, prompts, 128, eos, progress=lambda _: bar.update(1))
+        answers = model_answers(model, prompts, 128, answer_ends(model), progress=lambda _: bar.update(1))
     finally:
         bar.close()
     write_draft_corpus(folder / DRAFT_CORPUS_NAME, answers)
@@ -443,6 +448,7 @@ def choose_policy(
             repeats=args.repeats,
             margin=args.min_speedup,
             check_prompts=check,
+            eos=answer_ends(model) if args.choice_prompts is not None else (),
             progress=lambda _: bar.update(1),
         )
     finally:

@@ -69,7 +69,7 @@ class CorpusIndex:
     drafts (and, sampling, its tokens) still depend on its own text only."""
 
     def __init__(
-        self, sequences: Iterable[Iterable[int]], *, min_n: int = 2, max_n: int = MAX_NGRAM, min_count: int = 2
+        self, sequences: Iterable[Iterable[int]], *, min_n: int = 1, max_n: int = MAX_NGRAM, min_count: int = 2
     ) -> None:
         check_ngram_sizes(min_n, max_n)
         self.min_n, self.max_n, self.min_count = min_n, max_n, min_count
