@@ -65,6 +65,11 @@ def test_choose_prefers_full_unless_something_pays():
     drex = _choose(_rows(1.0, 1.3, 1.02), margin=1.05)
     assert drex["policy"] == "drex" and "self_spec does not pay here" in drex["reason"]
     assert _choose(_rows(1.0, 1.03, 1.04), margin=1.05)["policy"] == "full"  # inside the margin
+    # lossless: drex is measured and reported, never chosen
+    lossless = _choose(_rows(1.0, 1.3, 1.02), margin=1.05, lossless=True)
+    assert lossless["policy"] == "full" and "drex (1.30x full depth, 100% of answers exact) is not chosen" in lossless[
+        "reason"]  # fmt: skip
+    assert _choose(_rows(1.0, 1.3, 1.2), margin=1.05, lossless=True)["policy"] == "self_spec"
 
 
 def test_choice_for_takes_the_largest_calibrated_batch_not_above():
@@ -114,10 +119,10 @@ def _prefer_spec(monkeypatch):
     """Make every choice self_spec's best row (timing on a tiny model cannot be relied on to)."""
     from drex_hf.calibration import choice
 
-    def choose(rows, margin):
+    def choose(rows, margin, lossless=False):
         spec = max((n for n in rows if n.startswith("self_spec")), key=lambda n: rows[n]["ratio"])
         rows = {**rows, spec: {**rows[spec], "ratio": 10.0}}
-        return real(rows, margin)
+        return real(rows, margin, lossless)
 
     real = choice._choose
     monkeypatch.setattr(choice, "_choose", choose)

@@ -73,6 +73,7 @@ def measure_policies(
     margin: float = 1.05,
     check_prompts: list[torch.Tensor] | None = None,
     eos: Sequence[int] = (),
+    lossless: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per batch size (the JSON key), every policy's measurements and the choice; see the module
@@ -80,7 +81,8 @@ def measure_policies(
     in batches of b (a last short batch is dropped). `check_prompts`: prompts the choice was not made
     on, on which the chosen policy is timed against full depth again (`checked`: its ratio there and
     the prediction's error) — what a user's new prompts would see. `eos`: answers end there (chat
-    prompts: the end of the turn); default none, every answer `max_new_tokens` long."""
+    prompts: the end of the turn); default none, every answer `max_new_tokens` long. `lossless`: choose
+    only among policies that keep full depth's tokens (`_choose`)."""
     if not prompts or max(batch_sizes) > len(prompts):
         raise GenerationInputError(
             f"choosing a policy at batch sizes {list(batch_sizes)} needs at least {max(batch_sizes)} prompts, "
@@ -98,7 +100,7 @@ def measure_policies(
     for batch in batch_sizes:
         policies = candidate_policies(model, draft_exits, draft_tokens, draft_sources)
         rows = _timed(model, policies, _batches(prompts, batch), settings, repeats, progress, f"batch {batch}")
-        out[str(batch)] = entry = _choose(rows, margin)
+        out[str(batch)] = entry = _choose(rows, margin, lossless)
         if check_prompts and entry["policy"] != "full":
             chosen = _chosen_name(entry, rows)
             pair = {"full": policies["full"], chosen: policies[chosen]}
@@ -227,18 +229,19 @@ def model_answers(
     return out
 
 
-def _choose(rows: dict[str, dict[str, Any]], margin: float) -> dict[str, Any]:
+def _choose(rows: dict[str, dict[str, Any]], margin: float, lossless: bool = False) -> dict[str, Any]:
     """The fastest policy if it beats full depth by `margin`, else full; with the reason, every
-    policy's row, and self_spec's best (exit, k)."""
+    policy's row, and self_spec's best (source, exit, k). `lossless`: only policies that keep full
+    depth's tokens (full, self_spec) may be chosen; drex is measured and reported, not chosen."""
     spec = {name: row for name, row in rows.items() if name.startswith("self_spec")}
     best_spec = max(spec, key=lambda name: spec[name]["ratio"]) if spec else None
     contenders = {"full": rows["full"]}
-    if "drex" in rows:
+    if "drex" in rows and not lossless:
         contenders["drex"] = rows["drex"]
     if best_spec is not None:
         contenders["self_spec"] = rows[best_spec]
     fastest = max(contenders, key=lambda name: contenders[name]["ratio"])
-    entry: dict[str, Any] = {"policy": "full", "measured": rows, "margin": margin}
+    entry: dict[str, Any] = {"policy": "full", "measured": rows, "margin": margin, "lossless": lossless}
     if best_spec is not None:
         entry["self_spec_best"] = {**_spec_options(best_spec), **rows[best_spec]}
     notes = []
@@ -255,4 +258,8 @@ def _choose(rows: dict[str, dict[str, Any]], margin: float) -> dict[str, Any]:
         entry["reason"] = "; ".join(notes) or f"nothing beats full depth by {margin}x"
     if "drex" not in rows:  # not timed: with every exit off it is full depth
         entry["reason"] += "; drex is full depth here (every exit is off on this device)"
+    elif lossless:
+        drex = rows["drex"]
+        entry["reason"] += (f"; drex ({drex['ratio']:.2f}x full depth, {drex['exact']:.0%} of answers exact) is not "
+                            f"chosen: the default must keep full depth's tokens")  # fmt: skip
     return entry

@@ -169,6 +169,13 @@ def add_parser(sub: Any) -> None:
         "prediction's error (default: none)",
     )
     parser.add_argument(
+        "--choice-lossless",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --choose-policy: choose only among policies that keep full depth's tokens (full, self_spec); "
+        "drex is still timed and reported (default: on; --no-choice-lossless lets drex's exits be the default)",
+    )
+    parser.add_argument(
         "--draft-corpus",
         type=int,
         default=0,
@@ -449,6 +456,7 @@ def choose_policy(
             margin=args.min_speedup,
             check_prompts=check,
             eos=answer_ends(model) if args.choice_prompts is not None else (),
+            lossless=args.choice_lossless,
             progress=lambda _: bar.update(1),
         )
     finally:
