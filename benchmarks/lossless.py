@@ -88,9 +88,9 @@ def run_batch(
     seconds = {n: [] for n in names}  # per repeat: {set: seconds}
     tokens = {n: {} for n in names}  # prompt index -> tokens (first repeat)
     stats = {n: [] for n in engines}
-    for repeat in range(repeats + 1):  # the first pass warms every engine up and is not counted
+    for repeat in range(repeats + 1):  # pass 0 warms every engine (and HF) up on the first batch, uncounted
         spent = {n: dict.fromkeys(sets, 0.0) for n in names}
-        for chunk in chunks:
+        for chunk in chunks if repeat else chunks[:1]:
             ids = {}
             for name, engine in engines.items():
                 engine.reset_stats()
@@ -101,13 +101,14 @@ def run_batch(
                 spent[name][sets[chunk[0]]] += s.wall_s - s.prefill_s
                 if repeat == 1:
                     stats[name].append(s.to_dict())
-                for i, rid in zip(chunk, ids[name]):
-                    tokens[name][i] = engine.finished[rid].tokens
+                    for i, rid in zip(chunk, ids[name]):
+                        tokens[name][i] = engine.finished[rid].tokens
             if len(names) > len(engines):
                 for name, extra in (("hf_generate", {}), ("hf_prompt_lookup", {"prompt_lookup_num_tokens": 10})):
                     s, out = hf_decode_s(model, prompts[chunk[0]], new_tokens, eos, **extra)
                     spent[name][sets[chunk[0]]] += s
-                    tokens[name][chunk[0]] = out
+                    if repeat == 1:
+                        tokens[name][chunk[0]] = out
         if repeat:
             for name in names:
                 seconds[name].append(spent[name])
@@ -132,7 +133,7 @@ def summarise(
             "mean_new_tokens": decoded[name] / len(done) + 1,
             "x_full_by_set": {
                 s: statistics.median(f[s] / t[s] for f, t in zip(seconds["full"], seconds[name]) if t[s] > 0)
-                for s in sorted({sets[i] for i in done})
+                for s in sorted({sets[chunk[0]] for chunk in chunks})  # a batch counts for its first prompt's set
             },
         }
         if name in stats and stats[name] and "rounds" in stats[name][0]:

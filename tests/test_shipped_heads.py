@@ -63,3 +63,52 @@ def test_shipped_heads_load_offline_and_beat_untrained_heads(smollm2_home):
         count += len(final)
     # on the model's own continuation, the trained heads agree with the final layer more often
     assert (agree_trained / count).mean() > (agree_untrained / count).mean() + 0.05, (agree_trained, agree_untrained)
+
+
+@pytest.mark.slow
+def test_the_calibrated_default_is_lossless_on_held_out_prompts(smollm2_home):
+    """Issue 26: what generate() runs without policy= on this device (the shipped calibration's choice)
+    gives full depth's tokens on prompts training never saw."""
+    from drex_hf.calibration_file import choice_for
+    from drex_hf.hub import load_tokenizer
+    from drex_hf.training.prompts import read_prompt_file
+
+    model = EarlyExitModelForCausalLM.from_pretrained(FOLDER, dtype=torch.float32)
+    tok = load_tokenizer(model.base_source)
+    held_out = FOLDER.parents[1] / "benchmarks" / "prompts"
+    chosen = (("heldout-chat.txt", 10), ("heldout-prose.jsonl", 0))
+    prompts = [read_prompt_file(held_out / name)[i] for name, i in chosen]
+    choice = choice_for(model.policy_choice, 1)
+    for prompt in prompts:
+        message = [{"role": "user", "content": prompt}]
+        text = tok.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        default = model.generate(ids, max_new_tokens=24, return_dict_in_generate=True)
+        assert torch.equal(default.sequences, model.generate(ids, policy="full", max_new_tokens=24))
+        assert default.stats.policy == (choice["policy"] if choice else "drex")
+        if choice and choice["policy"] == "self_spec":
+            assert default.stats.rounds > 0 and default.stats.rounds <= default.stats.decoded_tokens
+
+
+@pytest.mark.slow
+def test_lossless_benchmark_runs_every_row_and_keeps_full_depths_tokens(smollm2_home, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = FOLDER.parents[1] / "benchmarks" / "lossless.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--count", "1", "--batch-sizes", "1,2", "--max-new-tokens", "6",
+         "--repeats", "1", "--policies", "default,full,self_spec@ngram/2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "lossless.json").read_text())
+    one, two = report["batches"]["1"]["rows"], report["batches"]["2"]["rows"]
+    assert set(one) == {"default", "full", "self_spec@ngram/2", "hf_generate", "hf_prompt_lookup"}
+    assert set(two) == {"default", "full", "self_spec@ngram/2"}  # HF's lookup refuses batches
+    for rows in (one, two):
+        assert rows["default"]["same_as_full"] == 1.0 and rows["self_spec@ngram/2"]["same_as_full"] == 1.0
+        assert len(rows["full"]["x_full_runs"]) == 1 and rows["full"]["x_full"] == 1.0
+    assert one["hf_prompt_lookup"]["same_as_full"] == one["hf_generate"]["same_as_full"]  # HF's lookup is lossless
+    assert "| self_spec@ngram/2 |" in (tmp_path / "lossless.md").read_text()
