@@ -95,6 +95,7 @@ class EarlyExitModelForCausalLM(nn.Module):
         # `drex calibrate --choose-policy`: this device's fastest policy per batch size (`generate(policy=None)`)
         self.policy_choice: dict[str, Any] | None = None
         self.draft_corpus: Any = None  # a CorpusIndex of the model's own answers (draft_corpus.safetensors)
+        self.draft_vocab: torch.Tensor | None = None  # the ids head drafts are made among (draft_vocab.safetensors)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -237,6 +238,10 @@ class EarlyExitModelForCausalLM(nn.Module):
 
         if (folder / DRAFT_CORPUS_NAME).is_file():  # n-gram drafts for rows whose own text has no match
             wrapper.draft_corpus = read_draft_corpus(folder / DRAFT_CORPUS_NAME)
+        from drex_hf.generation.spec.vocab import DRAFT_VOCAB_NAME, read_draft_vocab
+
+        if (folder / DRAFT_VOCAB_NAME).is_file():  # head drafts among the model's most written tokens
+            wrapper.draft_vocab = read_draft_vocab(folder / DRAFT_VOCAB_NAME, wrapper.arch.vocab_size)
         if calibrated is not None:
             wrapper._apply_calibration(folder / CALIBRATION_NAME, calibrated)
         return wrapper

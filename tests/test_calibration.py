@@ -238,6 +238,8 @@ from drex_hf.cli.main import main  # noqa: E402
 from drex_hf.device import device_name  # noqa: E402
 from drex_hf.errors import ConfigError  # noqa: E402
 from drex_hf.fileio import sha256_file  # noqa: E402
+from drex_hf.generation.spec.ngram import read_corpus_answers  # noqa: E402
+from drex_hf.generation.spec.vocab import coverage  # noqa: E402
 
 
 @pytest.fixture
@@ -445,3 +447,21 @@ def test_calibrate_chooses_among_draft_sources_on_prompt_sets_with_a_corpus_and_
         assert f"on {choice['checked']['prompts']} prompts it was not chosen on" in out
     model = EarlyExitModelForCausalLM.from_pretrained(heads)
     assert model.draft_corpus is not None and len(model.draft_corpus) > 0
+    # --draft-vocab, alone: the frequency-ranked subset of that corpus, saved beside the heads and loaded
+    assert main(["calibrate", str(heads), "--draft-vocab", "0.9", "--choose-policy"]) == 2
+    assert "--draft-vocab runs alone" in capsys.readouterr().err
+    assert main(["calibrate", str(heads), "--draft-vocab", "0.9"]) == 0
+    out = capsys.readouterr().out
+    assert "draft_vocab.safetensors" in out and "coverage (not ranked)" in out
+    vocab = EarlyExitModelForCausalLM.from_pretrained(heads).draft_vocab
+    answers = read_corpus_answers(heads / "draft_corpus.safetensors")
+    assert 0 < vocab.numel() <= len({t for a in answers for t in a}) and coverage(vocab.tolist(), answers[:2]) >= 0.9
+
+
+def test_draft_vocab_needs_a_draft_corpus(heads_and_text, capsys):
+    heads, _ = heads_and_text
+    assert main(["calibrate", str(heads), "--draft-vocab", "0.9"]) == 2
+    assert "draft_corpus.safetensors, which is missing" in capsys.readouterr().err
+    assert not (heads / "draft_vocab.safetensors").exists()
+    with pytest.raises(SystemExit):  # argparse: not a number
+        main(["calibrate", str(heads), "--draft-vocab", "most"])

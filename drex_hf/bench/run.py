@@ -35,7 +35,7 @@ from drex_hf.generation.exits import ExitDistribution, ExitReplay
 from drex_hf.generation.scheduler import percentile
 from drex_hf.generation.settings import DecodeSettings, left_padded
 from drex_hf.generation.spec.cost import spec_speedup_ceiling
-from drex_hf.generation.spec.engine import SpecEngine
+from drex_hf.generation.spec.engine import SpecEngine, model_drafting
 
 if TYPE_CHECKING:
     from drex_hf.modeling import EarlyExitModelForCausalLM
@@ -271,6 +271,7 @@ def spec_engine(
         exit_source="heads" if spec.acceptance is None else "trace",
         acceptance=spec.acceptance,
         trace_seed=trace_seed,
+        **model_drafting(model),
         **engine_kwargs,
     )
 

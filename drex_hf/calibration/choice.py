@@ -35,11 +35,10 @@ def _new_engine(
     model: EarlyExitModelForCausalLM, policy: str, batch: int, max_len: int, settings: DecodeSettings, options: dict
 ) -> Any:
     """An empty engine of `policy` for `batch` rows (built once per batch size, reused every round)."""
-    from drex_hf.generation.spec.engine import SpecEngine
+    from drex_hf.generation.spec.engine import SpecEngine, model_drafting
 
     if policy == "self_spec":
-        if options.get("draft_source", "head") != "head":  # rows without a match draft from the model's answers
-            options = {**options, "draft_corpus": getattr(model, "draft_corpus", None)}
+        options = {**options, **model_drafting(model)}  # the folder's draft corpus and vocabulary
         return SpecEngine(model, max_batch=batch, max_len=max_len, settings=settings, **options)
     return DrexEngine(model, max_batch=batch, max_len=max_len, policy=policy, settings=settings, **options)
 

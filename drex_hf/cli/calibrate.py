@@ -185,6 +185,17 @@ def add_parser(sub: Any) -> None:
         "(default: 0, keep the folder's corpus if it has one)",
     )
     parser.add_argument(
+        "--draft-vocab",
+        type=float,
+        default=None,
+        metavar="COVERAGE",
+        help="alone (no --data, --reuse-observations or --choose-policy): rank the tokens of the folder's "
+        "draft_corpus.safetensors (the model's own answers) by frequency and save, as draft_vocab.safetensors, "
+        "the smallest prefix covering COVERAGE of them (e.g. 0.95): head drafts project onto those tokens only "
+        "(verification and the output keep the whole vocabulary); prints coverage by size on answers the ranking "
+        "did not see (default: none)",
+    )
+    parser.add_argument(
         "--choice-prompt-count",
         type=positive_int,
         default=16,
@@ -289,6 +300,8 @@ def run(args: argparse.Namespace) -> int:
         args.rows, args.holdout_rows, args.decision_rows, args.context, args.long_context, options=True
     )
     check_output_folder(folder, "MODEL_DIR", beside=True)  # calibration.json and the plot go beside the heads
+    if args.draft_vocab is not None:
+        return build_draft_vocab(folder, args)
     sequence_target = check_sequence_arguments(args)
     max_new_tokens = args.max_new_tokens or (SEQUENCE_NEW_TOKENS if args.metric else TOKEN_NEW_TOKENS)
     observations = None
@@ -418,6 +431,35 @@ def build_corpus(model: Any, folder: Path, count: int, seed: int, show: bool) ->
     model.draft_corpus = CorpusIndex(answers)
     print(f"wrote {folder / DRAFT_CORPUS_NAME}: {sum(map(len, answers))} tokens of {len(answers)} answers, "
           f"{len(model.draft_corpus)} contexts")  # fmt: skip
+
+
+def build_draft_vocab(folder: Path, args: argparse.Namespace) -> int:
+    """--draft-vocab COVERAGE: the frequency-ranked subset of the draft corpus's tokens, saved beside the heads."""
+    from drex_hf.generation.spec.ngram import DRAFT_CORPUS_NAME, read_corpus_answers
+    from drex_hf.generation.spec.vocab import DRAFT_VOCAB_NAME, subset_for_coverage, write_draft_vocab
+
+    if args.data is not None or args.reuse_observations or args.choose_policy:
+        raise CalibrationDataError(
+            "--draft-vocab runs alone: drop --data, --reuse-observations and --choose-policy (build the corpus first "
+            "with --choose-policy --draft-corpus N)"
+        )
+    if not (folder / DRAFT_CORPUS_NAME).is_file():
+        raise CalibrationDataError(
+            f"--draft-vocab ranks the model's own answers in {folder / DRAFT_CORPUS_NAME}, which is missing: "
+            "build it with --choose-policy --draft-corpus N"
+        )
+    # the ids are the model's own tokens; from_pretrained checks them against its vocabulary when it loads them
+    chosen = subset_for_coverage(read_corpus_answers(folder / DRAFT_CORPUS_NAME), args.draft_vocab)
+    write_draft_vocab(folder / DRAFT_VOCAB_NAME, chosen)
+    held = chosen["coverage_held_out"]
+    print(f"wrote {folder / DRAFT_VOCAB_NAME}: {chosen['size']} tokens cover {chosen['coverage_fit']:.1%} of the "
+          f"{chosen['ranked_on']} answers ranked" + (f" and {held:.1%} of {chosen['checked_on']} answers not ranked"
+                                                     if held is not None else ""))  # fmt: skip
+    print("  size  coverage (ranked)  coverage (not ranked)")
+    for row in chosen["table"]:
+        other = "" if row["coverage_held_out"] is None else f"{row['coverage_held_out']:.1%}"
+        print(f"{row['size']:6d}  {row['coverage_fit']:17.1%}  {other:>21}")
+    return 0
 
 
 def choose_policy(

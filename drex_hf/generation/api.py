@@ -74,12 +74,14 @@ def generate(
     seeds = request_seeds(seed, len(prompts)) if settings.do_sample else [None] * len(prompts)
     max_len = max(p.shape[0] for p in prompts) + settings.max_new_tokens
     if spec:
+        from drex_hf.generation.spec.engine import model_drafting
+
         source = draft_source or "head"
         if draft_exit is None and source != "ngram":
             draft_exit = model.exit_layers[-1]
         options = dict(draft_exit=draft_exit, draft_tokens=4 if draft_tokens is None else draft_tokens,
                        draft_confidence=draft_confidence, draft_source=source, graphs=graphs,
-                       draft_corpus=getattr(model, "draft_corpus", None))  # fmt: skip
+                       **model_drafting(model))  # fmt: skip
     else:
         programs = (graphs, settings.has_logits_processors)
         options = dict(
@@ -221,6 +223,8 @@ def _frozen(value: Any) -> Any:
     """A key for an option: lists as tuples, unhashable objects (a cost model, a tokenizer) by identity."""
     if isinstance(value, (list, tuple)):
         return tuple(_frozen(v) for v in value)
+    if isinstance(value, torch.Tensor):  # a draft vocabulary: by identity (== on tensors is elementwise)
+        return ("id", id(value))
     try:
         hash(value)
     except TypeError:

@@ -50,6 +50,7 @@ from drex_hf.generation.spec.cost import SpecCost, best_k, judged_drafts
 from drex_hf.generation.spec.ngram import MAX_NGRAM, MIN_NGRAM, CorpusIndex, NgramIndex, check_ngram_sizes
 from drex_hf.generation.spec.programs import SpecPrograms
 from drex_hf.generation.spec.reference import DRAFT, check_spec_arguments, spec_counter
+from drex_hf.generation.spec.vocab import SubsetHead
 from drex_hf.generation.state import FinishCallback, Phase, Request, RequestOutput, Requests, TokenCallback
 from drex_hf.seeds import check_seed
 
@@ -165,6 +166,13 @@ class _Round:
         return len(self.request.output.tokens)
 
 
+def model_drafting(model: Any) -> dict[str, Any]:
+    """What a heads folder ships for drafting, as `SpecEngine` options: its draft corpus (rows without a
+    match in their own text) and draft vocabulary (head drafts); None where it ships none. Every front
+    (`generate()`, `drex bench`, the calibrator) builds its self_spec engines with these."""
+    return {"draft_corpus": getattr(model, "draft_corpus", None), "draft_vocab": getattr(model, "draft_vocab", None)}
+
+
 class SpecEngine(SlotEngine):
     """Continuous batching by self-speculation; see the module docstring.
 
@@ -182,6 +190,9 @@ class SpecEngine(SlotEngine):
         ngram_prior: adaptive: the acceptance an n-gram draft starts from, worth two drafts.
         draft_corpus: "ngram" / "mixed": a `CorpusIndex` (the model's own answers) a row drafts from
             when its own text has no match (default: none).
+        draft_vocab: "head" / "mixed": token ids the head drafts among (`spec.vocab.SubsetHead`: its
+            logits are a product with those rows of the lm_head only); verification and every emitted
+            token still use the whole vocabulary (default: None, the whole vocabulary).
         max_draft_tokens: adaptive: the largest k considered (default 8).
         draft_confidence: stop drafting at a draft whose head confidence is below this (None: never).
         settings: decoding settings; logits processors and stop strings are refused (not supported yet).
@@ -196,7 +207,7 @@ class SpecEngine(SlotEngine):
     def __init__(self, model: EarlyExitModel, *, max_batch: int, max_len: int, draft_exit: int | None = None,
                  draft_tokens: int | str = 4, max_draft_tokens: int | None = None, draft_source: str = "head",
                  ngram_min: int = MIN_NGRAM, ngram_max: int = MAX_NGRAM, ngram_prior: float = 0.5,
-                 draft_corpus: CorpusIndex | None = None,
+                 draft_corpus: CorpusIndex | None = None, draft_vocab: torch.Tensor | None = None,
                  draft_confidence: float | None = None, settings: DecodeSettings | None = None,
                  cost: SpecCost | None = None, exit_source: str = "heads", acceptance: float | None = None,
                  trace_seed: int = 0, keep_finished: bool = True, prior_acceptance: float = 0.5,
@@ -237,6 +248,8 @@ class SpecEngine(SlotEngine):
                           warpers=tuple(settings.warpers()), fills=False)  # fmt: skip
         self.runner = Runner(model, self.store, options, graphs=graphs, lazy=lazy_capture)
         self.head = model.heads[model.exit_layers.index(draft_exit)]
+        if draft_vocab is not None and draft_source != "ngram":  # drafts among the subset's tokens only
+            self.head = SubsetHead(self.head, draft_vocab, self.arch.vocab_size)
         self.programs = SpecPrograms(self.runner, self.head, k_max, acceptance if exit_source == "trace" else None,
                                      settings, draft_confidence)  # fmt: skip
         self.device = self.runner.device

@@ -127,6 +127,11 @@ def write_draft_corpus(path: Any, sequences: list[list[int]]) -> None:
 
 def read_draft_corpus(path: Any) -> CorpusIndex:
     """A `CorpusIndex` of the answers in `path`; a malformed file is refused, naming it."""
+    return CorpusIndex(read_corpus_answers(path))
+
+
+def read_corpus_answers(path: Any) -> list[list[int]]:
+    """The answers saved in `path` (`write_draft_corpus`); a malformed file is refused, naming it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -141,7 +146,7 @@ def read_draft_corpus(path: Any) -> CorpusIndex:
     for n in lengths:
         sequences.append(tokens[start : start + n])
         start += n
-    return CorpusIndex(sequences)
+    return sequences
 
 
 def check_ngram_sizes(min_n: object, max_n: object) -> None:
@@ -160,6 +165,7 @@ __all__ = [
     "CorpusIndex",
     "NgramIndex",
     "check_ngram_sizes",
+    "read_corpus_answers",
     "read_draft_corpus",
     "write_draft_corpus",
 ]
