@@ -234,3 +234,56 @@ def test_rows_without_a_match_draft_from_the_corpus_and_keep_full_depths_tokens(
     assert [o.tokens for o in alone] == [o.tokens for o in batch]
     with pytest.raises(GenerationTypeError, match="draft_corpus"):
         SpecEngine(model, max_batch=1, max_len=16, draft_source="ngram", draft_corpus=[[1, 2]])
+
+
+# ---------------------------------------------------------------- packed verify rows padded
+def test_packed_verify_padded_with_scratch_rows_keeps_full_depths_tokens():
+    """On the CPU a verify's packed positions run as more rows where that costs less
+    (`arch.cheapest_rows`: some BLAS run 2 to 4 rows row by row); the scratch rows change nothing:
+    greedy equals full depth and seeded sampling is the same with and without padding."""
+    from drex_hf.arch import cheapest_rows, linear_weights
+
+    model = _model("llama")
+    table = cheapest_rows(linear_weights(model.arch.model))
+    assert sorted(table) == list(range(1, 9)) and all(n <= m <= 8 for n, m in table.items())
+    prompts = _prompts(LENGTHS_8)
+    forced = {n: 8 for n in range(1, 8)}  # every pass padded to 8 rows
+    for settings, seeds in ((DecodeSettings(max_new_tokens=NEW), None),
+                            (DecodeSettings(max_new_tokens=NEW, **SAMPLING), list(range(8)))):  # fmt: skip
+        runs = []
+        for padding in ({}, forced):
+            for size in (1, 3):
+                engine = SpecEngine(model, max_batch=size, max_len=40, draft_exit=1, draft_tokens=3,
+                                    draft_source="mixed", settings=settings)  # fmt: skip
+                engine.programs.row_padding = padding
+                layers, seen = engine.programs.layers, set()
+
+                def counted(which, slots, grid, hidden, layers=layers, seen=seen):
+                    seen.add(slots.shape[0])
+                    return layers(which, slots, grid, hidden)
+
+                engine.programs.layers = counted
+                for i in range(size):
+                    engine.add_request(prompts[i], seed=None if seeds is None else seeds[i])
+                runs.append([engine.run()[i].tokens for i in range(size)])
+                assert min(seen) >= 8 if padding else min(seen) < 8, seen  # padded: no pass ran fewer than 8 rows
+        assert runs[0] == runs[2] and runs[1] == runs[3]  # padded or not, alone or batched
+        if seeds is None:
+            assert runs[1] == _full(model, prompts[:3], settings)
+
+
+def test_projecting_a_few_rows_padded_equals_the_lm_head():
+    from drex_hf.arch import _CHEAPEST_ROWS
+
+    model = _model("llama")
+    weight = model.arch.lm_head.weight
+    key = ((tuple(weight.shape), str(weight.dtype)),)
+    saved = _CHEAPEST_ROWS.get(key)
+    _CHEAPEST_ROWS[key] = {n: 8 for n in range(1, 9)}
+    try:
+        x = torch.randn(3, model.arch.hidden_size)
+        with torch.no_grad():
+            torch.testing.assert_close(model.arch.project(x), model.arch.lm_head(x))
+            torch.testing.assert_close(model.arch.project(x.view(3, 1, -1)), model.arch.lm_head(x.view(3, 1, -1)))
+    finally:
+        _CHEAPEST_ROWS.pop(key) if saved is None else _CHEAPEST_ROWS.__setitem__(key, saved)

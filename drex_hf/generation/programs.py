@@ -459,7 +459,7 @@ class Programs:
         last segment goes on to its next token unless this one ended it (an exited row went on when it
         left). Returns the verdict rows."""
         st, slots, valid = self.state, rows.slots, rows.valid
-        logits = self.arch.lm_head(self.gather(st.features, slots))
+        logits = self.arch.project(self.gather(st.features, slots))
         tokens = self.pick(logits, slots, rows.positions + 1)
         done, eos = self.finished(rows, tokens, valid)
         st.tokens.index_copy_(0, slots, tokens)

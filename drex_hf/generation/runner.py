@@ -432,7 +432,7 @@ class Runner:
             hidden = self.arch.run_layer(layer, hidden, attention_mask=masks[window], position_ids=positions,
                                          position_embeddings=rotary, cache=self.store)  # fmt: skip
         last = hidden[torch.arange(n, device=self.device), length - 1]
-        logits = self.arch.lm_head(self.arch.final_norm(last))
+        logits = self.arch.project(self.arch.final_norm(last))
         picker = self.picker
         if picker.history is not None:  # the prompts are the histories' start
             picker.history[slots, :width] = ids
@@ -474,7 +474,7 @@ class Runner:
             def layers() -> None:
                 out = p.run_layers(index, rows, p.embed(rows) if index == 0 else None, self.store.max_len)
                 if last:
-                    p.pick(self.arch.lm_head(self.arch.final_norm(out)), rows.slots, rows.positions + 1)
+                    p.pick(self.arch.project(self.arch.final_norm(out)), rows.slots, rows.positions + 1)
 
             return layers
         if kind == "check":

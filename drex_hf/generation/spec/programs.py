@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from drex_hf.arch import build_attention_mask
+from drex_hf.arch import build_attention_mask, cheapest_rows, linear_weights
 from drex_hf.generation.programs import Rows
 from drex_hf.generation.runner import Runner
 from drex_hf.generation.sampling import pick_tokens, uniforms
@@ -51,6 +51,7 @@ class SpecPrograms:
         self.draft_confidence = draft_confidence if acceptance is None else None
         self.arch, self.state, self.programs = runner.arch, runner.state, runner.programs
         self.acceptance = acceptance
+        self.row_padding: dict[int, int] | None = None  # `padding()`
         self.do_sample, self.warpers = settings.do_sample, list(settings.warpers())
         device, dtype, total, rows = runner.device, runner.state.hidden.dtype, runner.state.total, runner.rows
         self.device, self.q = device, k_max + 1
@@ -73,7 +74,8 @@ class SpecPrograms:
         runner.extend({"draft": self._draft, "verify": self._verify}, self.tensors)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.states, self.draft_probs, self.plan, self.out, self._offsets) if t is not None]
+        head = list(self.head.tensors()) if hasattr(self.head, "tensors") else []  # a draft vocabulary's
+        return [t for t in (self.states, self.draft_probs, self.plan, self.out, self._offsets) if t is not None] + head
 
     # ------------------------------------------------------------------ a step
     def run(self, kind: str, columns: list[list[int]], drafts: list[list[int]] | None = None) -> np.ndarray:
@@ -151,8 +153,14 @@ class SpecPrograms:
             logits = self.logits(self.layers(layers, slots, grid, hidden))  # [b, q, vocab]
         else:  # eager: only the rows' real positions (drafts + 1 each), packed into one column
             real = (offsets.unsqueeze(0) <= lengths.unsqueeze(1)) & (slots != self.state.scratch).unsqueeze(1)
-            rows = slots.unsqueeze(1).expand_as(grid)[real]
-            packed = self.logits(self.layers(layers, rows, grid[real].unsqueeze(1), hidden[real].unsqueeze(1)))
+            rows, where, inputs = slots.unsqueeze(1).expand_as(grid)[real], grid[real], hidden[real]
+            n = rows.shape[0]
+            extra = self.padding().get(n, n) - n  # where more rows cost less: scratch rows (`cheapest_rows`)
+            if extra > 0:
+                rows = torch.cat([rows, rows.new_full((extra,), self.state.scratch)])
+                where = torch.cat([where, where.new_zeros(extra)])
+                inputs = torch.cat([inputs, inputs[:1].expand(extra, -1)])
+            packed = self.logits(self.layers(layers, rows, where.unsqueeze(1), inputs.unsqueeze(1)))[:n]
             logits = packed.new_zeros(*grid.shape, packed.shape[-1])
             logits[real] = packed[:, 0]  # padding positions read zeros, and no row keeps what they say
         accepted, tokens = self._accept(logits, slots, drafts, lengths, index, seeds, ngram.bool())
@@ -165,8 +173,17 @@ class SpecPrograms:
         self.out[:bucket, :k].copy_(accepted)
         self.out[:bucket, self.k_max : self.k_max + q].copy_(tokens)
 
+    def padding(self) -> dict[int, int]:
+        """Eager CPU verify: n packed positions -> the rows to run them as (`arch.cheapest_rows` over the
+        model's linear layers, measured at the first verify; an empty table elsewhere). Tests may set
+        `row_padding` to a table of their own."""
+        if self.row_padding is None:
+            cpu = self.device.type == "cpu"
+            self.row_padding = cheapest_rows(linear_weights(self.arch.model)) if cpu else {}
+        return self.row_padding
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.arch.lm_head(self.arch.final_norm(hidden)).float()
+        return self.arch.project(self.arch.final_norm(hidden)).float()
 
     def layers(self, layers: range, slots: torch.Tensor, grid: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """`layers` on every row's positions `grid [b, q]` at once (explicit causal masks over the
