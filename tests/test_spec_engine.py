@@ -215,6 +215,12 @@ def test_best_k_follows_acceptance_and_cost():
     assert layers.round_cost(3) == 4 * 24
     assert all(layers.speedup(a, k) <= 1 + 1e-12 for a in (0.1, 0.5, 0.9, 0.999) for k in range(9))
     assert layers.best_k(0.9, 8) == 0
+    # text drafts on the CPU (issue 26): free drafts, a verify of 2 to 9 positions ~1.3x a step once it drafts
+    text = SpecCost(draft=0.0, verify_fixed=0.95, verify_per_position=0.05, full=1.0, draft_fixed=0.2)
+    assert text.round_cost(0) == pytest.approx(1.0) and text.round_cost(1) == pytest.approx(1.25)
+    assert text.best_k(0.15, 8) == 0 and text.best_k(0.5, 8) >= 3  # a poor row stops; a good one drafts on
+    linear = SpecCost(draft=0.0, verify_fixed=0.95, verify_per_position=0.05, full=1.0)
+    assert linear.best_k(0.15, 8) > 0  # without the jump the same row would keep drafting
 
 
 def test_draft_confidence_stops_drafting():

@@ -25,6 +25,7 @@ class SpecCost:
     verify_per_position: float
     full: float
     source: str = "layers"
+    draft_fixed: float = 0.0  # what a round pays once it drafts at all (a CPU verify of 2 positions: padded rows)
 
     @classmethod
     def from_layers(cls, num_layers: int, draft_exit: int) -> SpecCost:
@@ -34,7 +35,8 @@ class SpecCost:
         return cls(draft=shallow, verify_fixed=shallow, verify_per_position=deep, full=num_layers)
 
     def round_cost(self, k: int) -> float:
-        return k * self.draft + self.verify_fixed + (k + 1) * self.verify_per_position
+        drafting = self.draft_fixed if k else 0.0
+        return k * self.draft + self.verify_fixed + (k + 1) * self.verify_per_position + drafting
 
     def best_k(self, acceptance: float, max_k: int) -> int:
         """The draft length in 0..max_k with the most expected tokens per cost when each draft is
@@ -56,6 +58,7 @@ class SpecCost:
             "verify_per_position": self.verify_per_position,
             "full": self.full,
             "source": self.source,
+            "draft_fixed": self.draft_fixed,
         }
 
 

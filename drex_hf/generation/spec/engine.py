@@ -539,9 +539,16 @@ def measure_ngram_cost(engine: SpecEngine, repeats: int = 5) -> SpecCost | None:
     t_full = time_ms(verify(1, False), repeats, engine.device)
     t_one = time_ms(verify(1, True), repeats, engine.device)
     q = engine.k_max + 1
-    per_position = max(time_ms(verify(q, True), repeats, engine.device) - t_one, 0.0) / (q - 1) if q > 1 else 0.0
+    if q < 3:
+        per_position = max(time_ms(verify(q, True), repeats, engine.device) - t_one, 0.0) / (q - 1) if q > 1 else 0.0
+        jump = 0.0
+    else:  # a line through 2 and q positions, and the step from 1 to 2 (on a CPU, 2 to 4 rows can cost as 5)
+        t_two = time_ms(verify(2, True), repeats, engine.device)
+        per_position = max(time_ms(verify(q, True), repeats, engine.device) - t_two, 0.0) / (q - 2)
+        jump = max(t_two - t_one - per_position, 0.0)
     return SpecCost(draft=0.0, verify_fixed=max(t_one - per_position, 0.0), verify_per_position=per_position,
-                    full=t_full, source=f"measured at start-up ({n} rows, drafts from the rows' text)")  # fmt: skip
+                    full=t_full, source=f"measured at start-up ({n} rows, drafts from the rows' text)",
+                    draft_fixed=jump)  # fmt: skip
 
 
 def measure_spec_cost(engine: SpecEngine, repeats: int = 5) -> SpecCost:
