@@ -33,10 +33,11 @@ from drex_hf.cli.common import encode_prompts, tokenizer_for
 from drex_hf.device import device_name
 from drex_hf.generation.engine import DrexEngine, step_in_turn
 from drex_hf.generation.settings import DecodeSettings
-from drex_hf.generation.spec.engine import SpecEngine
+from drex_hf.generation.spec.engine import SpecEngine, model_drafting
 from drex_hf.training.prompts import read_prompt_file
 
 HERE = Path(__file__).parent
+WHOLE_VOCAB = ":whole-vocab"
 PROMPTS = f"{HERE / 'prompts' / 'heldout-chat.txt'},{HERE / 'prompts' / 'heldout-prose.jsonl'}"
 
 
@@ -44,18 +45,23 @@ def engine_for(
     model: EarlyExitModelForCausalLM, policy: str, batch: int, max_len: int, settings: DecodeSettings
 ) -> Any:
     """An empty engine: `full`, `default` (the calibrated choice at this batch size) or a bench spelling
-    of a self_spec row (self_spec@EXIT/K, self_spec@ngram/K, self_spec@ngram+EXIT/K)."""
+    of a self_spec row (self_spec@EXIT/K, self_spec@ngram/K, self_spec@ngram+EXIT/K), drafting as
+    `generate()` does with the folder's draft corpus and vocabulary; `:whole-vocab` after a row: its head
+    drafts over the whole vocabulary."""
     if policy == "default":
         choice = choice_for(model.policy_choice, batch) or {"policy": "drex"}
         if choice["policy"] != "self_spec":
             return DrexEngine(model, max_batch=batch, max_len=max_len, policy=choice["policy"], settings=settings)
         options = {k: choice.get(k) for k in ("draft_exit", "draft_tokens")}
-        return SpecEngine(model, max_batch=batch, max_len=max_len, settings=settings,
-                          draft_source=choice.get("draft_source", "head"), **options)  # fmt: skip
+        options |= {"draft_source": choice.get("draft_source", "head"), **model_drafting(model)}
+        return SpecEngine(model, max_batch=batch, max_len=max_len, settings=settings, **options)
+    whole = policy.endswith(WHOLE_VOCAB)  # the head drafts over the whole vocabulary, not the folder's subset
+    policy = policy.removesuffix(WHOLE_VOCAB)
     if is_spec(policy):
         spec = parse_spec(policy)
+        drafting = model_drafting(model) | ({"draft_vocab": None} if whole else {})
         return SpecEngine(model, max_batch=batch, max_len=max_len, settings=settings, draft_exit=spec.draft_exit,
-                          draft_tokens=spec.draft_tokens, draft_source=spec.draft_source)  # fmt: skip
+                          draft_tokens=spec.draft_tokens, draft_source=spec.draft_source, **drafting)  # fmt: skip
     return DrexEngine(model, max_batch=batch, max_len=max_len, policy=policy, settings=settings)
 
 

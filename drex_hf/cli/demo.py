@@ -229,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
         "so exits are a correctness demonstration here; benchmarks/README.md shows the engine's speed."
     )
 
+    _lossless(model, tokenizer, device, args.max_new_tokens)
     if not args.no_stream:
         print(f"\nstreamed, early exit: {PROMPTS[0]}")
         one = encode_prompts(tokenizer, [PROMPTS[0]], "auto", device)
@@ -240,6 +241,52 @@ def run(args: argparse.Namespace) -> int:
             **drex_kwargs,
         )
     return 0
+
+
+def _lossless(model: EarlyExitModelForCausalLM, tokenizer: Any, device: torch.device, new_tokens: int) -> None:
+    """One request at a time: what `generate()` runs without `policy=` (the calibrated choice) against full
+    depth, HF's generate and HF's prompt lookup, each prompt through all four in turn (two rounds, the
+    first a warm-up); tokens must equal full depth's."""
+    from drex_hf.calibration_file import choice_for, describe_choice
+
+    choice = choice_for(model.policy_choice, 1)
+    print(f"\none request at a time: generate() without policy= runs {describe_choice(choice) if choice else 'drex'}")
+    if choice is not None and choice.get("reason"):
+        print(f"        (drex calibrate --choose-policy: {choice['reason']})")
+    seconds = dict.fromkeys(("full", "default", "hf", "hf_lookup"), 0.0)
+    tokens, same = dict.fromkeys(seconds, 0), True
+    for round_ in range(2):
+        for prompt in PROMPTS:
+            one = encode_prompts(tokenizer, [prompt], "auto", device)
+            width = one["input_ids"].shape[1]
+            outs = {}
+            for name in seconds:
+                synchronize(device)
+                start = time.perf_counter()
+                if name.startswith("hf"):
+                    extra = {"prompt_lookup_num_tokens": 10} if name == "hf_lookup" else {}
+                    out = model.base_model.generate(**one, max_new_tokens=new_tokens, do_sample=False, **extra)
+                    outs[name] = out[0, width:].tolist()
+                else:
+                    policy = "full" if name == "full" else None
+                    out = model.generate(**one, policy=policy, max_new_tokens=new_tokens)
+                    outs[name] = out[0, width:].tolist()
+                synchronize(device)
+                if round_:
+                    seconds[name] += time.perf_counter() - start
+                    tokens[name] += len(outs[name])
+            same &= outs["default"] == outs["full"]
+    labels = {"full": "drex_hf engine, policy full", "default": "generate() default (calibrated choice)",
+              "hf": "HF generate", "hf_lookup": "HF generate, prompt_lookup_num_tokens=10"}  # fmt: skip
+    base = tokens["full"] / seconds["full"]
+    for name, label in labels.items():
+        rate = tokens[name] / seconds[name]
+        line = f"{label:<52} {tokens[name]:4d} tokens {seconds[name]:6.2f} s {rate:7.1f} tokens/s"
+        print(f"{line} {rate / base:5.2f}x full")
+    print(f"default's tokens identical to full depth's: {'yes' if same else 'NO'}")
+    if choice is None or choice["policy"] == "full":
+        print("Nothing beats full depth on this device, so the default is full depth (see the reason above).")
+    print("Whole answers (prefill included), a few prompts: benchmarks/README.md has the interleaved measurement.")
 
 
 def _fitted_thresholds(folder: Path, target: str, measure: str) -> tuple[list[float], str]:
