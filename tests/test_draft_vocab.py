@@ -6,7 +6,7 @@ writes."""
 
 import pytest
 import torch
-from test_self_spec import CHI2_CRITICAL_0001, SAMPLING, _chi_square, _full, _model, _prompts
+from test_self_spec import CHI2_CRITICAL_0001, SAMPLING, _chi_square, _exact_marginals, _full, _model, _prompts
 from test_spec_engine import LENGTHS_8, NEW, _run
 
 from drex_hf.errors import GenerationInputError, GenerationTypeError
@@ -104,22 +104,7 @@ def test_a_subset_keeps_sampling_batch_independent_and_full_depths_marginals():
     model = _model("llama", vocab_size=vocab)
     prompt = torch.tensor([3, 1, 4, 1, 5])
     sampled = DecodeSettings(max_new_tokens=3, **SAMPLING)
-    warpers = sampled.warpers()
-
-    def warped(logits):
-        scores = logits.float()
-        for warper in warpers:
-            scores = warper(scores)
-        return torch.softmax(scores, dim=-1).double()
-
-    with torch.no_grad():
-        ones = torch.cat([prompt.expand(vocab, -1), torch.arange(vocab).unsqueeze(1)], dim=1)
-        twos = torch.cat([ones.repeat_interleave(vocab, 0), torch.arange(vocab).repeat(vocab).unsqueeze(1)], dim=1)
-        p0 = warped(model.base_model(input_ids=prompt.unsqueeze(0)).logits[0, -1])
-        p1_given = warped(model.base_model(input_ids=ones).logits[:, -1])
-        p2_given = warped(model.base_model(input_ids=twos).logits[:, -1]).reshape(vocab, vocab, vocab)
-    p1 = p0 @ p1_given
-    p2 = torch.einsum("a,ab,abc->c", p0, p1_given, p2_given)
+    _, _, p1, p2 = _exact_marginals(model, prompt, sampled, vocab)
     subset = torch.tensor([0, 2, 3, 5, 7, 8])
     engine = SpecEngine(model, max_batch=64, max_len=16, draft_exit=1, draft_tokens=2, settings=sampled,
                         draft_vocab=subset)  # fmt: skip

@@ -6,7 +6,7 @@ sampling keeps full depth's marginals (chi-square) and a row's tokens do not dep
 
 import pytest
 import torch
-from test_self_spec import CHI2_CRITICAL_0001, SAMPLING, _chi_square, _full, _model, _prompts
+from test_self_spec import CHI2_CRITICAL_0001, SAMPLING, _chi_square, _exact_marginals, _full, _model, _prompts
 from test_spec_engine import LENGTHS_8, NEW, _run
 
 from drex_hf.errors import GenerationInputError, GenerationTypeError
@@ -136,22 +136,7 @@ def test_sampling_with_text_drafts_keeps_full_depths_marginals():
     model = _model("llama", vocab_size=vocab)
     prompt = torch.randperm(vocab, generator=torch.Generator().manual_seed(4))
     settings = DecodeSettings(max_new_tokens=4, **SAMPLING)
-    warpers = settings.warpers()
-
-    def warped(logits):
-        scores = logits.float()
-        for warper in warpers:
-            scores = warper(scores)
-        return torch.softmax(scores, dim=-1).double()
-
-    with torch.no_grad():
-        ones = torch.cat([prompt.expand(vocab, -1), torch.arange(vocab).unsqueeze(1)], dim=1)
-        twos = torch.cat([ones.repeat_interleave(vocab, 0), torch.arange(vocab).repeat(vocab).unsqueeze(1)], dim=1)
-        p0 = warped(model.base_model(input_ids=prompt.unsqueeze(0)).logits[0, -1])
-        p1_given = warped(model.base_model(input_ids=ones).logits[:, -1])
-        p2_given = warped(model.base_model(input_ids=twos).logits[:, -1]).reshape(vocab, vocab, vocab)
-    p1 = p0 @ p1_given
-    p2 = torch.einsum("a,ab,abc->c", p0, p1_given, p2_given)
+    p0, _, p1, p2 = _exact_marginals(model, prompt, settings, vocab)
     engine = SpecEngine(model, max_batch=64, max_len=16, draft_tokens=2, draft_source="ngram", settings=settings)
     ids, waiting = {}, list(range(n))
     while waiting or engine.active:

@@ -168,6 +168,26 @@ def _chi_square(counts, probs):
     return sum((c - e) ** 2 / e for e, c in kept), len(kept) - 1
 
 
+def _exact_marginals(model, prompt, settings, vocab):
+    """Full depth's exact distributions of new tokens 1 and 2 after `prompt` under `settings`' warpers
+    (every continuation of 1 and 2 tokens, one forward each): (p0, p1 given t0, p1, p2)."""
+    warpers = settings.warpers()
+
+    def warped(logits):
+        scores = logits.float()
+        for warper in warpers:
+            scores = warper(scores)
+        return torch.softmax(scores, dim=-1).double()
+
+    with torch.no_grad():
+        ones = torch.cat([prompt.expand(vocab, -1), torch.arange(vocab).unsqueeze(1)], dim=1)
+        twos = torch.cat([ones.repeat_interleave(vocab, 0), torch.arange(vocab).repeat(vocab).unsqueeze(1)], dim=1)
+        p0 = warped(model.base_model(input_ids=prompt.unsqueeze(0)).logits[0, -1])
+        p1_given = warped(model.base_model(input_ids=ones).logits[:, -1])
+        p2_given = warped(model.base_model(input_ids=twos).logits[:, -1]).reshape(vocab, vocab, vocab)
+    return p0, p1_given, p0 @ p1_given, torch.einsum("a,ab,abc->c", p0, p1_given, p2_given)
+
+
 def test_sampling_distribution_matches_full_depth(decode=generate_self_spec):
     """Tokens 1 and 2 (the drafted ones: max_new_tokens 4, k 2) over many seeds, against their exact
     marginal distributions under full-depth sampling, by Pearson's chi-square at significance 0.001.
