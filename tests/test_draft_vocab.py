@@ -104,7 +104,8 @@ def test_a_subset_keeps_sampling_batch_independent_and_full_depths_marginals():
     model = _model("llama", vocab_size=vocab)
     prompt = torch.tensor([3, 1, 4, 1, 5])
     sampled = DecodeSettings(max_new_tokens=3, **SAMPLING)
-    _, _, p1, p2 = _exact_marginals(model, prompt, sampled, vocab)
+    exact = _exact_marginals(model, prompt, sampled, vocab)
+    p1, p2 = exact["p1"], exact["p2"]
     subset = torch.tensor([0, 2, 3, 5, 7, 8])
     engine = SpecEngine(model, max_batch=64, max_len=16, draft_exit=1, draft_tokens=2, settings=sampled,
                         draft_vocab=subset)  # fmt: skip

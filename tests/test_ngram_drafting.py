@@ -136,7 +136,8 @@ def test_sampling_with_text_drafts_keeps_full_depths_marginals():
     model = _model("llama", vocab_size=vocab)
     prompt = torch.randperm(vocab, generator=torch.Generator().manual_seed(4))
     settings = DecodeSettings(max_new_tokens=4, **SAMPLING)
-    p0, _, p1, p2 = _exact_marginals(model, prompt, settings, vocab)
+    exact = _exact_marginals(model, prompt, settings, vocab)
+    p0, p1, p2 = exact["p0"], exact["p1"], exact["p2"]
     engine = SpecEngine(model, max_batch=64, max_len=16, draft_tokens=2, draft_source="ngram", settings=settings)
     ids, waiting = {}, list(range(n))
     while waiting or engine.active:

@@ -170,7 +170,8 @@ def _chi_square(counts, probs):
 
 def _exact_marginals(model, prompt, settings, vocab):
     """Full depth's exact distributions of new tokens 1 and 2 after `prompt` under `settings`' warpers
-    (every continuation of 1 and 2 tokens, one forward each): (p0, p1 given t0, p1, p2)."""
+    (every continuation of 1 and 2 tokens, one forward each): p0, p1_given [t0, t1], p2_given
+    [t0, t1, t2], p1, p2, and `warped` (logits -> the warped distribution)."""
     warpers = settings.warpers()
 
     def warped(logits):
@@ -185,7 +186,8 @@ def _exact_marginals(model, prompt, settings, vocab):
         p0 = warped(model.base_model(input_ids=prompt.unsqueeze(0)).logits[0, -1])
         p1_given = warped(model.base_model(input_ids=ones).logits[:, -1])
         p2_given = warped(model.base_model(input_ids=twos).logits[:, -1]).reshape(vocab, vocab, vocab)
-    return p0, p1_given, p0 @ p1_given, torch.einsum("a,ab,abc->c", p0, p1_given, p2_given)
+    return {"p0": p0, "p1_given": p1_given, "p2_given": p2_given, "p1": p0 @ p1_given,
+            "p2": torch.einsum("a,ab,abc->c", p0, p1_given, p2_given), "warped": warped, "ones": ones}  # fmt: skip
 
 
 def test_sampling_distribution_matches_full_depth(decode=generate_self_spec):
@@ -196,24 +198,10 @@ def test_sampling_distribution_matches_full_depth(decode=generate_self_spec):
     model = _model("llama", vocab_size=vocab)
     prompt = torch.tensor([3, 7, 5, 9])
     settings = DecodeSettings(max_new_tokens=4, **SAMPLING)
-    warpers = settings.warpers()
-
-    def warped(logits):
-        scores = logits.float()
-        for warper in warpers:
-            scores = warper(scores)
-        return torch.softmax(scores, dim=-1).double()
-
-    with torch.no_grad():  # exact marginals: every continuation of 1 and 2 tokens, one forward each
-        ones = torch.cat([prompt.expand(vocab, -1), torch.arange(vocab).unsqueeze(1)], dim=1)
-        twos = torch.cat([ones.repeat_interleave(vocab, 0), torch.arange(vocab).repeat(vocab).unsqueeze(1)], dim=1)
-        p0 = warped(model.base_model(input_ids=prompt.unsqueeze(0)).logits[0, -1])
-        first = model(input_ids=ones, output_exit_logits=True)
-        p1_given = warped(first.logits[:, -1])  # [t0, t1]
-        q1_given = warped(first.exit_logits[0][:, -1])  # the draft head's, at exit 0
-        p2_given = warped(model.base_model(input_ids=twos).logits[:, -1]).reshape(vocab, vocab, vocab)
-    p1 = p0 @ p1_given
-    p2 = torch.einsum("a,ab,abc->c", p0, p1_given, p2_given)
+    exact = _exact_marginals(model, prompt, settings, vocab)
+    p0, p1_given, p2_given, p1, p2 = (exact[k] for k in ("p0", "p1_given", "p2_given", "p1", "p2"))
+    with torch.no_grad():  # the draft head's distribution of token 1, at exit 0
+        q1_given = exact["warped"](model(input_ids=exact["ones"], output_exit_logits=True).exit_logits[0][:, -1])
     outs = decode(model, [prompt] * n, settings, 0, 2, seeds=list(range(n)))
     assert all(o.drafted[0] == 2 for o in outs)
     rejected = sum(o.accepted[0] < 2 for o in outs)
