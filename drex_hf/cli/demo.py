@@ -266,11 +266,9 @@ def _lossless(model: EarlyExitModelForCausalLM, tokenizer: Any, device: torch.de
                 if name.startswith("hf"):
                     extra = {"prompt_lookup_num_tokens": 10} if name == "hf_lookup" else {}
                     out = model.base_model.generate(**one, max_new_tokens=new_tokens, do_sample=False, **extra)
-                    outs[name] = out[0, width:].tolist()
                 else:
-                    policy = "full" if name == "full" else None
-                    out = model.generate(**one, policy=policy, max_new_tokens=new_tokens)
-                    outs[name] = out[0, width:].tolist()
+                    out = model.generate(**one, policy="full" if name == "full" else None, max_new_tokens=new_tokens)
+                outs[name] = out[0, width:].tolist()
                 synchronize(device)
                 if round_:
                     seconds[name] += time.perf_counter() - start

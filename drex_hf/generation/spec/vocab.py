@@ -81,7 +81,10 @@ class SubsetHead:
 # ---------------------------------------------------------------- choosing the subset
 def rank_vocabulary(sequences: Sequence[Sequence[int]]) -> list[int]:
     """The token ids of `sequences`, most frequent first (ties: the smaller id first)."""
-    counts = Counter(int(t) for seq in sequences for t in seq)
+    return _ranked(Counter(int(t) for seq in sequences for t in seq))
+
+
+def _ranked(counts: Counter) -> list[int]:
     return [token for token, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
 
 
@@ -103,11 +106,11 @@ def subset_for_coverage(sequences: Sequence[Sequence[int]], target: float, held_
         raise GenerationInputError(f"the draft vocabulary's coverage must be in (0, 1], got {target!r}")
     split = max(1, round(len(sequences) * (1.0 - held_out)))
     fit, check = list(sequences[:split]), list(sequences[split:])
-    ranked = rank_vocabulary(fit)
+    counts = Counter(int(t) for seq in fit for t in seq)
+    ranked = _ranked(counts)
     if not ranked:
         raise GenerationInputError("choosing a draft vocabulary needs answers with tokens, got none")
-    total = sum(map(len, fit))
-    counts = Counter(int(t) for seq in fit for t in seq)
+    total = sum(counts.values())
     running, size = 0, len(ranked)
     for i, token in enumerate(ranked):
         running += counts[token]
@@ -116,8 +119,8 @@ def subset_for_coverage(sequences: Sequence[Sequence[int]], target: float, held_
             break
     ids = ranked[:size]
     sizes = sorted({s for s in (64, 256, 1024, 2048, 4096, 8192, size, len(ranked)) if s <= len(ranked)})
-    table = [{"size": s, "coverage_fit": coverage(ranked[:s], fit), "coverage_held_out": coverage(ranked[:s], check)}
-             for s in sizes]  # fmt: skip
+    table = [{"size": s, "coverage_fit": coverage(ranked[:s], fit),
+              "coverage_held_out": coverage(ranked[:s], check) if check else None} for s in sizes]  # fmt: skip
     return {"ids": ids, "size": size, "target": float(target), "coverage_fit": coverage(ids, fit),
             "coverage_held_out": coverage(ids, check) if check else None, "ranked_on": len(fit),
             "checked_on": len(check), "table": table}  # fmt: skip
