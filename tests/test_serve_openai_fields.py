@@ -250,7 +250,7 @@ def test_the_default_policy_is_the_cards_calibrated_choice(full):
                                "8": {"policy": "full"}}  # fmt: skip
         one = served_policy(model, ServeOptions(max_batch=1))
         assert (one.policy, one.draft_source, one.draft_tokens) == ("self_spec", "ngram", 4)
-        assert "calibrated choice for 1 rows" in one.describe()
+        assert "calibrated choice here at --max-batch 1" in one.describe()
         assert served_policy(model, ServeOptions(max_batch=16)).policy == "full"
         assert served_policy(model, ServeOptions(max_batch=16, policy="drex")).policy == "drex"  # --policy wins
         model.policy_choice = None
