@@ -77,9 +77,9 @@ def served_policy(model: Any, options: ServeOptions) -> ServedPolicy:
     if options.policy is not None:
         served = ServedPolicy(options.policy)
     elif choice is not None:
+        origin = f"the card's calibrated choice here at --max-batch {options.max_batch}"
         served = ServedPolicy(choice["policy"], choice.get("draft_source"), choice.get("draft_exit"),
-                              choice.get("draft_tokens"),
-                              origin=f"the card's calibrated choice here at --max-batch {options.max_batch}")  # fmt: skip
+                              choice.get("draft_tokens"), origin=origin)  # fmt: skip
     else:
         served = ServedPolicy("drex", origin="the default (the card has no calibrated choice for this device)")
     drafting = (options.draft_source, options.draft_exit, options.draft_tokens)
