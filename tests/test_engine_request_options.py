@@ -199,3 +199,25 @@ def test_self_spec_rows_sample_with_their_own_parameters(model, prompts):
     with pytest.raises(GenerationInputError, match="do not apply to self_spec"):
         engine.add_request(prompts[0], sampling=RequestSampling(0.0, frequency_penalty=1.0))
     assert math.isfinite(done[rids[0]].logprobs[0].logprob)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [RequestSampling(0.0), RequestSampling(0.0)],  # all greedy: argmax only
+        [RequestSampling(0.7), RequestSampling(0.0), RequestSampling(1.3)],  # no top-k, no top-p
+        [RequestSampling(0.9, 0.8), RequestSampling(0.0), RequestSampling(1.0, 1.0, 5)],  # both, on some rows
+    ],
+    ids=["greedy", "temperature only", "top-k and top-p"],
+)
+def test_skipping_unasked_warps_draws_the_same_tokens(rows):
+    """An eager CPU picker skips warps no row asks for; it draws exactly what the full path draws."""
+    from drex_hf.generation.sampling import pick_rows
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(len(rows), 2000, generator=generator) * 4
+    params = torch.tensor([r.row() for r in rows])
+    for draw in range(100):
+        seeds, counters = torch.arange(len(rows)) + 17, torch.full((len(rows),), draw)
+        full = pick_rows(scores, params, seeds, counters)
+        assert torch.equal(pick_rows(scores, params, seeds, counters, skip=True), full), draw

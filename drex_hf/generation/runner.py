@@ -79,6 +79,8 @@ class Picker:
 
     def __init__(self, options: Options, slots: int, max_len: int, vocab: int, device: torch.device) -> None:
         self.options, self.vocab = options, vocab
+        # an eager CPU engine reads the rows' parameters for free: warps and penalties no row asks for are skipped
+        self.skip = not options.static and torch.device(device).type == "cpu"
         width = len(SAMPLING_FIELDS)
         self.row_sampling = torch.zeros(slots, width, device=device) if options.per_request else None
         self.history = self.prompt_lengths = None
@@ -100,8 +102,9 @@ class Picker:
             scores = processors(scores, window, lengths - self.prompt_lengths.index_select(0, slots))
         if self.row_sampling is not None:
             params = self.row_sampling.index_select(0, slots)
-            scores = penalise_rows(scores, params, self._generated_counts(slots, lengths))
-            tokens = pick_rows(scores, params, seeds, draws)
+            if not self.skip or bool(params[:, 3:5].any()):
+                scores = penalise_rows(scores, params, self._generated_counts(slots, lengths))
+            tokens = pick_rows(scores, params, seeds, draws, self.skip)
         else:
             tokens = pick_tokens(scores, self.options.do_sample, list(self.options.warpers), seeds, draws)
         if self.history is not None:

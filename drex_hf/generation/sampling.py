@@ -194,22 +194,27 @@ def penalise_rows(scores: torch.Tensor, params: torch.Tensor, counts: torch.Tens
     row's generated tokens (not its prompt), on the logits before temperature, as OpenAI documents
     them. A row with both penalties 0 keeps its scores bit for bit."""
     presence, frequency = params[:, 3:4].float(), params[:, 4:5].float()
-    return scores - frequency * counts - presence * (counts > 0).float()
+    return scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
 
 
-def warp_rows(scores: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def warp_rows(scores: torch.Tensor, params: torch.Tensor, skip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(warped float32 scores, greedy `[n]`) for `scores [n, vocab]` with each row's own parameters
     `params [n, 5]` (`RequestSampling.row()`): temperature, top-k and top-p as `Temperature`, `TopK`
     and `TopP` warp, with a per-row value where those take one scalar (a greedy row, temperature 0,
-    is scaled by 1; its warped scores are not meant to be drawn from)."""
+    is scaled by 1; its warped scores are not meant to be drawn from). `skip`: leave out a warp no row
+    asks for (top-k 0 masks nothing; top-p 1.0 masks only tokens of probability 0, which no draw can
+    pick) — it reads the parameters on the host, so only where that is free (an eager CPU engine)."""
     scores = scores.float()
     temperature, cut, top_k = params[:, :3].float().unbind(1)
     greedy = temperature == 0
     scaled = scores / temperature.masked_fill(greedy, 1.0).unsqueeze(1)
     vocab = scores.shape[-1]
-    k = top_k.long().masked_fill(top_k <= 0, vocab).clamp(max=vocab)
-    kth = torch.sort(scaled, dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
-    scaled = scaled.masked_fill(scaled < kth, -math.inf)
+    if not skip or bool((top_k > 0).any()):
+        k = top_k.long().masked_fill(top_k <= 0, vocab).clamp(max=vocab)
+        kth = torch.sort(scaled, dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
+        scaled = scaled.masked_fill(scaled < kth, -math.inf)
+    if skip and not bool((cut > 0).any()):
+        return scaled, greedy
     sorted_logits, sorted_indices = torch.sort(scaled, descending=False)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     tail = torch.arange(vocab, device=scores.device) >= vocab - 1
@@ -217,13 +222,17 @@ def warp_rows(scores: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor,
     return scaled.masked_fill(remove_sorted.scatter(1, sorted_indices, remove_sorted), -math.inf), greedy
 
 
-def pick_rows(scores: torch.Tensor, params: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+def pick_rows(
+    scores: torch.Tensor, params: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor, skip: bool = False
+) -> torch.Tensor:
     """`pick_tokens` with each row's own parameters `params [n, 5]` (`RequestSampling.row()`): a
     greedy row (temperature 0) takes its argmax; the others are warped by `warp_rows`, then drawn by
     `sample_rows`. With a row's top-k off and top-p 1.0 the warps change nothing a draw can see
     (top-p 1.0 removes only tokens of probability 0), so a row draws what the engine-wide warpers
     give it (tested on the CPU, where a float32 division by a scalar and by a tensor agree bit for
-    bit)."""
+    bit). `skip`: as `warp_rows`'s, and no draw at all when every row is greedy."""
     scores = scores.float()
-    scaled, greedy = warp_rows(scores, params)
+    if skip and bool((params[:, 0] == 0).all()):
+        return scores.argmax(dim=-1)
+    scaled, greedy = warp_rows(scores, params, skip)
     return torch.where(greedy, scores.argmax(dim=-1), sample_rows(scaled, seeds, counters))

@@ -139,7 +139,7 @@ class SpecPrograms:
         confidence = torch.softmax(logits, dim=-1).amax(dim=-1)
         params = self.row_params.index_select(0, slots) if self.row_params is not None else None
         if params is not None:
-            tokens = pick_rows(logits, params, seeds, counters)
+            tokens = pick_rows(logits, params, seeds, counters, self.runner.picker.skip)
         else:
             tokens = pick_tokens(logits, self.do_sample, self.warpers, seeds, counters)
         if self.draft_probs is not None:
@@ -227,7 +227,7 @@ class SpecPrograms:
         (`params [n, 5]`, `sampling.warp_rows`) — what `sample_rows` inverts."""
         scores = logits.float()
         if params is not None:
-            scores = warp_rows(scores, params)[0]
+            scores = warp_rows(scores, params, self.runner.picker.skip)[0]
         else:
             for warper in self.warpers:
                 scores = warper(scores)
@@ -247,8 +247,8 @@ class SpecPrograms:
         itself (FULL draw) after the last draft. A `from_text` row's drafts were proposed with
         probability one (its own text's): accepted with probability p, residual p without the draft."""
         params = self.row_params.index_select(0, slots) if self.row_params is not None else None
-        if not self.do_sample and params is None:
-            return self._greedy(logits, drafts)
+        if not self.do_sample and (params is None or (self.runner.picker.skip and bool((params[:, 0] == 0).all()))):
+            return self._greedy(logits, drafts)  # (every row greedy: an eager CPU engine reads that for free)
         accepted, tokens = self._sampled(logits, slots, drafts, lengths, index, seeds, from_text, params)
         if params is None:
             return accepted, tokens
