@@ -71,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         server, server_tokens = run("server")
         assert plain_tokens == server_tokens, "the two engines gave different tokens"
         rows.append({"repeat": repeat, "plain_tok_s": plain, "server_tok_s": server, "ratio": server / plain})
-        print(f"repeat {repeat}: plain {plain:.1f} tok/s, server options {server:.1f} tok/s, ratio {server / plain:.3f}")
+        print(
+            f"repeat {repeat}: plain {plain:.1f} tok/s, server options {server:.1f} tok/s, ratio {server / plain:.3f}",
+            flush=True,
+        )
     ratio = statistics.median(r["ratio"] for r in rows)
     print(f"median ratio (server options / plain): {ratio:.3f} at batch {args.batch}, policy {args.policy}")
     if args.out is not None:
