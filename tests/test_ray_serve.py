@@ -230,6 +230,44 @@ def test_serve_run_key_value_strings_become_typed_arguments():
     assert all(name in usage() for name in RayServeArgs.model_fields)
 
 
+def test_the_ray_soak_judges_every_replica():
+    """benchmarks/ray_soak.py fails a run where a replica is still busy, where the requests leaving
+    the engines do not add up, or where a replica answered nothing (soak.py's own checks are
+    tested in test_soak.py)."""
+    import argparse
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("ray_soak", ROOT / "benchmarks" / "ray_soak.py")
+        ray_soak = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ray_soak)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    soak = ray_soak.soak
+    args = argparse.Namespace(requests=4, replicas=2, timeout_s=10.0)
+    checks = {"lost": 0, "duplicated": 0, "mismatches": 0, "decoder_mismatches": []}
+
+    def metrics(running, left):
+        return {"drex_running_requests": running, "drex_queue_depth": 0.0,
+                "drex_requests_finished_total{reason=length}": left}  # fmt: skip
+
+    def run(a, b, answered=("a", "a", "b", "b")):
+        outcomes = {i: soak.Outcome(i, status=200, replica=r) for i, r in enumerate(answered)}
+        return {"outcomes": outcomes, "timed_out": False, "replicas": {"a": a, "b": b}}
+
+    good = ray_soak.summary(run(metrics(0, 2), metrics(0, 2)), checks, args)
+    assert good["ok"] and good["replicas"]["a"] == {"running": 0, "queue": 0.0, "left_engine": 2,
+                                                    "finished_by_reason": {"length": 2}, "answered": 2}  # fmt: skip
+    busy = ray_soak.summary(run(metrics(1, 2), metrics(0, 2)), checks, args)
+    assert any("not idle" in f for f in busy["failures"])
+    short = ray_soak.summary(run(metrics(0, 2), metrics(0, 1)), checks, args)
+    assert any("counted 3 requests leaving their engines, not 4" in f for f in short["failures"])
+    one = ray_soak.summary(run(metrics(0, 4), metrics(0, 0), answered="aaaa"), checks, args)
+    assert any("did not reach every replica" in f for f in one["failures"])
+
+
 def test_requests_spread_over_both_replicas_and_equal_the_offline_engine(served):
     prompts = prompts_of(24, seed=1)
     max_tokens = [random.Random(i).randint(1, 32) for i in range(24)]
@@ -239,16 +277,20 @@ def test_requests_spread_over_both_replicas_and_equal_the_offline_engine(served)
             work = [ask(client, served, p, m, stream=i % 2 == 0) for i, (p, m) in enumerate(zip(prompts, max_tokens))]
             got = await asyncio.wait_for(asyncio.gather(*work), 90)
             models = await client.get(served + "/v1/models")
+            proxy, replica = await client.get(served + "/-/healthz"), await client.get(served + "/health")
             bad = await client.post(served + "/v1/completions", json={"model": MODEL, "prompt": [1], "max_tokens": 0})
-            return got, models, bad
+            return got, models, bad, proxy, replica
 
-    got, models, bad = asyncio.run(go())
+    got, models, bad, proxy, replica = asyncio.run(go())
     assert [g["kind"] for g in got] == ["done"] * 24, [g for g in got if g["kind"] != "done"]
     assert len({g["replica"] for g in got}) == 2, [g["replica"] for g in got]  # both replicas answered
     want = offline(prompts, max_tokens)
     assert [(g["tokens"], g["layers"]) for g in got] == want
     assert models.status_code == 200 and models.json()["data"][0]["id"] == MODEL
     assert models.headers["x-drex-replica"]
+    # Ray's proxy answers its own health route; /health is one replica's (named in the header)
+    assert proxy.status_code == 200 and "x-drex-replica" not in proxy.headers
+    assert replica.json()["status"] == "ok" and replica.headers["x-drex-replica"] in {g["replica"] for g in got}
     # a refusal comes back through the proxy as the server's own OpenAI error body
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens", bad.text
 
@@ -273,12 +315,15 @@ def test_a_killed_replica_is_restarted_and_no_request_caught_on_it_vanishes(serv
 
     async def go():
         async with httpx.AsyncClient(timeout=httpx.Timeout(60, connect=10)) as client:
-            work = [ask(client, served, p, max_tokens, stream=True, on_chunk=kill_once) for p in prompts]
+            # every 4th one not streamed: its response starts only when it has all its tokens
+            work = [
+                ask(client, served, p, max_tokens, stream=i % 4 != 3, on_chunk=kill_once) for i, p in enumerate(prompts)
+            ]
             first = await asyncio.wait_for(asyncio.gather(*work), 120)  # bounded: a hang fails here
             # what a client does with a failed request: send it again
             again = [i for i, g in enumerate(first) if g["kind"] != "done"]
             retried = await asyncio.wait_for(
-                asyncio.gather(*[ask(client, served, prompts[i], max_tokens, stream=True) for i in again]), 120
+                asyncio.gather(*[ask(client, served, prompts[i], max_tokens, stream=i % 4 != 3) for i in again]), 120
             )
             return first, dict(zip(again, retried))
 
@@ -294,8 +339,8 @@ def test_a_killed_replica_is_restarted_and_no_request_caught_on_it_vanishes(serv
             assert (g["tokens"], g["layers"]) == want[i], f"request {i}"
         elif g["kind"] == "status":
             assert g["status"] >= 500 and g["body"].strip(), g
-        else:  # cut: its headers came from the killed replica, and the client got a transport error
-            assert g["replica"] == victim and g["error"], g
+        else:  # cut: a stream whose headers came from the killed replica; the client got a transport error
+            assert i % 4 != 3 and g["replica"] == victim and g["error"], g
     assert kinds.count("cut") >= 1, kinds  # the stream that triggered the kill was caught on it
     assert "done" in kinds  # the other replica kept serving
     # each failed request, sent again, completes with the right output

@@ -17,6 +17,7 @@ the routes of `drex serve` (drex_hf/serve/ray_app.py). Needs the `ray` extra.
 import functools
 import math
 import sys
+from pathlib import Path
 from typing import Any, Literal
 
 from drex_hf.config import CONFIDENCE_MEASURES, HEAD_TYPES
@@ -128,9 +129,12 @@ def app(args: RayServeArgs) -> Any:
         grace_s=args.grace_s,
         max_body_bytes=args.max_body_bytes,
     )
+    model = args.model
+    if model is not None and Path(model).exists():  # replicas need not start in this folder
+        model = str(Path(model).resolve())
     loader = functools.partial(
         load,
-        args.model,
+        model,
         args.synthetic_config,
         args.device,
         args.dtype,

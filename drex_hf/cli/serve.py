@@ -27,7 +27,9 @@ def add_parser(sub: Any) -> None:
         description="Serve an early-exit model over HTTP with the OpenAI API (/v1/completions, "
         "/v1/chat/completions, /v1/models) plus /health and /metrics (Prometheus). Requests join the "
         "running batch as slots free up; SIGTERM drains: new requests get 503, running ones finish "
-        "within --grace-s, the rest are cancelled, and the process exits 0.",
+        "within --grace-s, the rest are cancelled, and the process exits 0. Replicas on Ray Serve, behind "
+        "Ray's HTTP proxy: `serve run drex_hf.cli.ray_serve:app model=MODEL_DIR num_replicas=N` (these "
+        "options as key=value, e.g. max_batch=8; `python -m drex_hf.cli.ray_serve --help` lists them).",
         formatter_class=HelpFormatter,
     )
     parser.add_argument(
