@@ -43,23 +43,31 @@ APP = "drex"
 
 
 # ---------------------------------------------------------------------- Ray
-def start_ray(args: argparse.Namespace, temp: str) -> str:
-    """A local Ray, Serve's proxy on a free loopback port and the drex application; the base URL."""
-    # Ray's processes inherit these: Ray binds its node address, which this makes 127.0.0.1; one torch
-    # thread per replica, as the references; this checkout's drex_hf
+def ray_environment(threads: int) -> None:
+    """What this process and the Ray processes it starts must see, set before `import ray` (Ray reads
+    the first when imported): a Ray that is not a cluster takes 127.0.0.1 as its node address and
+    every process it starts listens there; one torch thread per replica, as the references; this
+    checkout's drex_hf."""
     os.environ.update(
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-        OMP_NUM_THREADS=str(args.threads),
+        OMP_NUM_THREADS=str(threads),
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
     )
+
+
+def start_ray(args: argparse.Namespace, temp: str) -> str:
+    """A local Ray, Serve's proxy on a free loopback port and the drex application; the base URL."""
     import ray
     from ray import serve
 
     from drex_hf.cli.ray_serve import app
 
     ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+    node = ray.util.get_node_ip_address()
+    if node != "127.0.0.1":
+        raise RuntimeError(f"Ray's node address is {node}, not 127.0.0.1: it would listen beyond this machine")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -293,6 +301,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    ray_environment(args.threads)
     try:
         import ray  # noqa: F401
         from ray import serve  # noqa: F401

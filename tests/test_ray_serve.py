@@ -23,6 +23,9 @@ from pathlib import Path
 
 import pytest
 
+# Read when Ray is imported: a Ray that is not meant to be a cluster takes 127.0.0.1 as its node
+# address, and every process it starts listens there (set before `import ray`; the fixture checks it)
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 serve_api = pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'drex-hf[ray]'")
 import httpx  # noqa: E402
 import ray  # noqa: E402
@@ -40,8 +43,8 @@ ARGS = {
     "max_len": MAX_LEN,
     "health_check_period_s": 1.0,
 }
-# Ray's processes inherit these (set before ray.init starts them): every Ray port on 127.0.0.1 (Ray
-# binds its node address, which this makes the loopback one), one torch thread, this checkout's drex_hf
+# Ray's processes inherit these (set before ray.init starts them): every Ray port on 127.0.0.1, one
+# torch thread, this checkout's drex_hf
 ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "OMP_NUM_THREADS": "1",
@@ -87,6 +90,10 @@ def served():
     temp = tempfile.mkdtemp(prefix="drexray")  # short: Ray puts unix sockets under it
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+        node = ray.util.get_node_ip_address()
+        assert node == "127.0.0.1", (
+            f"Ray's node address is {node}: ray was imported before this module could keep it on loopback"
+        )
         port = free_port()
         serve_api.start(http_options={"host": "127.0.0.1", "port": port})
         bounded(lambda: serve_api.run(app(ARGS), name=APP, route_prefix="/"), 120, "starting 2 replicas")
@@ -320,12 +327,23 @@ def test_a_killed_replica_is_restarted_and_no_request_caught_on_it_vanishes(serv
                 ask(client, served, p, max_tokens, stream=i % 4 != 3, on_chunk=kill_once) for i, p in enumerate(prompts)
             ]
             first = await asyncio.wait_for(asyncio.gather(*work), 120)  # bounded: a hang fails here
-            # what a client does with a failed request: send it again
+            # what a client does with a failed request: send it again, after a second, up to 3 times (as
+            # the OpenAI client does with a 5xx; Ray may not have seen the death yet on the first retry)
             again = [i for i, g in enumerate(first) if g["kind"] != "done"]
             retried = await asyncio.wait_for(
-                asyncio.gather(*[ask(client, served, prompts[i], max_tokens, stream=i % 4 != 3) for i in again]), 120
+                asyncio.gather(*[retry(client, prompts[i], i % 4 != 3) for i in again]), 120
             )
             return first, dict(zip(again, retried))
+
+    async def retry(client: httpx.AsyncClient, prompt: list[int], stream: bool) -> dict:
+        attempts = 0
+        while attempts < 3:
+            attempts += 1
+            await asyncio.sleep(1.0)
+            got = await ask(client, served, prompt, max_tokens, stream=stream)
+            if got["kind"] == "done":
+                break
+        return {**got, "attempts": attempts}
 
     first, retried = asyncio.run(go())
     victim = killed.get("replica")
@@ -349,27 +367,26 @@ def test_a_killed_replica_is_restarted_and_no_request_caught_on_it_vanishes(serv
         assert g["kind"] == "done" and (g["tokens"], g["layers"]) == want[i], (i, g)
         assert g["replica"] != victim
 
-    # Ray starts a new replica in the killed one's place: 2 running again, and the new one serves
-    end = time.monotonic() + 90
-    while replica_states() != {"RUNNING": 2}:
-        assert time.monotonic() < end, f"Ray did not restart the replica within 90 s: {replica_states()}"
-        time.sleep(0.5)
-    survivor = {g["replica"] for g in first if g["kind"] == "done"}
-    assert len(survivor) == 1 and victim not in survivor
+    # Ray starts a new replica in the killed one's place, which then serves; 2 running again
+    survivor = {g["replica"] for g in first if g["replica"] is not None} - {victim}
+    assert len(survivor) == 1, survivor
 
-    async def who() -> set[str]:
+    async def until_a_new_replica_answers() -> set[str]:
         seen: set[str] = set()
         async with httpx.AsyncClient(timeout=30) as client:
-            for _ in range(40):  # sequential: the router picks between the 2 replicas each time
+            while not seen - survivor:
                 got = await ask(client, served, [7, 8, 9], 2, stream=False)
                 assert got["kind"] == "done", got
                 seen.add(got["replica"])
-                if len(seen) == 2:
-                    break
+                await asyncio.sleep(0.1)
         return seen
 
-    seen = asyncio.run(asyncio.wait_for(who(), 60))
-    assert len(seen) == 2 and victim not in seen and survivor < seen, (seen, victim, survivor)
+    seen = asyncio.run(asyncio.wait_for(until_a_new_replica_answers(), 90))  # a TimeoutError fails the test
+    assert victim not in seen and len(seen - survivor) == 1, (seen, victim, survivor)
+    end = time.monotonic() + 30
+    while replica_states() != {"RUNNING": 2}:
+        assert time.monotonic() < end, f"not 2 replicas running: {replica_states()}"
+        time.sleep(0.5)
 
 
 def test_deleting_the_application_lets_the_requests_in_flight_finish(served):
