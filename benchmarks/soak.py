@@ -116,6 +116,7 @@ class Outcome:
     end: float | None = None
     error: str | None = None
     retries: int = 0  # 429s retried
+    replica: str | None = None  # the x-drex-replica header: which Ray Serve replica answered (ray_soak.py)
 
     @property
     def finished(self) -> bool:
@@ -210,7 +211,7 @@ async def send(client: httpx.AsyncClient, url: str, model: str, plan: Plan, t0: 
         out.start = time.perf_counter() - t0
         try:
             async with client.stream("POST", url + "/v1/completions", json=body) as response:
-                out.status = response.status_code
+                out.status, out.replica = response.status_code, response.headers.get("x-drex-replica")
                 if response.status_code == 429:  # the queue is full: wait as told, try again
                     out.retries += 1
                     await asyncio.sleep(float(response.headers.get("retry-after", "1")))

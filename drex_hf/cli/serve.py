@@ -46,7 +46,9 @@ def add_parser(sub: Any) -> None:
         description="Serve an early-exit model over HTTP with the OpenAI API (/v1/completions, "
         "/v1/chat/completions, /v1/models) plus /health and /metrics (Prometheus). Requests join the "
         "running batch as slots free up; SIGTERM drains: new requests get 503, running ones finish "
-        "within --grace-s, the rest are cancelled, and the process exits 0.",
+        "within --grace-s, the rest are cancelled, and the process exits 0. Replicas on Ray Serve, behind "
+        "Ray's HTTP proxy: `serve run drex_hf.cli.ray_serve:app model=MODEL_DIR num_replicas=N` (these "
+        "options as key=value, e.g. max_batch=8; `python -m drex_hf.cli.ray_serve --help` lists them).",
         formatter_class=HelpFormatter,
     )
     parser.add_argument(
@@ -112,12 +114,22 @@ def add_parser(sub: Any) -> None:
 
 
 def load(
-    model: str | None = None, synthetic: str | None = None, device: str | None = None, dtype: str = "auto"
+    model: str | None = None,
+    synthetic: str | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    *,
+    exit_layers: list[int] | None = None,
+    head: str | None = None,
+    confidence: str | None = None,
+    threshold: float | None = None,
 ) -> tuple[Any, Any, str]:
-    """(model, tokenizer, served name) for a model folder (an exit-heads folder, or a hub id) or a
-    synthetic shape (`drex_hf.bench.synthetic.SHAPES`, with a byte tokenizer), as `drex serve` loads them.
-    It lives with the command, not in drex_hf.serve: it reads the command's model options (cli.common)
-    and the benchmark's synthetic shapes, and the server package imports neither."""
+    """(model, tokenizer, served name) for a model folder (an exit-heads folder, or a hub id; a base
+    model with `exit_layers` gets new heads) or a synthetic shape (`drex_hf.bench.synthetic.SHAPES`,
+    with a byte tokenizer), as `drex serve` loads them (the keywords are its --exit-layers, --head,
+    --confidence and --threshold). It lives with the command, not in drex_hf.serve: it reads the
+    command's model options (cli.common) and the benchmark's synthetic shapes, and the server package
+    imports neither (a Ray Serve replica gets it passed in, see cli/ray_serve.py)."""
     from pathlib import Path
 
     from drex_hf.cli.common import load_model, pick_device, pick_dtype, tokenizer_for
@@ -129,7 +141,9 @@ def load(
         where = pick_device(device)
         wrapper = synthetic_model(synthetic, dtype=pick_dtype(dtype, where), device=where)
         return wrapper, ByteTokenizer(wrapper.arch.vocab_size), f"synthetic-{synthetic}"
-    args = argparse.Namespace(exit_layers=None, head=None, confidence=None, threshold=None, dtype=dtype, device=device)
+    args = argparse.Namespace(
+        exit_layers=exit_layers, head=head, confidence=confidence, threshold=threshold, dtype=dtype, device=device
+    )
     wrapper = load_model(model, args)
     return wrapper, tokenizer_for(wrapper), Path(model).name or model
 

@@ -205,19 +205,25 @@ class DrexServer(uvicorn.Server):
         self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
 
     async def _drain(self) -> None:
-        state = self.state
-        state.draining = True
-        state.worker.begin_drain()
-        deadline = time.monotonic() + self.grace_s
-        while state.worker.busy and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        if state.worker.busy:
-            logger.info("drex serve: grace period over, cancelling %d request(s)", state.worker.busy)
-            state.worker.cancel_all()
-            end = time.monotonic() + 5.0
-            while state.worker.busy and time.monotonic() < end:
-                await asyncio.sleep(0.02)
+        await drain(self.state, self.grace_s)
         self.should_exit = True
+
+
+async def drain(state: ServerState, grace_s: float) -> None:
+    """Stop admitting (new and queued requests get 503), give running requests `grace_s` to finish,
+    then cancel the rest (their clients get what they have). `drex serve` runs it on SIGTERM, a Ray
+    Serve replica (ray_app.py) when Ray stops it."""
+    state.draining = True
+    state.worker.begin_drain()
+    deadline = time.monotonic() + grace_s
+    while state.worker.busy and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    if state.worker.busy:
+        logger.info("drex serve: grace period over, cancelling %d request(s)", state.worker.busy)
+        state.worker.cancel_all()
+        end = time.monotonic() + 5.0
+        while state.worker.busy and time.monotonic() < end:
+            await asyncio.sleep(0.02)
 
 
 def make_server(state: ServerState, host: str, port: int, grace_s: float) -> DrexServer:
