@@ -217,6 +217,8 @@ def test_the_shipped_config_is_a_valid_serve_config_whose_args_build_the_applica
         ({"synthetic_config": "tiny", "max_batch": 0}, "max_batch\n  Input should be greater than 0"),
         ({"model": "heads", "exit_layers": "5,x"}, "exit_layers is a comma-separated list of layer indices"),
         ({"model": "heads", "threshold": 2}, "threshold is in [0, 1] or inf, got 2"),
+        ({"synthetic_config": "tiny", "policy": "self_spec", "draft_source": "book"}, "draft_source 'book' is not"),
+        ({"synthetic_config": "tiny", "max_logprobs": 21}, "max_logprobs\n  Input should be less than or equal to 20"),
     ],
 )
 def test_the_builder_refuses_bad_arguments_naming_them(args, message):
@@ -232,6 +234,9 @@ def test_the_builder_refuses_bad_arguments_naming_them(args, message):
 def test_serve_run_key_value_strings_become_typed_arguments():
     from drex_hf.cli.ray_serve import RayServeArgs, usage
 
+    spec = RayServeArgs.model_validate({"model": "heads", "policy": "self_spec", "draft_tokens": "adaptive"})
+    assert (spec.policy, spec.draft_tokens, spec.max_logprobs) == ("self_spec", "adaptive", 20)
+    assert RayServeArgs.model_validate({"model": "heads"}).policy is None  # the card's calibrated choice
     args = RayServeArgs.model_validate({"model": "heads", "exit_layers": "5,11", "num_replicas": "3", "num_gpus": "1"})
     assert (args.exit_layers, args.num_replicas, args.num_gpus) == ([5, 11], 3, 1.0)
     assert all(name in usage() for name in RayServeArgs.model_fields)

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from drex_hf.config import CONFIDENCE_MEASURES, HEAD_TYPES
+from drex_hf.config import CONFIDENCE_MEASURES, DRAFT_SOURCES, HEAD_TYPES
 from drex_hf.errors import ConfigError
 from drex_hf.generation.scheduler import POLICY_NAMES
 
@@ -59,7 +59,19 @@ class RayServeArgs(BaseModel):
     # each replica's engine and routes (drex serve --help)
     max_batch: PositiveInt = Field(8, description="requests decoding at once per replica (engine slots)")
     max_len: PositiveInt = Field(1024, description="positions per slot: prompt + max_tokens")
-    policy: str = Field("drex", description=f"scheduling policy: {', '.join(POLICY_NAMES)}")
+    policy: str | None = Field(
+        None,
+        description=f"policy: {', '.join(POLICY_NAMES)} or self_spec (none: the card's calibrated choice for "
+        f"the replica's device at max_batch rows, else drex)",
+    )
+    draft_source: str | None = Field(None, description=f"self_spec: {', '.join(DRAFT_SOURCES)} (none: the choice's)")
+    draft_exit: int | None = Field(
+        None, description="self_spec: the exit that drafts (none: the choice's, else the last)"
+    )
+    draft_tokens: PositiveInt | Literal["adaptive"] | None = Field(
+        None, description="self_spec: drafts per round, or adaptive (none: the choice's, else 4)"
+    )
+    max_logprobs: int = Field(20, ge=0, le=20, description="the most top logprobs a request may ask for")
     sla_tpot_ms: PositiveFloat | None = Field(None, description="drex: target time per output token")
     max_queue: PositiveInt = Field(64, description="requests waiting in a replica before it answers 429")
     request_timeout_s: PositiveFloat = Field(600.0, description="per-request time limit")
@@ -95,8 +107,10 @@ class RayServeArgs(BaseModel):
             raise ValueError("give model=MODEL_DIR or synthetic_config=SHAPE (exactly one)")
         if self.synthetic_config is not None and self.synthetic_config not in SHAPES:
             raise ValueError(f"synthetic_config {self.synthetic_config!r} is not one of {', '.join(SHAPES)}")
-        if self.policy not in POLICY_NAMES:
-            raise ValueError(f"policy {self.policy!r} is not one of {', '.join(POLICY_NAMES)}")
+        if self.policy is not None and self.policy not in (*POLICY_NAMES, "self_spec"):
+            raise ValueError(f"policy {self.policy!r} is not one of {', '.join(POLICY_NAMES)}, self_spec")
+        if self.draft_source is not None and self.draft_source not in DRAFT_SOURCES:
+            raise ValueError(f"draft_source {self.draft_source!r} is not one of {', '.join(DRAFT_SOURCES)}")
         if self.head is not None and self.head not in HEAD_TYPES:
             raise ValueError(f"head {self.head!r} is not one of {', '.join(HEAD_TYPES)}")
         if self.confidence is not None and self.confidence not in CONFIDENCE_MEASURES:
@@ -123,6 +137,10 @@ def app(args: RayServeArgs) -> Any:
         max_batch=args.max_batch,
         max_len=args.max_len,
         policy=args.policy,
+        draft_source=args.draft_source,
+        draft_exit=args.draft_exit,
+        draft_tokens=args.draft_tokens,
+        max_logprobs=args.max_logprobs,
         sla_tpot_ms=args.sla_tpot_ms,
         max_queue=args.max_queue,
         request_timeout_s=args.request_timeout_s,
