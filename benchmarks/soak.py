@@ -86,6 +86,7 @@ class Plan:
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "stream": True,
+            "stream_options": {"include_usage": True},  # OpenAI's last chunk: the usage, no choices
             "return_exit_layers": True,
         }
         if self.sampled:
@@ -244,6 +245,9 @@ def read(out: Outcome, chunk: dict[str, Any]) -> None:
         out.error = f"error event: {chunk['error'].get('message')}"
         return
     out.ids.append(chunk.get("id"))
+    if not chunk["choices"]:  # the usage chunk ends the stream
+        out.usage = chunk.get("usage")
+        return
     out.chunks += 1
     choice = chunk["choices"][0]
     out.text += choice.get("text") or ""
@@ -251,7 +255,6 @@ def read(out: Outcome, chunk: dict[str, Any]) -> None:
         out.finals += 1
         out.finish_reason = choice["finish_reason"]
         out.token_ids, out.exit_layers = choice.get("token_ids"), choice.get("exit_layers")
-        out.usage = chunk.get("usage")
 
 
 async def drive(args: argparse.Namespace, url: str, model: str, plans: list[Plan], pid: int) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from serve_support import make_heads_dir, metric_values, serving
 
 MAX_LEN = 64
 MAX_BODY = 4096
+MAX_QUEUE = 8  # also the most prompts one request may hold
 C, CHAT = "/v1/completions", "/v1/chat/completions"
 OK = {"prompt": "w5 w6", "max_tokens": 2, "temperature": 0}
 HELLO = [{"role": "user", "content": "w5 w6"}]
@@ -21,7 +22,7 @@ HELLO = [{"role": "user", "content": "w5 w6"}]
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     heads = make_heads_dir(tmp_path_factory.mktemp("serve-bad"))
-    with serving(heads, max_batch=2, max_len=MAX_LEN, max_body_bytes=MAX_BODY) as served:
+    with serving(heads, max_batch=2, max_len=MAX_LEN, max_body_bytes=MAX_BODY, max_queue=MAX_QUEUE) as served:
         yield served
 
 
@@ -50,7 +51,13 @@ CASES = [
     ("blank prompt", "POST", C, ok(prompt="   "), 400, "prompt", "'prompt' is empty"),
     ("empty token list", "POST", C, ok(prompt=[]), 400, "prompt", "'prompt' is empty"),
     ("prompt of the wrong type", "POST", C, ok(prompt=5), 400, "prompt", "string or a list of token ids"),
-    ("two prompts", "POST", C, ok(prompt=["w5", "w6"]), 400, "prompt", "one prompt per request"),
+    ("a prompt list with an empty prompt", "POST", C, ok(prompt=["w5", ""]), 400, "prompt[1]", "'prompt[1]' is empty"),
+    ("a prompt list with a float id", "POST", C, ok(prompt=[[5], [6.5]]), 400, "prompt[1]", "integer token ids"),
+    ("token ids mixed with prompts", "POST", C, ok(prompt=[5, "w5"]), 400, "prompt", "mixes token ids"),
+    ("more prompts than the queue", "POST", C, ok(prompt=["w5"] * (MAX_QUEUE + 1)), 400, "prompt",
+     f"at most {MAX_QUEUE}"),
+    ("a listed prompt's id outside the vocabulary", "POST", C, ok(prompt=[[5], [1000]]), 400, "prompt[1]",
+     "id 1000, outside"),
     ("a float token id", "POST", C, ok(prompt=[5, 6.5]), 400, "prompt", "integer token ids"),
     ("token id outside the vocabulary", "POST", C, ok(prompt=[5, 1000]), 400, "prompt", "id 1000, outside"),
     ("prompt too long", "POST", C, ok(prompt=[5] * 70), 400, "prompt", "70 tokens"),
@@ -67,10 +74,17 @@ CASES = [
     ("n > 1", "POST", C, ok(n=2), 400, "n", "'n' must be 1"),
     ("unknown model", "POST", C, ok(model="gpt-4"), 404, "model", "'gpt-4' does not exist"),
     ("model not a string", "POST", C, ok(model=7), 400, "model", "must be a string"),
-    ("logprobs", "POST", C, ok(logprobs=2), 400, "logprobs", "not supported"),
+    ("logprobs above 5", "POST", C, ok(logprobs=6), 400, "logprobs", "integer in [0, 5]"),
+    ("logprobs a boolean", "POST", C, ok(logprobs=True), 400, "logprobs", "integer in [0, 5]"),
     ("best_of > 1", "POST", C, ok(best_of=3), 400, "best_of", "'best_of' must be 1"),
-    ("echo", "POST", C, ok(echo=True), 400, "echo", "not supported"),
-    ("presence_penalty", "POST", C, ok(presence_penalty=0.5), 400, "presence_penalty", "not supported"),
+    ("echo not a boolean", "POST", C, ok(echo="yes"), 400, "echo", "true or false"),
+    ("presence_penalty above 2", "POST", C, ok(presence_penalty=2.5), 400, "presence_penalty", "in [-2, 2], got 2.5"),
+    ("frequency_penalty a string", "POST", C, ok(frequency_penalty="x"), 400, "frequency_penalty", "must be a number"),
+    ("frequency_penalty below -2", "POST", C, ok(frequency_penalty=-3), 400, "frequency_penalty", "in [-2, 2]"),
+    ("stream_options not an object", "POST", C, ok(stream=True, stream_options=True), 400, "stream_options",
+     "must be an object"),
+    ("include_usage not a boolean", "POST", C, ok(stream=True, stream_options={"include_usage": 1}), 400,
+     "stream_options.include_usage", "true or false"),
     ("stop a number", "POST", C, ok(stop=5), 400, "stop", "string or a list of strings"),
     ("stop a list with a number", "POST", C, ok(stop=["w5", 3]), 400, "stop", "string or a list of strings"),
     ("five stop sequences", "POST", C, ok(stop=["a", "b", "c", "d", "e"]), 400, "stop", "at most 4"),
@@ -95,7 +109,12 @@ CASES = [
     ("chat: empty content", "POST", CHAT, chat(messages=[{"role": "user", "content": ""}]), 400, "messages",
      "no text"),
     ("chat: a completions field", "POST", CHAT, chat(prompt="w5"), 400, "prompt", "unknown field 'prompt'"),
-    ("chat: logprobs", "POST", CHAT, chat(logprobs=True), 400, "logprobs", "not supported"),
+    ("chat: logprobs not a boolean", "POST", CHAT, chat(logprobs=3), 400, "logprobs", "true or false"),
+    ("chat: top_logprobs without logprobs", "POST", CHAT, chat(top_logprobs=2), 400, "top_logprobs",
+     "needs 'logprobs': true"),
+    ("chat: top_logprobs above 20", "POST", CHAT, chat(logprobs=True, top_logprobs=21), 400, "top_logprobs",
+     "in [0, 20]"),
+    ("chat: echo", "POST", CHAT, chat(echo=True), 400, "echo", "unknown field 'echo'"),
     ("chat: tools", "POST", CHAT, chat(tools=[{"type": "function"}]), 400, "tools", "not supported"),
     ("chat: max_completion_tokens 0", "POST", CHAT, chat(max_completion_tokens=0), 400, "max_completion_tokens",
      "at least 1"),

@@ -9,6 +9,7 @@ from typing import Any
 
 from drex_hf.cli import COMMANDS
 from drex_hf.cli.common import HelpFormatter, add_model_arguments, positive_float, positive_int
+from drex_hf.config import DRAFT_SOURCES
 from drex_hf.errors import ConfigError
 from drex_hf.generation.scheduler import POLICY_NAMES as POLICIES
 
@@ -17,6 +18,24 @@ def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value < 65536:
         raise argparse.ArgumentTypeError(f"a port is in 0..65535, got {text}")
+    return value
+
+
+def _draft_tokens(text: str) -> int | str:
+    if text == "adaptive":
+        return text
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"drafts per round are at least 1 (or 'adaptive'), got {text}")
+    return value
+
+
+def _max_logprobs(text: str) -> int:
+    from drex_hf.generation.engine import MAX_LOGPROBS
+
+    value = int(text)
+    if not 0 <= value <= MAX_LOGPROBS:
+        raise argparse.ArgumentTypeError(f"--max-logprobs is in 0..{MAX_LOGPROBS}, got {text}")
     return value
 
 
@@ -48,7 +67,37 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--served-model-name", default=None, help="the model id clients send (default: folder name)")
     parser.add_argument("--max-batch", type=positive_int, default=8, help="requests decoding at once (engine slots)")
     parser.add_argument("--max-len", type=positive_int, default=1024, help="positions per slot: prompt + max_tokens")
-    parser.add_argument("--policy", choices=POLICIES, default="drex", help="the engine's scheduling policy")
+    parser.add_argument(
+        "--policy",
+        choices=[*POLICIES, "self_spec"],
+        default=None,
+        help="the engine's policy (default: the card's calibrated choice for this device at --max-batch rows, "
+        "else drex); self_spec is lossless: full depth's tokens, drafted and verified",
+    )
+    parser.add_argument(
+        "--draft-source",
+        choices=DRAFT_SOURCES,
+        default=None,
+        help="self_spec: where drafts come from (default: the calibrated choice's, else head)",
+    )
+    parser.add_argument(
+        "--draft-exit",
+        type=int,
+        default=None,
+        help="self_spec: the exit that drafts (default: the choice's, else the last)",
+    )
+    parser.add_argument(
+        "--draft-tokens",
+        type=_draft_tokens,
+        default=None,
+        help="self_spec: drafts per round, or 'adaptive' (default: the choice's, else 4)",
+    )
+    parser.add_argument(
+        "--max-logprobs",
+        type=_max_logprobs,
+        default=20,
+        help="the most top logprobs a request may ask for (logprobs / top_logprobs)",
+    )
     parser.add_argument(
         "--sla-tpot-ms", type=positive_float, default=None, help="drex: target time per output token (default: none)"
     )
@@ -113,6 +162,10 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_len=args.max_len,
         policy=args.policy,
+        draft_source=args.draft_source,
+        draft_exit=args.draft_exit,
+        draft_tokens=args.draft_tokens,
+        max_logprobs=args.max_logprobs,
         sla_tpot_ms=args.sla_tpot_ms,
         max_queue=args.max_queue,
         request_timeout_s=args.request_timeout_s,
@@ -123,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]
     server = make_server(state, args.host, port, options.grace_s)
     print(f"drex serve: {state.settings.model_name} on http://{args.host}:{port}/v1", file=sys.stderr, flush=True)
+    print(f"drex serve: policy {state.served.describe()}", file=sys.stderr, flush=True)
     try:
         server.run(sockets=[sock])
     finally:

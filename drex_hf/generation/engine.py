@@ -43,7 +43,15 @@ from drex_hf.generation.sampling import RequestSampling, as_seed
 from drex_hf.generation.scheduler import CostModel, Decision, Policy, SchedulerView, error_summary
 from drex_hf.generation.scheduler import make_policy as _make_policy
 from drex_hf.generation.settings import DecodeSettings
-from drex_hf.generation.state import FinishCallback, Phase, Request, RequestOutput, Requests, TokenCallback
+from drex_hf.generation.state import (
+    FinishCallback,
+    Phase,
+    Request,
+    RequestOutput,
+    Requests,
+    TokenCallback,
+    TokenLogprob,
+)
 from drex_hf.seeds import check_seed
 
 NO_GRAPHS_WITH_PROCESSORS = (
@@ -274,7 +282,8 @@ class DrexEngine(SlotEngine):
                  static_shapes: bool | None = None, buckets: Sequence[int] | None = None,
                  record_decisions: bool = False, record_checks: bool = False, progress: bool | None = None,
                  tokenizer: Any = None, per_request_sampling: bool = False, keep_finished: bool = True,
-                 stats_window: int | None = None) -> None:  # fmt: skip
+                 stats_window: int | None = None, logprobs: int | None = None,
+                 sla_per_request: bool = False) -> None:  # fmt: skip
         settings = settings or DecodeSettings(max_new_tokens=32)
         check_engine_arguments(model, max_batch, max_len, exit_source, sla_tpot_ms, cost_model, policy, stats_window)
         self.model, self.arch, self.settings = model, model.arch, settings
@@ -291,7 +300,10 @@ class DrexEngine(SlotEngine):
         self.threshold_at = dict(zip(model.exit_layers, self.thresholds))
         self.per_request_sampling, self.keep_finished = per_request_sampling, keep_finished
         self.defer_projection, self.record_checks, self.stats_window = defer_projection, record_checks, stats_window
-        self.sla_tpot_ms = sla_tpot_ms
+        self.sla_tpot_ms, self.sla_per_request = sla_tpot_ms, sla_per_request
+        self.logprobs = check_logprobs_capacity(logprobs)
+        if sla_per_request and self.policy_name != "drex":
+            raise GenerationInputError(f"sla_per_request applies to policy 'drex', not {self.policy_name!r}")
         self._forcing = (policy.exit_rule if isinstance(policy, Policy) else policy) in ("majority", "batch_majority")
         graphs, static = _graph_mode(settings, graphs, static_shapes, torch.device(model.heads_device))
         limit = self.arch.position_limit
@@ -341,8 +353,9 @@ class DrexEngine(SlotEngine):
             static=static, rule=rule, quorum=quorum, trace=self.exit_source == "trace",
             distribution=self.distribution.probabilities if self.distribution is not None else None,
             do_sample=settings.do_sample, warpers=tuple(settings.warpers()), per_request=self.per_request_sampling,
-            processors=processors, eos=tuple(settings.eos_token_ids), track_token_age=self.sla_tpot_ms is not None,
-            fills=bool(boundaries),
+            processors=processors, eos=tuple(settings.eos_token_ids),
+            track_token_age=self.sla_tpot_ms is not None or self.sla_per_request, fills=bool(boundaries),
+            logprobs=self.logprobs,
         )  # fmt: skip
         self.runner = Runner(self.model, self.store, options, graphs=graphs, lazy=lazy)
         self.fill_choice = self.runner.choose_fill()  # the faster KV fill per bucket, where Triton runs
@@ -406,13 +419,24 @@ class DrexEngine(SlotEngine):
     def add_request(self, prompt: torch.Tensor | Sequence[int], *, max_new_tokens: int | None = None,
                     seed: int | None = None, trace: Sequence[int] | None = None,
                     callback: TokenCallback | None = None, on_finish: FinishCallback | None = None,
-                    sampling: RequestSampling | None = None) -> int:  # fmt: skip
+                    sampling: RequestSampling | None = None, logprobs: int | None = None,
+                    sla_tpot_ms: float | None = None) -> int:  # fmt: skip
         """Queue a prompt (1-D token ids) for decoding; returns its request id. Errors, before any work:
         an empty prompt, ids outside the vocabulary, a prompt + max_new_tokens longer than a slot,
         or no free slot (`EngineFullError`). `callback(request id, token, exit layer)` runs for each
         token, `on_finish(output)` once when the request ends; `sampling`: its own sampling parameters
-        (an engine built with `per_request_sampling`; default the settings')."""
+        (an engine built with `per_request_sampling`; default the settings'). `logprobs`: keep each
+        token's `TokenLogprob` with this many top tokens (in `output.logprobs`, and as the callback's
+        fourth argument; an engine built with `logprobs` at least this). `sla_tpot_ms`: its own time
+        per output token target, which the scheduler keeps with every other running request's (an
+        engine built with `sla_per_request`)."""
         sampling = self._check_sampling(sampling)
+        logprobs = check_request_logprobs(logprobs, self.logprobs)
+        if sla_tpot_ms is not None:
+            if not self.sla_per_request:
+                raise GenerationInputError("sla_tpot_ms per request needs an engine built with sla_per_request=True")
+            if isinstance(sla_tpot_ms, bool) or not isinstance(sla_tpot_ms, (int, float)) or not sla_tpot_ms > 0:
+                raise GenerationInputError(f"sla_tpot_ms must be a positive number, got {sla_tpot_ms!r}")
         seed = None if seed is None else check_seed(seed)
         default = self.settings.max_new_tokens if max_new_tokens is None else max_new_tokens
         ids, max_new = check_request(prompt, default, self.arch, self.store.max_len)
@@ -429,7 +453,8 @@ class DrexEngine(SlotEngine):
             trace_seed = (self.distribution.seed if self.distribution else 0) + (rid if seed is None else int(seed))
             return Request(RequestOutput(rid, int(ids.numel())), ids, max_new, as_seed(drawn), slot, epoch,
                            callback, on_finish, sampling, None if trace is None else tuple(int(v) for v in trace),
-                           as_seed(trace_seed), ids.tolist() if self.stop is not None else None)  # fmt: skip
+                           as_seed(trace_seed), ids.tolist() if self.stop is not None else None,
+                           logprobs=logprobs, sla_tpot_ms=sla_tpot_ms)  # fmt: skip
 
         return self.requests.admit(make).output.request_id
 
@@ -492,7 +517,7 @@ class DrexEngine(SlotEngine):
     def _launched(self, step: int, decision: Decision | None, plan: Any) -> None:
         now = time.perf_counter()
         self._flight = (now, decision, plan)
-        if self.sla_tpot_ms is not None:
+        if self.sla_tpot_ms is not None or self.sla_per_request:
             self._started[step] = now
             oldest = min((t for t in self.book.token_started if t >= 0), default=step)
             for old in [t for t in self._started if t < oldest]:
@@ -514,7 +539,11 @@ class DrexEngine(SlotEngine):
         book, step, view = self.book, self.step_count, self._scheduler_view
         view.counts = book.counts
         view.waited = [step - j if j >= 0 else 0 for j in book.joined]
-        if self.sla_tpot_ms is not None:
+        if self.sla_per_request:  # the tightest target of the engine's and every running request's
+            targets = [r.sla_tpot_ms for r in self.requests.by_slot.values() if r.sla_tpot_ms is not None]
+            target = min([*targets, *([self.sla_tpot_ms] if self.sla_tpot_ms is not None else [])], default=None)
+            self.policy.sla_tpot_ms = target
+        if self.sla_tpot_ms is not None or self.sla_per_request:
             now = time.perf_counter()
             view.token_age_ms = [(now - self._started[t]) * 1e3 if t in self._started else 0.0
                                  for t in book.token_started]  # fmt: skip
@@ -584,7 +613,7 @@ class DrexEngine(SlotEngine):
             counts[layer] = counts.get(layer, 0) + 1
             emitted += 1
             depth += layer
-            if flag & (MISSED | FINISHED) or slow or request.callback is not None:
+            if flag & (MISSED | FINISHED) or slow or request.callback is not None or request.logprobs is not None:
                 if flag & MISSED:
                     stats.missed_exits += decoded
                 self._emit_rest(request, token, layer, flag)
@@ -604,12 +633,27 @@ class DrexEngine(SlotEngine):
         if self.record_checks:
             out.checks.append(request.checks or [])
             request.checks = None
-        if request.callback is not None:
+        if request.logprobs is not None:
+            entry = self._logprob(request)
+            if request.callback is not None:
+                request.callback(out.request_id, token, layer, entry)
+        elif request.callback is not None:
             request.callback(out.request_id, token, layer)
         if flag & FINISHED:
             self._finished(request, "stop" if flag & EOS else "length")
         elif self.stop is not None and stops(self.stop, request.prompt_tokens + out.tokens):
             self._end(request, "stop")
+
+    def _logprob(self, request: Request) -> TokenLogprob:
+        """The request's latest token's `TokenLogprob`, read from the picker's row for it (on a GPU,
+        one small read per token of a request that asked for logprobs)."""
+        out = request.output
+        row = self.runner.picker.logprobs[request.slot, out.prompt_length + len(out.tokens) - 1].tolist()
+        entry = TokenLogprob.from_row(row, request.logprobs)
+        if out.logprobs is None:
+            out.logprobs = []
+        out.logprobs.append(entry)
+        return entry
 
     def _count_involuntary(self, block: np.ndarray) -> None:
         forced = np.flatnonzero(block[:, 3].astype(np.int64) & INVOLUNTARY)
@@ -690,6 +734,31 @@ class DrexEngine(SlotEngine):
         self.finished = {}
         self.requests.next_id = 0
         self._last_read = None
+
+
+MAX_LOGPROBS = 20  # the most top tokens an engine keeps per token (OpenAI's chat top_logprobs limit)
+
+
+def check_logprobs_capacity(logprobs: Any) -> int | None:
+    """An engine's `logprobs`: None, or how many top tokens it keeps per token (0..MAX_LOGPROBS)."""
+    if logprobs is None:
+        return None
+    if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_LOGPROBS:
+        raise GenerationInputError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {logprobs!r}")
+    return logprobs
+
+
+def check_request_logprobs(logprobs: Any, capacity: int | None) -> int | None:
+    """A request's `logprobs` against its engine's capacity (`check_logprobs_capacity`)."""
+    if logprobs is None:
+        return None
+    if isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0:
+        raise GenerationInputError(f"logprobs must be None or an integer >= 0, got {logprobs!r}")
+    if capacity is None:
+        raise GenerationInputError("logprobs per request needs an engine built with logprobs=K (K >= the request's)")
+    if logprobs > capacity:
+        raise GenerationInputError(f"logprobs {logprobs} is more than this engine keeps ({capacity})")
+    return logprobs
 
 
 def check_engine_arguments(

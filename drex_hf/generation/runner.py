@@ -27,7 +27,7 @@ from drex_hf.generation.graphs import CudaRecorder, GraphRunner
 from drex_hf.generation.kv_store import RowKVCache
 from drex_hf.generation.plan import EMITTED, ROW_FIELDS, StepPlan, Verdict, bucket_of
 from drex_hf.generation.programs import Programs, Rows, RowState
-from drex_hf.generation.sampling import pick_rows, pick_tokens
+from drex_hf.generation.sampling import SAMPLING_FIELDS, penalise_rows, pick_rows, pick_tokens
 
 FIELDS = len(ROW_FIELDS)
 
@@ -38,8 +38,10 @@ class Options:
     `thresholds`, the exit `rule` (own | all | majority | none) and `quorum`; `trace`: exits from a
     trace (`distribution`: probabilities per exit point then full depth, or None: replayed only);
     `static`: shapes and reads depend on the bucket and the store's capacity only (graphs);
-    sampling: `do_sample`/`warpers`, or `per_request` parameters per slot; `processors`: HF's logits
-    processors (`processors.RowProcessors`); `eos`; `track_token_age` (the SLA's clock)."""
+    sampling: `do_sample`/`warpers`, or `per_request` parameters per slot (with OpenAI's presence and
+    frequency penalties); `processors`: HF's logits processors (`processors.RowProcessors`); `eos`;
+    `track_token_age` (the SLA's clock); `logprobs`: keep each picked token's log-probability and the
+    top this many (None: none are kept; see `Picker`)."""
 
     boundaries: list[int]
     thresholds: list[float]
@@ -56,6 +58,7 @@ class Options:
     eos: tuple[int, ...] = ()
     track_token_age: bool = False
     fills: bool = True
+    logprobs: int | None = None
 
 
 def _bucket_of_key(key: tuple) -> int:
@@ -65,34 +68,75 @@ def _bucket_of_key(key: tuple) -> int:
 
 class Picker:
     """Tokens from logits: HF's logits processors on each row's own history (when asked for), then
-    greedy, the engine's sampling, or each slot's own parameters; picked tokens enter the history."""
+    greedy, the engine's sampling, or each slot's own parameters (penalties first, on the counts of
+    the row's generated tokens); picked tokens enter the history.
+
+    With `options.logprobs` (K), each pick also keeps, at `logprobs[slot, sequence index]`, the
+    picked token's log-probability under the logits it was picked from — the exit head's for an
+    exited token, full depth's otherwise — before processors, penalties and sampling warps (the
+    model's own distribution, what OpenAI's and vLLM's logprobs report), then the top K
+    log-probabilities and their token ids (`LogprobEntry.from_row` reads a row)."""
 
     def __init__(self, options: Options, slots: int, max_len: int, vocab: int, device: torch.device) -> None:
-        self.options = options
-        self.row_sampling = torch.zeros(slots, 3, device=device) if options.per_request else None
+        self.options, self.vocab = options, vocab
+        width = len(SAMPLING_FIELDS)
+        self.row_sampling = torch.zeros(slots, width, device=device) if options.per_request else None
         self.history = self.prompt_lengths = None
-        if options.processors is not None:  # each slot's prompt + tokens; a token's place is its sequence index
+        if options.processors is not None or options.per_request:  # each slot's prompt + tokens, by sequence index
             self.history = torch.zeros(slots, max_len + 1, dtype=torch.long, device=device)
             self.prompt_lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.logprobs = None
+        if options.logprobs is not None:
+            top = options.logprobs
+            self.logprobs = torch.zeros(slots, max_len + 1, 1 + 2 * top, dtype=torch.float32, device=device)
 
     def __call__(
         self, logits: torch.Tensor, slots: torch.Tensor, seeds: torch.Tensor, draws: torch.Tensor, lengths: torch.Tensor
     ) -> torch.Tensor:
         scores = logits.float()
-        if self.history is not None:
+        if self.options.processors is not None:
             processors = self.options.processors
             window = processors.window(self.history, slots, lengths)
             scores = processors(scores, window, lengths - self.prompt_lengths.index_select(0, slots))
         if self.row_sampling is not None:
-            tokens = pick_rows(scores, self.row_sampling.index_select(0, slots), seeds, draws)
+            params = self.row_sampling.index_select(0, slots)
+            scores = penalise_rows(scores, params, self._generated_counts(slots, lengths))
+            tokens = pick_rows(scores, params, seeds, draws)
         else:
             tokens = pick_tokens(scores, self.options.do_sample, list(self.options.warpers), seeds, draws)
         if self.history is not None:
             self.history.index_put_((slots, lengths), tokens)
+        if self.logprobs is not None:
+            self.logprobs.index_put_((slots, lengths), logprob_rows(logits, tokens, self.options.logprobs))
         return tokens
 
+    def _generated_counts(self, slots: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """`[n, vocab]` float32: how often each token occurs among each row's generated tokens (its
+        history from its prompt's length up to `lengths`, exclusive)."""
+        rows = self.history.index_select(0, slots)
+        at = torch.arange(rows.shape[1], device=rows.device).unsqueeze(0)
+        start = self.prompt_lengths.index_select(0, slots).unsqueeze(1)
+        mine = (at >= start) & (at < lengths.unsqueeze(1))
+        ids = torch.where(mine, rows, self.vocab)  # outside the vocabulary: the dropped column
+        counts = torch.zeros(rows.shape[0], self.vocab + 1, dtype=torch.float32, device=rows.device)
+        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
+        return counts[:, : self.vocab]
+
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.row_sampling, self.history, self.prompt_lengths) if t is not None]
+        kept = (self.row_sampling, self.history, self.prompt_lengths, self.logprobs)
+        return [t for t in kept if t is not None]
+
+
+def logprob_rows(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> torch.Tensor:
+    """`[n, 1 + 2 top]` float32: the log-probability of `tokens` under `logits [n, vocab]` (a float32
+    log-softmax), then the `top` largest log-probabilities and their token ids (exact in float32 for
+    ids below 2**24)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, tokens.long().unsqueeze(1))
+    if not top:
+        return chosen
+    best = torch.topk(logprobs, top, dim=-1)
+    return torch.cat([chosen, best.values, best.indices.float()], dim=1)
 
 
 class Runner:

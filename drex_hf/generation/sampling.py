@@ -28,6 +28,8 @@ MASK32 = 0xFFFFFFFF
 _SHIFTS = (15, 12, 15)
 _MULTIPLIERS = (0x2C1B3C6D, 0x297A2D39)
 _GOLDEN = 0x9E3779B9
+MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty / frequency_penalty
+SAMPLING_FIELDS = ("temperature", "cut", "top_k", "presence_penalty", "frequency_penalty")  # `RequestSampling.row`
 
 
 def _mix(x: Any) -> Any:
@@ -149,9 +151,11 @@ class RequestSampling:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "top_p"):
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise GenerationTypeError(f"{name} must be a number, got {value!r}")
@@ -163,26 +167,43 @@ class RequestSampling:
             raise GenerationInputError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.top_k < 2**24:
             raise GenerationInputError(f"top_k must be in [0, 2**24) (0: off), got {self.top_k}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and -MAX_PENALTY <= value <= MAX_PENALTY):
+                raise GenerationInputError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
+
     def row(self) -> list[float]:
-        """The row `pick_rows` reads: temperature, 1 - top_p (computed in double, as HF's TopP
-        compares with it), top_k — float32 on the device (exact for these values)."""
-        return [float(self.temperature), 1.0 - float(self.top_p), float(self.top_k)]
+        """The row the picker reads (`SAMPLING_FIELDS`): temperature, 1 - top_p (computed in double,
+        as HF's TopP compares with it), top_k — float32 on the device (exact for these values) — then
+        the presence and frequency penalties."""
+        return [float(self.temperature), 1.0 - float(self.top_p), float(self.top_k),
+                float(self.presence_penalty), float(self.frequency_penalty)]  # fmt: skip
 
 
-def pick_rows(scores: torch.Tensor, params: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """`pick_tokens` with each row's own parameters `params [n, 3]` (`RequestSampling.row()`): a
-    greedy row (temperature 0) takes its argmax; the others are warped as `Temperature`, `TopK` and
-    `TopP` warp, with a per-row value where those take one scalar, then drawn by `sample_rows`.
-    With a row's top-k off and top-p 1.0 the warps change nothing a draw can see (top-p 1.0 removes
-    only tokens of probability 0), so a row draws what the engine-wide warpers give it (tested on the
-    CPU, where a float32 division by a scalar and by a tensor agree bit for bit)."""
+def penalise_rows(scores: torch.Tensor, params: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties, per row: `scores [n, vocab] - frequency * count -
+    presence * (count > 0)`, where `counts [n, vocab]` are how often each token occurs among the
+    row's generated tokens (not its prompt), on the logits before temperature, as OpenAI documents
+    them. A row with both penalties 0 keeps its scores bit for bit."""
+    presence, frequency = params[:, 3:4].float(), params[:, 4:5].float()
+    return scores - frequency * counts - presence * (counts > 0).float()
+
+
+def warp_rows(scores: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(warped float32 scores, greedy `[n]`) for `scores [n, vocab]` with each row's own parameters
+    `params [n, 5]` (`RequestSampling.row()`): temperature, top-k and top-p as `Temperature`, `TopK`
+    and `TopP` warp, with a per-row value where those take one scalar (a greedy row, temperature 0,
+    is scaled by 1; its warped scores are not meant to be drawn from)."""
     scores = scores.float()
-    temperature, cut, top_k = params.float().unbind(1)
+    temperature, cut, top_k = params[:, :3].float().unbind(1)
     greedy = temperature == 0
     scaled = scores / temperature.masked_fill(greedy, 1.0).unsqueeze(1)
     vocab = scores.shape[-1]
@@ -193,5 +214,16 @@ def pick_rows(scores: torch.Tensor, params: torch.Tensor, seeds: torch.Tensor, c
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     tail = torch.arange(vocab, device=scores.device) >= vocab - 1
     remove_sorted = (cumulative <= cut.unsqueeze(1)) & ~tail
-    scaled = scaled.masked_fill(remove_sorted.scatter(1, sorted_indices, remove_sorted), -math.inf)
+    return scaled.masked_fill(remove_sorted.scatter(1, sorted_indices, remove_sorted), -math.inf), greedy
+
+
+def pick_rows(scores: torch.Tensor, params: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """`pick_tokens` with each row's own parameters `params [n, 5]` (`RequestSampling.row()`): a
+    greedy row (temperature 0) takes its argmax; the others are warped by `warp_rows`, then drawn by
+    `sample_rows`. With a row's top-k off and top-p 1.0 the warps change nothing a draw can see
+    (top-p 1.0 removes only tokens of probability 0), so a row draws what the engine-wide warpers
+    give it (tested on the CPU, where a float32 division by a scalar and by a tensor agree bit for
+    bit)."""
+    scores = scores.float()
+    scaled, greedy = warp_rows(scores, params)
     return torch.where(greedy, scores.argmax(dim=-1), sample_rows(scaled, seeds, counters))

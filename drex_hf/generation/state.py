@@ -15,8 +15,26 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-TokenCallback = Callable[[int, int, int], None]  # (request id, token, exit layer)
+# (request id, token, exit layer), and the token's `TokenLogprob` too for a request that asked for logprobs
+TokenCallback = Callable[..., None]
 FinishCallback = Callable[["RequestOutput"], None]  # the request's output, once, when it ends
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the distribution it was picked from (the exit head's for an
+    exited token, full depth's otherwise; before processors, penalties and sampling warps), and the
+    `top` most likely tokens there as (token id, log-probability), most likely first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+    @classmethod
+    def from_row(cls, row: list[float], top: int) -> TokenLogprob:
+        """From a picker's logprob row `[chosen, K values, K ids]` (`runner.logprob_rows`), keeping
+        the first `top` of its K."""
+        k = (len(row) - 1) // 2
+        return cls(float(row[0]), tuple((int(row[1 + k + i]), float(row[1 + i])) for i in range(min(top, k))))
 
 
 @dataclass
@@ -34,6 +52,8 @@ class RequestOutput:
     token_times: list[float] = field(default_factory=list)
     # with `record_checks`: per token, (exit layer, confidence) of every exit check the engine made for it
     checks: list[list[tuple[int, float]]] = field(default_factory=list)
+    # for a request that asked for logprobs: each token's (`TokenLogprob`), else None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Phase(enum.Enum):
@@ -62,6 +82,8 @@ class Request:
     prompt_tokens: list[int] | None = None
     phase: Phase = Phase.QUEUED
     checks: list[tuple[int, float]] | None = None  # this token's exit checks so far (record_checks)
+    logprobs: int | None = None  # keep each token's logprob and this many top ones (None: none)
+    sla_tpot_ms: float | None = None  # its own time-per-output-token target (drex's scheduler)
 
 
 class Requests:

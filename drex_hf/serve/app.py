@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -38,6 +39,9 @@ class ServeSettings:
     vocab_size: int
     request_timeout_s: float = 600.0
     max_body_bytes: int = 1 << 20
+    max_prompts: int = 64  # prompts in one completion request (--max-queue)
+    policy: str = "drex"  # the engine's policy: penalties are refused under self_spec
+    max_logprobs: int = 20  # the most top logprobs a request may ask for (--max-logprobs)
 
 
 class ServerState:
@@ -47,6 +51,7 @@ class ServerState:
         self.settings, self.tokenizer, self.worker, self.metrics = settings, tokenizer, worker, metrics
         self.draining = False
         self.created = int(time.time())
+        self.served: Any = None  # server.ServedPolicy: what the engine runs, and why
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -115,23 +120,58 @@ async def _admit_and_run(state: ServerState, request: Request, chat: bool) -> Re
         raise RequestError("the server is shutting down", status=503, type="server_shutting_down")
     settings = state.settings
     body = parse_json(await _read_body(request, settings.max_body_bytes))
-    req = parse_request(body, chat=chat, served_model=settings.model_name, max_len=settings.max_len)
-    ids = _encode(state, req)
-    check_length(req, len(ids), settings.max_len)
+    req = parse_request(
+        body, chat=chat, served_model=settings.model_name, max_len=settings.max_len, max_prompts=settings.max_prompts
+    )
+    _check_policy_fields(req, settings)
+    prompts = _encode(state, req)
+    for i, ids in enumerate(prompts):
+        check_length(req, len(ids), settings.max_len, index=i if len(prompts) > 1 else None)
     loop = asyncio.get_running_loop()
-    job = Job(ids, req.max_tokens, req.seed, req.temperature, req.top_p, loop, req.sla_tpot_ms)
-    state.worker.submit(job)
+    jobs = [
+        Job(ids, req.max_tokens, req.seed if req.seed_given or i == 0 else random.getrandbits(63), req.temperature,
+            req.top_p, loop, req.sla_tpot_ms, req.presence_penalty, req.frequency_penalty, logprobs=req.logprobs,
+            prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None)
+        for i, ids in enumerate(prompts)
+    ]  # fmt: skip
+    state.worker.submit_all(jobs)
     deadline = loop.time() + settings.request_timeout_s
-    text = TextStream(state.tokenizer, req.stop)
-    meta = _Meta(req, len(ids), settings.model_name)
+    meta = _Meta(req, settings.model_name)
+    choices = [_Choice(i, job, ids, TextStream(state.tokenizer, req.stop), _echo_text(state, req, i, ids))
+               for i, (job, ids) in enumerate(zip(jobs, prompts))]  # fmt: skip
     if req.stream:
         # headers go out with the first token: until then a refusal (shutdown, timeout) keeps its status
-        first = await _first_event(state, request, job, deadline)
-        if first is None:
+        firsts = await _unless_gone(request, asyncio.gather(*(_first_event(state, c, deadline) for c in choices)))
+        if firsts is None:
+            for c in choices:
+                state.worker.cancel(c.job)
             return Response(status_code=499)  # the client left while it waited
-        stream = _stream(state, job, text, meta, deadline, first)
-        return StreamingResponse(stream, media_type="text/event-stream")
-    return await _complete(state, request, job, text, meta, deadline)
+        try:
+            for c, first in zip(choices, firsts.result()):
+                c.first = first
+        except RequestError:
+            for c in choices:
+                state.worker.cancel(c.job)
+            raise
+        return StreamingResponse(_stream(state, choices, meta, deadline), media_type="text/event-stream")
+    return await _complete(state, request, choices, meta, deadline)
+
+
+def _check_policy_fields(req: GenerationRequest, settings: ServeSettings) -> None:
+    """Fields the server's engine cannot honour, refused by name."""
+    if settings.policy == "self_spec":
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(req, name):
+                raise RequestError(
+                    f"'{name}' does not apply to this server's policy self_spec: its tokens are full depth's own "
+                    f"distribution's (serve --policy full or drex for penalties)",
+                    param=name,
+                )
+    if req.logprobs is not None and req.logprobs > settings.max_logprobs:
+        param = "top_logprobs" if req.chat else "logprobs"
+        raise RequestError(
+            f"'{param}' is {req.logprobs}; this server keeps at most {settings.max_logprobs} (--max-logprobs)", param
+        )
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -149,7 +189,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _encode(state: ServerState, req: GenerationRequest) -> list[int]:
+def _encode(state: ServerState, req: GenerationRequest) -> list[list[int]]:
+    """Each prompt's token ids (a chat request's messages through the chat template: one prompt)."""
     tokenizer, vocab = state.tokenizer, state.settings.vocab_size
     if req.chat:
         if not getattr(tokenizer, "chat_template", None):
@@ -160,33 +201,41 @@ def _encode(state: ServerState, req: GenerationRequest) -> list[int]:
             text = tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
         except TemplateError as err:  # e.g. a template that wants user/assistant turns to alternate
             raise RequestError(f"the model's chat template refused these messages: {err}", param="messages") from None
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if isinstance(req.prompt, list):
-        bad = [t for t in req.prompt if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(
-                f"'prompt' holds token id {bad[0]}, outside the model's vocabulary 0..{vocab - 1}", param="prompt"
-            )
-        return req.prompt
-    ids = tokenizer.encode(req.prompt) if not callable(tokenizer) else tokenizer(req.prompt)["input_ids"]
-    if not ids:
-        raise RequestError("'prompt' encodes to no tokens", param="prompt")
-    return list(ids)
+        return [list(tokenizer(text, add_special_tokens=False)["input_ids"])]
+    out = []
+    for i, prompt in enumerate(req.prompts):
+        where = "prompt" if len(req.prompts) == 1 else f"prompt[{i}]"
+        if isinstance(prompt, list):
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise RequestError(
+                    f"'{where}' holds token id {bad[0]}, outside the model's vocabulary 0..{vocab - 1}", param=where
+                )
+            out.append(prompt)
+            continue
+        ids = tokenizer.encode(prompt) if not callable(tokenizer) else tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise RequestError(f"'{where}' encodes to no tokens", param=where)
+        out.append(list(ids))
+    return out
+
+
+def _echo_text(state: ServerState, req: GenerationRequest, index: int, ids: list[int]) -> str:
+    """What `echo` puts before the completion: the prompt as sent (its decoded ids for token ids)."""
+    if not req.echo:
+        return ""
+    prompt = req.prompts[index]
+    return prompt if isinstance(prompt, str) else state.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 @dataclass
 class _Meta:
     req: GenerationRequest
-    prompt_tokens: int
     model: str
 
     def __post_init__(self) -> None:
         self.id = ("chatcmpl-" if self.req.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
-
-    def usage(self, completion_tokens: int) -> dict[str, int]:
-        n = self.prompt_tokens
-        return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens}
 
     def head(self, chunk: bool) -> dict[str, Any]:
         if self.req.chat:
@@ -196,31 +245,52 @@ class _Meta:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
 
-class _Collected:
-    """What a request produced: its tokens and their exit layers, up to a stop sequence."""
+def _usage(choices: list[_Choice]) -> dict[str, int]:
+    prompt = sum(len(c.ids) for c in choices)
+    completion = sum(len(c.tokens) for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.layers: list[int] = []
-        self.reason: str | None = None
 
-    def extras(self, meta: _Meta) -> dict[str, Any]:
-        if not meta.req.return_exit_layers:
+@dataclass(eq=False)
+class _Choice:
+    """One prompt's choice: its job, prompt ids, text, and what it produced — its tokens, their exit
+    layers and logprobs, up to a stop sequence."""
+
+    index: int
+    job: Job
+    ids: list[int]
+    text: TextStream
+    echo: str = ""
+    first: tuple | None = None  # its first event, read before a stream's headers go out
+    tokens: list[int] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)
+    logprobs: list[Any] = field(default_factory=list)  # TokenLogprob per token (a request that asked)
+    prompt_logprobs: list[Any] | None = None  # echo with logprobs: per prompt token (the first None)
+    reason: str | None = None
+    sent: int = 0  # tokens whose logprobs a stream has sent
+
+    def extras(self, req: GenerationRequest) -> dict[str, Any]:
+        if not req.return_exit_layers:
             return {}
         return {"exit_layers": list(self.layers), "token_ids": list(self.tokens)}
 
 
-async def _first_event(state: ServerState, request: Request, job: Job, deadline: float) -> tuple | None:
-    """The job's first event (a token, or its end), raising its refusal; None if the client left."""
+async def _next_event(choice: _Choice, timeout: float) -> tuple:
+    """The choice's next token, end or error event; the prompt's logprobs (echo) are kept on the way."""
+    while True:
+        event = await asyncio.wait_for(choice.job.events.get(), timeout)
+        if event[0] != "prompt_logprobs":
+            return event
+        choice.prompt_logprobs = event[1]
+
+
+async def _first_event(state: ServerState, choice: _Choice, deadline: float) -> tuple:
+    """The choice's first event (a token, or its end), raising its refusal or a timeout."""
     loop = asyncio.get_running_loop()
-    wait = await _unless_gone(request, asyncio.wait_for(job.events.get(), max(0.0, deadline - loop.time())))
-    if wait is None:
-        state.worker.cancel(job)
-        return None
     try:
-        event = wait.result()
+        event = await _next_event(choice, max(0.0, deadline - loop.time()))
     except asyncio.TimeoutError:
-        _timed_out(state, job)
+        _timed_out(state, choice.job)
         raise _timeout(state) from None
     if event[0] == "error":
         raise event[1]
@@ -257,69 +327,82 @@ def _timeout(state: ServerState) -> RequestError:
     )
 
 
-async def _events(
-    state: ServerState, job: Job, text: TextStream, got: _Collected, deadline: float, first: tuple | None = None
-) -> AsyncIterator[str]:
-    """The text pieces of a job as its tokens arrive; sets `got.reason` at the end. A stop sequence
-    ends it early (and frees the slot); the deadline ends it with a 504 before any token, else with
-    finish_reason "length"."""
+async def _events(state: ServerState, choice: _Choice, deadline: float) -> AsyncIterator[str]:
+    """The text pieces of a choice as its tokens arrive; sets `choice.reason` at the end. A stop
+    sequence ends it early (and frees the slot); the deadline ends it with a 504 before any token,
+    else with finish_reason "length"."""
     loop = asyncio.get_running_loop()
+    job, text = choice.job, choice.text
     while True:
         left = deadline - loop.time()
         try:
-            if first is not None:
-                event, first = first, None
+            if choice.first is not None:
+                event, choice.first = choice.first, None
             elif left <= 0:
                 raise asyncio.TimeoutError  # (not the builtin: a different class before Python 3.11)
             else:
-                event = await asyncio.wait_for(job.events.get(), left)
+                event = await _next_event(choice, left)
         except asyncio.TimeoutError:
             _timed_out(state, job)
-            if not got.tokens:
+            if not choice.tokens:
                 raise _timeout(state) from None
-            got.reason = "length"
+            choice.reason = "length"
             yield text.finish()
             return
         kind = event[0]
         if kind == "error":
             raise event[1]
         if kind == "done":
-            got.reason = "length" if event[1] == "cancelled" else event[1]  # cut short by a shutdown
+            choice.reason = "length" if event[1] == "cancelled" else event[1]  # cut short by a shutdown
             yield text.finish()
             return
-        _, token, layer = event
-        got.tokens.append(token)
-        got.layers.append(layer)
+        _, token, layer, logprob = event
+        choice.tokens.append(token)
+        choice.layers.append(layer)
+        if logprob is not None:
+            choice.logprobs.append(logprob)
         piece = text.push(token)
         if piece:
             yield piece
         if text.stopped:
             state.worker.cancel(job)
-            got.reason = "stop"
+            choice.reason = "stop"
             return
 
 
 async def _complete(
-    state: ServerState, request: Request, job: Job, text: TextStream, meta: _Meta, deadline: float
+    state: ServerState, request: Request, choices: list[_Choice], meta: _Meta, deadline: float
 ) -> Response:
-    """A whole response, unless the client goes away first (then its slot is freed)."""
-    got = _Collected()
+    """A whole response, unless the client goes away first (then the slots are freed)."""
 
-    async def collect() -> str:
-        return "".join([piece async for piece in _events(state, job, text, got, deadline)])
+    async def collect(choice: _Choice) -> str:
+        if choice.first is None:
+            choice.first = await _first_event(state, choice, deadline)
+        return "".join([piece async for piece in _events(state, choice, deadline)])
 
-    work = await _unless_gone(request, collect())
+    work = await _unless_gone(request, asyncio.gather(*(collect(c) for c in choices)))
     if work is None:
-        state.worker.cancel(job)
+        for c in choices:
+            state.worker.cancel(c.job)
         return Response(status_code=499)  # nobody reads it; counted as a client that left
-    content = work.result()  # re-raises a RequestError (timeout, engine refusal)
-    choice: dict[str, Any] = {"index": 0, "finish_reason": got.reason, "logprobs": None}
-    if meta.req.chat:
-        choice["message"] = {"role": "assistant", "content": content}
-    else:
-        choice["text"] = content
-    choice.update(got.extras(meta))
-    return JSONResponse({**meta.head(False), "choices": [choice], "usage": meta.usage(len(got.tokens))})
+    try:
+        contents = work.result()  # re-raises a RequestError (timeout, engine refusal)
+    except RequestError:
+        for c in choices:
+            state.worker.cancel(c.job)
+        raise
+    out = []
+    for choice, content in zip(choices, contents):
+        body: dict[str, Any] = {"index": choice.index, "finish_reason": choice.reason, "logprobs": None}
+        if meta.req.chat:
+            body["message"] = {"role": "assistant", "content": content}
+        else:
+            body["text"] = choice.echo + content
+        if meta.req.logprobs is not None:
+            body["logprobs"] = _logprobs_body(state, meta.req, choice, choice.logprobs, echo=meta.req.echo)
+        body.update(choice.extras(meta.req))
+        out.append(body)
+    return JSONResponse({**meta.head(False), "choices": out, "usage": _usage(choices)})
 
 
 async def _disconnected(request: Request) -> None:
@@ -327,44 +410,146 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _stream(
-    state: ServerState, job: Job, text: TextStream, meta: _Meta, deadline: float, first: tuple
-) -> AsyncIterator[str]:
-    """Server-sent events: a chunk per piece of text, a final chunk with finish_reason (and usage),
-    then [DONE]. A client that disconnects cancels this generator, which frees the slot."""
-    got = _Collected()
+async def _stream(state: ServerState, choices: list[_Choice], meta: _Meta, deadline: float) -> AsyncIterator[str]:
+    """Server-sent events: per choice, a chunk per piece of text (with the logprobs of the tokens it
+    holds) and a final chunk with its finish_reason; with stream_options.include_usage, one more chunk
+    with the usage and no choices; then [DONE]. Choices of a prompt list interleave, each chunk naming
+    its index. A client that disconnects cancels this generator, which frees the slots."""
+    queue: asyncio.Queue = asyncio.Queue()
     finished = False
-    try:
-        if meta.req.chat:
-            yield _sse(meta, {"role": "assistant", "content": ""}, None)
+
+    async def one(choice: _Choice) -> None:
         try:
-            async for piece in _events(state, job, text, got, deadline, first):
+            if meta.req.chat:
+                await queue.put(_sse(meta, choice, {"role": "assistant", "content": ""}, None))
+            elif choice.echo or (meta.req.echo and choice.prompt_logprobs):
+                logprobs = _prompt_part(state, meta.req, choice) if meta.req.logprobs is not None else None
+                await queue.put(_sse(meta, choice, choice.echo, None, logprobs=logprobs))
+            async for piece in _events(state, choice, deadline):
                 if piece:
-                    yield _sse(meta, piece, None)
+                    await queue.put(_sse(meta, choice, piece, None, logprobs=_new_logprobs(state, meta.req, choice)))
+            rest = _new_logprobs(state, meta.req, choice)
+            await queue.put(_sse(meta, choice, "", choice.reason, choice.extras(meta.req), logprobs=rest))
         except RequestError as err:  # headers are sent: the error travels as an event
-            finished = True
-            yield f"data: {json.dumps(error_body(err.message, err.type, err.param))}\n\n"
-            yield DONE
-            return
+            await queue.put(err)
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.ensure_future(one(c)) for c in choices]
+    try:
+        ended = 0
+        while ended < len(choices):
+            item = await queue.get()
+            if item is None:
+                ended += 1
+            elif isinstance(item, RequestError):
+                finished = True
+                yield f"data: {json.dumps(error_body(item.message, item.type, item.param))}\n\n"
+                yield DONE
+                return
+            else:
+                yield item
         finished = True
-        usage = meta.usage(len(got.tokens)) if meta.req.include_usage else None
-        yield _sse(meta, "", got.reason, got.extras(meta), usage)
+        if meta.req.include_usage:
+            yield f"data: {json.dumps({**meta.head(True), 'choices': [], 'usage': _usage(choices)})}\n\n"
         yield DONE
     finally:
+        for task in tasks:
+            task.cancel()
         if not finished:
-            state.worker.cancel(job)
+            for c in choices:
+                state.worker.cancel(c.job)
+        elif any(not t.done() for t in tasks):  # an error event ended the stream: free the others' slots
+            for c in choices:
+                state.worker.cancel(c.job)
 
 
 def _sse(
-    meta: _Meta, piece: Any, reason: str | None, extras: dict[str, Any] | None = None, usage: dict | None = None
+    meta: _Meta,
+    choice: _Choice,
+    piece: Any,
+    reason: str | None,
+    extras: dict[str, Any] | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> str:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
+    body: dict[str, Any] = {"index": choice.index, "finish_reason": reason}
     if meta.req.chat:
-        choice["delta"] = piece if isinstance(piece, dict) else ({"content": piece} if piece else {})
+        body["delta"] = piece if isinstance(piece, dict) else ({"content": piece} if piece else {})
+        if meta.req.logprobs is not None:
+            body["logprobs"] = logprobs
     else:
-        choice.update(text=piece, logprobs=None)
-    choice.update(extras or {})
-    chunk = {**meta.head(True), "choices": [choice]}
-    if usage is not None:
-        chunk["usage"] = usage
+        body.update(text=piece, logprobs=logprobs)
+    body.update(extras or {})
+    chunk = {**meta.head(True), "choices": [body]}
+    if meta.req.include_usage:
+        chunk["usage"] = None  # as OpenAI: every chunk but the last has a null usage
     return f"data: {json.dumps(chunk)}\n\n"
+
+
+# ---------------------------------------------------------------------- logprobs
+def _token_text(state: ServerState, token: int) -> str:
+    return state.tokenizer.decode([token], skip_special_tokens=False)
+
+
+def _new_logprobs(state: ServerState, req: GenerationRequest, choice: _Choice) -> dict[str, Any] | None:
+    """A stream's logprobs for the choice's tokens since its last chunk (None when not asked)."""
+    if req.logprobs is None:
+        return None
+    start, choice.sent = choice.sent, len(choice.logprobs)
+    tokens = choice.tokens[start : choice.sent]
+    offset = len(choice.echo) + len("".join(_token_text(state, t) for t in choice.tokens[:start]))
+    if req.chat:
+        return {"content": [_chat_entry(state, t, e) for t, e in zip(tokens, choice.logprobs[start : choice.sent])]}
+    return _completion_logprobs(state, tokens, choice.logprobs[start : choice.sent], offset)
+
+
+def _prompt_part(state: ServerState, req: GenerationRequest, choice: _Choice) -> dict[str, Any]:
+    """An echoing stream's first chunk's logprobs: the prompt's tokens."""
+    return _completion_logprobs(state, choice.ids, choice.prompt_logprobs or [None] * len(choice.ids), 0)
+
+
+def _logprobs_body(
+    state: ServerState, req: GenerationRequest, choice: _Choice, entries: list[Any], echo: bool
+) -> dict[str, Any]:
+    """A whole response's logprobs: chat's `content` list, or a completion's legacy columns (the
+    prompt's tokens first with `echo`)."""
+    if req.chat:
+        return {"content": [_chat_entry(state, t, e) for t, e in zip(choice.tokens, entries)]}
+    tokens, logprobs = list(choice.tokens), list(entries)
+    if echo:
+        tokens, logprobs = choice.ids + tokens, list(choice.prompt_logprobs or [None] * len(choice.ids)) + logprobs
+    return _completion_logprobs(state, tokens, logprobs, 0)
+
+
+def _completion_logprobs(state: ServerState, tokens: list[int], entries: list[Any], offset: int) -> dict[str, Any]:
+    """OpenAI's legacy completion logprobs: tokens, token_logprobs, top_logprobs, text_offset (a
+    prompt's first token has null logprob and top_logprobs: nothing precedes it)."""
+    texts = [_token_text(state, t) for t in tokens]
+    offsets, at = [], offset
+    for text in texts:
+        offsets.append(at)
+        at += len(text)
+    tops: list[dict[str, float] | None] = []
+    for entry in entries:
+        if entry is None:
+            tops.append(None)
+            continue
+        top: dict[str, float] = {}
+        for token, logprob in entry.top:
+            top.setdefault(_token_text(state, token), logprob)  # two ids of one text: the likelier
+        tops.append(top)
+    return {
+        "tokens": texts,
+        "token_logprobs": [None if e is None else e.logprob for e in entries],
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
+
+
+def _chat_entry(state: ServerState, token: int, entry: Any) -> dict[str, Any]:
+    text = _token_text(state, token)
+    top = [
+        {"token": _token_text(state, t), "logprob": lp, "bytes": list(_token_text(state, t).encode("utf-8"))}
+        for t, lp in entry.top
+    ]
+    return {"token": text, "logprob": entry.logprob, "bytes": list(text.encode("utf-8")), "top_logprobs": top}

@@ -17,6 +17,9 @@ from typing import Any
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 SEED_LIMIT = 2**64  # as drex_hf.generation.sampling: seeds are integers in [0, 2**64)
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
+MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty / frequency_penalty is [-2, 2]
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit on a completion's `logprobs`
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on a chat completion's `top_logprobs`
 ROLES = ("system", "user", "assistant", "developer", "tool")
 
 # OpenAI fields we parse; any other field is refused by name (a typo must not be silently ignored)
@@ -61,7 +64,7 @@ class GenerationRequest:
 
     chat: bool
     model: str
-    prompt: str | list[int] | None = None  # completions
+    prompts: list[str | list[int]] = field(default_factory=list)  # completions: one choice each, in order
     messages: list[dict[str, str]] | None = None  # chat
     max_tokens: int = 16
     temperature: float = 1.0
@@ -70,10 +73,14 @@ class GenerationRequest:
     seed_given: bool = False
     stop: list[str] = field(default_factory=list)
     stream: bool = False
-    include_usage: bool = True
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
     user: str | None = None
     sla_tpot_ms: float | None = None
     return_exit_layers: bool = False
+    echo: bool = False  # completions: the prompt before the completion (with its logprobs, if asked)
+    logprobs: int | None = None  # each token's logprob and this many top ones (None: no logprobs)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -94,8 +101,11 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def parse_request(body: dict[str, Any], *, chat: bool, served_model: str, max_len: int) -> GenerationRequest:
-    """Check every field of a completion (`chat` False) or chat completion body."""
+def parse_request(
+    body: dict[str, Any], *, chat: bool, served_model: str, max_len: int, max_prompts: int = 64
+) -> GenerationRequest:
+    """Check every field of a completion (`chat` False) or chat completion body; a completion takes
+    at most `max_prompts` prompts."""
     allowed = CHAT_FIELDS if chat else COMPLETION_FIELDS
     unknown = sorted(set(body) - allowed)
     if unknown:
@@ -116,8 +126,13 @@ def parse_request(body: dict[str, Any], *, chat: bool, served_model: str, max_le
     if chat:
         req.messages = _messages(body)
     else:
-        req.prompt = _prompt(body)
+        req.prompts = _prompts(body, max_prompts)
     _unsupported(body, chat)
+    req.logprobs = _logprobs(body, chat)
+    if not chat:
+        req.echo = _flag(body, "echo")
+    req.presence_penalty = _number(body, "presence_penalty", 0.0, lo=-MAX_PENALTY, hi=MAX_PENALTY, what="in [-2, 2]")
+    req.frequency_penalty = _number(body, "frequency_penalty", 0.0, lo=-MAX_PENALTY, hi=MAX_PENALTY, what="in [-2, 2]")
     limit_name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(limit_name)
     if max_tokens is not None:
@@ -170,10 +185,10 @@ def parse_request(body: dict[str, Any], *, chat: bool, served_model: str, max_le
     return req
 
 
-def check_length(req: GenerationRequest, prompt_tokens: int, max_len: int) -> None:
+def check_length(req: GenerationRequest, prompt_tokens: int, max_len: int, index: int | None = None) -> None:
     """Refuse a request that can never fit in a slot (the engine's own rule: prompt + max_tokens - 1
-    positions, the last token never fed back), before it queues."""
-    where = "messages" if req.chat else "prompt"
+    positions, the last token never fed back), before it queues; `index`: which prompt of a list."""
+    where = "messages" if req.chat else ("prompt" if index is None else f"prompt[{index}]")
     if prompt_tokens >= max_len:
         raise RequestError(
             f"the {where} has {prompt_tokens} tokens; this server's requests hold at most {max_len} positions "
@@ -190,31 +205,76 @@ def check_length(req: GenerationRequest, prompt_tokens: int, max_len: int) -> No
 
 
 # ---------------------------------------------------------------------- fields
-def _prompt(body: dict[str, Any]) -> str | list[int]:
+def _prompts(body: dict[str, Any], max_prompts: int) -> list[str | list[int]]:
+    """`prompt` as OpenAI takes it: a string, a list of token ids, or a list of either (one choice
+    per prompt, in order)."""
     if "prompt" not in body or body["prompt"] is None:
-        raise RequestError("'prompt' is required: a string or a list of token ids", param="prompt")
+        raise RequestError("'prompt' is required: a string, a list of token ids, or a list of those", param="prompt")
     prompt = body["prompt"]
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        if not prompt.strip():
-            raise RequestError("'prompt' is empty: give some text or token ids", param="prompt")
-        return prompt
-    if isinstance(prompt, list):
-        if not prompt:
-            raise RequestError("'prompt' is empty: give some text or token ids", param="prompt")
-        if all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt):
+        return [_one_prompt(prompt, "prompt")]
+    if not isinstance(prompt, list):
+        raise RequestError(f"'prompt' must be a string or a list of token ids, got {_show(prompt)}", param="prompt")
+    if not prompt:
+        raise RequestError("'prompt' is empty: give some text or token ids", param="prompt")
+    if all(_is_int(t) for t in prompt):  # one prompt of token ids
+        return [[int(t) for t in prompt]]
+    if all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > max_prompts:
             raise RequestError(
-                f"'prompt' holds {len(prompt)} prompts; this server takes one prompt per request", param="prompt"
-            )
-        if not all(_is_int(t) for t in prompt):
-            bad = next(t for t in prompt if not _is_int(t))
-            raise RequestError(
-                f"'prompt' must be a string or a list of integer token ids, got an element {_show(bad)}",
+                f"'prompt' holds {len(prompt)} prompts; this server takes at most {max_prompts} in one request "
+                f"(--max-queue): send the rest in another",
                 param="prompt",
             )
-        return [int(t) for t in prompt]
-    raise RequestError(f"'prompt' must be a string or a list of token ids, got {_show(prompt)}", param="prompt")
+        return [_one_prompt(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+    bad = next((p for p in prompt if not (_is_int(p) or isinstance(p, (str, list)))), None)
+    if bad is None:  # token ids and prompts side by side
+        raise RequestError("'prompt' mixes token ids with strings or lists: give one prompt or a list", "prompt")
+    raise RequestError(
+        f"'prompt' must be a string or a list of integer token ids (or a list of those); got an element {_show(bad)}",
+        param="prompt",
+    )
+
+
+def _one_prompt(prompt: Any, where: str) -> str | list[int]:
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise RequestError(f"'{where}' is empty: give some text or token ids", param=where)
+        return prompt
+    if not prompt:
+        raise RequestError(f"'{where}' is empty: give some text or token ids", param=where)
+    bad = next((t for t in prompt if not _is_int(t)), None)
+    if bad is not None:
+        raise RequestError(
+            f"'{where}' must be a string or a list of integer token ids, got an element {_show(bad)}", param=where
+        )
+    return [int(t) for t in prompt]
+
+
+def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
+    """How many top logprobs a request wants per token (0: only the token's own), or None: none.
+    Completions: `logprobs` an integer in [0, 5]; chat: `logprobs` true, with `top_logprobs` in [0, 20]."""
+    value = body.get("logprobs")
+    if not chat:
+        if value is None:
+            return None
+        if not _is_int(value) or not 0 <= value <= MAX_COMPLETION_LOGPROBS:
+            raise RequestError(
+                f"'logprobs' must be an integer in [0, {MAX_COMPLETION_LOGPROBS}] (how many top tokens per "
+                f"token), got {_show(value)}",
+                param="logprobs",
+            )
+        return int(value)
+    wanted = _flag(body, "logprobs")
+    top = body.get("top_logprobs")
+    if top is None:
+        return 0 if wanted else None
+    if not _is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise RequestError(f"'top_logprobs' must be an integer in [0, {MAX_TOP_LOGPROBS}], got {_show(top)}",
+                           param="top_logprobs")  # fmt: skip
+    if not wanted:
+        raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return int(top)
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
@@ -254,18 +314,10 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
 
 def _unsupported(body: dict[str, Any], chat: bool) -> None:
     """OpenAI fields this server parses only to refuse a value it does not implement."""
-    logprobs = body.get("logprobs")
-    if logprobs not in (None, False) and not (not chat and logprobs == 0 and _is_int(logprobs)):
-        raise RequestError(f"'logprobs' is not supported by this server, got {_show(logprobs)}", param="logprobs")
-    checks: list[tuple[str, Any]] = [("presence_penalty", 0), ("frequency_penalty", 0)]
-    for name, neutral in checks:
-        value = body.get(name)
-        if value is not None and value != neutral:
-            raise RequestError(f"'{name}' is not supported by this server (only {neutral}), got {_show(value)}", name)
     if body.get("logit_bias"):
         raise RequestError("'logit_bias' is not supported by this server", param="logit_bias")
     if chat:
-        for name in ("top_logprobs", "tools", "functions"):
+        for name in ("tools", "functions"):
             if body.get(name):
                 raise RequestError(f"'{name}' is not supported by this server", param=name)
         fmt = body.get("response_format")
@@ -275,8 +327,6 @@ def _unsupported(body: dict[str, Any], chat: bool) -> None:
     best_of = body.get("best_of")
     if best_of is not None and best_of != 1:
         raise RequestError(f"'best_of' must be 1: this server returns one sample, got {_show(best_of)}", "best_of")
-    if body.get("echo"):
-        raise RequestError("'echo' is not supported by this server", param="echo")
     if body.get("suffix"):
         raise RequestError("'suffix' is not supported by this server", param="suffix")
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import uvicorn
 
+from drex_hf.errors import ConfigError
 from drex_hf.serve.app import ServerState, ServeSettings, create_app
 from drex_hf.serve.metrics import ServerMetrics
 from drex_hf.serve.worker import EngineWorker
@@ -35,7 +36,11 @@ class ServeOptions:
 
     max_batch: int = 8
     max_len: int = 1024
-    policy: str = "drex"
+    policy: str | None = None  # None: the card's calibrated choice for this device at max_batch (else drex)
+    draft_source: str | None = None  # self_spec: as generate()'s (None: the choice's, else "head")
+    draft_exit: int | None = None
+    draft_tokens: int | str | None = None
+    max_logprobs: int = 20  # the most top logprobs a request may ask for
     sla_tpot_ms: float | None = None
     max_queue: int = 64
     request_timeout_s: float = 600.0
@@ -44,42 +49,115 @@ class ServeOptions:
     graphs: bool | None = None
 
 
-def new_engine(model: Any, options: ServeOptions) -> Any:
-    """A `DrexEngine` for serving, with the end-of-sequence ids `generate()` would use."""
-    from drex_hf.generation.engine import DrexEngine
+@dataclass
+class ServedPolicy:
+    """The policy a server runs: its name, self_spec's drafting, and where it came from."""
+
+    policy: str
+    draft_source: str | None = None
+    draft_exit: int | None = None
+    draft_tokens: int | str | None = None
+    origin: str = "--policy"
+
+    def describe(self) -> str:
+        from drex_hf.calibration_file import describe_choice
+
+        choice = {"policy": self.policy, "draft_source": self.draft_source or "head", "draft_exit": self.draft_exit,
+                  "draft_tokens": self.draft_tokens}  # fmt: skip
+        return f"{describe_choice(choice)}, {self.origin}"
+
+
+def served_policy(model: Any, options: ServeOptions) -> ServedPolicy:
+    """`--policy`, or the card's calibrated choice for this device at `--max-batch` rows (the choice of
+    the largest calibrated batch size not above it, as `generate()` picks), else drex; self_spec's
+    drafting from the options, else the choice's, else the last exit's head, k 4."""
+    from drex_hf.calibration_file import choice_for
+
+    choice = choice_for(getattr(model, "policy_choice", None), options.max_batch) if options.policy is None else None
+    if options.policy is not None:
+        served = ServedPolicy(options.policy)
+    elif choice is not None:
+        origin = f"the card's calibrated choice here at --max-batch {options.max_batch}"
+        served = ServedPolicy(choice["policy"], choice.get("draft_source"), choice.get("draft_exit"),
+                              choice.get("draft_tokens"), origin=origin)  # fmt: skip
+    else:
+        served = ServedPolicy("drex", origin="the default (the card has no calibrated choice for this device)")
+    drafting = (options.draft_source, options.draft_exit, options.draft_tokens)
+    if served.policy != "self_spec":
+        if any(v is not None for v in drafting):
+            given = "--draft-source, --draft-exit and --draft-tokens"
+            raise ConfigError(f"{given} apply to self_spec, not {served.policy}")
+        return served
+    served.draft_source = options.draft_source or served.draft_source or "head"
+    served.draft_exit = options.draft_exit if options.draft_exit is not None else served.draft_exit
+    if served.draft_exit is None and served.draft_source != "ngram":
+        served.draft_exit = model.exit_layers[-1]
+    tokens = options.draft_tokens if options.draft_tokens is not None else served.draft_tokens
+    served.draft_tokens = 4 if tokens is None else tokens
+    return served
+
+
+def new_engine(model: Any, options: ServeOptions, served: ServedPolicy | None = None) -> Any:
+    """The server's engine for `served` (default: `served_policy`): a `DrexEngine` (full, drex, ...)
+    or a `SpecEngine` (self_spec), with the end-of-sequence ids `generate()` would use, each request's
+    own sampling and logprobs, and bounded memory."""
     from drex_hf.generation.settings import merge_generation_config, settings_from_config
 
+    served = served or served_policy(model, options)
     settings = settings_from_config(merge_generation_config(model.base_model, None, {"max_new_tokens": 16}), 1)
+    common = dict(max_batch=options.max_batch, max_len=options.max_len, settings=settings, graphs=options.graphs,
+                  progress=False, per_request_sampling=True, keep_finished=False,
+                  logprobs=options.max_logprobs)  # fmt: skip
+    if served.policy == "self_spec":
+        from drex_hf.generation.spec.engine import SpecEngine, model_drafting
+
+        return SpecEngine(model, draft_source=served.draft_source, draft_exit=served.draft_exit,
+                          draft_tokens=served.draft_tokens, **model_drafting(model), **common)  # fmt: skip
+    from drex_hf.generation.engine import DrexEngine
+
     return DrexEngine(
         model,
-        max_batch=options.max_batch,
-        max_len=options.max_len,
-        policy=options.policy,
-        settings=settings,
+        policy=served.policy,
         sla_tpot_ms=options.sla_tpot_ms,
-        graphs=options.graphs,
-        progress=False,
-        per_request_sampling=True,  # each request brings its temperature / top_p / seed
-        keep_finished=False,  # bounded memory: a finished request goes to its on_finish only
         stats_window=STATS_WINDOW,
+        sla_per_request=served.policy == "drex",  # a request's own sla_tpot_ms steers the scheduler
+        **common,
     )
 
 
 def build_state(model: Any, tokenizer: Any, model_name: str, options: ServeOptions) -> ServerState:
     """Start the engine thread (the engine is built on it) and return what the routes share."""
     metrics = ServerMetrics()
+    served = served_policy(model, options)
     worker = EngineWorker(
-        lambda: new_engine(model, options), metrics, max_queue=options.max_queue, sla_tpot_ms=options.sla_tpot_ms
+        lambda: new_engine(model, options, served),
+        metrics,
+        max_queue=options.max_queue,
+        sla_tpot_ms=options.sla_tpot_ms,
+        sla_per_request=served.policy == "drex",
     )
     worker.start()
+    engine = worker.engine
     settings = ServeSettings(
         model_name=model_name,
-        max_len=worker.engine.store.max_len,  # the engine may cap it at a learned position limit
+        max_len=_request_positions(engine),  # the engine may cap it at a learned position limit
         vocab_size=model.arch.input_vocab_size,
         request_timeout_s=options.request_timeout_s,
         max_body_bytes=options.max_body_bytes,
+        max_prompts=options.max_queue,
+        policy=served.policy,
+        max_logprobs=options.max_logprobs,
     )
-    return ServerState(settings, tokenizer, worker, metrics)
+    state = ServerState(settings, tokenizer, worker, metrics)
+    state.served = served
+    return state
+
+
+def _request_positions(engine: Any) -> int:
+    """The positions a request may use: a self-speculation engine's store keeps k + 1 spare ones."""
+    from drex_hf.generation.spec.engine import SpecEngine
+
+    return engine.max_len if isinstance(engine, SpecEngine) else engine.store.max_len
 
 
 class DrexServer(uvicorn.Server):

@@ -25,8 +25,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass(eq=False)  # a job is itself: `in` / `remove` compare identity, not prompts
 class Job:
-    """One request on its way through the engine. `events` (read on the event loop) receives
-    ("token", token, layer) per token, then one ("done", finish_reason) or ("error", RequestError)."""
+    """One prompt on its way through the engine. `events` (read on the event loop) receives, when
+    `prompt_logprobs` asks, ("prompt_logprobs", [TokenLogprob | None per prompt token]) first, then
+    ("token", token, layer, TokenLogprob or None) per token, then one ("done", finish_reason) or
+    ("error", RequestError). `logprobs`: each token's logprob with this many top ones (None: none)."""
 
     ids: list[int]
     max_tokens: int
@@ -35,6 +37,10 @@ class Job:
     top_p: float
     loop: asyncio.AbstractEventLoop
     sla_tpot_ms: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     admitted_at: float = field(default_factory=time.perf_counter)
     rid: int | None = None
@@ -68,9 +74,11 @@ class EngineWorker:
         max_queue: int,
         sla_tpot_ms: float | None = None,
         retry_after_s: int = 1,
+        sla_per_request: bool = False,
     ) -> None:
         self.build, self.metrics, self.max_queue = build, metrics, max_queue
         self.sla_tpot_ms, self.retry_after_s = sla_tpot_ms, retry_after_s
+        self.sla_per_request = sla_per_request  # a request's sla_tpot_ms reaches the engine's scheduler
         self.engine: Any = None
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()  # admitted, waiting for a slot
@@ -96,19 +104,26 @@ class EngineWorker:
 
     def submit(self, job: Job) -> None:
         """Queue a job, or refuse it: 503 while shutting down, 429 (with Retry-After) when full."""
+        self.submit_all([job])
+
+    def submit_all(self, jobs: list[Job]) -> None:
+        """Queue all the jobs (one request's prompts) or none: 503 while shutting down, 429 (with
+        Retry-After) when the queue has no room for all of them."""
         with self._cond:
             if self.failed:
                 raise RequestError("the engine failed; the server cannot decode", status=503, type="server_error")
             if self._draining or self._stopping:
                 raise RequestError("the server is shutting down", status=503, type="server_shutting_down")
-            if len(self._pending) >= self.max_queue:
+            if len(self._pending) + len(jobs) > self.max_queue:
+                room = max(0, self.max_queue - len(self._pending))
+                what = "" if len(jobs) == 1 else f" for {len(jobs)} prompts (room for {room})"
                 raise RequestError(
-                    f"the server's queue is full ({self.max_queue} requests waiting); retry later",
+                    f"the server's queue is full ({self.max_queue} requests waiting){what}; retry later",
                     status=429,
                     type="rate_limit_error",
                     headers={"Retry-After": str(self.retry_after_s)},
                 )
-            self._pending.append(job)
+            self._pending.extend(jobs)
             self.metrics.queue_depth.set(len(self._pending))
             self._cond.notify()
 
@@ -210,14 +225,27 @@ class EngineWorker:
         from drex_hf.errors import DrexError
         from drex_hf.generation.sampling import RequestSampling
 
+        sampling = RequestSampling(
+            temperature=job.temperature,
+            top_p=job.top_p,
+            presence_penalty=job.presence_penalty,
+            frequency_penalty=job.frequency_penalty,
+        )
+        extra = {"sla_tpot_ms": job.sla_tpot_ms} if job.sla_tpot_ms is not None and self.sla_per_request else {}
         try:
+            if job.prompt_logprobs is not None:  # echo: the prompt's own logprobs, at full depth, first
+                from drex_hf.generation.scoring import prompt_logprobs
+
+                job.send("prompt_logprobs", prompt_logprobs(self.engine.model, job.ids, job.prompt_logprobs))
             rid = self.engine.add_request(
                 torch.tensor(job.ids, dtype=torch.long),
                 max_new_tokens=job.max_tokens,
                 seed=job.seed,
                 callback=self._on_token,
                 on_finish=self._on_finish,
-                sampling=RequestSampling(temperature=job.temperature, top_p=job.top_p),
+                sampling=sampling,
+                logprobs=job.logprobs,
+                **extra,
             )
         except DrexError as err:  # the routes check first; this is the engine's own word
             job.close("error", RequestError(" ".join(str(err).split())))
@@ -234,14 +262,16 @@ class EngineWorker:
 
     def _step(self) -> None:
         engine = self.engine
-        before = engine.stats.tokens, engine.stats.involuntary_exits
+        involuntary = getattr(engine.stats, "involuntary_exits", 0)  # self-speculation never forces one
+        before = engine.stats.tokens
         engine.step()
-        self.metrics.step_done(engine.stats.tokens - before[0])
-        if engine.stats.involuntary_exits > before[1]:
-            self.metrics.involuntary.inc(engine.stats.involuntary_exits - before[1])
+        self.metrics.step_done(engine.stats.tokens - before)
+        now = getattr(engine.stats, "involuntary_exits", 0)
+        if now > involuntary:
+            self.metrics.involuntary.inc(now - involuntary)
         self._set_running()
 
-    def _on_token(self, rid: int, token: int, layer: int) -> None:
+    def _on_token(self, rid: int, token: int, layer: int, logprob: Any = None) -> None:
         job = self._jobs.get(rid)
         now = time.perf_counter()
         self.metrics.generation_tokens.inc()
@@ -254,7 +284,7 @@ class EngineWorker:
             self.metrics.ttft.observe(now - job.admitted_at)
         job.last_at = now
         if not job.cancelled:
-            job.send("token", token, layer)
+            job.send("token", token, layer, logprob)
 
     def _on_finish(self, output: Any) -> None:
         job = self._jobs.pop(output.request_id, None)

@@ -39,19 +39,33 @@ from drex_hf.config import DRAFT_SOURCES
 from drex_hf.device import time_ms
 from drex_hf.errors import GenerationInputError, GenerationTypeError
 from drex_hf.generation.checks import check_request, check_special_tokens
-from drex_hf.generation.engine import SlotEngine, TokenRates, _graph_mode
+from drex_hf.generation.engine import (
+    SlotEngine,
+    TokenRates,
+    _graph_mode,
+    check_logprobs_capacity,
+    check_request_logprobs,
+)
 from drex_hf.generation.kv_store import RowKVCache
 from drex_hf.generation.plan import row_buckets
 from drex_hf.generation.protocol import EarlyExitModel
 from drex_hf.generation.runner import Options, Runner
-from drex_hf.generation.sampling import as_seed
+from drex_hf.generation.sampling import RequestSampling, as_seed
 from drex_hf.generation.settings import DecodeSettings
 from drex_hf.generation.spec.cost import SpecCost, best_k, judged_drafts
 from drex_hf.generation.spec.ngram import MAX_NGRAM, MIN_NGRAM, CorpusIndex, NgramIndex, check_ngram_sizes
 from drex_hf.generation.spec.programs import SpecPrograms
 from drex_hf.generation.spec.reference import DRAFT, check_spec_arguments, spec_counter
 from drex_hf.generation.spec.vocab import SubsetHead
-from drex_hf.generation.state import FinishCallback, Phase, Request, RequestOutput, Requests, TokenCallback
+from drex_hf.generation.state import (
+    FinishCallback,
+    Phase,
+    Request,
+    RequestOutput,
+    Requests,
+    TokenCallback,
+    TokenLogprob,
+)
 from drex_hf.seeds import check_seed
 
 MAX_ADAPTIVE_DRAFT = 8  # the largest k adaptive drafting considers, unless max_draft_tokens says otherwise
@@ -212,7 +226,8 @@ class SpecEngine(SlotEngine):
                  cost: SpecCost | None = None, exit_source: str = "heads", acceptance: float | None = None,
                  trace_seed: int = 0, keep_finished: bool = True, prior_acceptance: float = 0.5,
                  graphs: Any = None, lazy_capture: bool = True, static_shapes: bool | None = None,
-                 buckets: Sequence[int] | None = None, progress: bool | None = None) -> None:  # fmt: skip
+                 buckets: Sequence[int] | None = None, progress: bool | None = None,
+                 per_request_sampling: bool = False, logprobs: int | None = None) -> None:  # fmt: skip
         model.arch.check_attention_implementation()
         for name, value, low in (("max_batch", max_batch, 1), ("max_len", max_len, 2)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -245,7 +260,8 @@ class SpecEngine(SlotEngine):
         options = Options(boundaries=[draft_exit], thresholds=[float("inf")],
                           buckets=list(buckets) if buckets else row_buckets(max_batch, static), static=static,
                           eos=tuple(settings.eos_token_ids), do_sample=settings.do_sample,
-                          warpers=tuple(settings.warpers()), fills=False)  # fmt: skip
+                          warpers=tuple(settings.warpers()), fills=False, per_request=per_request_sampling,
+                          logprobs=check_logprobs_capacity(logprobs))  # fmt: skip
         self.runner = Runner(model, self.store, options, graphs=graphs, lazy=lazy_capture)
         self.head = model.heads[model.exit_layers.index(draft_exit)]
         if draft_vocab is not None and draft_source != "ngram":  # drafts among the subset's tokens only
@@ -253,6 +269,11 @@ class SpecEngine(SlotEngine):
         self.programs = SpecPrograms(self.runner, self.head, k_max, acceptance if exit_source == "trace" else None,
                                      settings, draft_confidence)  # fmt: skip
         self.device = self.runner.device
+        self.per_request_sampling, self.logprobs = per_request_sampling, options.logprobs
+        self._default_sampling = RequestSampling(
+            temperature=settings.temperature if settings.do_sample else 0.0, top_p=settings.top_p or 1.0,
+            top_k=settings.top_k or 0,
+        )  # fmt: skip
         self.shallow, self.deep = range(0, draft_exit + 1), range(draft_exit + 1, self.num_layers)
         self.requests = Requests(self.store.allocate, self.store.release)
         self.rounds: dict[int, _Round] = {}  # by slot
@@ -271,19 +292,35 @@ class SpecEngine(SlotEngine):
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: torch.Tensor | Sequence[int], *, max_new_tokens: int | None = None,
                     seed: int | None = None, callback: TokenCallback | None = None,
-                    on_finish: FinishCallback | None = None) -> int:  # fmt: skip
+                    on_finish: FinishCallback | None = None, sampling: RequestSampling | None = None,
+                    logprobs: int | None = None) -> int:  # fmt: skip
         """Queue a prompt (1-D token ids); returns its request id. Errors before any work, as
-        `DrexEngine.add_request`: an empty prompt, ids outside the vocabulary, no room, no free slot."""
+        `DrexEngine.add_request`: an empty prompt, ids outside the vocabulary, no room, no free slot.
+        `sampling` and `logprobs` as `DrexEngine.add_request`'s (presence and frequency penalties are
+        refused: verification keeps full depth's own distribution)."""
         default = self.settings.max_new_tokens if max_new_tokens is None else max_new_tokens
         ids, max_new = check_request(prompt, default, self.arch, self.max_len)
         seed = None if seed is None else check_seed(seed)
+        if sampling is not None:
+            if not self.per_request_sampling:
+                raise GenerationInputError("sampling= per request needs an engine built with per_request_sampling=True")
+            if not isinstance(sampling, RequestSampling):
+                raise GenerationTypeError(f"sampling must be a RequestSampling, got {type(sampling).__name__}")
+            if sampling.penalised:
+                raise GenerationInputError(
+                    "presence_penalty and frequency_penalty do not apply to self_spec: its tokens are full depth's "
+                    "own distribution's (use policy 'full' or 'drex')"
+                )
+        sampling = sampling or (self._default_sampling if self.per_request_sampling else None)
+        logprobs = check_request_logprobs(logprobs, self.logprobs)
+        samples = self.settings.do_sample if sampling is None else not sampling.greedy
 
         def make(rid: int, slot: int, epoch: int) -> Request:
             trace_seed = as_seed(self.trace_seed + (rid if seed is None else int(seed)))
-            drawn = seed if seed is not None else (int(torch.randint(0, 2**62, (1,))) if self.settings.do_sample else 0)
+            drawn = seed if seed is not None else (int(torch.randint(0, 2**62, (1,))) if samples else 0)
             output = SpecRequestOutput(rid, int(ids.numel()))
-            return Request(output, ids, int(max_new), as_seed(drawn), slot, epoch, callback, on_finish,
-                           trace_seed=trace_seed)  # fmt: skip
+            return Request(output, ids, int(max_new), as_seed(drawn), slot, epoch, callback, on_finish, sampling,
+                           trace_seed=trace_seed, logprobs=logprobs)  # fmt: skip
 
         return self.requests.admit(make).output.request_id
 
@@ -317,7 +354,11 @@ class SpecEngine(SlotEngine):
         for slot, token in zip(sorted(by_slot), tokens):
             request = by_slot[slot]
             round_ = self.rounds[slot] = _Round(request, position=request.output.prompt_length, text=texts[slot])
-            if self._emit(round_, token):
+            entry = None
+            if request.logprobs is not None:  # the prefill's pick kept it at the token's sequence index
+                row = self.runner.picker.logprobs[slot, request.output.prompt_length].tolist()
+                entry = TokenLogprob.from_row(row, request.logprobs)
+            if self._emit(round_, token, entry):
                 self._start_round(round_)
         self.stats.prefill_steps += 1
         self.stats.prefill_s += time.perf_counter() - start
@@ -390,12 +431,17 @@ class SpecEngine(SlotEngine):
         self.stats.layer_rows += (0 if fresh else len(rounds) * len(self.shallow)) + real * layers
         self.stats.padded_layer_rows += (len(rounds) * (width + 1) - real) * layers
         k = self.k_max
-        for round_, values in zip(rounds, result):
-            self._finish_round(round_, values[:width], values[k : k + width + 1])
+        logprobs = self.programs.last_logprobs
+        for i, (round_, values) in enumerate(zip(rounds, result)):
+            rows = logprobs[i].tolist() if logprobs is not None and round_.request.logprobs is not None else None
+            self._finish_round(round_, values[:width], values[k : k + width + 1], rows)
 
-    def _finish_round(self, round_: _Round, accepted: list[float], full: list[float]) -> None:
+    def _finish_round(
+        self, round_: _Round, accepted: list[float], full: list[float], logprobs: list | None = None
+    ) -> None:
         """Emit the row's accepted drafts and full depth's next token; the rejected positions go (the
-        row's pending position moves only past what it kept)."""
+        row's pending position moves only past what it kept). `logprobs`: the verify pass's row per
+        position for the emitted token there (a request that asked for logprobs)."""
         n, kept, emitted = len(round_.drafts), 0, []
         for j in range(n):
             if not accepted[j]:
@@ -420,16 +466,22 @@ class SpecEngine(SlotEngine):
         stats.rounds, stats.drafted, stats.accepted = stats.rounds + 1, stats.drafted + n, stats.accepted + kept
         stats.tested += judged_drafts(n, kept)
         stats.draft_lengths[round_.k] = stats.draft_lengths.get(round_.k, 0) + 1
-        for token in emitted:
-            if not self._emit(round_, token):
+        for j, token in enumerate(emitted):
+            entry = None if logprobs is None else TokenLogprob.from_row(logprobs[j], round_.request.logprobs)
+            if not self._emit(round_, token, entry):
                 return
             round_.position += 1
         self._start_round(round_)
 
-    def _emit(self, round_: _Round, token: int) -> bool:
-        """Append one token; False when it ended the request (eos or max_new_tokens)."""
+    def _emit(self, round_: _Round, token: int, entry: TokenLogprob | None = None) -> bool:
+        """Append one token (with its `TokenLogprob` for a request that asked); False when it ended
+        the request (eos or max_new_tokens)."""
         request = round_.request
         out = request.output
+        if entry is not None:
+            if out.logprobs is None:
+                out.logprobs = []
+            out.logprobs.append(entry)
         out.tokens.append(int(token))
         out.exit_layers.append(self.num_layers - 1)
         if round_.text is not None:
@@ -439,7 +491,10 @@ class SpecEngine(SlotEngine):
         if len(out.tokens) > 1:
             self.stats.decoded_tokens += 1
         if request.callback is not None:
-            request.callback(out.request_id, int(token), self.num_layers - 1)
+            if entry is not None:
+                request.callback(out.request_id, int(token), self.num_layers - 1, entry)
+            else:
+                request.callback(out.request_id, int(token), self.num_layers - 1)
         if int(token) in self.eos:
             self._end(request, "stop")
             return False

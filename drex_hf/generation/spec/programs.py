@@ -29,8 +29,8 @@ import torch
 
 from drex_hf.arch import build_attention_mask, cheapest_rows, linear_weights
 from drex_hf.generation.programs import Rows
-from drex_hf.generation.runner import Runner
-from drex_hf.generation.sampling import pick_tokens, uniforms
+from drex_hf.generation.runner import Runner, logprob_rows
+from drex_hf.generation.sampling import pick_rows, pick_tokens, uniforms, warp_rows
 from drex_hf.generation.spec.reference import ACCEPT, FULL
 
 TRACE_STREAM = 3  # a trace's acceptance coin: a sub-stream of the request's trace seed
@@ -48,6 +48,9 @@ class SpecPrograms:
         draft_confidence: float | None = None,
     ) -> None:  # fmt: skip
         self.runner, self.head, self.k_max = runner, head, k_max
+        # each slot's own sampling parameters (`RequestSampling.row()`, set at its prefill), or None
+        self.row_params = runner.picker.row_sampling
+        self.top = runner.options.logprobs  # keep each emitted token's logprobs (None: no)
         self.draft_confidence = draft_confidence if acceptance is None else None
         self.arch, self.state, self.programs = runner.arch, runner.state, runner.programs
         self.acceptance = acceptance
@@ -57,7 +60,7 @@ class SpecPrograms:
         self.device, self.q = device, k_max + 1
         self.states = torch.zeros(total, k_max + 1, self.arch.hidden_size, dtype=dtype, device=device)
         self.draft_probs = None
-        if self.do_sample:
+        if self.do_sample or self.row_params is not None:
             self.draft_probs = torch.zeros(total, k_max, self.arch.vocab_size, dtype=torch.float64, device=device)
         width = len(COLUMNS) + k_max
         pinned = device.type == "cuda"
@@ -66,6 +69,10 @@ class SpecPrograms:
         self.out = torch.zeros(rows, 2 * k_max + 1, dtype=torch.float64, device=device)
         self.host_out = torch.zeros(self.out.shape, dtype=torch.float64, pin_memory=pinned)
         self._plan_np, self._out_np = self.host_plan.numpy(), self.host_out.numpy()
+        self.logprobs = self.host_logprobs = self.last_logprobs = None
+        if self.top is not None:  # per row and verified position: the emitted token's logprob row
+            self.logprobs = torch.zeros(rows, self.q, 1 + 2 * self.top, dtype=torch.float32, device=device)
+            self.host_logprobs = torch.zeros(self.logprobs.shape, dtype=torch.float32, pin_memory=pinned)
         self._done = None
         if pinned:
             with torch.cuda.device(device):
@@ -75,7 +82,8 @@ class SpecPrograms:
 
     def tensors(self) -> list[torch.Tensor]:
         head = list(self.head.tensors()) if hasattr(self.head, "tensors") else []  # a draft vocabulary's
-        return [t for t in (self.states, self.draft_probs, self.plan, self.out, self._offsets) if t is not None] + head
+        kept = (self.states, self.draft_probs, self.plan, self.out, self._offsets, self.logprobs)
+        return [t for t in kept if t is not None] + head
 
     # ------------------------------------------------------------------ a step
     def run(self, kind: str, columns: list[list[int]], drafts: list[list[int]] | None = None) -> np.ndarray:
@@ -100,6 +108,9 @@ class SpecPrograms:
         self.runner.transfers["uploads"] += 1
         self.runner.graphs.run(key)
         self.host_out[:bucket].copy_(self.out[:bucket], non_blocking=self._done is not None)
+        if self.logprobs is not None and kind == "verify":
+            self.host_logprobs[:bucket].copy_(self.logprobs[:bucket], non_blocking=self._done is not None)
+            self.last_logprobs = self.host_logprobs.numpy()[:n]
         if self._done is not None:
             self._done.record(torch.cuda.current_stream(self.device))
             self._done.synchronize()
@@ -126,9 +137,13 @@ class SpecPrograms:
         state = self.shallow(bucket, slots, positions + offsets, offsets)
         logits = self.head.logits(state).float()
         confidence = torch.softmax(logits, dim=-1).amax(dim=-1)
-        tokens = pick_tokens(logits, self.do_sample, self.warpers, seeds, counters)
+        params = self.row_params.index_select(0, slots) if self.row_params is not None else None
+        if params is not None:
+            tokens = pick_rows(logits, params, seeds, counters)
+        else:
+            tokens = pick_tokens(logits, self.do_sample, self.warpers, seeds, counters)
         if self.draft_probs is not None:
-            self.draft_probs.index_put_((slots, offsets.clamp(max=self.k_max - 1)), self._warped(logits))
+            self.draft_probs.index_put_((slots, offsets.clamp(max=self.k_max - 1)), self._warped(logits, params))
         if self.draft_confidence is not None:  # a draft not proposed leaves the row's last input as it was
             kept = confidence.double() >= self.draft_confidence
             tokens = torch.where(kept, tokens, self.state.tokens.index_select(0, slots))
@@ -172,6 +187,10 @@ class SpecPrograms:
         self.state.tokens.index_copy_(0, slots, tokens.gather(1, kept).squeeze(1))
         self.out[:bucket, :k].copy_(accepted)
         self.out[:bucket, self.k_max : self.k_max + q].copy_(tokens)
+        if self.logprobs is not None:  # each position's emitted token: an accepted draft, then full depth's
+            emitted = torch.where(offsets.unsqueeze(0) < kept, torch.cat([drafts, tokens[:, k:]], dim=1), tokens)
+            chosen = logprob_rows(logits.reshape(-1, logits.shape[-1]), emitted.reshape(-1), self.top)
+            self.logprobs[:bucket, :q].copy_(chosen.view(bucket, q, -1))
 
     def padding(self) -> dict[int, int]:
         """Eager CPU verify: n packed positions -> the rows to run them as (`arch.cheapest_rows` over the
@@ -203,15 +222,19 @@ class SpecPrograms:
         return hidden
 
     # ------------------------------------------------------------------ acceptance
-    def _softmax(self, logits: torch.Tensor) -> torch.Tensor:
-        """The float64 softmax of `logits [n, vocab]` through the warpers (what `sample_rows` inverts)."""
+    def _softmax(self, logits: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
+        """The float64 softmax of `logits [n, vocab]` through the warpers, or each row's own
+        (`params [n, 5]`, `sampling.warp_rows`) — what `sample_rows` inverts."""
         scores = logits.float()
-        for warper in self.warpers:
-            scores = warper(scores)
+        if params is not None:
+            scores = warp_rows(scores, params)[0]
+        else:
+            for warper in self.warpers:
+                scores = warper(scores)
         return torch.softmax(scores, dim=-1).double()
 
-    def _warped(self, logits: torch.Tensor) -> torch.Tensor:
-        probs = self._softmax(logits)
+    def _warped(self, logits: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
+        probs = self._softmax(logits, params)
         return probs / probs.sum(dim=-1, keepdim=True)
 
     def _accept(
@@ -223,12 +246,30 @@ class SpecPrograms:
         speculative test (ACCEPT draw), the residual max(0, p - q) (FULL draw) after a rejection, p
         itself (FULL draw) after the last draft. A `from_text` row's drafts were proposed with
         probability one (its own text's): accepted with probability p, residual p without the draft."""
+        params = self.row_params.index_select(0, slots) if self.row_params is not None else None
+        if not self.do_sample and params is None:
+            return self._greedy(logits, drafts)
+        accepted, tokens = self._sampled(logits, slots, drafts, lengths, index, seeds, from_text, params)
+        if params is None:
+            return accepted, tokens
+        greedy = (params[:, 0] == 0).unsqueeze(1)  # each row its own: greedy rows take full depth's argmax
+        accepted_greedy, tokens_greedy = self._greedy(logits, drafts)
+        return torch.where(greedy, accepted_greedy, accepted), torch.where(greedy, tokens_greedy, tokens)
+
+    @staticmethod
+    def _greedy(logits: Any, drafts: Any) -> tuple[Any, Any]:
+        tokens = logits.argmax(dim=-1)
+        k = logits.shape[1] - 1
+        return (tokens[:, :k] == drafts) if k else tokens[:, :0].bool(), tokens
+
+    def _sampled(
+        self, logits: Any, slots: Any, drafts: Any, lengths: Any, index: Any, seeds: Any, from_text: Any, params: Any
+    ) -> tuple[Any, Any]:
+        """`_accept` for sampled rows (the engine's warpers, or each row's own `params`)."""
         n, q, vocab = logits.shape
         k = q - 1
-        if not self.do_sample:
-            tokens = logits.argmax(dim=-1)
-            return (tokens[:, :k] == drafts) if k else tokens[:, :0].bool(), tokens
-        softmax = self._softmax(logits.reshape(n * q, vocab)).view(n, q, vocab)
+        flat = None if params is None else params.repeat_interleave(q, dim=0)
+        softmax = self._softmax(logits.reshape(n * q, vocab), flat).view(n, q, vocab)
         p = softmax / softmax.sum(dim=-1, keepdim=True)
         counters = index.unsqueeze(1) + self._offsets[:q]
         row_seeds = seeds.unsqueeze(1).expand(n, q)
