@@ -1,6 +1,6 @@
 """lm-evaluation-harness against `drex serve`: a client no one here wrote scores the served model.
 
-    python benchmarks/lm_eval_serve.py                          # the README's table (about 10 min, 2 cores)
+    python benchmarks/lm_eval_serve.py                  # the README's table (wall times: see the report)
     python benchmarks/lm_eval_serve.py --limit 8 --policies full --out runs/lm-eval-small
 
 Runs the local-file tasks of `benchmarks/lm_eval/tasks/` (`folio_next_line`: multiple choice by
@@ -69,8 +69,7 @@ def serving(heads: str, policy: str, args: argparse.Namespace, log: Path) -> Ite
         "--port", "0", "--max-batch", str(args.max_batch), "--max-len", str(args.max_len), "--grace-s", "10",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    env["OMP_NUM_THREADS"] = str(args.threads)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     with log.open("w") as sink:
         proc = subprocess.Popen(cmd, stdout=sink, stderr=sink, env=env, cwd=ROOT)
@@ -249,8 +248,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base", default=None, help="the base model's HF folder (default: found from --heads)")
     parser.add_argument("--policies", default="full,drex,self_spec", help="drex serve --policy values, in order")
     parser.add_argument("--limit", type=int, default=None, help="documents per task (default: --mc-limit/--gen-limit)")
-    parser.add_argument("--mc-limit", type=int, default=100, help=f"{MC_TASK} documents (first N)")
-    parser.add_argument("--gen-limit", type=int, default=100, help=f"{GEN_TASK} documents (first N)")
+    parser.add_argument("--mc-limit", type=int, default=60, help=f"{MC_TASK} documents (first N)")
+    parser.add_argument("--gen-limit", type=int, default=60, help=f"{GEN_TASK} documents (first N)")
     parser.add_argument("--no-hf", action="store_true", help="skip lm_eval's HF backend")
     parser.add_argument("--no-chat", action="store_true", help="skip local-chat-completions")
     parser.add_argument("--hf-batch-size", type=int, default=1, help="lm_eval hf backend's batch_size")
@@ -258,7 +257,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-concurrent", type=int, default=8, help="requests lm_eval keeps in flight")
     parser.add_argument("--max-batch", type=int, default=8, help="drex serve --max-batch")
     parser.add_argument("--max-len", type=int, default=1024, help="drex serve --max-len (and lm_eval's max_length)")
-    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the server (default: torch's)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the HF backend and the server (on a shared 2-core machine, 2 threads waiting "
+        "on each other ran HF's forward 4-8x slower than 1)",
+    )
     parser.add_argument("--out", default="benchmarks/results/cpu-2026-12-07/lm-eval", help="output folder")
     args = parser.parse_args(argv)
     if args.limit is not None:
@@ -272,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    import torch
+
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     folder = Path(args.base) if args.base else base_folder(args.heads)
@@ -290,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         "num_concurrent": args.num_concurrent,
         "batch_size": args.batch_size,
         "max_batch": args.max_batch,
+        "threads": args.threads,
+        "load_average_at_start": os.getloadavg(),
         "versions": versions(),
+        "served": {},  # what each server said it runs
         "runs": [],
     }
     total = (0 if args.no_hf else 2) + len(policies) * len(rows)
@@ -322,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         record("hf", GEN_TASK, "hf", evaluate(lm, GEN_TASK, limits[GEN_TASK], chat=True))
         del lm
     for policy in policies:
-        with serving(args.heads, policy, args, out / f"serve-{policy}.log") as url:
+        log = out / f"serve-{policy}.log"
+        with serving(args.heads, policy, args, log) as url:
             name = served_name(url)
             for task, client in rows:
                 try:
@@ -331,10 +343,14 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as err:  # noqa: BLE001 - one failed run is reported, the others still run
                     result = err
                 record(policy, task, client, result)
+        said = re.search(r"drex serve: policy (.*)", log.read_text())
+        report["served"][policy] = said.group(1) if said else None
+    report["load_average_at_end"] = os.getloadavg()
     (out / "lm-eval.json").write_text(json.dumps(report, indent=2) + "\n")
     header = f"lm-evaluation-harness {report['versions']['lm_eval']} against `drex serve` ({args.heads}); "
     header += f"first {limits[MC_TASK]} / {limits[GEN_TASK]} documents of {MC_TASK} / {GEN_TASK}.\n\n"
-    (out / "lm-eval.md").write_text(header + f"`{report['command']}`\n\n" + table(report))
+    served = "".join(f"- `--policy {p}`: {said}\n" for p, said in report["served"].items())
+    (out / "lm-eval.md").write_text(header + f"`{report['command']}`\n\n" + table(report) + "\n" + served)
     print(f"wrote {out / 'lm-eval.json'} and {out / 'lm-eval.md'}", file=sys.stderr)
     return 1 if any("error" in r for r in report["runs"]) else 0
 

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "lm_eval_serve.py"
 HEADS = ROOT / "model_cards" / "smollm2-135m-drex"
 MC_DOCS, GEN_DOCS = 4, 3
+SECONDS = 120
 # Per choice, |served - HF| of a summed loglikelihood: both float32 forwards of the same ~70 tokens, in
 # different kernels (the engine's prefill vs HF's forward); a real difference (a shifted token, another
 # model) is of order 1 or more.
@@ -39,7 +40,7 @@ def _script():
 def test_script_help_shows_its_defaults():
     done = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert "full,drex,self_spec" in done.stdout and "(default: 100)" in done.stdout
+    assert "full,drex,self_spec" in done.stdout and "(default: 60)" in done.stdout
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,8 @@ def runs(smollm2_home):
     from serve_support import serving
 
     rng_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()  # lm_eval reseeds them
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the script: on a shared 2-core machine two threads ran HF's forward 4-8x slower
     lme = _script()
     start = time.perf_counter()
     folder = lme.base_folder(HEADS)
@@ -70,6 +73,7 @@ def runs(smollm2_home):
         except Exception as err:  # noqa: BLE001 - a server without echo/logprobs answers 400
             out["local-completions"][lme.MC_TASK] = err
     out["seconds"] = time.perf_counter() - start
+    torch.set_num_threads(threads)
     random.setstate(rng_state[0])
     np.random.set_state(rng_state[1])
     torch.random.set_rng_state(rng_state[2])
@@ -86,7 +90,8 @@ def test_served_generations_equal_lm_evals_hf_backend(runs):
         metrics, samples, _ = out[client][lme.GEN_TASK]
         assert [s["text"] for s in samples] == [s["text"] for s in hf_samples], client
         assert metrics == hf_metrics, client
-    assert out["seconds"] < 90, f"the small lm_eval runs took {out['seconds']:.0f} s"
+    # about 50 s on the shared 2-core CPU; the bound catches a hang or a pathological slowdown, not noise
+    assert out["seconds"] < SECONDS, f"the small lm_eval runs took {out['seconds']:.0f} s"
 
 
 @pytest.mark.slow
