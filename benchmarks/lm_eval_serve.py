@@ -106,6 +106,28 @@ def served_name(url: str) -> str:
     return httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
 
 
+def exit_counts(url: str) -> dict[int, int]:
+    """Generated tokens so far by the decoder layer they left at (the server's `drex_exits` counter)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: dict[int, int] = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name == "drex_exits_total":
+                counts[int(sample.labels["layer"])] = int(sample.value)
+    return counts
+
+
+def exits_between(before: dict[int, int], after: dict[int, int]) -> dict[str, int]:
+    """The tokens one run generated, by exit layer (JSON keys are strings)."""
+    return {
+        str(layer): after[layer] - before.get(layer, 0)
+        for layer in sorted(after)
+        if after[layer] > before.get(layer, 0)
+    }
+
+
 # ---------------------------------------------------------------------- lm_eval
 def evaluate(lm: Any, task: str, limit: int, chat: bool) -> tuple[dict[str, float], list[dict[str, Any]], float]:
     """One lm_eval run of `task` on the first `limit` documents: (metrics, samples by doc id, seconds)."""
@@ -206,6 +228,8 @@ def table(report: dict[str, Any]) -> str:
             lines.append(f"| {task} | {client} | {metric} | " + " | ".join(values) + " |")
         agree = ["—", *(_agreement(r) for r in cells)]
         lines.append(f"| {task} | {client} | same as HF, per doc | " + " | ".join(agree) + " |")
+        early = ["—", *(_early(r, report["num_layers"]) for r in cells)]
+        lines.append(f"| {task} | {client} | generated tokens that left early | " + " | ".join(early) + " |")
         walls = [_wall(hf), *(_wall(r) for r in cells)]
         lines.append(f"| {task} | {client} | wall time | " + " | ".join(walls) + " |")
     return "\n".join(lines) + "\n"
@@ -229,8 +253,20 @@ def _agreement(run: dict[str, Any] | None) -> str:
     return f"{c['same_text']}/{c['docs']} texts"
 
 
+def _early(run: dict[str, Any] | None, num_layers: int) -> str:
+    if run is None or not run.get("exits"):
+        return "—"
+    total = sum(run["exits"].values())
+    early = sum(n for layer, n in run["exits"].items() if int(layer) < num_layers - 1)
+    return f"{100 * early / total:.1f} % of {total}"
+
+
 def _wall(run: dict[str, Any] | None) -> str:
     return "—" if run is None or "seconds" not in run else f"{run['seconds']:.0f} s"
+
+
+def num_layers(folder: Path) -> int:
+    return int(json.loads((folder / "config.json").read_text())["num_hidden_layers"])
 
 
 def versions() -> dict[str, str]:
@@ -292,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python " + " ".join([str(Path(sys.argv[0])), *(argv if argv is not None else sys.argv[1:])]),
         "heads": args.heads,
         "base": str(folder),
+        "num_layers": num_layers(folder),
         "policies": policies,
         "rows": rows,
         "limits": limits,
@@ -308,10 +345,14 @@ def main(argv: list[str] | None = None) -> int:
     done = 0
     reference: dict[str, list[dict[str, Any]]] = {}
 
-    def record(backend: str, task: str, client: str, result: tuple | Exception) -> None:
+    def record(
+        backend: str, task: str, client: str, result: tuple | Exception, exits: dict[str, int] | None = None
+    ) -> None:
         nonlocal done
         done += 1
         run: dict[str, Any] = {"backend": backend, "task": task, "client": client, "docs": limits[task]}
+        if exits is not None:
+            run["exits"] = exits
         if isinstance(result, Exception):
             run["error"] = f"{type(result).__name__}: {result}"
             note = run["error"][:200]
@@ -337,12 +378,13 @@ def main(argv: list[str] | None = None) -> int:
         with serving(args.heads, policy, args, log) as url:
             name = served_name(url)
             for task, client in rows:
+                before = exit_counts(url)
                 try:
                     lm = api_model(client, url, name, folder, args)
                     result = evaluate(lm, task, limits[task], chat=task == GEN_TASK)
                 except Exception as err:  # noqa: BLE001 - one failed run is reported, the others still run
                     result = err
-                record(policy, task, client, result)
+                record(policy, task, client, result, exits_between(before, exit_counts(url)))
         said = re.search(r"drex serve: policy (.*)", log.read_text())
         report["served"][policy] = said.group(1) if said else None
     report["load_average_at_end"] = os.getloadavg()
