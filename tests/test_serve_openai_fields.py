@@ -253,7 +253,13 @@ def test_the_default_policy_is_the_cards_calibrated_choice(full):
         assert "calibrated choice here at --max-batch 1" in one.describe()
         assert served_policy(model, ServeOptions(max_batch=16)).policy == "full"
         assert served_policy(model, ServeOptions(max_batch=16, policy="drex")).policy == "drex"  # --policy wins
+        spec = served_policy(model, ServeOptions(max_batch=16, policy="self_spec"))  # drafting as the card's
+        assert (spec.policy, spec.draft_source, spec.draft_tokens) == ("self_spec", "ngram", 4)
+        mine = served_policy(model, ServeOptions(max_batch=16, policy="self_spec", draft_source="head", draft_tokens=2))
+        assert (mine.draft_source, mine.draft_exit, mine.draft_tokens) == ("head", model.exit_layers[-1], 2)
         model.policy_choice = None
         assert served_policy(model, ServeOptions(max_batch=4)).policy == "drex"
+        plain = served_policy(model, ServeOptions(max_batch=4, policy="self_spec"))
+        assert (plain.draft_source, plain.draft_exit, plain.draft_tokens) == ("head", model.exit_layers[-1], 4)
     finally:
         model.policy_choice = saved

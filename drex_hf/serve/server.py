@@ -70,11 +70,21 @@ class ServedPolicy:
 def served_policy(model: Any, options: ServeOptions) -> ServedPolicy:
     """`--policy`, or the card's calibrated choice for this device at `--max-batch` rows (the choice of
     the largest calibrated batch size not above it, as `generate()` picks), else drex; self_spec's
-    drafting from the options, else the choice's, else the last exit's head, k 4."""
+    drafting from the options, else the choice's (for `--policy self_spec`: the card's self_spec
+    choice nearest `--max-batch`, if it has one), else the last exit's head, k 4."""
     from drex_hf.calibration_file import choice_for
 
-    choice = choice_for(getattr(model, "policy_choice", None), options.max_batch) if options.policy is None else None
-    if options.policy is not None:
+    choices = getattr(model, "policy_choice", None)
+    choice = choice_for(choices, options.max_batch) if options.policy is None else None
+    if options.policy == "self_spec":  # drafting as the card's calibrated self_spec choice nearest --max-batch
+        spec = {b: c for b, c in (choices or {}).items() if c.get("policy") == "self_spec"}
+        found = choice_for(spec, options.max_batch)
+        served = ServedPolicy("self_spec")
+        if found is not None:
+            served = ServedPolicy("self_spec", found.get("draft_source"), found.get("draft_exit"),
+                                  found.get("draft_tokens"), origin="--policy, drafting as the card's calibrated "
+                                  "self_spec choice")  # fmt: skip
+    elif options.policy is not None:
         served = ServedPolicy(options.policy)
     elif choice is not None:
         origin = f"the card's calibrated choice here at --max-batch {options.max_batch}"
