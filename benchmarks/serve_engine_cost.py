@@ -33,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-logprobs", type=int, default=20, help="top logprobs kept per token (default: 20)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default: 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    parser.add_argument(
+        "--full-warps",
+        action="store_true",
+        help="the server engine runs every row's top-k/top-p sorts and penalties even where no row asks "
+        "(as before the eager CPU picker skipped them)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -52,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         "server": DrexEngine(model, max_batch=args.batch, max_len=max_len, policy=args.policy, settings=settings,
                              per_request_sampling=True, logprobs=args.max_logprobs),
     }  # fmt: skip
+    if args.full_warps:
+        engines["server"].runner.picker.skip = False
 
     def run(name: str) -> tuple[float, list[list[int]]]:
         engine = engines[name]
