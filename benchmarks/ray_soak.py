@@ -252,18 +252,8 @@ def write(out: Path, report: dict[str, Any]) -> None:
             f"{c['reference_engine_s']} s offline engine, {c['reference_decoder_s']} s decoder)",
         ),
     ]
-    lines = [
-        f"# Soak: drex serve on Ray Serve, {a['replicas']} replicas of synthetic `{a['shape']}`",
-        "",
-        f"`{report['command']}`",
-        "",
-        f"**{'PASS' if report['ok'] else 'FAIL'}**: " + "; ".join(report["failures"] or ["all checks hold"]),
-        "",
-        "| | |",
-        "| --- | --- |",
-    ]
-    lines += [f"| {k} | {v} |" for k, v in rows]
-    (out / "ray-soak.md").write_text("\n".join(lines) + "\n")
+    title = f"Soak: drex serve on Ray Serve, {a['replicas']} replicas of synthetic `{a['shape']}`"
+    soak.write_markdown(out / "ray-soak.md", title, report, rows)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -629,8 +629,14 @@ def write(out: Path, report: dict[str, Any]) -> None:
             f"{lat['wall_s']} s (+ {c['reference_engine_s']} s offline engine, {c['reference_decoder_s']} s decoder)",
         ),
     ]
+    title = f"Soak: drex serve, synthetic `{a['shape']}`, max batch {a['max_batch']}"
+    write_markdown(out / "soak.md", title, report, rows)
+
+
+def write_markdown(path: Path, title: str, report: dict[str, Any], rows: list[tuple[str, Any]]) -> None:
+    """A soak report as markdown: its title, command, verdict and a two-column table of `rows`."""
     lines = [
-        f"# Soak: drex serve, synthetic `{a['shape']}`, max batch {a['max_batch']}",
+        f"# {title}",
         "",
         f"`{report['command']}`",
         "",
@@ -640,7 +646,7 @@ def write(out: Path, report: dict[str, Any]) -> None:
         "| --- | --- |",
     ]
     lines += [f"| {k} | {v} |" for k, v in rows]
-    (out / "soak.md").write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -133,20 +133,7 @@ def app(args: RayServeArgs) -> Any:
     from drex_hf.cli.serve import load
     from drex_hf.serve.server import ServeOptions
 
-    options = ServeOptions(
-        max_batch=args.max_batch,
-        max_len=args.max_len,
-        policy=args.policy,
-        draft_source=args.draft_source,
-        draft_exit=args.draft_exit,
-        draft_tokens=args.draft_tokens,
-        max_logprobs=args.max_logprobs,
-        sla_tpot_ms=args.sla_tpot_ms,
-        max_queue=args.max_queue,
-        request_timeout_s=args.request_timeout_s,
-        grace_s=args.grace_s,
-        max_body_bytes=args.max_body_bytes,
-    )
+    options = ServeOptions.from_fields(args)
     model = args.model
     if model is not None and Path(model).exists():  # replicas need not start in this folder
         model = str(Path(model).resolve())

@@ -172,20 +172,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         model = load_model(args.model, args)
         tokenizer, name = tokenizer_for(model), args.model.rstrip("/").split("/")[-1]
-    options = ServeOptions(
-        max_batch=args.max_batch,
-        max_len=args.max_len,
-        policy=args.policy,
-        draft_source=args.draft_source,
-        draft_exit=args.draft_exit,
-        draft_tokens=args.draft_tokens,
-        max_logprobs=args.max_logprobs,
-        sla_tpot_ms=args.sla_tpot_ms,
-        max_queue=args.max_queue,
-        request_timeout_s=args.request_timeout_s,
-        grace_s=args.grace_s,
-        max_body_bytes=args.max_body_bytes,
-    )
+    options = ServeOptions.from_fields(args)
     state = build_state(model, tokenizer, args.served_model_name or name, options)
     port = sock.getsockname()[1]
     server = make_server(state, args.host, port, options.grace_s)

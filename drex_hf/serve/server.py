@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
@@ -47,6 +48,12 @@ class ServeOptions:
     grace_s: float = 30.0
     max_body_bytes: int = 1 << 20
     graphs: bool | None = None
+
+    @classmethod
+    def from_fields(cls, source: Any) -> ServeOptions:
+        """The options `source` names as attributes (drex serve's parsed arguments, the Ray
+        application's); those it lacks keep their defaults."""
+        return cls(**{f.name: getattr(source, f.name) for f in dataclasses.fields(cls) if hasattr(source, f.name)})
 
 
 @dataclass
