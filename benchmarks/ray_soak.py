@@ -143,25 +143,7 @@ async def drive(args: argparse.Namespace, url: str, model: str, plans: list[soak
                       f"{bad} lost", file=sys.stderr, flush=True)  # fmt: skip
 
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client, httpx.AsyncClient(timeout=10) as side:
-        tasks = []
-
-        async def dispatch() -> None:
-            for plan in plans:
-                delay = plan.at - (time.perf_counter() - t0)
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                await gate.acquire()
-                tasks.append(asyncio.ensure_future(one(client, plan)))
-            await asyncio.gather(*tasks)
-
-        timed_out = False
-        try:
-            await asyncio.wait_for(dispatch(), args.timeout_s)
-        except TimeoutError:
-            timed_out = True
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        timed_out = await soak.dispatch_schedule(plans, t0, gate, lambda plan: one(client, plan), args.timeout_s)
         wall = time.perf_counter() - t0
         replicas = await wait_idle(side, url, args.replicas)
     generated = sum(g.get("drex_generation_tokens_total", math.nan) for g in replicas.values())

@@ -294,32 +294,45 @@ async def drive(args: argparse.Namespace, url: str, model: str, plans: list[Plan
 
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client, httpx.AsyncClient(timeout=10) as side:
         poller = asyncio.ensure_future(poll(side))
-        tasks = []
 
-        async def dispatch() -> None:
-            for plan in plans:
-                delay = plan.at - (time.perf_counter() - t0)
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                await gate.acquire()  # at most --concurrency in flight: the rest wait here (lag)
-                started[0] += 1
-                tasks.append(asyncio.ensure_future(one(client, plan)))
-            await asyncio.gather(*tasks)
+        def launch(plan: Plan) -> Any:
+            started[0] += 1
+            return one(client, plan)
 
-        timed_out = False
-        try:
-            await asyncio.wait_for(dispatch(), args.timeout_s)
-        except TimeoutError:
-            timed_out = True
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        timed_out = await dispatch_schedule(plans, t0, gate, launch, args.timeout_s)
         wall = time.perf_counter() - t0
         idle = await wait_idle(side, url)
         final = gauges((await side.get(url + "/metrics")).text)
         poller.cancel()
     return {"outcomes": outcomes, "samples": samples, "wall_s": wall, "timed_out": timed_out, "idle": idle,
             "metrics": final, "rss_idle": rss_of(pid)}  # fmt: skip
+
+
+async def dispatch_schedule(
+    plans: list[Plan], t0: float, gate: asyncio.Semaphore, launch: Any, timeout_s: float
+) -> bool:
+    """Start `launch(plan)` at each plan's time (after `t0`), holding `gate` (at most its count in
+    flight: the rest wait here, which is the send lag), and wait for all of them; past `timeout_s`
+    the rest are cancelled and it returns True."""
+    tasks: list[asyncio.Future] = []
+
+    async def dispatch() -> None:
+        for plan in plans:
+            delay = plan.at - (time.perf_counter() - t0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await gate.acquire()
+            tasks.append(asyncio.ensure_future(launch(plan)))
+        await asyncio.gather(*tasks)
+
+    try:
+        await asyncio.wait_for(dispatch(), timeout_s)
+    except TimeoutError:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return True
+    return False
 
 
 async def wait_idle(client: httpx.AsyncClient, url: str, within_s: float = 10.0) -> dict[str, float]:
