@@ -187,30 +187,10 @@ def write(out: Path, report: dict[str, Any]) -> None:
     c, lat, a, reps = report["checks"], report["latency"], report["args"], report["replicas"]
     spread = ", ".join(f"{r}: {v['answered']}" for r, v in sorted(reps.items()))
     rows = [
-        (
-            "requests sent",
-            f"{a['requests']} (Poisson {a['rate']:g}/s, seed {a['seed']}, concurrency {a['concurrency']})",
-        ),
+        soak.sent_row(a),
         ("replicas", f"{a['replicas']} (max batch {a['max_batch']} each, one torch thread) behind Ray's HTTP proxy"),
         ("answered per replica", spread),
-        (
-            "finished / cancelled by the client",
-            f"{c['finished']} / {c['cancelled_by_client']}"
-            f" ({c['cancel_planned_but_finished_first']} planned cancels finished first)",
-        ),
-        ("lost", str(c["lost"])),
-        ("duplicated", str(c["duplicated"])),
-        (
-            "equal to the offline engine",
-            f"{c['checked_greedy'] + c['checked_sampled'] - c['mismatches']} of "
-            f"{c['checked_greedy'] + c['checked_sampled']} ({c['checked_greedy']} greedy = all, {c['checked_sampled']} "
-            f"sampled; {c['checked_cancelled']} of them cancelled, prefix)",
-        ),
-        ("mismatches", str(c["mismatches"])),
-        (
-            "engine = reference decoder",
-            f"{c['decoder_checked'] - len(c['decoder_mismatches'])} of {c['decoder_checked']}",
-        ),
+        *soak.check_rows(c),
         (
             "after the run, per replica",
             "; ".join(
@@ -219,14 +199,7 @@ def write(out: Path, report: dict[str, Any]) -> None:
                 for r, v in sorted(reps.items())
             ),
         ),
-        ("time to first token p50 / p99", f"{lat['ttft_ms_p50']} / {lat['ttft_ms_p99']} ms"),
-        ("time per output token p50 / p99", f"{lat['tpot_ms_p50']} / {lat['tpot_ms_p99']} ms"),
-        (
-            "throughput",
-            f"{lat['requests_per_s']} requests/s, {lat['tokens_per_s_delivered']} tokens/s delivered "
-            f"({lat['tokens_per_s_generated']} generated, cancelled streams included)",
-        ),
-        ("client send lag p50 / p99", f"{lat['send_lag_ms_p50']} / {lat['send_lag_ms_p99']} ms"),
+        *soak.latency_rows(lat),
         ("429s retried", str(lat["retries_429"])),
         (
             "wall",

@@ -583,27 +583,8 @@ def write(out: Path, report: dict[str, Any]) -> None:
         return str(d.get(key, "-"))
 
     rows = [
-        (
-            "requests sent",
-            f"{a['requests']} (Poisson {a['rate']:g}/s, seed {a['seed']}, concurrency {a['concurrency']})",
-        ),
-        (
-            "finished / cancelled by the client",
-            f"{c['finished']} / {c['cancelled_by_client']}"
-            f" ({c['cancel_planned_but_finished_first']} planned cancels finished first)",
-        ),
-        ("lost", str(c["lost"])),
-        ("duplicated", str(c["duplicated"])),
-        (
-            "equal to the offline engine",
-            f"{c['checked_greedy'] + c['checked_sampled'] - c['mismatches']} of "
-            f"{c['checked_greedy'] + c['checked_sampled']} ({c['checked_greedy']} greedy = all, {c['checked_sampled']} "
-            f"sampled; {c['checked_cancelled']} of them cancelled, prefix)",
-        ),
-        (
-            "engine = reference decoder",
-            f"{c['decoder_checked'] - len(c['decoder_mismatches'])} of {c['decoder_checked']}",
-        ),
+        sent_row(a),
+        *check_rows(c),
         (
             f"server RSS MiB, median (max): first / last {w['window']}",
             f"{cell(first, 'rss_mib_median')} ({cell(first, 'rss_mib_max')}) / {cell(last, 'rss_mib_median')} "
@@ -629,6 +610,51 @@ def write(out: Path, report: dict[str, Any]) -> None:
             f"{w['idle_after']['running']:g} rows running, {w['idle_after']['queue']:g} queued; "
             f"server cancelled {report['server']['finished_cancelled']:g}, exit code {report['server']['exit_code']}",
         ),
+        *latency_rows(lat),
+        (
+            "wall",
+            f"{lat['wall_s']} s (+ {c['reference_engine_s']} s offline engine, {c['reference_decoder_s']} s decoder)",
+        ),
+    ]
+    title = f"Soak: drex serve, synthetic `{a['shape']}`, max batch {a['max_batch']}"
+    write_markdown(out / "soak.md", title, report, rows)
+
+
+def sent_row(a: dict[str, Any]) -> tuple[str, str]:
+    """The report's row for the schedule sent (`a`: the report's args)."""
+    return (
+        "requests sent",
+        f"{a['requests']} (Poisson {a['rate']:g}/s, seed {a['seed']}, concurrency {a['concurrency']})",
+    )
+
+
+def check_rows(c: dict[str, Any]) -> list[tuple[str, str]]:
+    """The report's rows for what the checks found (`c`: the report's checks)."""
+    checked = c["checked_greedy"] + c["checked_sampled"]
+    return [
+        (
+            "finished / cancelled by the client",
+            f"{c['finished']} / {c['cancelled_by_client']}"
+            f" ({c['cancel_planned_but_finished_first']} planned cancels finished first)",
+        ),
+        ("lost", str(c["lost"])),
+        ("duplicated", str(c["duplicated"])),
+        (
+            "equal to the offline engine",
+            f"{checked - c['mismatches']} of {checked} ({c['checked_greedy']} greedy = all, {c['checked_sampled']} "
+            f"sampled; {c['checked_cancelled']} of them cancelled, prefix)",
+        ),
+        ("mismatches", str(c["mismatches"])),
+        (
+            "engine = reference decoder",
+            f"{c['decoder_checked'] - len(c['decoder_mismatches'])} of {c['decoder_checked']}",
+        ),
+    ]
+
+
+def latency_rows(lat: dict[str, Any]) -> list[tuple[str, str]]:
+    """The report's latency and throughput rows (`lat`: the report's latency)."""
+    return [
         ("time to first token p50 / p99", f"{lat['ttft_ms_p50']} / {lat['ttft_ms_p99']} ms"),
         ("time per output token p50 / p99", f"{lat['tpot_ms_p50']} / {lat['tpot_ms_p99']} ms"),
         (
@@ -637,13 +663,7 @@ def write(out: Path, report: dict[str, Any]) -> None:
             f"({lat['tokens_per_s_generated']} generated, cancelled streams included)",
         ),
         ("client send lag p50 / p99", f"{lat['send_lag_ms_p50']} / {lat['send_lag_ms_p99']} ms"),
-        (
-            "wall",
-            f"{lat['wall_s']} s (+ {c['reference_engine_s']} s offline engine, {c['reference_decoder_s']} s decoder)",
-        ),
     ]
-    title = f"Soak: drex serve, synthetic `{a['shape']}`, max batch {a['max_batch']}"
-    write_markdown(out / "soak.md", title, report, rows)
 
 
 def write_markdown(path: Path, title: str, report: dict[str, Any], rows: list[tuple[str, Any]]) -> None:
