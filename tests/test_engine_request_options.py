@@ -221,3 +221,38 @@ def test_skipping_unasked_warps_draws_the_same_tokens(rows):
         seeds, counters = torch.arange(len(rows)) + 17, torch.full((len(rows),), draw)
         full = pick_rows(scores, params, seeds, counters)
         assert torch.equal(pick_rows(scores, params, seeds, counters, skip=True), full), draw
+
+
+@pytest.mark.parametrize("engine_kind", ["drex", "self_spec"])
+def test_the_server_engines_options_replay_under_capture_as_eager(model, prompts, thresholds, engine_kind):
+    """Per-request sampling (penalties, top-k/top-p on some rows), logprobs: captured once per program
+    and replayed by the CPU recorder with fixed shapes — every warp runs, as on a GPU — the same tokens
+    and logprobs as the eager engine, which skips what no row asks for."""
+    from test_capture import BUCKETS, _recorder
+
+    params = [RequestSampling(0.0, presence_penalty=0.5), RequestSampling(0.9, 0.9, 5), RequestSampling(0.0)]
+    if engine_kind == "self_spec":
+        params[0] = RequestSampling(0.0)  # self_spec refuses penalties
+    settings = DecodeSettings(max_new_tokens=24)
+
+    def build(**capture):
+        if engine_kind == "drex":
+            return DrexEngine(model, max_batch=3, max_len=40, settings=settings, thresholds=thresholds,
+                              per_request_sampling=True, logprobs=2, cost_model=CostModel.constant(4),
+                              lazy_capture=True, **capture)  # fmt: skip
+        return SpecEngine(model, max_batch=3, max_len=40, draft_exit=1, draft_tokens=3, draft_source="mixed",
+                          settings=settings, per_request_sampling=True, logprobs=2, **capture)  # fmt: skip
+
+    holder: dict = {}
+    captured = holder["engine"] = build(graphs=_recorder(holder), static_shapes=True, buckets=BUCKETS)
+    eager = build()
+    outs = []
+    for engine in (captured, eager):
+        rids = [engine.add_request(p, sampling=s, seed=13, logprobs=2) for p, s in zip(prompts, params)]
+        done = engine.run()
+        outs.append([done[r] for r in rids])
+    assert captured.runner.graphs.replays > len(captured.runner.graphs.graphs) > 0
+    for mine, theirs in zip(*outs):
+        assert mine.tokens == theirs.tokens and mine.exit_layers == theirs.exit_layers
+        assert [e.logprob for e in mine.logprobs] == pytest.approx([e.logprob for e in theirs.logprobs], abs=1e-5)
+        assert [[t for t, _ in e.top] for e in mine.logprobs] == [[t for t, _ in e.top] for e in theirs.logprobs]
