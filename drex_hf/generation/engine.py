@@ -213,6 +213,37 @@ class SlotEngine:
         """Drop the captured graphs (their memory pool goes once nothing else holds it)."""
         self.runner.graphs.release()
 
+    def _check_sampling(self, sampling: RequestSampling | None) -> RequestSampling | None:
+        """A request's `sampling=`, checked; the engine's settings as a request's when it brings none
+        (an engine with `per_request_sampling`), else None."""
+        if sampling is not None and not self.per_request_sampling:
+            raise GenerationInputError("sampling= per request needs an engine built with per_request_sampling=True")
+        if sampling is not None and not isinstance(sampling, RequestSampling):
+            raise GenerationTypeError(f"sampling must be a RequestSampling, got {type(sampling).__name__}")
+        return self._default_sampling if self.per_request_sampling and sampling is None else sampling
+
+    def _picked_logprob(self, request: Request, index: int) -> TokenLogprob:
+        """The `TokenLogprob` the picker kept for the request's token at sequence `index` (on a GPU,
+        one small read per token of a request that asked for logprobs)."""
+        row = self.runner.picker.logprobs[request.slot, index].tolist()
+        return TokenLogprob.from_row(row, request.logprobs)
+
+    @staticmethod
+    def _tell(request: Request, token: int, layer: int, entry: TokenLogprob | None) -> None:
+        """An emitted token to its request: its logprob kept (a request that asked) and its callback,
+        which gets the `TokenLogprob` as a fourth argument when there is one."""
+        out = request.output
+        if entry is not None:
+            if out.logprobs is None:
+                out.logprobs = []
+            out.logprobs.append(entry)
+        if request.callback is None:
+            return
+        if entry is not None:
+            request.callback(out.request_id, token, layer, entry)
+        else:
+            request.callback(out.request_id, token, layer)
+
     def _finished(self, request: Request, reason: str) -> bool:
         """The request's bookkeeping when it ends (False if it had already)."""
         if not self.requests.finish(request, reason):
@@ -325,10 +356,7 @@ class DrexEngine(SlotEngine):
         self.step_count, self._last_read = 0, None
         self._flight: tuple[float, Decision | None, Any] | None = None  # the step in flight: launched, decision, plan
         self._started: dict[int, float] = {}  # step -> when it was launched (the SLA's clock)
-        self._default_sampling = RequestSampling(
-            temperature=settings.temperature if settings.do_sample else 0.0, top_p=settings.top_p or 1.0,
-            top_k=settings.top_k or 0,
-        )  # fmt: skip
+        self._default_sampling = RequestSampling.from_settings(settings)
         self.stats = self._new_stats(record_decisions)
         self._step_start, self._read_at = time.perf_counter(), None
         self._overheads = self.cost is not None and bool(self.cost.fill_ms or self.cost.project_ms)
@@ -457,13 +485,6 @@ class DrexEngine(SlotEngine):
                            logprobs=logprobs, sla_tpot_ms=sla_tpot_ms)  # fmt: skip
 
         return self.requests.admit(make).output.request_id
-
-    def _check_sampling(self, sampling: RequestSampling | None) -> RequestSampling | None:
-        if sampling is not None and not self.per_request_sampling:
-            raise GenerationInputError("sampling= per request needs an engine built with per_request_sampling=True")
-        if sampling is not None and not isinstance(sampling, RequestSampling):
-            raise GenerationTypeError(f"sampling must be a RequestSampling, got {type(sampling).__name__}")
-        return self._default_sampling if self.per_request_sampling and sampling is None else sampling
 
     # ------------------------------------------------------------------ a step
     def _step(self) -> bool:
@@ -633,27 +654,14 @@ class DrexEngine(SlotEngine):
         if self.record_checks:
             out.checks.append(request.checks or [])
             request.checks = None
+        entry = None
         if request.logprobs is not None:
-            entry = self._logprob(request)
-            if request.callback is not None:
-                request.callback(out.request_id, token, layer, entry)
-        elif request.callback is not None:
-            request.callback(out.request_id, token, layer)
+            entry = self._picked_logprob(request, out.prompt_length + len(out.tokens) - 1)
+        self._tell(request, token, layer, entry)
         if flag & FINISHED:
             self._finished(request, "stop" if flag & EOS else "length")
         elif self.stop is not None and stops(self.stop, request.prompt_tokens + out.tokens):
             self._end(request, "stop")
-
-    def _logprob(self, request: Request) -> TokenLogprob:
-        """The request's latest token's `TokenLogprob`, read from the picker's row for it (on a GPU,
-        one small read per token of a request that asked for logprobs)."""
-        out = request.output
-        row = self.runner.picker.logprobs[request.slot, out.prompt_length + len(out.tokens) - 1].tolist()
-        entry = TokenLogprob.from_row(row, request.logprobs)
-        if out.logprobs is None:
-            out.logprobs = []
-        out.logprobs.append(entry)
-        return entry
 
     def _count_involuntary(self, block: np.ndarray) -> None:
         forced = np.flatnonzero(block[:, 3].astype(np.int64) & INVOLUNTARY)

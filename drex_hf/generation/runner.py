@@ -75,7 +75,7 @@ class Picker:
     picked token's log-probability under the logits it was picked from — the exit head's for an
     exited token, full depth's otherwise — before processors, penalties and sampling warps (the
     model's own distribution, what OpenAI's and vLLM's logprobs report), then the top K
-    log-probabilities and their token ids (`LogprobEntry.from_row` reads a row)."""
+    log-probabilities and their token ids (`state.TokenLogprob.from_row` reads a row)."""
 
     def __init__(self, options: Options, slots: int, max_len: int, vocab: int, device: torch.device) -> None:
         self.options, self.vocab = options, vocab

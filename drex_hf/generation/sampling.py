@@ -172,6 +172,12 @@ class RequestSampling:
             if not (math.isfinite(value) and -MAX_PENALTY <= value <= MAX_PENALTY):
                 raise GenerationInputError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value}")
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> RequestSampling:
+        """What engine-wide `DecodeSettings` ask for, as one request's parameters (greedy unless they sample)."""
+        return cls(temperature=settings.temperature if settings.do_sample else 0.0, top_p=settings.top_p or 1.0,
+                   top_k=settings.top_k or 0)  # fmt: skip
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0

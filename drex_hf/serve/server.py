@@ -151,7 +151,6 @@ def build_state(model: Any, tokenizer: Any, model_name: str, options: ServeOptio
         metrics,
         max_queue=options.max_queue,
         sla_tpot_ms=options.sla_tpot_ms,
-        sla_per_request=served.policy == "drex",
     )
     worker.start()
     engine = worker.engine

@@ -74,11 +74,9 @@ class EngineWorker:
         max_queue: int,
         sla_tpot_ms: float | None = None,
         retry_after_s: int = 1,
-        sla_per_request: bool = False,
     ) -> None:
         self.build, self.metrics, self.max_queue = build, metrics, max_queue
         self.sla_tpot_ms, self.retry_after_s = sla_tpot_ms, retry_after_s
-        self.sla_per_request = sla_per_request  # a request's sla_tpot_ms reaches the engine's scheduler
         self.engine: Any = None
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()  # admitted, waiting for a slot
@@ -231,7 +229,9 @@ class EngineWorker:
             presence_penalty=job.presence_penalty,
             frequency_penalty=job.frequency_penalty,
         )
-        extra = {"sla_tpot_ms": job.sla_tpot_ms} if job.sla_tpot_ms is not None and self.sla_per_request else {}
+        # a request's sla_tpot_ms reaches the scheduler of an engine that steers by each request's
+        steers = getattr(self.engine, "sla_per_request", False)
+        extra = {"sla_tpot_ms": job.sla_tpot_ms} if job.sla_tpot_ms is not None and steers else {}
         try:
             if job.prompt_logprobs is not None:  # echo: the prompt's own logprobs, at full depth, first
                 from drex_hf.generation.scoring import prompt_logprobs

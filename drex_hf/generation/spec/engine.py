@@ -270,10 +270,7 @@ class SpecEngine(SlotEngine):
                                      settings, draft_confidence)  # fmt: skip
         self.device = self.runner.device
         self.per_request_sampling, self.logprobs = per_request_sampling, options.logprobs
-        self._default_sampling = RequestSampling(
-            temperature=settings.temperature if settings.do_sample else 0.0, top_p=settings.top_p or 1.0,
-            top_k=settings.top_k or 0,
-        )  # fmt: skip
+        self._default_sampling = RequestSampling.from_settings(settings)
         self.shallow, self.deep = range(0, draft_exit + 1), range(draft_exit + 1, self.num_layers)
         self.requests = Requests(self.store.allocate, self.store.release)
         self.rounds: dict[int, _Round] = {}  # by slot
@@ -301,17 +298,12 @@ class SpecEngine(SlotEngine):
         default = self.settings.max_new_tokens if max_new_tokens is None else max_new_tokens
         ids, max_new = check_request(prompt, default, self.arch, self.max_len)
         seed = None if seed is None else check_seed(seed)
-        if sampling is not None:
-            if not self.per_request_sampling:
-                raise GenerationInputError("sampling= per request needs an engine built with per_request_sampling=True")
-            if not isinstance(sampling, RequestSampling):
-                raise GenerationTypeError(f"sampling must be a RequestSampling, got {type(sampling).__name__}")
-            if sampling.penalised:
-                raise GenerationInputError(
-                    "presence_penalty and frequency_penalty do not apply to self_spec: its tokens are full depth's "
-                    "own distribution's (use policy 'full' or 'drex')"
-                )
-        sampling = sampling or (self._default_sampling if self.per_request_sampling else None)
+        sampling = self._check_sampling(sampling)
+        if sampling is not None and sampling.penalised:
+            raise GenerationInputError(
+                "presence_penalty and frequency_penalty do not apply to self_spec: its tokens are full depth's "
+                "own distribution's (use policy 'full' or 'drex')"
+            )
         logprobs = check_request_logprobs(logprobs, self.logprobs)
         samples = self.settings.do_sample if sampling is None else not sampling.greedy
 
@@ -356,8 +348,7 @@ class SpecEngine(SlotEngine):
             round_ = self.rounds[slot] = _Round(request, position=request.output.prompt_length, text=texts[slot])
             entry = None
             if request.logprobs is not None:  # the prefill's pick kept it at the token's sequence index
-                row = self.runner.picker.logprobs[slot, request.output.prompt_length].tolist()
-                entry = TokenLogprob.from_row(row, request.logprobs)
+                entry = self._picked_logprob(request, request.output.prompt_length)
             if self._emit(round_, token, entry):
                 self._start_round(round_)
         self.stats.prefill_steps += 1
@@ -478,10 +469,6 @@ class SpecEngine(SlotEngine):
         the request (eos or max_new_tokens)."""
         request = round_.request
         out = request.output
-        if entry is not None:
-            if out.logprobs is None:
-                out.logprobs = []
-            out.logprobs.append(entry)
         out.tokens.append(int(token))
         out.exit_layers.append(self.num_layers - 1)
         if round_.text is not None:
@@ -490,11 +477,7 @@ class SpecEngine(SlotEngine):
         self.stats.tokens += 1
         if len(out.tokens) > 1:
             self.stats.decoded_tokens += 1
-        if request.callback is not None:
-            if entry is not None:
-                request.callback(out.request_id, int(token), self.num_layers - 1, entry)
-            else:
-                request.callback(out.request_id, int(token), self.num_layers - 1)
+        self._tell(request, int(token), self.num_layers - 1, entry)
         if int(token) in self.eos:
             self._end(request, "stop")
             return False
