@@ -143,15 +143,13 @@ async def _admit_and_run(state: ServerState, request: Request, chat: bool) -> Re
         # headers go out with the first token: until then a refusal (shutdown, timeout) keeps its status
         firsts = await _unless_gone(request, asyncio.gather(*(_first_event(state, c, deadline) for c in choices)))
         if firsts is None:
-            for c in choices:
-                state.worker.cancel(c.job)
+            _cancel(state, choices)
             return Response(status_code=499)  # the client left while it waited
         try:
             for c, first in zip(choices, firsts.result()):
                 c.first = first
         except RequestError:
-            for c in choices:
-                state.worker.cancel(c.job)
+            _cancel(state, choices)
             raise
         return StreamingResponse(_stream(state, choices, meta, deadline), media_type="text/event-stream")
     return await _complete(state, request, choices, meta, deadline)
@@ -268,6 +266,10 @@ class _Choice:
     prompt_logprobs: list[Any] | None = None  # echo with logprobs: per prompt token (the first None)
     reason: str | None = None
     sent: int = 0  # tokens whose logprobs a stream has sent
+    chars: int = field(init=False)  # a stream's text offset of the next token's logprobs (after the echo)
+
+    def __post_init__(self) -> None:
+        self.chars = len(self.echo)
 
     def extras(self, req: GenerationRequest) -> dict[str, Any]:
         if not req.return_exit_layers:
@@ -310,6 +312,12 @@ async def _unless_gone(request: Request, work: Any) -> asyncio.Future | None:
         work.cancel()
         return None
     return work
+
+
+def _cancel(state: ServerState, choices: list[_Choice]) -> None:
+    """Free the slots of a request's prompts (a job already ended is left as it is)."""
+    for choice in choices:
+        state.worker.cancel(choice.job)
 
 
 def _timed_out(state: ServerState, job: Job) -> None:
@@ -382,14 +390,12 @@ async def _complete(
 
     work = await _unless_gone(request, asyncio.gather(*(collect(c) for c in choices)))
     if work is None:
-        for c in choices:
-            state.worker.cancel(c.job)
+        _cancel(state, choices)
         return Response(status_code=499)  # nobody reads it; counted as a client that left
     try:
         contents = work.result()  # re-raises a RequestError (timeout, engine refusal)
     except RequestError:
-        for c in choices:
-            state.worker.cancel(c.job)
+        _cancel(state, choices)
         raise
     out = []
     for choice, content in zip(choices, contents):
@@ -399,7 +405,7 @@ async def _complete(
         else:
             body["text"] = choice.echo + content
         if meta.req.logprobs is not None:
-            body["logprobs"] = _logprobs_body(state, meta.req, choice, choice.logprobs, echo=meta.req.echo)
+            body["logprobs"] = _logprobs_body(state, meta.req, choice)
         body.update(choice.extras(meta.req))
         out.append(body)
     return JSONResponse({**meta.head(False), "choices": out, "usage": _usage(choices)})
@@ -423,7 +429,7 @@ async def _stream(state: ServerState, choices: list[_Choice], meta: _Meta, deadl
             if meta.req.chat:
                 await queue.put(_sse(meta, choice, {"role": "assistant", "content": ""}, None))
             elif choice.echo or (meta.req.echo and choice.prompt_logprobs):
-                logprobs = _prompt_part(state, meta.req, choice) if meta.req.logprobs is not None else None
+                logprobs = _prompt_part(state, choice) if meta.req.logprobs is not None else None
                 await queue.put(_sse(meta, choice, choice.echo, None, logprobs=logprobs))
             async for piece in _events(state, choice, deadline):
                 if piece:
@@ -454,14 +460,11 @@ async def _stream(state: ServerState, choices: list[_Choice], meta: _Meta, deadl
             yield f"data: {json.dumps({**meta.head(True), 'choices': [], 'usage': _usage(choices)})}\n\n"
         yield DONE
     finally:
+        unfinished = any(not t.done() for t in tasks)  # an error event ended the stream: free the others' slots
         for task in tasks:
             task.cancel()
-        if not finished:
-            for c in choices:
-                state.worker.cancel(c.job)
-        elif any(not t.done() for t in tasks):  # an error event ended the stream: free the others' slots
-            for c in choices:
-                state.worker.cancel(c.job)
+        if not finished or unfinished:
+            _cancel(state, choices)
 
 
 def _sse(
@@ -496,29 +499,33 @@ def _new_logprobs(state: ServerState, req: GenerationRequest, choice: _Choice) -
     if req.logprobs is None:
         return None
     start, choice.sent = choice.sent, len(choice.logprobs)
-    tokens = choice.tokens[start : choice.sent]
-    offset = len(choice.echo) + len("".join(_token_text(state, t) for t in choice.tokens[:start]))
+    tokens, entries = choice.tokens[start : choice.sent], choice.logprobs[start : choice.sent]
     if req.chat:
-        return {"content": [_chat_entry(state, t, e) for t, e in zip(tokens, choice.logprobs[start : choice.sent])]}
-    return _completion_logprobs(state, tokens, choice.logprobs[start : choice.sent], offset)
+        return {"content": [_chat_entry(state, t, e) for t, e in zip(tokens, entries)]}
+    part = _completion_logprobs(state, tokens, entries, choice.chars)
+    choice.chars += sum(len(text) for text in part["tokens"])
+    return part
 
 
-def _prompt_part(state: ServerState, req: GenerationRequest, choice: _Choice) -> dict[str, Any]:
+def _prompt_entries(choice: _Choice) -> list[Any]:
+    """The echoed prompt's `TokenLogprob`s (the first None: nothing precedes it)."""
+    return list(choice.prompt_logprobs or [None] * len(choice.ids))
+
+
+def _prompt_part(state: ServerState, choice: _Choice) -> dict[str, Any]:
     """An echoing stream's first chunk's logprobs: the prompt's tokens."""
-    return _completion_logprobs(state, choice.ids, choice.prompt_logprobs or [None] * len(choice.ids), 0)
+    return _completion_logprobs(state, choice.ids, _prompt_entries(choice), 0)
 
 
-def _logprobs_body(
-    state: ServerState, req: GenerationRequest, choice: _Choice, entries: list[Any], echo: bool
-) -> dict[str, Any]:
+def _logprobs_body(state: ServerState, req: GenerationRequest, choice: _Choice) -> dict[str, Any]:
     """A whole response's logprobs: chat's `content` list, or a completion's legacy columns (the
     prompt's tokens first with `echo`)."""
     if req.chat:
-        return {"content": [_chat_entry(state, t, e) for t, e in zip(choice.tokens, entries)]}
-    tokens, logprobs = list(choice.tokens), list(entries)
-    if echo:
-        tokens, logprobs = choice.ids + tokens, list(choice.prompt_logprobs or [None] * len(choice.ids)) + logprobs
-    return _completion_logprobs(state, tokens, logprobs, 0)
+        return {"content": [_chat_entry(state, t, e) for t, e in zip(choice.tokens, choice.logprobs)]}
+    tokens, entries = list(choice.tokens), list(choice.logprobs)
+    if req.echo:
+        tokens, entries = choice.ids + tokens, _prompt_entries(choice) + entries
+    return _completion_logprobs(state, tokens, entries, 0)
 
 
 def _completion_logprobs(state: ServerState, tokens: list[int], entries: list[Any], offset: int) -> dict[str, Any]:
@@ -547,9 +554,8 @@ def _completion_logprobs(state: ServerState, tokens: list[int], entries: list[An
 
 
 def _chat_entry(state: ServerState, token: int, entry: Any) -> dict[str, Any]:
-    text = _token_text(state, token)
-    top = [
-        {"token": _token_text(state, t), "logprob": lp, "bytes": list(_token_text(state, t).encode("utf-8"))}
-        for t, lp in entry.top
-    ]
-    return {"token": text, "logprob": entry.logprob, "bytes": list(text.encode("utf-8")), "top_logprobs": top}
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        text = _token_text(state, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {**one(token, entry.logprob), "top_logprobs": [one(t, lp) for t, lp in entry.top]}
