@@ -3,13 +3,13 @@
 A lossless round that drafts k tokens from the rows' own text costs one verify pass over k + 1
 positions per row (every layer); it pays only if it yields more tokens per row than that pass costs
 in full-depth steps. This times the `SpecEngine`'s own fresh verify program (the one n-gram rounds
-run) at 1, 2, 3, 5 and 9 positions per row on the shipped model, each batch size's passes
-interleaved, and prints the tokens per round a round must yield to reach a target speed-up:
+run) at 1 to 6 and 9 positions per row on the shipped model, with the measured CPU product kernels
+(`drex_hf.products`, what the engines run) and with F.linear for every product, all interleaved, and
+prints the tokens per round a round must yield to reach a target speed-up:
 
-    python benchmarks/verify_cost.py --out benchmarks/results/cpu-2026-12-07/lossless/verify_cost.json
+    python benchmarks/verify_cost.py --out benchmarks/results/cpu-2026-12-07/lossless/verify_cost-products.json
 
-`needed for 1.25x` = 1.25 × cost(q) / cost(1): at batch 1 a verify pass of 5 positions costs little
-more than one step (the weights are read once for all positions), at batch 8 it costs nearly 5×.
+`needed for 1.25x` = 1.25 × cost(q) / cost(1), each against a step with the same kernels.
 """
 
 from __future__ import annotations
@@ -26,22 +26,28 @@ from drex_hf import EarlyExitModelForCausalLM
 from drex_hf.device import device_name
 from drex_hf.generation.settings import DecodeSettings
 from drex_hf.generation.spec.engine import SpecEngine
+from drex_hf.products import use_products
 
-POSITIONS = (1, 2, 3, 5, 9)
+POSITIONS = (1, 2, 3, 4, 5, 6, 9)
 
 
-def time_verify(engine: SpecEngine, b: int, context: int, repeats: int) -> dict[int, list[float]]:
-    """Seconds of a fresh verify pass over q positions in each of `b` rows, per q, interleaved."""
+def time_verify(engine: SpecEngine, b: int, context: int, repeats: int) -> dict[str, dict[int, list[float]]]:
+    """Seconds of a fresh verify pass over q positions in each of `b` rows, per q, with the measured
+    product kernels (`products`) and with F.linear for every product (`linear`), interleaved."""
     slots, zeros, ones = list(range(b)), [0] * b, [1] * b
-    times: dict[int, list[float]] = {q: [] for q in POSITIONS}
+    tables = {"products": engine.runner.products, "linear": None}
+    times: dict[str, dict[int, list[float]]] = {name: {q: [] for q in POSITIONS} for name in tables}
     with torch.no_grad():
         for warm_up in (True, *[False] * repeats):
-            for q in POSITIONS:  # interleaved: the machine's drift falls on every size alike
-                columns = [slots, [context] * b, [q - 1] * b, zeros, zeros, zeros, zeros, ones]
-                start = time.perf_counter()
-                engine.programs.run("verify", columns, [[0] * (q - 1)] * b)
-                if not warm_up:
-                    times[q].append(time.perf_counter() - start)
+            for q in POSITIONS:  # interleaved: the machine's drift falls on every size and kernel alike
+                for name, table in tables.items():
+                    columns = [slots, [context] * b, [q - 1] * b, zeros, zeros, zeros, zeros, ones]
+                    with use_products(table):
+                        start = time.perf_counter()
+                        engine.programs.run("verify", columns, [[0] * (q - 1)] * b)
+                        spent = time.perf_counter() - start
+                    if not warm_up:
+                        times[name][q].append(spent)
     return times
 
 
@@ -60,24 +66,25 @@ def main() -> None:
     for b in [int(x) for x in args.batch_sizes.split(",")]:
         engine = SpecEngine(model, max_batch=b, max_len=args.context + k_max + 2, draft_tokens=k_max,
                             draft_source="ngram", settings=DecodeSettings(max_new_tokens=1))  # fmt: skip
-        padding = dict(engine.programs.padding())
-        times = {}
-        for padded in (True, False):
-            engine.programs.row_padding = padding if padded else {}
-            times[padded] = time_verify(engine, b, args.context, args.repeats)
-        one = statistics.median(times[True][1])
+        if engine.runner.products is None:
+            raise SystemExit("the measured CPU products do not apply here (not a CPU, or DREX_CPU_PRODUCTS=off)")
+        times = time_verify(engine, b, args.context, args.repeats)
+        one, old = statistics.median(times["products"][1]), statistics.median(times["linear"][1])
         rows = {}
         for q in POSITIONS:
-            ratio = statistics.median(times[True][q]) / one
-            rows[q] = {"ms": 1000 * statistics.median(times[True][q]), "x_step": ratio,
-                       "x_step_unpadded": statistics.median(times[False][q]) / one,
+            ratio = statistics.median(times["products"][q]) / one
+            rows[q] = {"ms": 1000 * statistics.median(times["products"][q]), "x_step": ratio,
+                       "ms_linear": 1000 * statistics.median(times["linear"][q]),
+                       "x_step_linear": statistics.median(times["linear"][q]) / old,
                        "needed_for_1.25x": 1.25 * ratio, "needed_for_1.15x": 1.15 * ratio}  # fmt: skip
-        out["batches"][str(b)] = {"padding": padding, "rows": rows}
-        print(f"batch {b}: a full-depth step (q = 1) takes {1000 * one:.1f} ms; packed rows padded {padding}")
-        print("  positions q | × a step (unpadded) | tokens/round needed for 1.25x | for 1.15x")
+        out["batches"][str(b)] = {"products": engine.runner.products.describe(), "rows": rows}
+        print(f"batch {b}: a full-depth step (q = 1) takes {1000 * one:.1f} ms ({1000 * old:.1f} ms with F.linear)")
+        print("  positions q | ms (F.linear) | × a step (F.linear) | tokens/round needed for 1.25x | for 1.15x")
         for q, row in rows.items():
-            cost = f"{row['x_step']:.2f} ({row['x_step_unpadded']:.2f})"
-            print(f"  {q:11d} | {cost:>19} | {row['needed_for_1.25x']:29.2f} | {row['needed_for_1.15x']:9.2f}")
+            ms = f"{row['ms']:.1f} ({row['ms_linear']:.1f})"
+            cost = f"{row['x_step']:.2f} ({row['x_step_linear']:.2f})"
+            needed = f"{row['needed_for_1.25x']:29.2f} | {row['needed_for_1.15x']:9.2f}"
+            print(f"  {q:11d} | {ms:>13} | {cost:>19} | {needed}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=1))

@@ -20,58 +20,6 @@ from drex_hf.errors import UnsupportedArchitectureError
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
-_CHEAPEST_ROWS: dict[tuple, dict[int, int]] = {}
-MOST_PADDED_ROWS = 8
-
-
-def cheapest_rows(weights: list[tuple[torch.Tensor, float]], repeats: int = 4) -> dict[int, int]:
-    """For n = 1..8 rows, the row count in n..8 whose products with the `weights` ([out, in] on the
-    CPU, each with the count its time is weighted by: `linear_weights`) take the least time in all:
-    measured once per set of shapes and dtype (the best of `repeats`); a larger count is taken only
-    where it saves over 5 %. Some CPU BLAS run a product with 2 to 4 rows row by row, re-reading the
-    weight each time, and 5 or more as one GEMM: on the 2-core VM SmolLM2's layers took 41 ms for 1
-    row, 61 / 68 / 51 ms for 2 / 3 / 4 and 41 ms for 5; its lm_head 12 ms for 1 row, 25 / 38 / 20
-    for 2 / 3 / 4 and 19 for 5. So a self_spec verify of 2 positions, padded to 5, costs less than
-    unpadded."""
-    key = tuple((tuple(w.shape), str(w.dtype), count) for w, count in weights)
-    if key not in _CHEAPEST_ROWS:
-        import time
-
-        inputs = {(w.shape[1], w.dtype) for w, _ in weights}
-        spent = {}
-        with torch.no_grad():
-            for n in range(1, MOST_PADDED_ROWS + 1):
-                xs = {k: torch.zeros(n, k[0], dtype=k[1]) for k in inputs}
-                best = float("inf")
-                for _ in range(repeats + 1):
-                    total = 0.0
-                    for w, count in weights:
-                        start = time.perf_counter()
-                        torch.nn.functional.linear(xs[(w.shape[1], w.dtype)], w)
-                        total += count * (time.perf_counter() - start)
-                    best = min(best, total)
-                spent[n] = best
-        table = {}
-        for n in spent:
-            cheapest = min(range(n, MOST_PADDED_ROWS + 1), key=lambda m: spent[m])
-            table[n] = cheapest if spent[cheapest] < 0.95 * spent[n] else n
-        _CHEAPEST_ROWS[key] = table
-    return _CHEAPEST_ROWS[key]
-
-
-def linear_weights(module: nn.Module, every: int = 3) -> list[tuple[torch.Tensor, float]]:
-    """What `cheapest_rows` times for `module`, with the weight each time counts for: every
-    `every`-th of its other nn.Linear weights ([out, in], on the CPU) counted `every` times, and the
-    largest (the lm_head) once. A third of a model's layers is still far more than a CPU cache holds,
-    so the products read their weights from memory as a forward pass does."""
-    weights = [m.weight for m in module.modules() if isinstance(m, nn.Linear) and m.weight.device.type == "cpu"]
-    if not weights:
-        return []
-    largest = max(weights, key=lambda w: w.numel())
-    others = [w for w in weights if w is not largest]
-    return [(w, len(others) / len(others[::every])) for w in others[::every]] + [(largest, 1.0)]
-
-
 class ArchAdapter:
     """Base adapter; subclasses fill in where the parts live for one family of models."""
 
@@ -98,20 +46,8 @@ class ArchAdapter:
         return self.model.get_output_embeddings()
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        """`lm_head(features)`; on the CPU, a few rows padded where more rows cost less (`cheapest_rows`)."""
-        lm_head = self.lm_head
-        rows = features.numel() // features.shape[-1] if features.shape[-1] else 0
-        weight = getattr(lm_head, "weight", None)
-        if not 1 < rows <= MOST_PADDED_ROWS or features.device.type != "cpu" or not isinstance(weight, torch.Tensor):
-            return lm_head(features)
-        if torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad):
-            return lm_head(features)
-        target = cheapest_rows([(weight, 1.0)]).get(rows, rows)
-        if target == rows:
-            return lm_head(features)
-        flat = features.reshape(rows, features.shape[-1])
-        padded = torch.cat([flat, flat.new_zeros(target - rows, flat.shape[1])])
-        return lm_head(padded)[:rows].reshape(*features.shape[:-1], -1)
+        """`lm_head(features)` (inside an engine's step on the CPU, as `drex_hf.products` chooses)."""
+        return self.lm_head(features)
 
     @property
     def num_layers(self) -> int:

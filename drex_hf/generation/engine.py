@@ -52,6 +52,7 @@ from drex_hf.generation.state import (
     TokenCallback,
     TokenLogprob,
 )
+from drex_hf.products import use_products
 from drex_hf.seeds import check_seed
 
 NO_GRAPHS_WITH_PROCESSORS = (
@@ -173,7 +174,8 @@ class SlotEngine:
                 return self.step()
         self._stepping = True
         try:
-            return self._step()
+            with use_products(self.runner.products):  # the CPU's measured product kernels (`drex_hf.products`)
+                return self._step()
         finally:
             self._stepping = False
             if self._cancels:

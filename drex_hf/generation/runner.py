@@ -28,6 +28,7 @@ from drex_hf.generation.kv_store import RowKVCache
 from drex_hf.generation.plan import EMITTED, ROW_FIELDS, StepPlan, Verdict, bucket_of
 from drex_hf.generation.programs import Programs, Rows, RowState
 from drex_hf.generation.sampling import SAMPLING_FIELDS, penalise_rows, pick_rows, pick_tokens
+from drex_hf.products import install_products
 
 FIELDS = len(ROW_FIELDS)
 
@@ -150,6 +151,8 @@ class Runner:
     def __init__(self, model: Any, store: RowKVCache, options: Options, graphs: Any = None, lazy: bool = False) -> None:
         self.model, self.arch, self.store, self.options = model, model.arch, store, options
         self.device = torch.device(model.heads_device)
+        # the CPU's product kernels and row counts, measured on this model's weights (`drex_hf.products`)
+        self.products = install_products(self.arch) if self.device.type == "cpu" else None
         self.num_layers = self.arch.num_layers
         self.buckets = list(options.buckets)
         self.rows = rows = self.buckets[-1]

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from drex_hf.arch import build_attention_mask, cheapest_rows, linear_weights
+from drex_hf.arch import build_attention_mask
 from drex_hf.generation.programs import Rows
 from drex_hf.generation.runner import Runner, logprob_rows
 from drex_hf.generation.sampling import pick_rows, pick_tokens, uniforms, warp_rows
@@ -54,7 +54,6 @@ class SpecPrograms:
         self.draft_confidence = draft_confidence if acceptance is None else None
         self.arch, self.state, self.programs = runner.arch, runner.state, runner.programs
         self.acceptance = acceptance
-        self.row_padding: dict[int, int] | None = None  # `padding()`
         self.do_sample, self.warpers = settings.do_sample, list(settings.warpers())
         device, dtype, total, rows = runner.device, runner.state.hidden.dtype, runner.state.total, runner.rows
         self.device, self.q = device, k_max + 1
@@ -169,13 +168,7 @@ class SpecPrograms:
         else:  # eager: only the rows' real positions (drafts + 1 each), packed into one column
             real = (offsets.unsqueeze(0) <= lengths.unsqueeze(1)) & (slots != self.state.scratch).unsqueeze(1)
             rows, where, inputs = slots.unsqueeze(1).expand_as(grid)[real], grid[real], hidden[real]
-            n = rows.shape[0]
-            extra = self.padding().get(n, n) - n  # where more rows cost less: scratch rows (`cheapest_rows`)
-            if extra > 0:
-                rows = torch.cat([rows, rows.new_full((extra,), self.state.scratch)])
-                where = torch.cat([where, where.new_zeros(extra)])
-                inputs = torch.cat([inputs, inputs[:1].expand(extra, -1)])
-            packed = self.logits(self.layers(layers, rows, where.unsqueeze(1), inputs.unsqueeze(1)))[:n]
+            packed = self.logits(self.layers(layers, rows, where.unsqueeze(1), inputs.unsqueeze(1)))
             logits = packed.new_zeros(*grid.shape, packed.shape[-1])
             logits[real] = packed[:, 0]  # padding positions read zeros, and no row keeps what they say
         accepted, tokens = self._accept(logits, slots, drafts, lengths, index, seeds, ngram.bool())
@@ -191,15 +184,6 @@ class SpecPrograms:
             emitted = torch.where(offsets.unsqueeze(0) < kept, torch.cat([drafts, tokens[:, k:]], dim=1), tokens)
             chosen = logprob_rows(logits.reshape(-1, logits.shape[-1]), emitted.reshape(-1), self.top)
             self.logprobs[:bucket, :q].copy_(chosen.view(bucket, q, -1))
-
-    def padding(self) -> dict[int, int]:
-        """Eager CPU verify: n packed positions -> the rows to run them as (`arch.cheapest_rows` over the
-        model's linear layers, measured at the first verify; an empty table elsewhere). Tests may set
-        `row_padding` to a table of their own."""
-        if self.row_padding is None:
-            cpu = self.device.type == "cpu"
-            self.row_padding = cheapest_rows(linear_weights(self.arch.model)) if cpu else {}
-        return self.row_padding
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.arch.project(self.arch.final_norm(hidden)).float()
