@@ -53,13 +53,15 @@ def engine_for(
         if choice["policy"] != "self_spec":
             return DrexEngine(model, max_batch=batch, max_len=max_len, policy=choice["policy"], settings=settings)
         options = {k: choice.get(k) for k in ("draft_exit", "draft_tokens")}
-        options |= {"draft_source": choice.get("draft_source", "head"), **model_drafting(model)}
+        source = choice.get("draft_source", "head")
+        options |= {"draft_source": source, **model_drafting(model, options["draft_tokens"], source)}
         return SpecEngine(model, max_batch=batch, max_len=max_len, settings=settings, **options)
     whole = policy.endswith(WHOLE_VOCAB)  # the head drafts over the whole vocabulary, not the folder's subset
     policy = policy.removesuffix(WHOLE_VOCAB)
     if is_spec(policy):
         spec = parse_spec(policy)
-        drafting = model_drafting(model) | ({"draft_vocab": None} if whole else {})
+        drafting = model_drafting(model, spec.draft_tokens, spec.draft_source)
+        drafting |= {"draft_vocab": None} if whole else {}
         return SpecEngine(model, max_batch=batch, max_len=max_len, settings=settings, draft_exit=spec.draft_exit,
                           draft_tokens=spec.draft_tokens, draft_source=spec.draft_source, **drafting)  # fmt: skip
     return DrexEngine(model, max_batch=batch, max_len=max_len, policy=policy, settings=settings)

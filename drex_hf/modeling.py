@@ -96,6 +96,7 @@ class EarlyExitModelForCausalLM(nn.Module):
         self.policy_choice: dict[str, Any] | None = None
         self.draft_corpus: Any = None  # a CorpusIndex of the model's own answers (draft_corpus.safetensors)
         self.draft_vocab: torch.Tensor | None = None  # the ids head drafts are made among (draft_vocab.safetensors)
+        self.draft_priors: Any = None  # per kind of text draft, its acceptance curve (draft_priors.json)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -242,6 +243,10 @@ class EarlyExitModelForCausalLM(nn.Module):
 
         if (folder / DRAFT_VOCAB_NAME).is_file():  # head drafts among the model's most written tokens
             wrapper.draft_vocab = read_draft_vocab(folder / DRAFT_VOCAB_NAME, wrapper.arch.vocab_size)
+        from drex_hf.generation.spec.priors import DRAFT_PRIORS_NAME, read_draft_priors
+
+        if (folder / DRAFT_PRIORS_NAME).is_file():  # how far each kind of text draft is worth verifying
+            wrapper.draft_priors = read_draft_priors(folder / DRAFT_PRIORS_NAME)
         if calibrated is not None:
             wrapper._apply_calibration(folder / CALIBRATION_NAME, calibrated)
         return wrapper

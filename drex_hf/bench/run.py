@@ -271,7 +271,7 @@ def spec_engine(
         exit_source="heads" if spec.acceptance is None else "trace",
         acceptance=spec.acceptance,
         trace_seed=trace_seed,
-        **model_drafting(model),
+        **model_drafting(model, spec.draft_tokens, spec.draft_source),
         **engine_kwargs,
     )
 

@@ -38,7 +38,8 @@ def _new_engine(
     from drex_hf.generation.spec.engine import SpecEngine, model_drafting
 
     if policy == "self_spec":
-        options = {**options, **model_drafting(model)}  # the folder's draft corpus and vocabulary
+        drafting = model_drafting(model, options.get("draft_tokens"), options.get("draft_source", "head"))
+        options = {**options, **drafting}  # the folder's draft corpus, vocabulary and priors
         return SpecEngine(model, max_batch=batch, max_len=max_len, settings=settings, **options)
     return DrexEngine(model, max_batch=batch, max_len=max_len, policy=policy, settings=settings, **options)
 

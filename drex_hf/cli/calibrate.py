@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from drex_hf.cli.common import (
     DTYPES,
     HelpFormatter,
     count_list,
+    non_negative_int,
     pick_device,
     pick_dtype,
     positive_int,
@@ -196,6 +198,23 @@ def add_parser(sub: Any) -> None:
         "did not see (default: none)",
     )
     parser.add_argument(
+        "--draft-priors",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="alone (no --data, --reuse-observations, --choose-policy or --draft-corpus): answer N prompts "
+        "(--choice-prompts, default chat,shakespeare,kjv) at full depth and save, as draft_priors.json, how "
+        "often each kind of text draft (a match of n tokens in the row's own text, or the draft corpus) is "
+        "accepted at each depth: adaptive drafting from text (draft_tokens 'adaptive') then verifies only "
+        "the drafts worth their cost to the batch (default: 0, none)",
+    )
+    parser.add_argument(
+        "--draft-priors-k",
+        type=positive_int,
+        default=8,
+        help="with --draft-priors: the deepest draft position measured (default: 8)",
+    )
+    parser.add_argument(
         "--choice-prompt-count",
         type=positive_int,
         default=16,
@@ -302,6 +321,8 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder(folder, "MODEL_DIR", beside=True)  # calibration.json and the plot go beside the heads
     if args.draft_vocab is not None:
         return build_draft_vocab(folder, args)
+    if args.draft_priors:
+        return build_draft_priors(folder, args)
     sequence_target = check_sequence_arguments(args)
     max_new_tokens = args.max_new_tokens or (SEQUENCE_NEW_TOKENS if args.metric else TOKEN_NEW_TOKENS)
     observations = None
@@ -459,6 +480,46 @@ def build_draft_vocab(folder: Path, args: argparse.Namespace) -> int:
     for row in chosen["table"]:
         other = "" if row["coverage_held_out"] is None else f"{row['coverage_held_out']:.1%}"
         print(f"{row['size']:6d}  {row['coverage_fit']:17.1%}  {other:>21}")
+    return 0
+
+
+def build_draft_priors(folder: Path, args: argparse.Namespace) -> int:
+    """--draft-priors N: full depth's answers to N prompts, the text drafts a row would make at each
+    of their positions, and per kind of draft how many of its tokens the answer continues with,
+    saved beside the heads as draft_priors.json (`spec.priors`)."""
+    from drex_hf import EarlyExitModelForCausalLM
+    from drex_hf.calibration.choice import model_answers
+    from drex_hf.generation.spec.priors import DRAFT_PRIORS_NAME, fit_draft_priors, write_draft_priors
+
+    if args.data is not None or args.reuse_observations or args.choose_policy or args.draft_corpus:
+        raise CalibrationDataError(
+            "--draft-priors runs alone: drop --data, --reuse-observations, --choose-policy and --draft-corpus"
+        )
+    device = pick_device(args.device)
+    model = EarlyExitModelForCausalLM.from_pretrained(
+        folder, dtype=pick_dtype(args.dtype, device), device=device, calibration=False
+    ).eval()
+    sets = args.choice_prompts or "chat,shakespeare,kjv"
+    prompts = chat_prompts(model, sets, args.draft_priors, args.seed + 3)
+    show = not args.no_progress
+    bar = progress_bar(len(prompts), "draft priors (full-depth answers)", "answer", show)
+    try:
+        answers = model_answers(model, prompts, args.max_new_tokens or 128, answer_ends(model),
+                                progress=lambda _: bar.update(1))  # fmt: skip
+    finally:
+        bar.close()
+    pairs = [(p.tolist(), a) for p, a in zip(prompts, answers)]
+    priors = fit_draft_priors(pairs, model.draft_corpus, k_max=args.draft_priors_k)
+    write_draft_priors(folder / DRAFT_PRIORS_NAME, priors, prompts=sets, seed=args.seed + 3,
+                       command="drex calibrate " + " ".join(sys.argv[1:]))  # fmt: skip
+    print(
+        f"wrote {folder / DRAFT_PRIORS_NAME}: {len(answers)} answers, {sum(map(len, answers))} tokens"
+        + ("" if model.draft_corpus is not None else " (the folder has no draft corpus: no corpus class)")
+    )
+    print("  class    rounds  P(first j drafts all accepted), j = 1..")
+    for cls, curve in priors.curves.items():
+        rounds = priors.fitted_on["rounds"][cls]
+        print(f"  {cls:8s} {rounds:6d}  " + " ".join(f"{p:.2f}" for p in curve))
     return 0
 
 

@@ -79,9 +79,9 @@ def generate(
         source = draft_source or "head"
         if draft_exit is None and source != "ngram":
             draft_exit = model.exit_layers[-1]
-        options = dict(draft_exit=draft_exit, draft_tokens=4 if draft_tokens is None else draft_tokens,
-                       draft_confidence=draft_confidence, draft_source=source, graphs=graphs,
-                       **model_drafting(model))  # fmt: skip
+        k = 4 if draft_tokens is None else draft_tokens
+        options = dict(draft_exit=draft_exit, draft_tokens=k, draft_confidence=draft_confidence, draft_source=source,
+                       graphs=graphs, **model_drafting(model, k, source))  # fmt: skip
     else:
         programs = (graphs, settings.has_logits_processors)
         options = dict(

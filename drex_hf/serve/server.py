@@ -129,7 +129,8 @@ def new_engine(model: Any, options: ServeOptions, served: ServedPolicy | None = 
         from drex_hf.generation.spec.engine import SpecEngine, model_drafting
 
         return SpecEngine(model, draft_source=served.draft_source, draft_exit=served.draft_exit,
-                          draft_tokens=served.draft_tokens, **model_drafting(model), **common)  # fmt: skip
+                          draft_tokens=served.draft_tokens,
+                          **model_drafting(model, served.draft_tokens, served.draft_source), **common)  # fmt: skip
     from drex_hf.generation.engine import DrexEngine
 
     return DrexEngine(

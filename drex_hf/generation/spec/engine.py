@@ -54,6 +54,7 @@ from drex_hf.generation.sampling import RequestSampling, as_seed
 from drex_hf.generation.settings import DecodeSettings
 from drex_hf.generation.spec.cost import SpecCost, best_k, judged_drafts
 from drex_hf.generation.spec.ngram import MAX_NGRAM, MIN_NGRAM, CorpusIndex, NgramIndex, check_ngram_sizes
+from drex_hf.generation.spec.priors import DraftPriors, VerifyCurve, allocate, text_draft
 from drex_hf.generation.spec.programs import SpecPrograms
 from drex_hf.generation.spec.reference import DRAFT, check_spec_arguments, spec_counter
 from drex_hf.generation.spec.vocab import SubsetHead
@@ -66,6 +67,7 @@ from drex_hf.generation.state import (
     TokenCallback,
     TokenLogprob,
 )
+from drex_hf.products import use_products
 from drex_hf.seeds import check_seed
 
 MAX_ADAPTIVE_DRAFT = 8  # the largest k adaptive drafting considers, unless max_draft_tokens says otherwise
@@ -117,6 +119,9 @@ class SpecStats(TokenRates):
     ngram_rounds: int = 0  # rounds whose drafts came from the row's own text, and their drafts
     ngram_drafted: int = 0
     ngram_accepted: int = 0
+    allocated_rounds: int = 0  # greedy rows' text drafts offered to a verify pass's allocation (`spec.priors`)
+    offered_drafts: int = 0  # the drafts those rows offered, and those the allocation kept
+    allocated_drafts: int = 0
 
     @property
     def acceptance_rate(self) -> float:
@@ -172,6 +177,7 @@ class _Round:
     drafting: bool = False
     source: str = "head"  # where this round's drafts come from: "head" (draft steps) or "ngram" (its text)
     text: NgramIndex | None = None  # the row's prompt and tokens, indexed (n-gram drafting)
+    draft_class: str | None = None  # a text draft the batch's allocation trims (`spec.priors`), else None
     judged: dict[str, list[int]] = field(default_factory=dict)  # per source: [drafts accepted, judged]
 
     @property
@@ -180,11 +186,17 @@ class _Round:
         return len(self.request.output.tokens)
 
 
-def model_drafting(model: Any) -> dict[str, Any]:
+def model_drafting(model: Any, draft_tokens: Any = None, draft_source: str = "head") -> dict[str, Any]:
     """What a heads folder ships for drafting, as `SpecEngine` options: its draft corpus (rows without a
-    match in their own text) and draft vocabulary (head drafts); None where it ships none. Every front
-    (`generate()`, `drex bench`, the calibrator) builds its self_spec engines with these."""
-    return {"draft_corpus": getattr(model, "draft_corpus", None), "draft_vocab": getattr(model, "draft_vocab", None)}
+    match in their own text) and draft vocabulary (head drafts), None where it ships none; and, for
+    adaptive drafting from text (`draft_tokens` "adaptive", `draft_source` ngram / mixed), its draft
+    priors where it ships them. Every front (`generate()`, `drex serve`, `drex bench`, the calibrator)
+    builds its self_spec engines with these."""
+    options = {"draft_corpus": getattr(model, "draft_corpus", None), "draft_vocab": getattr(model, "draft_vocab", None)}
+    priors = getattr(model, "draft_priors", None)
+    if priors is not None and draft_tokens == "adaptive" and draft_source != "head":
+        options["draft_priors"] = priors
+    return options
 
 
 class SpecEngine(SlotEngine):
@@ -208,6 +220,12 @@ class SpecEngine(SlotEngine):
             logits are a product with those rows of the lm_head only); verification and every emitted
             token still use the whole vocabulary (default: None, the whole vocabulary).
         max_draft_tokens: adaptive: the largest k considered (default 8).
+        draft_priors: adaptive, "ngram" / "mixed": a `DraftPriors` (the folder's `draft_priors.json`):
+            each greedy row drafts up to max_draft_tokens from its text, and each verify pass keeps
+            the drafted positions worth their cost to the whole batch (`spec.priors.allocate`);
+            sampled rows keep their own adaptive k.
+        verify_curve: with draft_priors, the verify pass's cost by positions (default: measured at
+            start-up, `measure_verify_curve`).
         draft_confidence: stop drafting at a draft whose head confidence is below this (None: never).
         settings: decoding settings; logits processors and stop strings are refused (not supported yet).
         cost: the `SpecCost` adaptive drafting weighs k with (default: `measure_spec_cost` at start-up).
@@ -227,7 +245,8 @@ class SpecEngine(SlotEngine):
                  trace_seed: int = 0, keep_finished: bool = True, prior_acceptance: float = 0.5,
                  graphs: Any = None, lazy_capture: bool = True, static_shapes: bool | None = None,
                  buckets: Sequence[int] | None = None, progress: bool | None = None,
-                 per_request_sampling: bool = False, logprobs: int | None = None) -> None:  # fmt: skip
+                 per_request_sampling: bool = False, logprobs: int | None = None,
+                 draft_priors: DraftPriors | None = None, verify_curve: VerifyCurve | None = None) -> None:  # fmt: skip
         model.arch.check_attention_implementation()
         for name, value, low in (("max_batch", max_batch, 1), ("max_len", max_len, 2)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -278,9 +297,13 @@ class SpecEngine(SlotEngine):
         self.stats = SpecStats()
         self._stepping, self._cancels, self.step_count = False, [], 0
         self._step_start = time.perf_counter()
-        self.ngram_cost = None
-        if cost is None and self.adaptive:
-            cost, self.ngram_cost = measure_spec_cost(self), measure_ngram_cost(self)
+        self.priors = _check_priors(draft_priors, verify_curve, self.adaptive, draft_source)
+        self.ngram_cost, self.verify_curve = None, verify_curve
+        with use_products(self.runner.products):  # timed with the kernels the steps run
+            if cost is None and self.adaptive:
+                cost, self.ngram_cost = measure_spec_cost(self), measure_ngram_cost(self)
+            if self.priors is not None and verify_curve is None:
+                self.verify_curve = measure_verify_curve(self)
         self.cost = cost or SpecCost.from_layers(self.num_layers, draft_exit)
         self.ngram_cost = self.ngram_cost or SpecCost(draft=0.0, verify_fixed=self.cost.verify_fixed,
                                                       verify_per_position=self.cost.verify_per_position,
@@ -358,8 +381,14 @@ class SpecEngine(SlotEngine):
         """The row's pending token now sits at `position`: choose this round's k (no more than tokens
         the row may still emit, one of them full depth's) and start drafting."""
         room = round_.request.max_new_tokens - round_.index - 1
-        round_.drafts, round_.source, round_.drafting = [], "head", False
-        if round_.text is not None:  # "ngram" / "mixed": the row's own text first, then the model's answers
+        round_.drafts, round_.source, round_.drafting, round_.draft_class = [], "head", False, None
+        if round_.text is not None and self.priors is not None and not self._samples(round_.request):
+            # up to k_max from the text; the verify pass keeps what pays for the batch (`_allocate`)
+            round_.draft_class, round_.drafts = text_draft(round_.text, self.corpus, min(self.k_max, room))
+            if round_.drafts:
+                round_.source, round_.k = "ngram", len(round_.drafts)
+                return
+        elif round_.text is not None:  # "ngram" / "mixed": the row's own text first, then the model's answers
             k = min(self._k("ngram", round_), room)
             round_.drafts = round_.text.draft(k)
             if not round_.drafts and self.corpus is not None:
@@ -378,6 +407,28 @@ class SpecEngine(SlotEngine):
         cost, prior = (self.ngram_cost, self.ngram_prior) if source == "ngram" else (self.cost, self.prior_acceptance)
         accepted, judged = round_.judged.get(source, (0, 0))
         return best_k(cost, accepted, judged, prior, self.k_max)
+
+    def _samples(self, request: Request) -> bool:
+        return self.settings.do_sample if request.sampling is None else not request.sampling.greedy
+
+    def _allocate(self, rounds: list[_Round]) -> None:
+        """Trim the greedy rows' text drafts to the positions worth this verify pass's cost
+        (`spec.priors.allocate`); a row left with none makes a plain step."""
+        offered = [r.source == "ngram" and r.draft_class is not None for r in rounds]
+        if not any(offered):
+            return
+        offers = [r for r, o in zip(rounds, offered) if o]
+        others = [r for r, o in zip(rounds, offered) if not o]
+        offered = [(r.draft_class, len(r.drafts)) for r in offers]
+        ks = allocate(offered, sum(len(r.drafts) + 1 for r in others), len(others), self.priors, self.verify_curve)
+        for round_, k in zip(offers, ks):
+            del round_.drafts[k:]
+            round_.k = k
+            if not k:
+                round_.source = "head"  # no text drafts this round: the row takes a full-depth step
+        self.stats.allocated_rounds += len(offers)
+        self.stats.offered_drafts += sum(n for _, n in offered)
+        self.stats.allocated_drafts += sum(ks)
 
     def _text(self, prompt: Any) -> NgramIndex | None:
         if self.source == "head":
@@ -407,6 +458,8 @@ class SpecEngine(SlotEngine):
     def _verify_step(self, rounds: list[_Round]) -> None:
         """Every row's round at once: the last input's shallow pass, the deep pass over each row's
         drafted positions + 1, the acceptance of each draft, then each row's tokens."""
+        if self.priors is not None:
+            self._allocate(rounds)
         width = max(len(r.drafts) for r in rounds)
         columns = [[r.request.slot for r in rounds], [r.position for r in rounds], [len(r.drafts) for r in rounds],
                    [r.index for r in rounds], [r.request.seed for r in rounds],
@@ -515,6 +568,22 @@ def _k_max(draft_tokens: Any, max_draft_tokens: int | None, adaptive: bool) -> i
     return draft_tokens
 
 
+def _check_priors(priors: Any, curve: Any, adaptive: bool, source: str) -> DraftPriors | None:
+    if priors is None:
+        if curve is not None:
+            raise GenerationInputError("verify_curve applies with draft_priors")
+        return None
+    if not isinstance(priors, DraftPriors):
+        raise GenerationTypeError(f"draft_priors must be a DraftPriors, got {type(priors).__name__}")
+    if curve is not None and not isinstance(curve, VerifyCurve):
+        raise GenerationTypeError(f"verify_curve must be a VerifyCurve, got {type(curve).__name__}")
+    if not adaptive:
+        raise GenerationInputError("draft_priors choose each row's k: they need draft_tokens='adaptive'")
+    if source == "head":
+        raise GenerationInputError("draft_priors weigh drafts from the rows' text: draft_source must be ngram or mixed")
+    return priors
+
+
 def _check_prior(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise GenerationTypeError(f"{name} must be a number, got {value!r}")
@@ -589,6 +658,24 @@ def measure_ngram_cost(engine: SpecEngine, repeats: int = 5) -> SpecCost | None:
                     draft_fixed=jump)  # fmt: skip
 
 
+def measure_verify_curve(engine: SpecEngine, repeats: int = 3) -> VerifyCurve:
+    """A fresh verify pass's time on all of the engine's still-empty slots at 1, 2, 3, 4, 5 and
+    k_max + 1 positions each (the best of `repeats`), as a `VerifyCurve` by packed positions."""
+    n = engine.store.slots
+    position = max(min(16, engine.max_len - engine.k_max - 2), 0)
+    slots, zeros, ones = list(range(n)), [0] * n, [1] * n
+    points = []
+    for q in sorted({q for q in (1, 2, 3, 4, 5) if q <= engine.k_max + 1} | {engine.k_max + 1}):
+        columns = [slots, [position] * n, [q - 1] * n, zeros, zeros, zeros, zeros, ones]
+        drafts = [[0] * (q - 1)] * n
+
+        def verify(columns: list = columns, drafts: list = drafts) -> None:
+            engine.programs.run("verify", columns, drafts)
+
+        points.append((n * q, time_ms(verify, repeats, engine.device)))
+    return VerifyCurve(points, source=f"measured at start-up ({n} rows)")
+
+
 def measure_spec_cost(engine: SpecEngine, repeats: int = 5) -> SpecCost:
     """Time the engine's own programs on its still-empty slots, all `max_batch` of them (it runs
     before any request, so what it writes no request reads): a draft step, and a verify pass over 1
@@ -613,4 +700,11 @@ def measure_spec_cost(engine: SpecEngine, repeats: int = 5) -> SpecCost:
                     full=t_one, source=f"measured at start-up ({n} rows)")  # fmt: skip
 
 
-__all__ = ["SpecEngine", "SpecRequestOutput", "SpecStats", "measure_ngram_cost", "measure_spec_cost"]
+__all__ = [
+    "SpecEngine",
+    "SpecRequestOutput",
+    "SpecStats",
+    "measure_ngram_cost",
+    "measure_spec_cost",
+    "measure_verify_curve",
+]

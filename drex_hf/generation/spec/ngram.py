@@ -51,14 +51,18 @@ class NgramIndex:
     def draft(self, k: int) -> list[int]:
         """Up to k tokens that followed the latest earlier occurrence of the longest suffix of
         `min_n..max_n` tokens that occurred before; [] when none did (or k < 1)."""
+        return self.lookup(k)[1]
+
+    def lookup(self, k: int) -> tuple[int, list[int]]:
+        """`draft(k)` and the length of the suffix it matched (0 with no draft)."""
         text, end = self.tokens, len(self.tokens)
         if k < 1:
-            return []
+            return 0, []
         for n in range(min(self.max_n, end), self.min_n - 1, -1):
             start = self._after.get(tuple(text[end - n :]))
             if start is not None:
-                return text[start : start + k]
-        return []
+                return n, text[start : start + k]
+        return 0, []
 
 
 class CorpusIndex:
