@@ -124,6 +124,57 @@ def run_batch(
     return summarise(names, seconds, tokens, stats, sets, chunks)
 
 
+def run_continuous(
+    model: EarlyExitModelForCausalLM, prompts: list[torch.Tensor], sets: list[str], batch: int, policies: list[str],
+    new_tokens: int, repeats: int, eos: list[int],
+) -> dict[str, dict]:  # fmt: skip
+    """`--continuous`: every prompt queued into one engine per policy with `batch` slots, each slot
+    refilled as its request ends (as `drex serve` runs), the engines stepped in turn; decode tokens
+    per second over the whole queue (prefill steps excluded), `× full` the median over repeats."""
+    settings = DecodeSettings(max_new_tokens=new_tokens, eos_token_ids=tuple(eos))
+    max_len = max(p.shape[0] for p in prompts) + new_tokens
+    engines = {p: engine_for(model, p, batch, max_len, settings) for p in policies}
+    seconds: dict[str, list[float]] = {n: [] for n in engines}
+    tokens: dict[str, dict[int, list[int]]] = {n: {} for n in engines}
+    stats: dict[str, dict] = {}
+    for repeat in range(repeats + 1):  # pass 0 warms up on the first `batch` prompts, uncounted
+        queue = list(range(len(prompts) if repeat else batch))
+        waiting = {n: list(queue) for n in engines}
+        ids: dict[str, dict[int, int]] = {n: {} for n in engines}
+        for engine in engines.values():
+            engine.reset_stats()
+        busy = True
+        while busy:
+            busy = False
+            for name, engine in engines.items():
+                while waiting[name] and engine.has_free_slot:
+                    i = waiting[name].pop(0)
+                    ids[name][engine.add_request(prompts[i])] = i
+                busy |= engine.step() or bool(waiting[name])
+        if repeat:
+            for name, engine in engines.items():
+                seconds[name].append(engine.stats.wall_s - engine.stats.prefill_s)
+                if repeat == 1:
+                    tokens[name] = {i: engine.finished[rid].tokens for rid, i in ids[name].items()}
+                    stats[name] = engine.stats.to_dict()
+        print(f"batch {batch} (continuous): repeat {repeat}/{repeats} done", flush=True)
+    rows = {}
+    decoded = {n: sum(len(t) - 1 for t in tokens[n].values()) for n in engines}
+    for name in engines:
+        ratios = [f / t for f, t in zip(seconds["full"], seconds[name])]
+        row = {"decode_tokens_per_s": decoded[name] / statistics.median(seconds[name]),
+               "x_full": statistics.median(ratios), "x_full_runs": ratios, "x_full_by_set": {},
+               "same_as_full": sum(tokens[name][i] == tokens["full"][i] for i in tokens[name]) / len(prompts),
+               "mean_new_tokens": decoded[name] / len(prompts) + 1}  # fmt: skip
+        if "rounds" in stats[name]:
+            s = stats[name]
+            row["tokens_per_round"] = s["decoded_tokens"] / max(s["rounds"], 1)
+            row["acceptance"] = s["accepted"] / max(s["drafted"], 1)
+            row["rounds_with_text_drafts"] = s["ngram_rounds"] / max(s["rounds"], 1)
+        rows[name] = row
+    return rows
+
+
 def summarise(
     names: list[str], seconds: dict, tokens: dict, stats: dict, sets: list[str], chunks: list[list[int]]
 ) -> dict[str, dict]:
@@ -164,6 +215,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="default: 64 (answers may end at eos)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats after a warm-up (default: 3)")
     parser.add_argument("--no-hf", action="store_true", help="skip HF's generate and prompt lookup at batch 1")
+    parser.add_argument("--continuous", action="store_true",
+                        help="batches above 1: queue every prompt into one engine per policy, refilling slots "
+                        "as requests end (as drex serve runs), not batches that start and end together")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="folder for lossless.json and lossless.md")
     args = parser.parse_args()
     model = EarlyExitModelForCausalLM.from_pretrained(args.model).eval()
@@ -185,10 +239,14 @@ def main() -> None:
                "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "batches": {}}  # fmt: skip
     lines = []
     for b in [int(x) for x in args.batch_sizes.split(",")]:
-        rows = run_batch(model, prompts, sets, b, policies, args.max_new_tokens, args.repeats, not args.no_hf, eos)
+        if args.continuous and b > 1:
+            rows = run_continuous(model, prompts, sets, b, policies, args.max_new_tokens, args.repeats, eos)
+        else:
+            rows = run_batch(model, prompts, sets, b, policies, args.max_new_tokens, args.repeats, not args.no_hf, eos)
         choice = choice_for(model.policy_choice, b)
         results["batches"][str(b)] = {"default": choice, "rows": rows}
-        lines += [f"\n### Batch {b} (default: {describe_choice(choice) if choice else 'drex'})", "",
+        mode = ", continuous batching" if args.continuous and b > 1 else ""
+        lines += [f"\n### Batch {b}{mode} (default: {describe_choice(choice) if choice else 'drex'})", "",
                   "| policy | decode tok/s | × full (runs) | × full by set | same tokens as full | tokens/round | "
                   "accepted | rounds with text drafts | mean new tokens |", "|" + " --- |" * 9]  # fmt: skip
         for name, r in rows.items():

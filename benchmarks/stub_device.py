@@ -30,6 +30,7 @@ class _OneVerdict:
 
     _pending: Verdict | None
     transfers: dict[str, int]
+    products = None  # no products to run: the engine's steps take no CPU product table
 
     @property
     def in_flight(self) -> bool:
