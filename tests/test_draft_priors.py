@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from test_ngram_drafting import check_joining_mid_run
 from test_self_spec import SAMPLING, _full, _model, _prompts
 from test_spec_engine import LENGTHS_8, NEW
 
@@ -121,22 +122,12 @@ def test_allocated_greedy_drafting_equals_full_depth(kind):
 
 def test_allocation_with_requests_joining_mid_run_equals_full_depth():
     model = _model("qwen2")
-    prompts = _prompts(LENGTHS_8, seed=3)
-    budgets = [NEW, 4, NEW, 9, 2, NEW, 6, NEW]
     cheap = SpecCost(draft=0.1, verify_fixed=10.0, verify_per_position=1.0, full=11.0)  # rows without a match draft
     engine = SpecEngine(model, max_batch=3, max_len=32, draft_tokens="adaptive", max_draft_tokens=3,
                         draft_source="mixed", draft_exit=1, draft_priors=GENEROUS, verify_curve=FLAT, cost=cheap,
                         settings=DecodeSettings(max_new_tokens=32))  # fmt: skip
-    waiting, ids = list(range(len(prompts))), {}
-    while waiting or engine.active:
-        while waiting and engine.has_free_slot:
-            i = waiting.pop(0)
-            ids[engine.add_request(prompts[i], max_new_tokens=budgets[i])] = i
-        engine.step()
+    check_joining_mid_run(model, engine)
     assert engine.stats.allocated_rounds > 0 and engine.stats.draft_steps > 0  # text and head rounds both ran
-    for rid, out in engine.finished.items():
-        i = ids[rid]
-        assert out.tokens == _full(model, [prompts[i]], DecodeSettings(max_new_tokens=budgets[i]))[0], i
 
 
 def test_sampled_rows_keep_their_own_k_so_their_tokens_do_not_depend_on_the_batch():

@@ -92,23 +92,31 @@ def test_mixed_rounds_take_the_text_where_it_matches_and_the_head_elsewhere():
     assert [o.tokens for o in outs] == _full(model, prompts, settings)
 
 
+JOINING_BUDGETS = [NEW, 4, NEW, 9, 2, NEW, 6, NEW]
+
+
+def check_joining_mid_run(model, engine):
+    """Feed eight prompts with their own budgets into `engine` (3 slots) as slots free up; each
+    request's tokens must equal full depth's alone."""
+    prompts, budgets = _prompts(LENGTHS_8, seed=3), JOINING_BUDGETS
+    waiting, ids = list(range(len(prompts))), {}
+    while waiting or engine.active:
+        while waiting and engine.has_free_slot:
+            i = waiting.pop(0)
+            ids[engine.add_request(prompts[i], max_new_tokens=budgets[i])] = i
+        engine.step()
+    for rid, out in engine.finished.items():
+        i = ids[rid]
+        assert out.tokens == _full(model, [prompts[i]], DecodeSettings(max_new_tokens=budgets[i]))[0], i
+
+
 def test_requests_joining_mid_run_equal_full_depth():
     model = _model("qwen2")
-    prompts = _prompts(LENGTHS_8, seed=3)
-    budgets = [NEW, 4, NEW, 9, 2, NEW, 6, NEW]
     for source, draft_exit in SOURCES:
         engine = SpecEngine(model, max_batch=3, max_len=32, draft_exit=draft_exit, draft_tokens=3,
                             draft_source=source, settings=DecodeSettings(max_new_tokens=32))  # fmt: skip
-        waiting, ids = list(range(len(prompts))), {}
-        while waiting or engine.active:
-            while waiting and engine.has_free_slot:
-                i = waiting.pop(0)
-                ids[engine.add_request(prompts[i], max_new_tokens=budgets[i])] = i
-            engine.step()
-        assert engine.stats.ngram_rounds > 0
-        for rid, out in engine.finished.items():
-            i = ids[rid]
-            assert out.tokens == _full(model, [prompts[i]], DecodeSettings(max_new_tokens=budgets[i]))[0], (source, i)
+        check_joining_mid_run(model, engine)
+        assert engine.stats.ngram_rounds > 0, source
 
 
 # ---------------------------------------------------------------- sampling
