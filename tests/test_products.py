@@ -149,3 +149,26 @@ def test_an_installed_model_copies_and_pickles():
             torch.testing.assert_close(twin(x), 2 * layer(x))  # the copy's forward reads its own weight
         again = pickle.loads(pickle.dumps(layer))
         torch.testing.assert_close(again(x), layer(x))
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_batch_independence_holds_with_measured_products(batch, monkeypatch):
+    """Invariant 1 with the products on (`DREX_CPU_PRODUCTS=on`: measured on the tiny model): each
+    request's tokens and exit layers under drex equal the reference decoder's, every exit taken."""
+    from conftest import assert_every_exit_taken, covering_thresholds
+    from test_engine import LENGTHS, _assert_same_as_reference, _engine_run
+    from test_engine import _model as engine_model
+    from test_engine import _prompts as engine_prompts
+
+    from drex_hf.generation.scheduler import CostModel
+
+    monkeypatch.setenv("DREX_CPU_PRODUCTS", "on")
+    model = engine_model("llama")
+    _, _, prompts = engine_prompts(LENGTHS[batch])
+    settings = DecodeSettings(max_new_tokens={1: 24, 3: 16, 8: 12}[batch])
+    thresholds, (reference,) = covering_thresholds(model, prompts, [(settings, None)])
+    results, _ = _engine_run(model, prompts, settings, thresholds, cost_model=CostModel.constant(4))
+    _assert_same_as_reference(results, reference)
+    assert_every_exit_taken([r.exit_layers for r in results], model, thresholds)
+    table = install_products(model.arch)
+    assert table is not None and any(n == batch for _, n in table.choices)  # the step's rows ran as it chose
