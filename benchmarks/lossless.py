@@ -167,12 +167,17 @@ def run_continuous(
                "same_as_full": sum(tokens[name][i] == tokens["full"][i] for i in tokens[name]) / len(prompts),
                "mean_new_tokens": decoded[name] / len(prompts) + 1}  # fmt: skip
         if "rounds" in stats[name]:
-            s = stats[name]
-            row["tokens_per_round"] = s["decoded_tokens"] / max(s["rounds"], 1)
-            row["acceptance"] = s["accepted"] / max(s["drafted"], 1)
-            row["rounds_with_text_drafts"] = s["ngram_rounds"] / max(s["rounds"], 1)
+            row |= spec_columns(stats[name])
         rows[name] = row
     return rows
+
+
+def spec_columns(s: dict[str, Any]) -> dict[str, float]:
+    """A self_spec row's tokens per round, acceptance and share of rounds with text drafts, from its
+    (summed) `SpecStats` counts."""
+    return {"tokens_per_round": s["decoded_tokens"] / max(s["rounds"], 1),
+            "acceptance": s["accepted"] / max(s["drafted"], 1),
+            "rounds_with_text_drafts": s["ngram_rounds"] / max(s["rounds"], 1)}  # fmt: skip
 
 
 def summarise(
@@ -197,10 +202,7 @@ def summarise(
         }
         if name in stats and stats[name] and "rounds" in stats[name][0]:
             keys = ("accepted", "drafted", "rounds", "decoded_tokens", "ngram_rounds")
-            agg = {k: sum(s[k] for s in stats[name]) for k in keys}
-            row["tokens_per_round"] = agg["decoded_tokens"] / max(agg["rounds"], 1)
-            row["acceptance"] = agg["accepted"] / max(agg["drafted"], 1)
-            row["rounds_with_text_drafts"] = agg["ngram_rounds"] / max(agg["rounds"], 1)
+            row |= spec_columns({k: sum(s[k] for s in stats[name]) for k in keys})
         rows[name] = row
     return rows
 

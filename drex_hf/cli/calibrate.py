@@ -305,7 +305,6 @@ def draw_prompts(text: str, tokenizer: Any, count: int, length: int, seed: int) 
 
 
 def run(args: argparse.Namespace) -> int:
-    from drex_hf import EarlyExitModelForCausalLM
     from drex_hf.calibration.calibrate import CALIBRATION_NAME, OBSERVATIONS_NAME, PLOT_NAME, calibrate, plot, save
     from drex_hf.calibration.calibrate import check_options as check_calibration_options
     from drex_hf.calibration.thresholds import Observations
@@ -334,10 +333,7 @@ def run(args: argparse.Namespace) -> int:
         raise CalibrationDataError("--data is required (or --reuse-observations, after an earlier run)")
     else:
         text = read_text(args.data)
-    device = pick_device(args.device)
-    model = EarlyExitModelForCausalLM.from_pretrained(
-        folder, dtype=pick_dtype(args.dtype, device), device=device, calibration=False
-    ).eval()
+    model = load_uncalibrated(folder, args)
     prompts = (
         []
         if observations is not None
@@ -483,11 +479,20 @@ def build_draft_vocab(folder: Path, args: argparse.Namespace) -> int:
     return 0
 
 
+def load_uncalibrated(folder: Path, args: argparse.Namespace) -> Any:
+    """The heads in `folder` on --device in --dtype, without their calibration (it is being made)."""
+    from drex_hf import EarlyExitModelForCausalLM
+
+    device = pick_device(args.device)
+    return EarlyExitModelForCausalLM.from_pretrained(
+        folder, dtype=pick_dtype(args.dtype, device), device=device, calibration=False
+    ).eval()
+
+
 def build_draft_priors(folder: Path, args: argparse.Namespace) -> int:
     """--draft-priors N: full depth's answers to N prompts, the text drafts a row would make at each
     of their positions, and per kind of draft how many of its tokens the answer continues with,
     saved beside the heads as draft_priors.json (`spec.priors`)."""
-    from drex_hf import EarlyExitModelForCausalLM
     from drex_hf.calibration.choice import model_answers
     from drex_hf.generation.spec.priors import DRAFT_PRIORS_NAME, fit_draft_priors, write_draft_priors
 
@@ -495,10 +500,7 @@ def build_draft_priors(folder: Path, args: argparse.Namespace) -> int:
         raise CalibrationDataError(
             "--draft-priors runs alone: drop --data, --reuse-observations, --choose-policy and --draft-corpus"
         )
-    device = pick_device(args.device)
-    model = EarlyExitModelForCausalLM.from_pretrained(
-        folder, dtype=pick_dtype(args.dtype, device), device=device, calibration=False
-    ).eval()
+    model = load_uncalibrated(folder, args)
     sets = args.choice_prompts or "chat,shakespeare,kjv"
     prompts = chat_prompts(model, sets, args.draft_priors, args.seed + 3)
     show = not args.no_progress

@@ -382,17 +382,12 @@ class SpecEngine(SlotEngine):
         the row may still emit, one of them full depth's) and start drafting."""
         room = round_.request.max_new_tokens - round_.index - 1
         round_.drafts, round_.source, round_.drafting, round_.draft_class = [], "head", False, None
-        if round_.text is not None and self.priors is not None and not self._samples(round_.request):
-            # up to k_max from the text; the verify pass keeps what pays for the batch (`_allocate`)
-            round_.draft_class, round_.drafts = text_draft(round_.text, self.corpus, min(self.k_max, room))
-            if round_.drafts:
-                round_.source, round_.k = "ngram", len(round_.drafts)
-                return
-        elif round_.text is not None:  # "ngram" / "mixed": the row's own text first, then the model's answers
-            k = min(self._k("ngram", round_), room)
-            round_.drafts = round_.text.draft(k)
-            if not round_.drafts and self.corpus is not None:
-                round_.drafts = self.corpus.draft(round_.text.tokens, k)
+        if round_.text is not None:  # "ngram" / "mixed": the row's own text first, then the model's answers
+            # a greedy row under priors drafts up to k_max; the verify pass keeps what pays (`_allocate`)
+            allocated = self.priors is not None and not self._samples(round_.request)
+            k = min(self.k_max if allocated else self._k("ngram", round_), room)
+            draft_class, round_.drafts = text_draft(round_.text, self.corpus, k)
+            round_.draft_class = draft_class if allocated else None
             if round_.drafts:
                 round_.source, round_.k = "ngram", len(round_.drafts)
                 return
@@ -414,11 +409,11 @@ class SpecEngine(SlotEngine):
     def _allocate(self, rounds: list[_Round]) -> None:
         """Trim the greedy rows' text drafts to the positions worth this verify pass's cost
         (`spec.priors.allocate`); a row left with none makes a plain step."""
-        offered = [r.source == "ngram" and r.draft_class is not None for r in rounds]
-        if not any(offered):
+        offering = [r.source == "ngram" and r.draft_class is not None for r in rounds]
+        if not any(offering):
             return
-        offers = [r for r, o in zip(rounds, offered) if o]
-        others = [r for r, o in zip(rounds, offered) if not o]
+        offers = [r for r, o in zip(rounds, offering) if o]
+        others = [r for r, o in zip(rounds, offering) if not o]
         offered = [(r.draft_class, len(r.drafts)) for r in offers]
         ks = allocate(offered, sum(len(r.drafts) + 1 for r in others), len(others), self.priors, self.verify_curve)
         for round_, k in zip(offers, ks):
@@ -636,12 +631,9 @@ def measure_ngram_cost(engine: SpecEngine, repeats: int = 5) -> SpecCost | None:
         return None
     n = engine.store.slots
     position = max(min(16, engine.max_len - engine.k_max - 2), 0)
-    slots, zeros, ones = list(range(n)), [0] * n, [1] * n
-    run = engine.programs.run
 
     def verify(q: int, fresh: bool) -> Callable[[], None]:
-        columns = [slots, [position] * n, [q - 1] * n, zeros, zeros, zeros, zeros, ones if fresh else zeros]
-        return lambda: run("verify", columns, [[0] * (q - 1)] * n)
+        return _verify_pass(engine, q, position, fresh)
 
     t_full = time_ms(verify(1, False), repeats, engine.device)
     t_one = time_ms(verify(1, True), repeats, engine.device)
@@ -665,17 +657,19 @@ def measure_verify_curve(engine: SpecEngine, repeats: int = 3) -> VerifyCurve:
     cost 1.03x one position, at 128 tokens 1.29x, so a short context would price positions too low."""
     n = engine.store.slots
     position = max(min(engine.max_len // 2, engine.max_len - engine.k_max - 2), 0)
-    slots, zeros, ones = list(range(n)), [0] * n, [1] * n
-    points = []
-    for q in sorted({q for q in (1, 2, 3, 4, 5) if q <= engine.k_max + 1} | {engine.k_max + 1}):
-        columns = [slots, [position] * n, [q - 1] * n, zeros, zeros, zeros, zeros, ones]
-        drafts = [[0] * (q - 1)] * n
-
-        def verify(columns: list = columns, drafts: list = drafts) -> None:
-            engine.programs.run("verify", columns, drafts)
-
-        points.append((n * q, time_ms(verify, repeats, engine.device)))
+    positions = sorted({q for q in (1, 2, 3, 4, 5) if q <= engine.k_max + 1} | {engine.k_max + 1})
+    points = [(n * q, time_ms(_verify_pass(engine, q, position, True), repeats, engine.device)) for q in positions]
     return VerifyCurve(points, source=f"measured at start-up ({n} rows)")
+
+
+def _verify_pass(engine: SpecEngine, q: int, position: int, fresh: bool) -> Callable[[], None]:
+    """A verify pass over q positions in each of the engine's still-empty slots at `position` (fresh:
+    every input through every layer, as text drafts run), to time."""
+    n = engine.store.slots
+    zeros = [0] * n
+    columns = [list(range(n)), [position] * n, [q - 1] * n, zeros, zeros, zeros, zeros, [int(fresh)] * n]
+    drafts = [[0] * (q - 1)] * n
+    return lambda: engine.programs.run("verify", columns, drafts)
 
 
 def measure_spec_cost(engine: SpecEngine, repeats: int = 5) -> SpecCost:
