@@ -456,6 +456,15 @@ def test_calibrate_chooses_among_draft_sources_on_prompt_sets_with_a_corpus_and_
     vocab = EarlyExitModelForCausalLM.from_pretrained(heads).draft_vocab
     answers = read_corpus_answers(heads / "draft_corpus.safetensors")
     assert 0 < vocab.numel() <= len({t for a in answers for t in a}) and coverage(vocab.tolist(), answers[:2]) >= 0.9
+    # --draft-priors, alone: each kind of text draft's acceptance curve on full depth's answers, saved and loaded
+    assert main(["calibrate", str(heads), "--draft-priors", "3", "--choose-policy"]) == 2
+    assert "--draft-priors runs alone" in capsys.readouterr().err
+    args = ["calibrate", str(heads), "--draft-priors", "4", "--choice-prompts", str(fit), "--max-new-tokens", "12"]
+    assert main([*args, "--draft-priors-k", "3"]) == 0
+    assert "draft_priors.json" in capsys.readouterr().out
+    priors = EarlyExitModelForCausalLM.from_pretrained(heads).draft_priors
+    assert priors.fitted_on["answers"] == 4 and priors.fitted_on["corpus"] is True
+    assert priors.curves and all(len(curve) == 3 for curve in priors.curves.values())
 
 
 def test_draft_vocab_needs_a_draft_corpus(heads_and_text, capsys):
