@@ -86,6 +86,12 @@ class ArchAdapter:
         """Each decoder layer's attention module (what reads `config._attn_implementation`)."""
         raise NotImplementedError
 
+    def kv_modules(self) -> tuple[str, ...]:
+        """The submodules of a decoder layer that make what it caches (its input norm and key/value
+        projections), by name inside the layer: what a draft layer shares with the layer it stands
+        for (`drex_hf.draft_layer`), so its keys and values are that layer's own."""
+        raise NotImplementedError
+
     @property
     def rotary_half(self) -> bool:
         """Whether keys are rotated in the rotate-half convention with `position_embeddings`' (cos,
@@ -115,10 +121,12 @@ class ArchAdapter:
         position_ids: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
         cache: Any,
+        module: nn.Module | None = None,
         **extra: Any,
     ) -> torch.Tensor:
         """Run decoder layer `index` unmodified; `cache.update` receives its new keys/values.
-        `extra` keywords travel through the layer to its attention function (and `cache.update`)."""
+        `extra` keywords travel through the layer to its attention function (and `cache.update`).
+        `module`: run it in the layer's place (a draft layer standing for layer `index`)."""
         kwargs: dict[str, Any] = {
             **extra,
             "attention_mask": attention_mask,
@@ -128,7 +136,7 @@ class ArchAdapter:
         }
         if position_embeddings is not None:
             kwargs["position_embeddings"] = position_embeddings
-        out = self.layers[index](hidden, **kwargs)
+        out = (self.layers[index] if module is None else module)(hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     def kv_projection(
@@ -198,6 +206,9 @@ class LlamaAdapter(ArchAdapter):
 
     def input_norm(self, index: int) -> nn.Module:
         return self.layers[index].input_layernorm
+
+    def kv_modules(self) -> tuple[str, ...]:
+        return ("input_layernorm", "self_attn.k_proj", "self_attn.v_proj")
 
     def attention_modules(self) -> list[nn.Module]:
         return [layer.self_attn for layer in self.layers]
@@ -304,6 +315,9 @@ class GPT2Adapter(ArchAdapter):
 
     def input_norm(self, index: int) -> nn.Module:
         return self.layers[index].ln_1
+
+    def kv_modules(self) -> tuple[str, ...]:
+        return ("ln_1", "attn.c_attn")  # GPT-2 projects queries, keys and values in one product
 
     def attention_modules(self) -> list[nn.Module]:
         return [layer.attn for layer in self.layers]

@@ -97,6 +97,8 @@ class EarlyExitModelForCausalLM(nn.Module):
         self.draft_corpus: Any = None  # a CorpusIndex of the model's own answers (draft_corpus.safetensors)
         self.draft_vocab: torch.Tensor | None = None  # the ids head drafts are made among (draft_vocab.safetensors)
         self.draft_priors: Any = None  # per kind of text draft, its acceptance curve (draft_priors.json)
+        # by exit: a trained decoder layer head drafts run through (draft_layer.safetensors), not a submodule
+        self.draft_layers: dict[int, Any] = {}
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -247,6 +249,11 @@ class EarlyExitModelForCausalLM(nn.Module):
 
         if (folder / DRAFT_PRIORS_NAME).is_file():  # how far each kind of text draft is worth verifying
             wrapper.draft_priors = read_draft_priors(folder / DRAFT_PRIORS_NAME)
+        from drex_hf.draft_layer import DRAFT_LAYER_NAME, read_draft_layers
+
+        if (folder / DRAFT_LAYER_NAME).is_file():  # head drafts through one more decoder layer
+            heads = dict(zip(wrapper.exit_layers, wrapper.heads))
+            wrapper.draft_layers = read_draft_layers(folder / DRAFT_LAYER_NAME, wrapper.arch, heads)
         if calibrated is not None:
             wrapper._apply_calibration(folder / CALIBRATION_NAME, calibrated)
         return wrapper

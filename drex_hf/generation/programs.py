@@ -271,10 +271,13 @@ class Programs:
         return mask & (eos | last), eos
 
     # ------------------------------------------------------------------ layers
-    def run_layers(self, s: int, rows: Rows, x: torch.Tensor | None, kv_len: int) -> torch.Tensor:
+    def run_layers(
+        self, s: int, rows: Rows, x: torch.Tensor | None, kv_len: int, stand_in: tuple[int, Any] | None = None
+    ) -> torch.Tensor:
         """Segment s's decoder layers, unmodified, on the rows (one query each at their positions) from
         `x` (None: the hidden states in their slots), attending through the store (indexed, in place)
-        or over `kv_len` positions (eager CPU programs: up to the longest row)."""
+        or over `kv_len` positions (eager CPU programs: up to the longest row). `stand_in` (index,
+        module): run only that module, in layer `index`'s place and cache (a draft layer), instead."""
         slots, positions = rows.slots, rows.positions
         span = None
         if not self.static:
@@ -284,13 +287,14 @@ class Programs:
         if x is None:
             x = self.state.hidden[span[0] : span[1]] if span is not None else self.gather(self.state.hidden, slots)
         self.store.bind(slots, pos, kv_len=kv_len, span=span, lengths=positions + 1, indexed=self.indexed)
-        layers = self.segments[s]
+        layers = self.segments[s] if stand_in is None else [stand_in[0]]
+        module = None if stand_in is None else stand_in[1]
         masks = None if self.indexed else self._masks(layers, pos, kv_len)
         hidden = x.unsqueeze(1)
         with indexed_attention(self.attention) if self.indexed else contextlib.nullcontext():
             for index in layers:
-                hidden = self._layer(index, hidden, masks, pos, rotary)
-                if index == self.capture[s]:
+                hidden = self._layer(index, hidden, masks, pos, rotary, module)
+                if module is None and index == self.capture[s]:
                     self.scatter(self.state.previous, slots, hidden[:, 0])
         return hidden[:, 0]
 
@@ -310,15 +314,18 @@ class Programs:
             return kv_len, (lo, lo + len(slots))
         return kv_len, None
 
-    def _layer(self, index: int, hidden: torch.Tensor, masks: dict | None, pos: torch.Tensor, rotary: Any) -> Any:
+    def _layer(
+        self, index: int, hidden: torch.Tensor, masks: dict | None, pos: torch.Tensor, rotary: Any, module: Any = None
+    ) -> Any:
         if masks is None:
             extra = {"drex_rows": self.store.indexed_rows(), "drex_window": self.windows[index]}
             mask = None
         else:
             extra, mask = {}, masks[self.windows[index]]
         return self.arch.run_layer(
-            index, hidden, attention_mask=mask, position_ids=pos, position_embeddings=rotary, cache=self.store, **extra
-        )
+            index, hidden, attention_mask=mask, position_ids=pos, position_embeddings=rotary, cache=self.store,
+            module=module, **extra,
+        )  # fmt: skip
 
     def _masks(self, layers: range, positions: torch.Tensor, kv_len: int) -> dict[int | None, torch.Tensor]:
         """Additive masks `[n, 1, 1, kv_len]` per sliding window of `layers` (eager attention adds

@@ -37,6 +37,7 @@ import torch
 
 from drex_hf.config import DRAFT_SOURCES
 from drex_hf.device import time_ms
+from drex_hf.draft_layer import DraftLayer
 from drex_hf.errors import GenerationInputError, GenerationTypeError
 from drex_hf.generation.checks import check_request, check_special_tokens
 from drex_hf.generation.engine import (
@@ -186,6 +187,23 @@ class _Round:
         return len(self.request.output.tokens)
 
 
+def _draft_layer(model: Any, draft_layer: Any, draft_exit: int | None, source: str) -> DraftLayer | None:
+    """SpecEngine's `draft_layer` option, checked: the `DraftLayer` head drafts go through, or None."""
+    if draft_layer is None or source == "ngram":
+        return None
+    if isinstance(draft_layer, str) and draft_layer == "auto":
+        return (getattr(model, "draft_layers", None) or {}).get(draft_exit)
+    if not isinstance(draft_layer, DraftLayer):
+        raise GenerationTypeError(f"draft_layer must be 'auto', None or a DraftLayer, got {draft_layer!r}")
+    if draft_layer.exit_layer != draft_exit:
+        raise GenerationInputError(
+            f"the draft layer follows exit {draft_layer.exit_layer}, but drafts come from exit {draft_exit}"
+        )
+    if draft_layer.lm_head is not model.arch.lm_head:
+        raise GenerationInputError("the draft layer was built on another model (its lm_head is not this model's)")
+    return draft_layer
+
+
 def model_drafting(model: Any, draft_tokens: Any = None, draft_source: str = "head") -> dict[str, Any]:
     """What a heads folder ships for drafting, as `SpecEngine` options: its draft corpus (rows without a
     match in their own text) and draft vocabulary (head drafts), None where it ships none; and, for
@@ -226,6 +244,10 @@ class SpecEngine(SlotEngine):
             sampled rows keep their own adaptive k.
         verify_curve: with draft_priors, the verify pass's cost by positions (default: measured at
             start-up, `measure_verify_curve`).
+        draft_layer: "head" / "mixed": "auto" (default): the model's trained draft layer at draft_exit
+            (`model.draft_layers`, the folder's `draft_layer.safetensors`) where it has one, else the
+            exit head; None: the exit head; or a `DraftLayer` for draft_exit. A draft layer runs one
+            decoder layer after the exit before the head (`drex_hf.draft_layer`); it drafts, never emits.
         draft_confidence: stop drafting at a draft whose head confidence is below this (None: never).
         settings: decoding settings; logits processors and stop strings are refused (not supported yet).
         cost: the `SpecCost` adaptive drafting weighs k with (default: `measure_spec_cost` at start-up).
@@ -246,7 +268,8 @@ class SpecEngine(SlotEngine):
                  graphs: Any = None, lazy_capture: bool = True, static_shapes: bool | None = None,
                  buckets: Sequence[int] | None = None, progress: bool | None = None,
                  per_request_sampling: bool = False, logprobs: int | None = None,
-                 draft_priors: DraftPriors | None = None, verify_curve: VerifyCurve | None = None) -> None:  # fmt: skip
+                 draft_priors: DraftPriors | None = None, verify_curve: VerifyCurve | None = None,
+                 draft_layer: Any = "auto") -> None:  # fmt: skip
         model.arch.check_attention_implementation()
         for name, value, low in (("max_batch", max_batch, 1), ("max_len", max_len, 2)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -282,11 +305,12 @@ class SpecEngine(SlotEngine):
                           warpers=tuple(settings.warpers()), fills=False, per_request=per_request_sampling,
                           logprobs=check_logprobs_capacity(logprobs))  # fmt: skip
         self.runner = Runner(model, self.store, options, graphs=graphs, lazy=lazy_capture)
-        self.head = model.heads[model.exit_layers.index(draft_exit)]
+        self.draft_layer = _draft_layer(model, draft_layer, draft_exit, draft_source)
+        self.head = self.draft_layer or model.heads[model.exit_layers.index(draft_exit)]
         if draft_vocab is not None and draft_source != "ngram":  # drafts among the subset's tokens only
             self.head = SubsetHead(self.head, draft_vocab, self.arch.vocab_size)
         self.programs = SpecPrograms(self.runner, self.head, k_max, acceptance if exit_source == "trace" else None,
-                                     settings, draft_confidence)  # fmt: skip
+                                     settings, draft_confidence, self.draft_layer)  # fmt: skip
         self.device = self.runner.device
         self.per_request_sampling, self.logprobs = per_request_sampling, options.logprobs
         self._default_sampling = RequestSampling.from_settings(settings)

@@ -6,8 +6,9 @@ the round's inputs, and (sampling) the drafts' warped distributions. Each step's
 upload of plan columns (slots, positions, draft offsets or counts, counters, seeds, the drafts) and
 leave in one read:
 
-    ("draft", b)    each row's last input through layers 0..e at its next position; the draft
-                    head's token (DRAFT draw) and confidence; the token becomes the row's next input
+    ("draft", b)    each row's last input through layers 0..e at its next position (and, with a
+                    draft layer, through it as layer e+1); the draft head's token (DRAFT draw) and
+                    confidence; the token becomes the row's next input
     ("verify", b, q, fresh)  the last input's shallow pass, then every row's q positions (the most
                     drafts a row of the step made, + 1) through layers e+1..L-1 at once; each draft's
                     acceptance and full depth's tokens; the row's next pending token into its slot.
@@ -45,9 +46,11 @@ class SpecPrograms:
 
     def __init__(
         self, runner: Runner, head: Any, k_max: int, acceptance: float | None, settings: Any,
-        draft_confidence: float | None = None,
+        draft_confidence: float | None = None, draft_layer: Any = None,
     ) -> None:  # fmt: skip
         self.runner, self.head, self.k_max = runner, head, k_max
+        # a `DraftLayer` (drex_hf.draft_layer): run after layers 0..e, as layer e+1, before `head`
+        self.draft_layer = draft_layer
         # each slot's own sampling parameters (`RequestSampling.row()`, set at its prefill), or None
         self.row_params = runner.picker.row_sampling
         self.top = runner.options.logprobs  # keep each emitted token's logprobs (None: no)
@@ -134,6 +137,11 @@ class SpecPrograms:
         plan = self.plan[:, :bucket]
         slots, positions, offsets, counters, seeds = plan[0], plan[1], plan[2], plan[3], plan[4]
         state = self.shallow(bucket, slots, positions + offsets, offsets)
+        if self.draft_layer is not None:  # one more layer, in layer e+1's place and cache (its keys and values)
+            rows = self._rows(bucket, positions + offsets)
+            stand_in = (self.draft_layer.index, self.draft_layer.layer)
+            out = self.programs.run_layers(0, rows, state, self.runner.store.max_len, stand_in=stand_in)
+            state = self.draft_layer.mix(state, out)
         logits = self.head.logits(state).float()
         confidence = torch.softmax(logits, dim=-1).amax(dim=-1)
         params = self.row_params.index_select(0, slots) if self.row_params is not None else None
