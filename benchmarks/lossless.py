@@ -12,7 +12,12 @@ Every self_spec row must give full depth's tokens: the table counts the answers 
     python benchmarks/lossless.py --batch-sizes 1 --policies default,full,self_spec@ngram/4 --repeats 1
 
 `default` is what `generate()` without `policy=` runs at that batch size: the choice `drex calibrate
---choose-policy` recorded for this device in the model's calibration.json.
+--choose-policy` recorded for this device in the model's calibration.json. A self_spec row drafts as
+`generate()` does, with the folder's draft corpus, vocabulary and draft layer; after a row,
+`:whole-vocab` drafts over the whole vocabulary and `:no-draft-layer` with the plain exit head:
+
+    python benchmarks/lossless.py --batch-sizes 1 --no-hf \
+        --policies full,self_spec@5/1,self_spec@5/1:no-draft-layer,self_spec@ngram+5/1,self_spec@ngram/1
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from drex_hf.training.prompts import read_prompt_file
 
 HERE = Path(__file__).parent
 WHOLE_VOCAB = ":whole-vocab"
+NO_DRAFT_LAYER = ":no-draft-layer"
 PROMPTS = f"{HERE / 'prompts' / 'heldout-chat.txt'},{HERE / 'prompts' / 'heldout-prose.jsonl'}"
 
 
@@ -46,8 +52,9 @@ def engine_for(
 ) -> Any:
     """An empty engine: `full`, `default` (the calibrated choice at this batch size) or a bench spelling
     of a self_spec row (self_spec@EXIT/K, self_spec@ngram/K, self_spec@ngram+EXIT/K), drafting as
-    `generate()` does with the folder's draft corpus and vocabulary; `:whole-vocab` after a row: its head
-    drafts over the whole vocabulary."""
+    `generate()` does with the folder's draft corpus, vocabulary and draft layer; `:whole-vocab` after a
+    row: its head drafts over the whole vocabulary; `:no-draft-layer`: its head drafts without the
+    folder's draft layer (the plain exit head)."""
     if policy == "default":
         choice = choice_for(model.policy_choice, batch) or {"policy": "drex"}
         if choice["policy"] != "self_spec":
@@ -56,12 +63,15 @@ def engine_for(
         source = choice.get("draft_source", "head")
         options |= {"draft_source": source, **model_drafting(model, options["draft_tokens"], source)}
         return SpecEngine(model, max_batch=batch, max_len=max_len, settings=settings, **options)
+    plain = policy.endswith(NO_DRAFT_LAYER)  # the plain exit head drafts, not the folder's draft layer
+    policy = policy.removesuffix(NO_DRAFT_LAYER)
     whole = policy.endswith(WHOLE_VOCAB)  # the head drafts over the whole vocabulary, not the folder's subset
     policy = policy.removesuffix(WHOLE_VOCAB)
     if is_spec(policy):
         spec = parse_spec(policy)
         drafting = model_drafting(model, spec.draft_tokens, spec.draft_source)
         drafting |= {"draft_vocab": None} if whole else {}
+        drafting |= {"draft_layer": None} if plain else {}
         return SpecEngine(model, max_batch=batch, max_len=max_len, settings=settings, draft_exit=spec.draft_exit,
                           draft_tokens=spec.draft_tokens, draft_source=spec.draft_source, **drafting)  # fmt: skip
     return DrexEngine(model, max_batch=batch, max_len=max_len, policy=policy, settings=settings)
