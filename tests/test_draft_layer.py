@@ -4,6 +4,7 @@ values (a model whose layers past e+1 do nothing drafts full depth's every token
 stays full depth's whatever it drafts; distillation raises its agreement; it saves, loads and is
 refused when wrong."""
 
+import json
 import math
 
 import pytest
@@ -217,3 +218,40 @@ def test_a_wrong_draft_layer_file_is_refused(tmp_path):
     write_draft_layers(path, {0: DraftLayer(wider.arch, 0)}, 4)
     with pytest.raises(WeightsFileError, match="does not match this base"):
         read_draft_layers(path, model.arch)
+
+
+# ---------------------------------------------------------------- drex distill
+def test_drex_distill_writes_the_layer_and_its_curves_and_keeps_other_exits(tmp_path, tiny_base_dir, capsys):
+    from drex_hf.cli.main import main
+
+    config = EarlyExitConfig(exit_layers=[1, 2], thresholds=math.inf, head="norm")
+    heads = tmp_path / "heads"
+    EarlyExitModelForCausalLM.from_base(str(tiny_base_dir), config).save_pretrained(heads)
+    gen = torch.Generator().manual_seed(0)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(" ".join(f"w{int(i)}" for i in torch.randint(3, 99, (5,), generator=gen))
+                                 for _ in range(8)) + "\n")  # fmt: skip
+    args = ["distill", str(heads), "--prompts", str(prompts), "--prompt-count", "8", "--held-out", "0.25",
+            "--max-new-tokens", "8", "--steps", "4", "--eval-every", "2", "--batch", "3", "--no-progress"]  # fmt: skip
+    assert main([*args, "--exit", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "draft_layer.safetensors (exits [1])" in out and "held-out agreement with full depth at exit 1" in out
+    curves = json.loads((heads / "draft_layer_curves.json").read_text())
+    assert curves["1"]["steps"] == [0, 2, 4] and curves["1"]["held_out_sequences"] == 2
+    assert curves["1"]["train_sequences"] == 6 and len(curves["1"]["agreement"]) == 3
+    assert curves["1"]["agreement"][0] == pytest.approx(curves["1"]["head_agreement"])  # gate 0: the head's drafts
+    assert (heads / "draft_layer_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert main([*args, "--exit", "2"]) == 0  # a second exit's layer joins the first's
+    assert "(exits [1, 2])" in capsys.readouterr().out
+    model = EarlyExitModelForCausalLM.from_pretrained(heads)
+    assert set(model.draft_layers) == {1, 2} and all(layer.head is not None for layer in model.draft_layers.values())
+    assert set(json.loads((heads / "draft_layer_curves.json").read_text())) == {"1", "2"}
+    # refused, one line, nothing written
+    before = (heads / DRAFT_LAYER_NAME).read_bytes()
+    assert main([*args, "--exit", "0"]) == 2
+    assert "--exit 0 is not one of the model's exits [1, 2]" in capsys.readouterr().err
+    assert main([*args, "--exit", "1", "--held-out", "1.5"]) == 2
+    assert "--held-out must be in (0, 1)" in capsys.readouterr().err
+    assert main(["distill", str(tmp_path), "--exit", "1"]) == 2
+    assert "not an exit-heads folder" in capsys.readouterr().err
+    assert (heads / DRAFT_LAYER_NAME).read_bytes() == before

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from drex_hf import EarlyExitModelForCausalLM
     from drex_hf.calibration.choice import model_answers
     from drex_hf.cli.calibrate import answer_ends, chat_prompts
-    from drex_hf.draft_layer import DRAFT_LAYER_NAME, read_draft_layers, write_draft_layers
+    from drex_hf.draft_layer import DRAFT_LAYER_NAME, write_draft_layers
     from drex_hf.training.draft_layer import distill_set, train_draft_layer
 
     folder = Path(args.model)
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     path = folder / DRAFT_LAYER_NAME
-    layers = read_draft_layers(path, model.arch) if path.is_file() else {}
+    layers = dict(model.draft_layers)  # the folder's other exits' layers, loaded with the model, stay
     layers[args.exit_layer] = layer
     write_draft_layers(path, layers, model.arch.num_layers)
     curves |= {"command": "drex distill " + " ".join(sys.argv[2:]), "seconds": time.perf_counter() - started,
