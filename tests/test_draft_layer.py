@@ -203,6 +203,10 @@ def test_draft_layers_save_load_and_drive_the_engine_by_default(tmp_path):
     assert tokens == _full(model, prompts, settings)
     assert _run(loaded, prompts, settings, 1, 2)[1].programs.draft_layer is None  # none after exit 1
     assert _run(loaded, prompts, settings, 2, 2)[1].programs.draft_layer is back2
+    loaded.to(torch.bfloat16)  # moved after loading: the draft layers (not submodules) follow at the next engine
+    tokens, engine = _run(loaded, prompts, settings, 0, 2)
+    assert back.gate.dtype == torch.bfloat16 and back.layer.mlp.up_proj.weight.dtype == torch.bfloat16
+    assert engine.programs.draft_layer is back and [len(t) for t in tokens] == [NEW, NEW] and engine.stats.drafted
 
 
 def test_a_wrong_draft_layer_file_is_refused(tmp_path):

@@ -192,7 +192,9 @@ def _draft_layer(model: Any, draft_layer: Any, draft_exit: int | None, source: s
     if draft_layer is None or source == "ngram":
         return None
     if isinstance(draft_layer, str) and draft_layer == "auto":
-        return (getattr(model, "draft_layers", None) or {}).get(draft_exit)
+        draft_layer = (getattr(model, "draft_layers", None) or {}).get(draft_exit)
+        if draft_layer is None:
+            return None
     if not isinstance(draft_layer, DraftLayer):
         raise GenerationTypeError(f"draft_layer must be 'auto', None or a DraftLayer, got {draft_layer!r}")
     if draft_layer.exit_layer != draft_exit:
@@ -201,6 +203,9 @@ def _draft_layer(model: Any, draft_layer: Any, draft_exit: int | None, source: s
         )
     if draft_layer.lm_head is not model.arch.lm_head:
         raise GenerationInputError("the draft layer was built on another model (its lm_head is not this model's)")
+    weight = model.arch.lm_head.weight
+    if draft_layer.gate.device != weight.device or draft_layer.gate.dtype != weight.dtype:
+        draft_layer.to(device=weight.device, dtype=weight.dtype)  # the model moved since it was loaded
     return draft_layer
 
 
