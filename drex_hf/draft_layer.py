@@ -1,8 +1,9 @@
 """A draft head with one decoder layer after a shallow exit (Kangaroo's shape, issue 26).
 
 An exit head maps the hidden state after layer e straight to logits (norm, adapter, lm_head). A
-`DraftLayer` runs one more decoder layer first: a copy of layer e+1, trained by distillation on the
-model's own generations (`drex_hf.training.draft_layer`), then its own norm and the shared lm_head.
+`DraftLayer` runs one more decoder layer first: a copy of layer e+1 behind a learned gate, trained by
+distillation on the model's own generations (`drex_hf.training.draft_layer`), then a copy of the
+exit head's norm and adapter (or of the final norm) and the shared lm_head.
 It drafts for `self_spec` at exit e; it never emits a token (verification does), so it cannot
 change any output.
 
@@ -16,8 +17,8 @@ layer needs no cache of its own. (Kangaroo's adapter keeps its own keys and valu
 trades a little of the layer's freedom for no memory and no extra writes in verification.)
 
 Saved beside the heads as `draft_layer.safetensors`: the trained tensors of each exit's layer
-(`exit{e}.layer.*`, `exit{e}.norm.*`), the shared ones left out, with the exits and the base's layer
-count as metadata.
+(`exit{e}.layer.*`, `exit{e}.gate`, and `exit{e}.head.*` or `exit{e}.norm.*`), the shared ones left
+out, with the exits, which of them start from their exit head, and the base's layer count as metadata.
 """
 
 from __future__ import annotations

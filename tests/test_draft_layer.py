@@ -18,7 +18,7 @@ from drex_hf import EarlyExitConfig, EarlyExitModelForCausalLM
 from drex_hf.draft_layer import DRAFT_LAYER_NAME, DraftLayer, read_draft_layers, write_draft_layers
 from drex_hf.errors import GenerationInputError, GenerationTypeError, WeightsFileError
 from drex_hf.generation.settings import DecodeSettings
-from drex_hf.training.draft_layer import agreement, distill_set, draft_logits, train_draft_layer
+from drex_hf.training.draft_layer import agreement, distill_set, draft_features, train_draft_layer
 
 EXITS = [0, 1, 2]
 KINDS = ["llama", "qwen2", "gpt2"]
@@ -67,7 +67,7 @@ def test_new_draft_layer_is_layer_e_plus_1_sharing_its_key_value_modules(kind):
     assert not any(".k_proj." in k or ".v_proj." in k or "c_attn" in k for k in trained)
     ids = _prompts([9])[0].unsqueeze(0)
     with torch.no_grad():
-        out, _ = draft_logits(layer, arch, [_hidden_after(model, ids, 0)[0]])
+        out = draft_features(layer, arch, [_hidden_after(model, ids, 0)[0]])
         want = arch.final_norm(_hidden_after(model, ids, 1))  # layer 1's output, through the final norm
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from drex_hf.cli import COMMANDS
-from drex_hf.cli.common import HelpFormatter, pick_device, pick_dtype, positive_float, positive_int, progress_bar
+from drex_hf.cli.common import DTYPES, HelpFormatter, positive_float, positive_int, progress_bar
 from drex_hf.errors import ConfigError
 
 CURVES_NAME = "draft_layer_curves.json"
@@ -42,7 +42,7 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--top-k", type=positive_int, default=64, help="the teacher's top-k the KL is taken over")
     parser.add_argument("--eval-every", type=positive_int, default=25, help="steps between held-out scores")
     parser.add_argument("--seed", type=int, default=7, help="draws the prompts and the batch order")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                         help="auto: bfloat16 on CUDA, float32 on CPU")  # fmt: skip
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -50,9 +50,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from drex_hf import EarlyExitModelForCausalLM
     from drex_hf.calibration.choice import model_answers
-    from drex_hf.cli.calibrate import answer_ends, chat_prompts
+    from drex_hf.cli.calibrate import answer_ends, chat_prompts, load_uncalibrated
     from drex_hf.draft_layer import DRAFT_LAYER_NAME, write_draft_layers
     from drex_hf.training.draft_layer import distill_set, train_draft_layer
 
@@ -61,10 +60,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{folder} is not an exit-heads folder (no exit_config.json)")
     if not 0 < args.held_out < 1:
         raise ConfigError(f"--held-out must be in (0, 1), got {args.held_out}")
-    device = pick_device(args.device)
-    model = EarlyExitModelForCausalLM.from_pretrained(
-        folder, dtype=pick_dtype(args.dtype, device), device=device, calibration=False
-    ).eval()
+    model = load_uncalibrated(folder, args)
     if args.exit_layer not in model.exit_layers:
         raise ConfigError(f"--exit {args.exit_layer} is not one of the model's exits {model.exit_layers}")
     held = max(1, round(args.prompt_count * args.held_out))

@@ -69,9 +69,9 @@ def distill_set(
     return out
 
 
-def draft_logits(layer: DraftLayer, arch: Any, states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The draft layer over right-padded sequences of exit states: its normed output `[b, len, H]`
-    and the pad mask `[b, len]` (causal attention among each sequence's own positions)."""
+def _padded(arch: Any, states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences of exit states, right-padded into `[b, len, H]` on the model's device and dtype,
+    with the mask of real positions `[b, len]`."""
     device, dtype = arch.lm_head.weight.device, arch.lm_head.weight.dtype
     length = max(s.shape[0] for s in states)
     hidden = torch.zeros(len(states), length, states[0].shape[1], device=device, dtype=dtype)
@@ -79,12 +79,20 @@ def draft_logits(layer: DraftLayer, arch: Any, states: list[torch.Tensor]) -> tu
     for i, s in enumerate(states):
         hidden[i, : s.shape[0]] = s.to(device=device, dtype=dtype)
         valid[i, : s.shape[0]] = True
-    positions = torch.arange(length, device=device).expand(len(states), length)
-    mask = build_attention_mask(positions, length, key_valid=valid, window=arch.layer_window(layer.index), dtype=dtype)
+    return hidden, valid
+
+
+def draft_features(layer: DraftLayer, arch: Any, states: list[torch.Tensor]) -> torch.Tensor:
+    """What the lm_head sees from the draft layer over right-padded sequences of exit states
+    `[b, len, H]` (causal attention among each sequence's own positions)."""
+    hidden, valid = _padded(arch, states)
+    positions = torch.arange(hidden.shape[1], device=hidden.device).expand(*valid.shape)
+    mask = build_attention_mask(positions, hidden.shape[1], key_valid=valid, window=arch.layer_window(layer.index),
+                                dtype=hidden.dtype)  # fmt: skip
     out = arch.run_layer(layer.index, hidden, attention_mask=mask, position_ids=positions,
                          position_embeddings=arch.position_embeddings(hidden, positions), cache=None,
                          module=layer.layer)  # fmt: skip
-    return layer.features(layer.mix(hidden, out)), valid
+    return layer.features(layer.mix(hidden, out))
 
 
 def _answer_rows(data: DistillSet, rows: Sequence[int], features: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -116,14 +124,8 @@ def agreement(model: Any, layer: DraftLayer | None, data: DistillSet, exit_layer
     kl = 0.0
     for lo in range(0, len(data), batch):
         rows = list(range(lo, min(lo + batch, len(data))))
-        if layer is not None:
-            features, _ = draft_logits(layer, arch, [data.states[i] for i in rows])
-        else:
-            length = max(data.states[i].shape[0] for i in rows)
-            states = torch.zeros(len(rows), length, arch.hidden_size, dtype=arch.lm_head.weight.dtype)
-            for b, i in enumerate(rows):
-                states[b, : data.states[i].shape[0]] = data.states[i]
-            features = head.features(states.to(arch.lm_head.weight.device))
+        states = [data.states[i] for i in rows]
+        features = draft_features(layer, arch, states) if layer is not None else head.features(_padded(arch, states)[0])
         x, idx, logp = _answer_rows(data, rows, features)
         logits = arch.lm_head(x).float()
         agree += int((logits.argmax(-1) == idx[:, 0]).sum())
@@ -189,7 +191,7 @@ def _train(
         rows, order = order[:batch], order[batch:]
         for group in optimizer.param_groups:
             group["lr"] = lr * _schedule(step, steps, warmup)
-        features, _ = draft_logits(layer, arch, [train.states[i] for i in rows])
+        features = draft_features(layer, arch, [train.states[i] for i in rows])
         x, idx, logp = _answer_rows(train, rows, features)
         loss = distill_kl(arch.lm_head(x), idx, logp)
         optimizer.zero_grad(set_to_none=True)
